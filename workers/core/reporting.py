@@ -1,0 +1,58 @@
+"""The training core's only way out: typed events sent through a callable, and the cancel flag coming in.
+
+The core knows nothing about how events travel (a pipe today, an actor call later) or what the server makes of them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from workers.core.errors import TrainingCancelled
+from workers.messages import (
+    ArtifactWritten,
+    CheckpointWritten,
+    EvaluationDone,
+    JobStarted,
+    LogEmitted,
+    Severity,
+    TrainingProgress,
+    WorkerEvent,
+)
+
+
+@dataclass
+class Reporter:
+    """Stamps every event with the worker, job and attempt, and carries the attempt's cancel flag."""
+
+    send: Callable[[WorkerEvent], None]
+    worker: str
+    job: str
+    attempt: int
+    cancel_flag: threading.Event
+
+    def check_cancelled(self) -> None:
+        """Raises TrainingCancelled once the server asked this attempt to stop."""
+        if self.cancel_flag.is_set():
+            raise TrainingCancelled()
+
+    def log(self, message: str, severity: Severity = Severity.INFO) -> None:
+        self.send(LogEmitted(self.worker, self.job, self.attempt, severity=severity, message=message))
+
+    def started(self, total_steps: int, total_epochs: int) -> None:
+        self.send(JobStarted(self.worker, self.job, self.attempt, total_steps=total_steps, total_epochs=total_epochs))
+
+    def progress(self, **values: float) -> None:
+        self.send(TrainingProgress(self.worker, self.job, self.attempt, **values))  # type: ignore[arg-type]
+
+    def evaluation(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        self.send(EvaluationDone(self.worker, self.job, self.attempt, step=step, epoch=epoch, metrics=metrics))
+
+    def checkpoint(self, step: int, size_bytes: int, path: str) -> None:
+        self.send(CheckpointWritten(self.worker, self.job, self.attempt, step=step, size_bytes=size_bytes, path=path))
+
+    def artifact(self, size_bytes: int, sha256: str, metrics: dict[str, float]) -> None:
+        self.send(
+            ArtifactWritten(self.worker, self.job, self.attempt, size_bytes=size_bytes, sha256=sha256, metrics=metrics)
+        )

@@ -1,0 +1,183 @@
+"""The typed message catalogue that crosses the server/worker boundary.
+
+Commands go from the server to one worker; events come back. Every message is a frozen, picklable dataclass, so
+the same catalogue serves a spawned local process today and a remote actor later. Workers only report what
+happened: the server alone decides job states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from workers.spec import TrainingSpec
+
+# ---------------------------------------------------------------- commands: server -> worker
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A stored file the worker reads: where it lies and the client's name for it (the extension tells the format)."""
+
+    path: str
+    filename: str
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """Train one job attempt and write its artifact."""
+
+    job: str
+    attempt: int
+    spec: TrainingSpec
+    training_data: DataFile
+    validation_data: DataFile | None
+    work_dir: str
+    """Scratch space for this attempt (checkpoints, the unpacked model folder)."""
+    artifact_path: str
+    """Where the finished tar archive goes (written atomically)."""
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    """Stop the given job attempt at the next step boundary."""
+
+    job: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Finish (or abandon) the current job and exit."""
+
+
+WorkerCommand = RunJob | CancelJob | Shutdown
+
+# ---------------------------------------------------------------- events: worker -> server
+
+
+class Outcome(StrEnum):
+    """How a job attempt ended, as the worker saw it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Severity(StrEnum):
+    """Log line severity."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """The worker has imported its stack, chosen its device and waits for work."""
+
+    worker: str
+    pid: int
+    device: str
+
+
+@dataclass(frozen=True)
+class WorkerDied:
+    """The pool saw a worker process end without being asked to (made by the pool, not the worker)."""
+
+    worker: str
+    exitcode: int | None
+
+
+@dataclass(frozen=True)
+class JobEventBase:
+    """Fields every job event carries: who sent it and for which attempt (stale attempts are ignored)."""
+
+    worker: str
+    job: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class JobStarted(JobEventBase):
+    """Training began; totals are known."""
+
+    total_steps: int = 0
+    total_epochs: int = 0
+
+
+@dataclass(frozen=True)
+class Heartbeat(JobEventBase):
+    """The worker is alive and still on this job."""
+
+
+@dataclass(frozen=True)
+class TrainingProgress(JobEventBase):
+    """Training metrics, every `log_every_steps` optimizer steps."""
+
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    loss: float = 0.0
+    learning_rate: float = 0.0
+    samples_per_second: float = 0.0
+    grad_norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvaluationDone(JobEventBase):
+    """One evaluation on the validation data."""
+
+    step: int = 0
+    epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LogEmitted(JobEventBase):
+    """A line of the training log."""
+
+    severity: Severity = Severity.INFO
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class CheckpointWritten(JobEventBase):
+    """A checkpoint was written under the attempt's work dir."""
+
+    step: int = 0
+    size_bytes: int = 0
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class ArtifactWritten(JobEventBase):
+    """The artifact archive is complete at the RunJob's artifact_path."""
+
+    size_bytes: int = 0
+    sha256: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobFinished(JobEventBase):
+    """The attempt ended; the worker is free again."""
+
+    outcome: Outcome = Outcome.SUCCEEDED
+    reason: str = ""
+    """UPPER_SNAKE reason when the outcome is FAILED."""
+    message: str = ""
+
+
+JobEvent = (
+    JobStarted
+    | Heartbeat
+    | TrainingProgress
+    | EvaluationDone
+    | LogEmitted
+    | CheckpointWritten
+    | ArtifactWritten
+    | JobFinished
+)
+WorkerEvent = WorkerReady | WorkerDied | JobEvent

@@ -1,0 +1,180 @@
+"""Worker pools: how worker processes are started, talked to and watched.
+
+The server sees only the `WorkerPool` protocol: send a command to a worker, receive every event through one
+callback. `LocalProcessPool` spawns one process per slot (never fork: the server has gRPC threads, and CUDA must be
+initialised fresh in each child). The worker's code is named by a dotted entry-point string resolved in the child,
+so this module, and the server that imports it, never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, Protocol
+
+from workers.messages import Shutdown, WorkerCommand, WorkerDied, WorkerEvent
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[WorkerEvent], None]
+DEFAULT_ENTRY = "workers.process:run_worker"
+
+
+class WorkerPool(Protocol):
+    """What the scheduler needs from a pool backend."""
+
+    @property
+    def worker_ids(self) -> list[str]: ...
+
+    def start(self, sink: EventSink) -> None:
+        """Starts the workers; every event (WorkerReady first) goes to sink, from any thread."""
+
+    def send(self, worker: str, command: WorkerCommand) -> None:
+        """Delivers a command to one worker. Raises KeyError for an unknown or dead worker."""
+
+    def stop(self, timeout_s: float) -> None:
+        """Asks every worker to shut down, then terminates those still alive after timeout_s."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker process needs to know at start."""
+
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, or `cuda:N`."""
+    heartbeat_interval_s: float = 2.0
+    torch_threads: int = 0
+    """Intra-op threads for torch on CPU; 0 keeps torch's default."""
+
+
+def _bootstrap(entry: str, worker: str, conn: Connection, settings: WorkerSettings) -> None:
+    """Child-side start: resolves the entry point here, so the parent never imports the worker's stack."""
+    module_name, _, func_name = entry.partition(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    func(worker, conn, settings)
+
+
+@dataclass
+class _Slot:
+    process: BaseProcess
+    conn: Connection
+
+
+class LocalProcessPool:
+    """N spawned worker processes on this machine; a worker that dies is reported and replaced."""
+
+    def __init__(self, num_workers: int, settings: WorkerSettings | None = None, entry: str = DEFAULT_ENTRY):
+        self._num_workers = num_workers
+        self._settings = settings or WorkerSettings()
+        self._entry = entry
+        self._ctx = multiprocessing.get_context("spawn")
+        self._slots: dict[str, _Slot] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._sink: EventSink | None = None
+        self._monitor: threading.Thread | None = None
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+
+    @property
+    def worker_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._slots)
+
+    def start(self, sink: EventSink) -> None:
+        self._sink = sink
+        for index in range(self._num_workers):
+            self._spawn(f"worker-{index}")
+        self._monitor = threading.Thread(target=self._watch, name="pool-monitor", daemon=True)
+        self._monitor.start()
+
+    def send(self, worker: str, command: WorkerCommand) -> None:
+        with self._lock:
+            slot = self._slots[worker]
+        try:
+            slot.conn.send(command)
+        except (OSError, EOFError) as exc:
+            raise KeyError(f"{worker} is not reachable: {exc}") from exc
+
+    def stop(self, timeout_s: float) -> None:
+        self._stopping.set()
+        with self._lock:
+            slots = list(self._slots.values())
+        for slot in slots:
+            try:
+                slot.conn.send(Shutdown())
+            except (OSError, EOFError):
+                pass
+        for slot in slots:
+            slot.process.join(timeout_s)
+            if slot.process.is_alive():
+                slot.process.terminate()
+                slot.process.join(5)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join(5)
+        self._wake_w.send(None)
+        if self._monitor is not None:
+            self._monitor.join(10)
+        for slot in slots:
+            slot.conn.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _spawn(self, worker: str) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_bootstrap,
+            args=(self._entry, worker, child_conn, self._settings),
+            name=f"tuneforge-{worker}",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        with self._lock:
+            self._slots[worker] = _Slot(process, parent_conn)
+        log.info("started %s (pid %s)", worker, process.pid)
+
+    def _watch(self) -> None:
+        """One thread waits on every worker's pipe and process sentinel: events and deaths take the same road."""
+        while not self._stopping.is_set():
+            with self._lock:
+                by_conn = {slot.conn: name for name, slot in self._slots.items()}
+                by_sentinel = {slot.process.sentinel: name for name, slot in self._slots.items()}
+            ready: list[Any] = multiprocessing.connection.wait([*by_conn, *by_sentinel, self._wake_r])
+            for item in ready:
+                if item in by_conn:
+                    self._receive(by_conn[item], item)
+            for item in ready:
+                if item in by_sentinel and not self._stopping.is_set():
+                    self._replace(by_sentinel[item])
+
+    def _receive(self, worker: str, conn: Connection) -> None:
+        try:
+            while conn.poll():
+                self._emit(conn.recv())
+        except (EOFError, OSError):
+            pass  # the sentinel reports the death
+
+    def _replace(self, worker: str) -> None:
+        with self._lock:
+            slot = self._slots.pop(worker)
+        slot.process.join(1)
+        self._receive(worker, slot.conn)  # whatever it said before dying comes first
+        slot.conn.close()
+        log.warning("%s died with exit code %s; starting a replacement", worker, slot.process.exitcode)
+        self._emit(WorkerDied(worker=worker, exitcode=slot.process.exitcode))
+        self._spawn(worker)
+
+    def _emit(self, event: WorkerEvent) -> None:
+        if self._sink is not None:
+            try:
+                self._sink(event)
+            except Exception:  # a bad sink must not kill the monitor thread
+                log.exception("event sink failed on %r", event)

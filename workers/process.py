@@ -1,0 +1,129 @@
+"""The worker process: waits for RunJob commands and runs each through the training core, reporting events.
+
+A reader thread receives commands while training runs (so a cancel lands at the next step), a heartbeat thread
+proves liveness, and the main thread trains. Every failure becomes a JobFinished event with a reason; the process
+itself only exits on Shutdown or when the server goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import traceback
+from multiprocessing.connection import Connection
+
+from workers.messages import (
+    CancelJob,
+    Heartbeat,
+    JobFinished,
+    LogEmitted,
+    Outcome,
+    RunJob,
+    Severity,
+    Shutdown,
+    WorkerCommand,
+    WorkerEvent,
+    WorkerReady,
+)
+from workers.pool import WorkerSettings
+
+
+class Outbox:
+    """Thread-safe sender of events to the server."""
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, event: WorkerEvent) -> None:
+        with self._lock:
+            self._conn.send(event)
+
+
+class CancelRegistry:
+    """Cancel flags keyed by (job, attempt), set by the reader thread and read by the trainer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flags: dict[tuple[str, int], threading.Event] = {}
+
+    def flag_for(self, job: str, attempt: int) -> threading.Event:
+        with self._lock:
+            return self._flags.setdefault((job, attempt), threading.Event())
+
+    def forget(self, job: str, attempt: int) -> None:
+        with self._lock:
+            self._flags.pop((job, attempt), None)
+
+
+def _read_commands(conn: Connection, inbox: queue.Queue[WorkerCommand], cancels: CancelRegistry) -> None:
+    """Reader thread: cancels act at once, everything else queues for the main loop."""
+    while True:
+        try:
+            command: WorkerCommand = conn.recv()
+        except (EOFError, OSError):
+            inbox.put(Shutdown())  # the server is gone: nothing left to report to
+            return
+        if isinstance(command, CancelJob):
+            cancels.flag_for(command.job, command.attempt).set()
+        else:
+            inbox.put(command)
+        if isinstance(command, Shutdown):
+            return
+
+
+def _heartbeat(outbox: Outbox, worker: str, job: RunJob, stop: threading.Event, interval_s: float) -> None:
+    while not stop.wait(interval_s):
+        try:
+            outbox.send(Heartbeat(worker=worker, job=job.job, attempt=job.attempt))
+        except (OSError, EOFError):
+            return
+
+
+def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
+    """Entry point of a spawned worker process."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker} %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Imported here, in the child: loading torch and transformers once per worker is the warm-up.
+    from workers.core.device import configure_torch, select_device
+    from workers.core.runner import run_job
+
+    configure_torch(settings.torch_threads)
+    device = select_device(settings.device)
+    outbox = Outbox(conn)
+    inbox: queue.Queue[WorkerCommand] = queue.Queue()
+    cancels = CancelRegistry()
+    threading.Thread(target=_read_commands, args=(conn, inbox, cancels), daemon=True, name="commands").start()
+    outbox.send(WorkerReady(worker=worker, pid=os.getpid(), device=str(device)))
+
+    while True:
+        command = inbox.get()
+        if isinstance(command, Shutdown):
+            return
+        if not isinstance(command, RunJob):
+            continue
+        cancel = cancels.flag_for(command.job, command.attempt)
+        stop_beat = threading.Event()
+        beat = threading.Thread(
+            target=_heartbeat,
+            args=(outbox, worker, command, stop_beat, settings.heartbeat_interval_s),
+            daemon=True,
+        )
+        beat.start()
+        try:
+            finished = run_job(command, worker, device, outbox.send, cancel)
+        except Exception:  # last resort: the per-job boundary
+            text = traceback.format_exc()
+            logging.getLogger(__name__).error("job %s crashed:\n%s", command.job, text)
+            outbox.send(LogEmitted(worker=worker, job=command.job, attempt=command.attempt,
+                                   severity=Severity.ERROR, message=text))
+            finished = JobFinished(worker=worker, job=command.job, attempt=command.attempt,
+                                   outcome=Outcome.FAILED, reason="INTERNAL",
+                                   message=f"the worker crashed: {text.strip().splitlines()[-1]}")
+        finally:
+            stop_beat.set()
+            beat.join()
+            cancels.forget(command.job, command.attempt)
+        outbox.send(finished)

@@ -1,0 +1,160 @@
+"""The resolved training specification: plain frozen dataclasses shared by the server and the training core.
+
+The server converts the API's JobSpec into these (filling every default) and the worker trains from them. Nothing
+here imports torch or gRPC, so both sides can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class TaskKind(StrEnum):
+    """What the job trains the model to do."""
+
+    TEXT_CLASSIFICATION = "text_classification"
+    IMAGE_CLASSIFICATION = "image_classification"
+    AUDIO_CLASSIFICATION = "audio_classification"
+    SPEECH_RECOGNITION = "speech_recognition"
+
+
+class AdaptationMethod(StrEnum):
+    """Which weights train."""
+
+    FULL = "full"
+    FROZEN_BACKBONE = "frozen_backbone"
+    FREEZE_FIRST_BLOCKS = "freeze_first_blocks"
+    LORA = "lora"
+
+
+class OptimizerKind(StrEnum):
+    """The optimizer."""
+
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class ScheduleKind(StrEnum):
+    """The learning-rate decay after warmup."""
+
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+    STEP = "step"
+    EXPONENTIAL = "exponential"
+
+
+class Activation(StrEnum):
+    """Non-linearity in a custom head."""
+
+    RELU = "relu"
+    GELU = "gelu"
+    TANH = "tanh"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How the training and validation data are read."""
+
+    training_file: str
+    """Resource name of the training file, `files/{file}`."""
+    validation_file: str | None = None
+    """Resource name of the validation file, if any."""
+    validation_fraction: float = 0.0
+    """Stratified fraction of the training data held out when there is no validation file."""
+    text_column: str = "text"
+    """Column holding the text."""
+    text_pair_column: str | None = None
+    """Column holding the second text of a pair, if any."""
+    label_column: str = "label"
+    """Column holding the label."""
+    max_sequence_length: int = 0
+    """Longest input in tokens; 0 means min(model maximum, 512)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapter settings."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdaptationSettings:
+    """Which parameters train."""
+
+    method: AdaptationMethod = AdaptationMethod.FULL
+    num_frozen_blocks: int = 0
+    """Blocks frozen by FREEZE_FIRST_BLOCKS."""
+    lora: LoraSettings | None = None
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """A custom classification head replacing the model's final linear layer."""
+
+    hidden_sizes: tuple[int, ...] = ()
+    activation: Activation = Activation.RELU
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """Learning-rate schedule: linear warmup, then the decay."""
+
+    kind: ScheduleKind = ScheduleKind.LINEAR
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    step_size: int = 0
+    """STEP: optimizer steps between decays; 0 means one epoch."""
+    gamma: float = 0.0
+    """STEP/EXPONENTIAL decay factor; 0 means the kind's default."""
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Optimisation settings with every default filled in."""
+
+    epochs: int = 3
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
+    momentum: float = 0.9
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    max_grad_norm: float = 1.0
+    """0 disables clipping."""
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    max_steps: int = 0
+    """0 means no limit."""
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """When the job evaluates, logs and checkpoints."""
+
+    eval_every_steps: int = 0
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 0
+    evaluate_before_training: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Everything the training core needs to know about a job, defaults resolved."""
+
+    task: TaskKind
+    base_model: str
+    data: DataSettings
+    adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
+    head: HeadSettings | None = None
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    gpus: int = 0
+    priority: int = 0
