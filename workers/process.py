@@ -48,10 +48,21 @@ class CancelRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._flags: dict[tuple[str, int], threading.Event] = {}
+        self._shutting_down = False
 
     def flag_for(self, job: str, attempt: int) -> threading.Event:
         with self._lock:
-            return self._flags.setdefault((job, attempt), threading.Event())
+            flag = self._flags.setdefault((job, attempt), threading.Event())
+            if self._shutting_down:
+                flag.set()
+            return flag
+
+    def cancel_all(self) -> None:
+        """Shutdown: the job in hand stops at its next step (the server requeues it on restart)."""
+        with self._lock:
+            self._shutting_down = True
+            for flag in self._flags.values():
+                flag.set()
 
     def forget(self, job: str, attempt: int) -> None:
         with self._lock:
@@ -71,6 +82,7 @@ def _read_commands(conn: Connection, inbox: queue.Queue[WorkerCommand], cancels:
         else:
             inbox.put(command)
         if isinstance(command, Shutdown):
+            cancels.cancel_all()
             return
 
 
@@ -101,6 +113,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     while True:
         command = inbox.get()
         if isinstance(command, Shutdown):
+            cancels.cancel_all()
             return
         if not isinstance(command, RunJob):
             continue

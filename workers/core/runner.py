@@ -47,6 +47,7 @@ def _train_and_save(job: RunJob, device: torch.device, reporter: Reporter) -> No
     spec = job.spec
     work_dir = Path(job.work_dir)
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # the job log reports what matters
     transformers.set_seed(spec.hyperparameters.seed)  # before loading: the new head's init depends on it
     reporter.log(f"preparing {spec.task.value} on {device} from {spec.base_model}")
     task = adapter_for(spec.task).prepare(job, reporter.log)

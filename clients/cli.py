@@ -1,0 +1,210 @@
+"""The `tuneforge` command: upload, submit, watch, jobs, get, cancel, download, demo, and `serve` for the server."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+from tuneforge.v1 import jobs_pb2
+
+from clients.archive import extract_archive
+from clients.client import TuneforgeClient, TuneforgeError
+from clients.spec_flags import add_spec_arguments, spec_from_arguments
+from clients.watch_view import render_watch
+
+STATE = jobs_pb2.Job.State
+console = Console(stderr=True)
+out = Console()
+
+
+def _print_json(message: Message | list[Message]) -> None:
+    data: Any = [MessageToDict(m) for m in message] if isinstance(message, list) else MessageToDict(message)
+    print(json.dumps(data, indent=2))
+
+
+def cmd_upload(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    with Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
+                  disable=args.json) as progress:
+        task = progress.add_task("upload", total=path.stat().st_size)
+        file = client.upload_file(path, progress=lambda sent, total: progress.update(task, completed=sent))
+    _print_json(file) if args.json else print(file.name)
+    return 0
+
+
+def cmd_submit(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    job = client.create_job(spec_from_arguments(args), display_name=args.name, request_id=args.request_id)
+    _print_json(job) if args.json else print(job.name)
+    return cmd_watch(client, argparse.Namespace(job=job.name, json=args.json)) if args.watch else 0
+
+
+def cmd_watch(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    if args.json:
+        final = None
+        for event in client.watch(args.job):
+            print(json.dumps(MessageToDict(event)), flush=True)
+            if event.WhichOneof("payload") == "state_change":
+                final = event.state_change.to_state
+    else:
+        final = render_watch(client.watch(args.job), console)
+    if final is None:
+        final = client.get_job(args.job).state
+    if final != STATE.SUCCEEDED:
+        job = client.get_job(args.job)
+        console.print(f"[red]{args.job} ended {STATE.Name(job.state)}: {job.error.reason} {job.error.message}")
+        return 1
+    return 0
+
+
+def _jobs_table(jobs: list[jobs_pb2.Job]) -> Table:
+    table = Table("name", "state", "display name", "progress", "eval accuracy", "created")
+    for job in jobs:
+        progress = f"{job.progress.step}/{job.progress.total_steps}" if job.progress.total_steps else ""
+        accuracy = job.latest_metrics.get("eval_accuracy")
+        table.add_row(job.name, STATE.Name(job.state), job.display_name, progress,
+                      f"{accuracy:.4f}" if accuracy is not None else "",
+                      job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+    return table
+
+
+def cmd_jobs(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    states = [STATE.Value(s.upper()) for s in args.state]
+    jobs = client.list_jobs(states=states, limit=args.limit)
+    _print_json(jobs) if args.json else out.print(_jobs_table(jobs))
+    return 0
+
+
+def cmd_get(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    job = client.get_job(args.job)
+    if args.json:
+        _print_json(job)
+        return 0
+    out.print(_jobs_table([job]))
+    if job.error.reason:
+        out.print(f"error: {job.error.reason}: {job.error.message}")
+    for name, value in sorted(job.latest_metrics.items()):
+        out.print(f"  {name} = {value:.6g}")
+    return 0
+
+
+def cmd_cancel(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    job = client.cancel_job(args.job)
+    _print_json(job) if args.json else print(f"{job.name} {STATE.Name(job.state)}")
+    return 0
+
+
+def cmd_download(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    target = Path(args.output)
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = Path(scratch) / "artifact.tar"
+        artifact = client.download_artifact(args.job, archive)
+        names = extract_archive(archive, target)
+    if args.json:
+        print(json.dumps({"directory": str(target), "files": names, "sha256": artifact.sha256}))
+    else:
+        print(f"{target} ({len(names)} files, {artifact.size_bytes:,} bytes, sha256 {artifact.sha256[:12]})")
+    return 0
+
+
+def cmd_files(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    files = client.list_files()
+    if args.json:
+        _print_json(files)
+        return 0
+    table = Table("name", "filename", "bytes", "sha256")
+    for file in files:
+        table.add_row(file.name, file.filename, f"{file.size_bytes:,}", file.sha256[:12])
+    out.print(table)
+    return 0
+
+
+def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+    """Commands that need more than the light client are resolved by name, only when used."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            target = importlib.import_module(module)
+        except ImportError as exc:
+            console.print(f"[red]this command needs `pip install 'tuneforge[server]'` ({exc})")
+            return 2
+        result: int = target.run(args)
+        return result
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
+    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the Tuneforge server")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline for each call, seconds")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    command("upload", cmd_upload, "upload a dataset file; prints its name").add_argument("path")
+    submit = command("submit", cmd_submit, "create a fine-tuning job; prints its name")
+    add_spec_arguments(submit)
+    submit.add_argument("--name", default="", help="display name")
+    submit.add_argument("--request-id", help="idempotency key (a UUID); default: a new one")
+    submit.add_argument("--watch", action="store_true", help="watch the job after creating it")
+    command("watch", cmd_watch, "follow a job live; exit 0 when it SUCCEEDED").add_argument("job")
+    jobs = command("jobs", cmd_jobs, "list jobs, newest first")
+    jobs.add_argument("--state", action="append", default=[], help="only jobs in this state (repeatable)")
+    jobs.add_argument("--limit", type=int, default=50)
+    command("get", cmd_get, "show one job").add_argument("job")
+    command("cancel", cmd_cancel, "cancel a job").add_argument("job")
+    download = command("download", cmd_download, "download and unpack a job's model")
+    download.add_argument("job")
+    download.add_argument("-o", "--output", required=True, help="folder to unpack into")
+    command("files", cmd_files, "list uploaded files")
+
+    serve = sub.add_parser("serve", help="run the server (needs tuneforge[server])")
+    serve.set_defaults(local=_delegate("server.main"))
+    _add_serve_arguments(serve)
+    demo = sub.add_parser("demo", help="fine-tune MiniLM on BBC News through a fresh local server")
+    demo.set_defaults(local=_delegate("clients.demo"))
+    demo.add_argument("--examples-per-class", type=int, default=120, help="training subset size per topic")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's data dir")
+    return parser
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's flags, when the server is installed (the light client works without it)."""
+    try:
+        server_main = importlib.import_module("server.main")
+    except ImportError:
+        return
+    server_main.add_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "local"):
+        return int(args.local(args))
+    with TuneforgeClient(args.server, timeout_s=args.timeout) as client:
+        try:
+            return int(args.handler(client, args))
+        except TuneforgeError as error:
+            console.print(f"[red]error:[/red] {error}")
+            for field, description in error.field_violations.items():
+                console.print(f"  {field}: {description}")
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

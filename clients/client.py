@@ -1,0 +1,269 @@
+"""A typed Python client for Tuneforge: uploads with progress, jobs, resumable watching and verified downloads.
+
+Only the generated stubs and grpc are used, so `pip install tuneforge` (without extras) is enough.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from tuneforge.v1 import files_pb2, files_pb2_grpc, job_spec_pb2, jobs_pb2, jobs_pb2_grpc
+
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 4 << 20
+TERMINAL_STATES = frozenset({jobs_pb2.Job.SUCCEEDED, jobs_pb2.Job.FAILED, jobs_pb2.Job.CANCELLED})
+T = TypeVar("T")
+
+# Idempotent calls retry on UNAVAILABLE (CreateJob too: this client always sends a request_id).
+_RETRY_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": "tuneforge.v1.FileService", "method": m} for m in ("GetFile", "ListFiles", "DownloadFile")
+            ]
+            + [
+                {"service": "tuneforge.v1.JobService", "method": m}
+                for m in ("GetJob", "ListJobs", "ListJobEvents", "DownloadArtifact", "CreateJob")
+            ],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+@dataclass(frozen=True)
+class TuneforgeError(Exception):
+    """A failed call, with the server's reason and the bad fields when it named them."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    field_violations: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = f"{self.code.name}: {self.message}"
+        return f"{text} [{self.reason}]" if self.reason else text
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> TuneforgeError:
+        call: Any = error
+        status = rpc_status.from_call(call)
+        reason, violations = "", {}
+        for detail in status.details if status else []:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = {v.field: v.description for v in bad.field_violations}
+        return cls(call.code(), call.details() or "", reason, violations)
+
+
+def _calls(fn: Callable[..., T]) -> Callable[..., T]:
+    """Raises TuneforgeError instead of a bare RpcError."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as error:
+            raise TuneforgeError.from_rpc_error(error) from None
+
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TuneforgeClient:
+    """One channel to one server. Every call has a deadline (`timeout_s`); streams have none."""
+
+    def __init__(self, target: str, timeout_s: float = 30.0):
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.service_config", json.dumps(_RETRY_CONFIG)),
+                ("grpc.enable_retries", 1),
+            ],
+        )
+        self.files = files_pb2_grpc.FileServiceStub(self._channel)
+        self.jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> TuneforgeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ health
+
+    def wait_until_serving(self, timeout_s: float = 120.0) -> None:
+        """Blocks until the server's health says SERVING (its workers are up), waiting for it to start listening."""
+        request = health_pb2.HealthCheckRequest()
+        try:
+            for response in self._health.Watch(request, timeout=timeout_s, wait_for_ready=True):
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(f"{self.target} was not SERVING within {timeout_s:.0f} s") from None
+            raise TuneforgeError.from_rpc_error(error) from None
+        raise TuneforgeError(grpc.StatusCode.UNAVAILABLE, "the health stream ended before SERVING")
+
+    # ------------------------------------------------------------ files
+
+    @_calls
+    def upload_file(self, path: Path, request_id: str | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> files_pb2.File:
+        """Uploads a dataset file in 1 MiB chunks; progress(sent_bytes, total_bytes) after each chunk."""
+        size = path.stat().st_size
+        metadata = files_pb2.UploadFileMetadata(
+            filename=path.name, purpose=files_pb2.File.DATASET, size_bytes=size, sha256=sha256_of(path),
+            request_id=request_id or str(uuid.uuid4()),
+        )
+
+        def messages() -> Iterator[files_pb2.UploadFileRequest]:
+            yield files_pb2.UploadFileRequest(metadata=metadata)
+            sent = 0
+            with open(path, "rb") as handle:
+                while chunk := handle.read(CHUNK_BYTES):
+                    yield files_pb2.UploadFileRequest(chunk=chunk)
+                    sent += len(chunk)
+                    if progress:
+                        progress(sent, size)
+
+        return self.files.UploadFile(messages(), timeout=max(self.timeout_s, size / 1e6 + 60))
+
+    @_calls
+    def get_file(self, name: str) -> files_pb2.File:
+        return self.files.GetFile(files_pb2.GetFileRequest(name=name), timeout=self.timeout_s)
+
+    @_calls
+    def list_files(self, page_size: int = 100) -> list[files_pb2.File]:
+        """Every file, newest first (all pages)."""
+        return self._all_pages(lambda token: self.files.ListFiles(
+            files_pb2.ListFilesRequest(page_size=page_size, page_token=token), timeout=self.timeout_s), "files")
+
+    @_calls
+    def delete_file(self, name: str) -> None:
+        self.files.DeleteFile(files_pb2.DeleteFileRequest(name=name), timeout=self.timeout_s)
+
+    # ------------------------------------------------------------ jobs
+
+    @_calls
+    def create_job(self, spec: job_spec_pb2.JobSpec, display_name: str = "",
+                   request_id: str | None = None) -> jobs_pb2.Job:
+        """Creates a job; safe to retry with the same request_id (one job results)."""
+        request = jobs_pb2.CreateJobRequest(
+            job=jobs_pb2.Job(display_name=display_name, spec=spec), request_id=request_id or str(uuid.uuid4())
+        )
+        return self.jobs.CreateJob(request, timeout=self.timeout_s)
+
+    @_calls
+    def get_job(self, name: str) -> jobs_pb2.Job:
+        return self.jobs.GetJob(jobs_pb2.GetJobRequest(name=name), timeout=self.timeout_s)
+
+    @_calls
+    def list_jobs(self, states: Sequence[int] = (), page_size: int = 100, limit: int | None = None) -> list[jobs_pb2.Job]:
+        """Jobs newest first, optionally only in some states; up to limit (all pages when None)."""
+        return self._all_pages(lambda token: self.jobs.ListJobs(
+            jobs_pb2.ListJobsRequest(page_size=page_size, page_token=token, states=states),
+            timeout=self.timeout_s), "jobs", limit)
+
+    @_calls
+    def cancel_job(self, name: str) -> jobs_pb2.Job:
+        return self.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=name), timeout=self.timeout_s)
+
+    @_calls
+    def delete_job(self, name: str) -> None:
+        self.jobs.DeleteJob(jobs_pb2.DeleteJobRequest(name=name), timeout=self.timeout_s)
+
+    @_calls
+    def list_job_events(self, name: str, page_size: int = 1000) -> list[jobs_pb2.JobEvent]:
+        return self._all_pages(lambda token: self.jobs.ListJobEvents(
+            jobs_pb2.ListJobEventsRequest(parent=name, page_size=page_size, page_token=token),
+            timeout=self.timeout_s), "events")
+
+    def watch(self, name: str, after_sequence: int = 0, reconnect_for_s: float = 60.0) -> Iterator[jobs_pb2.JobEvent]:
+        """Every event after after_sequence until the job ends. A dropped stream is resumed from the last
+        sequence seen (for up to reconnect_for_s without progress), so nothing is lost or repeated."""
+        last = after_sequence
+        down_since: float | None = None
+        while True:
+            try:
+                for event in self.jobs.WatchJob(jobs_pb2.WatchJobRequest(name=name, after_sequence=last)):
+                    down_since = None
+                    last = event.sequence
+                    yield event
+                return
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise TuneforgeError.from_rpc_error(error) from None
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > reconnect_for_s:
+                    raise TuneforgeError.from_rpc_error(error) from None
+                grpc.channel_ready_future(self._channel).result(timeout=reconnect_for_s)
+
+    @_calls
+    def download_artifact(self, name: str, destination: Path) -> jobs_pb2.Artifact:
+        """Writes the job's artifact tar to destination and checks its SHA-256."""
+        artifact = jobs_pb2.Artifact()
+        digest = hashlib.sha256()
+        temporary = destination.with_name(destination.name + ".part")
+        with open(temporary, "wb") as handle:
+            for message in self.jobs.DownloadArtifact(jobs_pb2.DownloadArtifactRequest(name=name)):
+                if message.HasField("artifact"):
+                    artifact.CopyFrom(message.artifact)
+                else:
+                    handle.write(message.chunk)
+                    digest.update(message.chunk)
+        if digest.hexdigest() != artifact.sha256:
+            temporary.unlink(missing_ok=True)
+            raise TuneforgeError(grpc.StatusCode.DATA_LOSS, f"artifact digest {digest.hexdigest()} does not match "
+                                 f"the server's {artifact.sha256}", "DIGEST_MISMATCH")
+        temporary.replace(destination)
+        return artifact
+
+    @staticmethod
+    def _all_pages(fetch: Callable[[str], Any], attribute: str, limit: int | None = None) -> list[Any]:
+        items: list[Any] = []
+        token = ""
+        while True:
+            response = fetch(token)
+            items.extend(getattr(response, attribute))
+            token = response.next_page_token
+            if not token or (limit is not None and len(items) >= limit):
+                return items[:limit] if limit is not None else items

@@ -1,0 +1,105 @@
+"""`tuneforge submit` flags <-> JobSpec: one flag per common field, named as a person would say it."""
+
+from __future__ import annotations
+
+import argparse
+
+from tuneforge.v1 import job_spec_pb2 as pb
+
+TASKS = {
+    "text-classification": pb.TEXT_CLASSIFICATION,
+    "image-classification": pb.IMAGE_CLASSIFICATION,
+    "audio-classification": pb.AUDIO_CLASSIFICATION,
+    "speech-recognition": pb.SPEECH_RECOGNITION,
+}
+ADAPTATIONS = {
+    "full": pb.Adaptation.FULL,
+    "frozen-backbone": pb.Adaptation.FROZEN_BACKBONE,
+    "freeze-first-blocks": pb.Adaptation.FREEZE_FIRST_BLOCKS,
+    "lora": pb.Adaptation.LORA,
+}
+SCHEDULES = {
+    "constant": pb.Schedule.CONSTANT,
+    "linear": pb.Schedule.LINEAR,
+    "cosine": pb.Schedule.COSINE,
+    "step": pb.Schedule.STEP,
+    "exponential": pb.Schedule.EXPONENTIAL,
+}
+OPTIMIZERS = {"adamw": pb.Hyperparameters.ADAMW, "sgd": pb.Hyperparameters.SGD}
+ACTIVATIONS = {"relu": pb.HeadSpec.RELU, "gelu": pb.HeadSpec.GELU, "tanh": pb.HeadSpec.TANH}
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    """The submit command's flags; unset flags leave the server's defaults."""
+    add = parser.add_argument
+    add("--task", choices=TASKS, default="text-classification")
+    add("--model", required=True, help="hub id or a model folder under a server model root")
+    add("--train", required=True, help="training file name (files/ID) from `upload`")
+    add("--validation", help="validation file name (files/ID)")
+    add("--validation-fraction", type=float, default=0.0, help="hold out this fraction of --train instead")
+    add("--text-column", default="")
+    add("--text-pair-column", default="")
+    add("--label-column", default="")
+    add("--max-seq-length", type=int, default=0)
+    add("--adaptation", choices=ADAPTATIONS, default="full")
+    add("--frozen-blocks", type=int, default=0, help="blocks frozen by --adaptation freeze-first-blocks")
+    add("--head-hidden", type=int, nargs="*", default=None, help="custom head hidden sizes, e.g. 1024")
+    add("--head-activation", choices=ACTIVATIONS, default="relu")
+    add("--head-dropout", type=float, default=0.0)
+    add("--epochs", type=int, default=0)
+    add("--batch-size", type=int, default=0)
+    add("--learning-rate", type=float, default=0.0)
+    add("--weight-decay", type=float)
+    add("--optimizer", choices=OPTIMIZERS, default="adamw")
+    add("--momentum", type=float)
+    add("--schedule", choices=SCHEDULES, default="linear")
+    add("--warmup-steps", type=int, default=0)
+    add("--warmup-ratio", type=float, default=0.0)
+    add("--step-size", type=int, default=0)
+    add("--gamma", type=float, default=0.0)
+    add("--max-grad-norm", type=float)
+    add("--grad-accumulation", type=int, default=0)
+    add("--max-steps", type=int, default=0)
+    add("--seed", type=int, default=0)
+    add("--eval-every", type=int, default=0, help="evaluate every N steps (default: each epoch)")
+    add("--log-every", type=int, default=0)
+    add("--checkpoint-every", type=int, default=0)
+    add("--eval-before", action="store_true", help="evaluate the untuned model first")
+    add("--gpus", type=int, default=0)
+    add("--priority", type=int, default=0)
+
+
+def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
+    """Builds the JobSpec the flags describe (the server validates and fills defaults)."""
+    hp = pb.Hyperparameters(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        optimizer=OPTIMIZERS[args.optimizer], gradient_accumulation_steps=args.grad_accumulation,
+        seed=args.seed, max_steps=args.max_steps,
+        schedule=pb.Schedule(kind=SCHEDULES[args.schedule], warmup_steps=args.warmup_steps,
+                             warmup_ratio=args.warmup_ratio, step_size=args.step_size, gamma=args.gamma),
+    )
+    for name in ("weight_decay", "momentum", "max_grad_norm"):
+        if getattr(args, name) is not None:
+            setattr(hp, name, getattr(args, name))
+    spec = pb.JobSpec(
+        task=TASKS[args.task],
+        base_model=args.model,
+        data=pb.DataSpec(
+            training_file=args.train, validation_file=args.validation or "",
+            validation_fraction=args.validation_fraction, text_column=args.text_column,
+            text_pair_column=args.text_pair_column, label_column=args.label_column,
+            max_sequence_length=args.max_seq_length,
+        ),
+        adaptation=pb.Adaptation(method=ADAPTATIONS[args.adaptation], num_frozen_blocks=args.frozen_blocks),
+        hyperparameters=hp,
+        evaluation=pb.EvaluationSpec(
+            eval_every_steps=args.eval_every, log_every_steps=args.log_every,
+            checkpoint_every_steps=args.checkpoint_every, evaluate_before_training=args.eval_before,
+        ),
+        resources=pb.Resources(gpus=args.gpus),
+        priority=args.priority,
+    )
+    if args.head_hidden is not None:
+        spec.head.CopyFrom(pb.HeadSpec(hidden_sizes=args.head_hidden, activation=ACTIVATIONS[args.head_activation],
+                                       dropout=args.head_dropout))
+    return spec

@@ -1,0 +1,10 @@
+"""`python -m server ...` is `tuneforge serve ...` (used where the client's CLI is not on PATH)."""
+
+import argparse
+import sys
+
+from server.main import add_arguments, run
+
+parser = argparse.ArgumentParser(prog="python -m server")
+add_arguments(parser)
+sys.exit(run(parser.parse_args()))

@@ -1,0 +1,123 @@
+"""Builds and runs the gRPC server: store, storage, pool and scheduler, the two services, health and reflection.
+
+Start-up: the store opens (and recovers), half-written uploads are discarded, the workers spawn; health turns
+SERVING once every worker reported ready. SIGTERM: health goes NOT_SERVING, in-flight calls get `grace_s` to finish,
+then the workers stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+from server.db import StoreRunner
+from server.event_hub import EventHub
+from server.scheduler import Scheduler
+from server.servicers.files import FileServicer
+from server.servicers.jobs import JobServicer
+from server.settings import ServerSettings
+from server.storage import LocalStorage
+from server.store.sqlite import SqliteJobStore
+from workers.pool import LocalProcessPool, WorkerPool, WorkerSettings
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = (
+    files_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+)
+
+
+@dataclass
+class RunningServer:
+    """A started server and the parts a shutdown must stop."""
+
+    server: grpc.aio.Server
+    port: int
+    scheduler: Scheduler
+    health: health.aio.HealthServicer
+    store: SqliteJobStore
+    db: StoreRunner
+    settings: ServerSettings
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_s)
+        await self.scheduler.stop(self.settings.worker_stop_s)
+        self.db.close()
+        self.store.close()
+
+
+def make_pool(settings: ServerSettings) -> WorkerPool:
+    worker_settings = WorkerSettings(device=settings.device, torch_threads=settings.threads_per_worker())
+    return LocalProcessPool(settings.workers, worker_settings)
+
+
+async def start_server(settings: ServerSettings, pool: WorkerPool | None = None) -> RunningServer:
+    """Opens everything, binds the port and starts the workers; returns once the port listens."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    storage = LocalStorage(settings.data_dir)
+    dropped = storage.discard_partial_uploads()
+    if dropped:
+        log.warning("discarded %d half-written uploads", dropped)
+    store = SqliteJobStore(settings.data_dir / "tuneforge.db")
+    db = StoreRunner()
+    hub = EventHub()
+    roots = list(settings.model_roots)
+    scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots)
+
+    server = grpc.aio.server(
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+    )
+    files_pb2_grpc.add_FileServiceServicer_to_server(
+        FileServicer(store, db, storage, settings.max_upload_bytes), server
+    )
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(store, db, storage, scheduler, hub, roots), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    await scheduler.start()
+    asyncio.create_task(_serve_when_ready(scheduler, health_servicer), name="health-ready")
+    if settings.port_file is not None:
+        settings.port_file.write_text(str(port))
+    log.info("tuneforge listening on %s:%d with %d workers", settings.host, port, settings.workers)
+    return RunningServer(server, port, scheduler, health_servicer, store, db, settings)
+
+
+async def _serve_when_ready(scheduler: Scheduler, health_servicer: health.aio.HealthServicer) -> None:
+    await scheduler.all_ready.wait()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("all workers ready: SERVING")
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining calls for up to %.0f s", settings.grace_s)
+    await running.stop()
+    log.info("stopped")

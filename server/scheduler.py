@@ -1,0 +1,296 @@
+"""The scheduler: places queued jobs on idle workers and turns worker events into stored job changes.
+
+Priority then FIFO (the store's claim order). Events arrive from the pool's thread and are applied one at a time on
+the event loop, in the order each worker sent them. The server decides every state; a worker only reports, and a
+report from an attempt that no longer holds its job is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tuneforge.v1 import job_spec_pb2
+
+from server import convert
+from server.db import StoreRunner
+from server.event_hub import EventHub
+from server.job_changes import claim, held_by, lose_attempt, requeue, transition
+from server.job_changes import cancel as cancel_change
+from server.job_changes import finish as finish_change
+from server.job_states import ACTIVE, JobState
+from server.records import EventRecord, JobChange, JobRecord
+from server.spec_validation import validate_spec
+from server.storage import LocalStorage
+from server.store.base import ChangeFn, JobStore
+from workers.messages import (
+    ArtifactWritten,
+    CancelJob,
+    CheckpointWritten,
+    DataFile,
+    EvaluationDone,
+    Heartbeat,
+    JobEventBase,
+    JobFinished,
+    JobStarted,
+    LogEmitted,
+    Outcome,
+    RunJob,
+    Severity,
+    TrainingProgress,
+    WorkerDied,
+    WorkerEvent,
+    WorkerReady,
+)
+from workers.pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSlot:
+    """What the scheduler knows of one worker."""
+
+    state: str = "starting"
+    """starting, idle or busy."""
+    device: str = ""
+    job: str | None = None
+    attempt: int = 0
+
+
+class Scheduler:
+    """Owns the pool: dispatch, cancel, and the application of every worker event."""
+
+    def __init__(self, store: JobStore, db: StoreRunner, pool: WorkerPool, storage: LocalStorage, hub: EventHub,
+                 model_roots: list[Path]):
+        self._store = store
+        self._db = db
+        self._pool = pool
+        self._storage = storage
+        self._hub = hub
+        self._model_roots = model_roots
+        self._slots: dict[str, WorkerSlot] = {}
+        self._inbox: asyncio.Queue[WorkerEvent] = asyncio.Queue()
+        self._dispatch_lock = asyncio.Lock()
+        self._consumer: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.all_ready = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self._recover()
+        loop = asyncio.get_running_loop()
+        self._pool.start(lambda event: loop.call_soon_threadsafe(self._inbox.put_nowait, event))
+        self._slots = {worker: WorkerSlot() for worker in self._pool.worker_ids}
+        if not self._slots:
+            self.all_ready.set()
+        self._consumer = asyncio.create_task(self._consume(), name="scheduler-events")
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stops applying events (running jobs stay RUNNING and are requeued at the next start), then the pool."""
+        self._stopping = True
+        if self._consumer is not None:
+            self._consumer.cancel()
+        await asyncio.to_thread(self._pool.stop, timeout_s)
+
+    async def _recover(self) -> None:
+        """Jobs a previous server process left running get a new attempt."""
+        for record in await self._db.call(self._store.jobs_in_states, list(ACTIVE)):
+            note = convert.log_event(
+                Severity.WARNING, f"the server restarted during attempt {record.attempt}; the job is queued again",
+                record.attempt,
+            )
+            await self._apply(record.id, lambda r, note=note: requeue(r, note) if r.state in ACTIVE else None)
+
+    @property
+    def workers(self) -> dict[str, WorkerSlot]:
+        return dict(self._slots)
+
+    # ------------------------------------------------------------ API-facing actions
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Cancels a job (IllegalTransition when it already ended); tells its worker to stop."""
+        result = await self._apply(job_id, cancel_change)
+        if result is None:
+            return None
+        record = result
+        if record.state is JobState.CANCELLING and record.worker:
+            self._send(record.worker, CancelJob(job=record.id, attempt=record.attempt))
+        return record
+
+    def wake(self) -> None:
+        """A job was queued: try to place it."""
+        if not self._stopping:
+            asyncio.get_running_loop().create_task(self.dispatch())
+
+    async def dispatch(self) -> None:
+        """Gives each idle worker the next queued job."""
+        async with self._dispatch_lock:
+            for worker in list(self._slots):
+                if self._slots[worker].state != "idle" or self._stopping:
+                    continue
+                claimed = await self._db.call(self._store.claim_next_job, claim(worker))
+                if claimed is None:
+                    return
+                record, events = claimed
+                self._publish(record.id, events)
+                await self._start_on(worker, record)
+
+    async def _start_on(self, worker: str, record: JobRecord) -> None:
+        slot = self._slots[worker]
+        slot.state, slot.job, slot.attempt = "busy", record.id, record.attempt
+        command = await self._run_command(record)
+        if command is None:
+            slot.state, slot.job = "idle", None
+            return
+        try:
+            self._pool.send(worker, command)
+        except KeyError as exc:
+            slot.state, slot.job = "starting", None
+            await self._apply_fenced(record.id, worker, record.attempt,
+                                     lambda r: lose_attempt(r, "WORKER_LOST", f"could not reach {worker}: {exc}"))
+
+    async def _run_command(self, record: JobRecord) -> RunJob | None:
+        """Builds the worker's command; a job whose inputs vanished fails here with the reason."""
+        spec_proto = job_spec_pb2.JobSpec.FromString(record.spec)
+        result = validate_spec(spec_proto, self._model_roots)
+        problem = "; ".join(f"{v.field}: {v.description}" for v in result.violations + result.unimplemented)
+        files: dict[str, DataFile] = {}
+        for resource in filter(None, [spec_proto.data.training_file, spec_proto.data.validation_file]):
+            file = await self._db.call(self._store.get_file, resource.removeprefix("files/"))
+            if file is None:
+                problem = problem or f"{resource} was deleted before the job started"
+            else:
+                files[resource] = DataFile(str(self._storage.file_path(file.id)), file.filename)
+        if problem or result.spec is None:
+            await self._apply(record.id, lambda r: transition(
+                r, JobState.FAILED, error_reason="INVALID_INPUT", error_message=problem) if r.state in ACTIVE else None)
+            return None
+        spec = result.spec
+        return RunJob(
+            job=record.id, attempt=record.attempt, spec=spec, training_data=files[spec.data.training_file],
+            validation_data=files.get(spec.data.validation_file or ""),
+            work_dir=str(self._storage.work_dir(record.id, record.attempt)),
+            artifact_path=str(self._storage.artifact_path(record.id)),
+        )
+
+    # ------------------------------------------------------------ worker events
+
+    async def _consume(self) -> None:
+        while True:
+            event = await self._inbox.get()
+            if self._stopping:
+                continue
+            try:
+                await self._handle(event)
+            except Exception:  # one bad event must not stop the scheduler
+                log.exception("failed to apply %r", event)
+
+    async def _handle(self, event: WorkerEvent) -> None:
+        match event:
+            case WorkerReady():
+                self._slots[event.worker] = WorkerSlot(state="idle", device=event.device)
+                log.info("%s ready on %s (pid %s)", event.worker, event.device, event.pid)
+                if all(slot.state != "starting" for slot in self._slots.values()):
+                    self.all_ready.set()
+                await self.dispatch()
+            case WorkerDied():
+                await self._worker_died(event)
+            case JobFinished():
+                await self._job_finished(event)
+            case _:
+                await self._job_report(event)
+
+    async def _worker_died(self, event: WorkerDied) -> None:
+        slot = self._slots.get(event.worker, WorkerSlot())
+        self._slots[event.worker] = WorkerSlot()
+        if slot.job is not None:
+            message = f"{event.worker} exited (code {event.exitcode}) during the job"
+            await self._apply_fenced(slot.job, event.worker, slot.attempt,
+                                     lambda r: lose_attempt(r, "WORKER_LOST", message))
+
+    async def _job_finished(self, event: JobFinished) -> None:
+        succeeded = event.outcome is Outcome.SUCCEEDED
+        await self._apply_fenced(event.job, event.worker, event.attempt,
+                                 lambda r: finish_change(r, succeeded, event.reason, event.message))
+        slot = self._slots.get(event.worker)
+        if slot is not None and slot.job == event.job:
+            slot.state, slot.job = "idle", None
+        await self.dispatch()
+
+    async def _job_report(self, event: JobEventBase) -> None:
+        def change(record: JobRecord) -> JobChange | None:
+            return report_change(record, event)
+
+        await self._apply_fenced(event.job, event.worker, event.attempt, change)
+
+    # ------------------------------------------------------------ store helpers
+
+    async def _apply(self, job_id: str, change: ChangeFn) -> JobRecord | None:
+        result = await self._db.call(self._store.update_job, job_id, change)
+        if result is None:
+            return None
+        record, events = result
+        self._publish(job_id, events)
+        return record
+
+    async def _apply_fenced(self, job_id: str, worker: str, attempt: int, change: ChangeFn) -> None:
+        def fenced(record: JobRecord) -> JobChange | None:
+            if not held_by(record, worker, attempt):
+                log.info("ignoring a report from %s for %s attempt %s", worker, job_id, attempt)
+                return None
+            return change(record)
+
+        await self._apply(job_id, fenced)
+
+    def _publish(self, job_id: str, events: list[EventRecord]) -> None:
+        if events:
+            self._hub.notify(job_id)
+
+    def _send(self, worker: str, command: CancelJob) -> None:
+        try:
+            self._pool.send(worker, command)
+        except KeyError:
+            log.warning("could not deliver %r to %s", command, worker)
+
+
+def report_change(record: JobRecord, event: JobEventBase) -> JobChange | None:
+    """How a progress report from the holding worker changes the job (no state change)."""
+    match event:
+        case JobStarted():
+            return JobChange(replace(record, total_steps=event.total_steps, total_epochs=event.total_epochs))
+        case Heartbeat():
+            return JobChange(replace(record, heartbeat_time=_now()))
+        case TrainingProgress():
+            latest = {**record.latest_metrics, "loss": event.loss, "learning_rate": event.learning_rate,
+                      "samples_per_second": event.samples_per_second}
+            return JobChange(
+                replace(record, step=event.step, total_steps=event.total_steps, epoch=event.epoch,
+                        latest_metrics=latest, heartbeat_time=_now()),
+                [convert.training_metrics_event(event)],
+            )
+        case EvaluationDone():
+            best = record.best_metrics
+            if not best or event.metrics.get("eval_loss", float("inf")) < best.get("eval_loss", float("inf")):
+                best = dict(event.metrics)
+            return JobChange(
+                replace(record, latest_metrics={**record.latest_metrics, **event.metrics}, best_metrics=best),
+                [convert.evaluation_event(event)],
+            )
+        case LogEmitted():
+            return JobChange(record, [convert.log_event(event.severity, event.message, event.attempt)])
+        case CheckpointWritten():
+            return JobChange(record, [convert.checkpoint_event(event)])
+        case ArtifactWritten():
+            updated = replace(record, artifact_size=event.size_bytes, artifact_sha256=event.sha256,
+                              artifact_metrics=event.metrics)
+            return JobChange(updated, [convert.artifact_event(updated)])
+    return None
+
+
+def _now() -> float:
+    return time.time()

@@ -1,0 +1,150 @@
+"""FileService: uploads verified by size and SHA-256 before anything is stored, listing, download, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+from tuneforge.v1 import files_pb2, files_pb2_grpc
+
+from server import convert
+from server.db import StoreRunner
+from server.errors import ApiError, FieldViolation, invalid_argument, not_found
+from server.names import new_id, parse_name
+from server.pagination import make_token, parse_page
+from server.records import FileRecord
+from server.servicers.errors import streaming, unary
+from server.storage import CHUNK_BYTES, LocalStorage, Upload
+from server.store.base import JobStore
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SAFE_FILENAME = re.compile(r"^[\w][\w .+-]{0,254}$")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class FileServicer(files_pb2_grpc.FileServiceServicer):
+    """Thin: checks requests, moves bytes between the stream and storage, records metadata in the store."""
+
+    def __init__(self, store: JobStore, db: StoreRunner, storage: LocalStorage, max_upload_bytes: int):
+        self._store = store
+        self._db = db
+        self._storage = storage
+        self._max_upload_bytes = max_upload_bytes
+
+    @unary
+    async def UploadFile(
+        self, request_iterator: AsyncIterator[files_pb2.UploadFileRequest], context: Context
+    ) -> files_pb2.File:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("content") != "metadata":
+            raise invalid_argument([FieldViolation("metadata", "the first message must carry the metadata")])
+        metadata = first.metadata
+        self._check_metadata(metadata)
+        if metadata.request_id:
+            existing = await self._db.call(self._store.file_for_request, metadata.request_id)
+            if existing is not None:
+                return convert.file_to_proto(existing)
+        upload = self._storage.begin_upload()
+        try:
+            await self._receive(request_iterator, upload, metadata.size_bytes)
+            self._verify(upload, metadata)
+            file_id = new_id("file")
+            await asyncio.to_thread(self._storage.commit_upload, upload, file_id)
+            record = FileRecord(file_id, metadata.filename, files_pb2.File.Purpose.Name(metadata.purpose),
+                                upload.size_bytes, upload.sha256, time.time())
+            stored = await self._db.call(self._store.create_file, record, metadata.request_id or None)
+            if stored.id != file_id:  # a concurrent repeat of the same request_id won
+                self._storage.delete_file(file_id)
+            return convert.file_to_proto(stored)
+        finally:
+            upload.discard()  # no-op once committed
+
+    def _check_metadata(self, metadata: files_pb2.UploadFileMetadata) -> None:
+        problems = []
+        if not SAFE_FILENAME.match(metadata.filename) or metadata.filename in (".", ".."):
+            problems.append(FieldViolation("metadata.filename", "required: a base name of letters, digits, ' ._+-'"))
+        if metadata.purpose != files_pb2.File.DATASET:
+            problems.append(FieldViolation("metadata.purpose", "required: DATASET"))
+        if metadata.size_bytes < 0:
+            problems.append(FieldViolation("metadata.size_bytes", "must not be negative"))
+        if not SHA256.match(metadata.sha256):
+            problems.append(FieldViolation("metadata.sha256", "required: 64 lower-case hex digits"))
+        if problems:
+            raise invalid_argument(problems)
+        if metadata.size_bytes > self._max_upload_bytes:
+            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE",
+                           f"{metadata.size_bytes} bytes is over the {self._max_upload_bytes}-byte upload limit",
+                           {"limit_bytes": str(self._max_upload_bytes)})
+
+    @staticmethod
+    async def _receive(
+        requests: AsyncIterator[files_pb2.UploadFileRequest], upload: Upload, declared_bytes: int
+    ) -> None:
+        async for message in requests:
+            if message.WhichOneof("content") != "chunk":
+                raise invalid_argument([FieldViolation("metadata", "only the first message may carry metadata")])
+            if len(message.chunk) > CHUNK_BYTES:
+                raise invalid_argument([FieldViolation("chunk", f"chunks must be at most {CHUNK_BYTES} bytes")])
+            upload.write(message.chunk)
+            if upload.size_bytes > declared_bytes:
+                raise _size_mismatch(declared_bytes, upload.size_bytes, "more than")
+
+    @staticmethod
+    def _verify(upload: Upload, metadata: files_pb2.UploadFileMetadata) -> None:
+        if upload.size_bytes != metadata.size_bytes:
+            raise _size_mismatch(metadata.size_bytes, upload.size_bytes, "only")
+        if upload.sha256 != metadata.sha256:
+            raise ApiError(
+                grpc.StatusCode.INVALID_ARGUMENT, "DIGEST_MISMATCH",
+                f"the content's SHA-256 is {upload.sha256}, not the declared {metadata.sha256}; nothing was stored",
+                {"declared_sha256": metadata.sha256, "actual_sha256": upload.sha256},
+                [FieldViolation("metadata.sha256", "does not match the content")],
+            )
+
+    @unary
+    async def GetFile(self, request: files_pb2.GetFileRequest, context: Context) -> files_pb2.File:
+        return convert.file_to_proto(await self._get(request.name))
+
+    @unary
+    async def ListFiles(self, request: files_pb2.ListFilesRequest, context: Context) -> files_pb2.ListFilesResponse:
+        page = parse_page(request.page_size, request.page_token)
+        records, cursor = await self._db.call(self._store.list_files, page.size, page.cursor)
+        return files_pb2.ListFilesResponse(
+            files=[convert.file_to_proto(r) for r in records], next_page_token=make_token(cursor)
+        )
+
+    @unary
+    async def DeleteFile(self, request: files_pb2.DeleteFileRequest, context: Context) -> empty_pb2.Empty:
+        record = await self._get(request.name)
+        await self._db.call(self._store.delete_file, record.id)
+        self._storage.delete_file(record.id)
+        return empty_pb2.Empty()
+
+    @streaming
+    async def DownloadFile(
+        self, request: files_pb2.DownloadFileRequest, context: Context
+    ) -> AsyncIterator[files_pb2.DownloadFileResponse]:
+        record = await self._get(request.name)
+        yield files_pb2.DownloadFileResponse(file=convert.file_to_proto(record))
+        for chunk in self._storage.read_chunks(self._storage.file_path(record.id)):
+            yield files_pb2.DownloadFileResponse(chunk=chunk)
+
+    async def _get(self, name: str) -> FileRecord:
+        record = await self._db.call(self._store.get_file, parse_name(name, "files"))
+        if record is None:
+            raise not_found(name)
+        return record
+
+
+def _size_mismatch(declared: int, received: int, how: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH",
+        f"declared {declared} bytes but received {how} {received}; nothing was stored",
+        {"declared_bytes": str(declared), "received_bytes": str(received)},
+        [FieldViolation("metadata.size_bytes", "does not match the content")],
+    )

@@ -1,0 +1,180 @@
+"""JobService: create (idempotent), get, list, cancel, delete, watch (resumable), events, artifact download."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+from tuneforge.v1 import jobs_pb2, jobs_pb2_grpc
+
+from server import convert
+from server.db import StoreRunner
+from server.errors import ApiError, FieldViolation, failed_precondition, invalid_argument, not_found
+from server.event_hub import EventHub
+from server.job_states import TERMINAL, JobState
+from server.names import new_id, parse_name
+from server.pagination import make_token, parse_page
+from server.records import JobRecord
+from server.scheduler import Scheduler
+from server.servicers.errors import streaming, unary
+from server.spec_validation import validate_spec
+from server.storage import LocalStorage
+from server.store.base import JobStore
+
+Context = grpc.aio.ServicerContext[Any, Any]
+WATCH_BATCH = 500
+WATCH_RECHECK_S = 30.0
+"""A woken watcher reads the store; this only bounds how long a missed wake-up could delay it."""
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    """Thin: validates, reads and writes the store, and asks the scheduler to act."""
+
+    def __init__(self, store: JobStore, db: StoreRunner, storage: LocalStorage, scheduler: Scheduler, hub: EventHub,
+                 model_roots: list[Path]):
+        self._store = store
+        self._db = db
+        self._storage = storage
+        self._scheduler = scheduler
+        self._hub = hub
+        self._model_roots = model_roots
+
+    @unary
+    async def CreateJob(self, request: jobs_pb2.CreateJobRequest, context: Context) -> jobs_pb2.Job:
+        if request.request_id:
+            _check_request_id(request.request_id)
+        job = request.job
+        result = validate_spec(job.spec, self._model_roots) if job.HasField("spec") else None
+        violations = result.violations if result else [FieldViolation("job.spec", "required")]
+        if len(job.display_name) > 200:
+            violations.append(FieldViolation("job.display_name", "at most 200 characters"))
+        violations += await self._missing_files(job)
+        if violations:
+            raise invalid_argument(violations)
+        assert result is not None
+        if result.unimplemented:
+            names = ", ".join(f"{v.field} ({v.description})" for v in result.unimplemented)
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"not available yet: {names}",
+                           {"fields": ",".join(v.field for v in result.unimplemented)}, result.unimplemented)
+        now = time.time()
+        record = JobRecord(id=new_id("ft"), display_name=job.display_name, spec=job.spec.SerializeToString(),
+                           priority=job.spec.priority, state=JobState.QUEUED, create_time=now, update_time=now)
+        first = convert.created_event(record)
+        stored, created = await self._db.call(self._store.create_job, record, [first], request.request_id or None)
+        if created:
+            self._hub.notify(stored.id)
+            self._scheduler.wake()
+        return convert.job_to_proto(stored)
+
+    async def _missing_files(self, job: jobs_pb2.Job) -> list[FieldViolation]:
+        problems = []
+        for path, name in (("data.training_file", job.spec.data.training_file),
+                           ("data.validation_file", job.spec.data.validation_file)):
+            if not name.startswith("files/"):
+                continue
+            record = await self._db.call(self._store.get_file, name.removeprefix("files/"))
+            if record is None:
+                problems.append(FieldViolation(f"job.spec.{path}", f"{name} does not exist"))
+        return problems
+
+    @unary
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:
+        return convert.job_to_proto(await self._get(request.name))
+
+    @unary
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Context) -> jobs_pb2.ListJobsResponse:
+        states = []
+        for i, value in enumerate(request.states):
+            if value == jobs_pb2.Job.STATE_UNSPECIFIED or value not in jobs_pb2.Job.State.values():
+                raise invalid_argument([FieldViolation(f"states[{i}]", f"not a job state: {value}")])
+            states.append(convert.state_from_proto(value))
+        query = ",".join(sorted(s.value for s in states))
+        page = parse_page(request.page_size, request.page_token, query)
+        records, cursor = await self._db.call(self._store.list_jobs, states, page.size, page.cursor)
+        return jobs_pb2.ListJobsResponse(
+            jobs=[convert.job_to_proto(r) for r in records], next_page_token=make_token(cursor, query)
+        )
+
+    @unary
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
+        job_id = parse_name(request.name, "jobs")
+        record = await self._scheduler.cancel(job_id)
+        if record is None:
+            raise not_found(request.name)
+        return convert.job_to_proto(record)
+
+    @unary
+    async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest, context: Context) -> empty_pb2.Empty:
+        record = await self._get(request.name)
+        if record.state not in TERMINAL:
+            raise failed_precondition("JOB_NOT_FINISHED", f"{request.name} is {record.state.value}; cancel it first",
+                                      state=record.state.value)
+        await self._db.call(self._store.delete_job, record.id)
+        await asyncio.to_thread(self._storage.delete_job_data, record.id)
+        return empty_pb2.Empty()
+
+    @streaming
+    async def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: Context) -> AsyncIterator[jobs_pb2.JobEvent]:
+        record = await self._get(request.name)
+        if request.after_sequence < 0:
+            raise invalid_argument([FieldViolation("after_sequence", "must not be negative")])
+        last = request.after_sequence
+        with self._hub.subscribe(record.id) as woken:
+            while True:
+                woken.clear()  # before reading: a notification during the read wakes the next wait
+                events = await self._db.call(self._store.list_events, record.id, last, WATCH_BATCH)
+                for event in events:
+                    yield convert.event_to_proto(event)
+                    last = event.sequence
+                if events:
+                    continue
+                current = await self._db.call(self._store.get_job, record.id)
+                if current is None or (current.state in TERMINAL and current.last_event_sequence <= last):
+                    return
+                try:
+                    await asyncio.wait_for(woken.wait(), WATCH_RECHECK_S)
+                except TimeoutError:
+                    pass
+
+    @unary
+    async def ListJobEvents(
+        self, request: jobs_pb2.ListJobEventsRequest, context: Context
+    ) -> jobs_pb2.ListJobEventsResponse:
+        record = await self._get(request.parent, field="parent")
+        page = parse_page(request.page_size, request.page_token, record.id, default_size=100)
+        after = page.cursor or 0
+        events = await self._db.call(self._store.list_events, record.id, after, page.size + 1)
+        shown = events[: page.size]
+        cursor = shown[-1].sequence if len(events) > page.size else None
+        return jobs_pb2.ListJobEventsResponse(
+            events=[convert.event_to_proto(e) for e in shown], next_page_token=make_token(cursor, record.id)
+        )
+
+    @streaming
+    async def DownloadArtifact(
+        self, request: jobs_pb2.DownloadArtifactRequest, context: Context
+    ) -> AsyncIterator[jobs_pb2.DownloadArtifactResponse]:
+        record = await self._get(request.name)
+        path = self._storage.artifact_path(record.id)
+        if record.state is not JobState.SUCCEEDED or not record.artifact_sha256 or not path.exists():
+            raise failed_precondition("ARTIFACT_NOT_READY", f"{request.name} is {record.state.value} and has no "
+                                      "artifact; only SUCCEEDED jobs do", state=record.state.value)
+        yield jobs_pb2.DownloadArtifactResponse(artifact=convert.job_to_proto(record).artifact)
+        for chunk in self._storage.read_chunks(path):
+            yield jobs_pb2.DownloadArtifactResponse(chunk=chunk)
+
+    async def _get(self, name: str, field: str = "name") -> JobRecord:
+        record = await self._db.call(self._store.get_job, parse_name(name, "jobs", field))
+        if record is None:
+            raise not_found(name)
+        return record
+
+
+def _check_request_id(request_id: str) -> None:
+    if not 1 <= len(request_id) <= 64 or not all(c.isalnum() or c in "-_" for c in request_id):
+        raise invalid_argument([FieldViolation("request_id", "must be a UUID (at most 64 of [A-Za-z0-9_-])")])

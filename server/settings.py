@@ -1,0 +1,44 @@
+"""Server settings: one frozen dataclass, filled from the command line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `tuneforge serve` can be told."""
+
+    data_dir: Path
+    """Where the store, uploaded files, work dirs and artifacts live."""
+    host: str = "127.0.0.1"
+    """Address to bind; the default keeps the server private to this machine."""
+    port: int = 50051
+    """Port to bind; 0 picks a free one (see port_file)."""
+    workers: int = 1
+    """Worker processes in the local pool."""
+    device: str = "auto"
+    """Workers' device: auto (CUDA when present), cpu, or cuda:N."""
+    model_roots: tuple[Path, ...] = ()
+    """Folders under which local base models may be read."""
+    max_upload_bytes: int = 2 << 30
+    """Largest accepted upload."""
+    max_message_bytes: int = 4 << 20
+    """Largest gRPC message either way (upload chunks are at most 1 MiB)."""
+    max_concurrent_rpcs: int = 1000
+    """Calls in flight before new ones are rejected with RESOURCE_EXHAUSTED."""
+    grace_s: float = 10.0
+    """On SIGTERM: how long in-flight calls may finish before they are cancelled."""
+    worker_stop_s: float = 20.0
+    """On SIGTERM: how long workers get to stop before they are terminated."""
+    port_file: Path | None = None
+    """If set, the bound port is written here once the server listens (useful with port 0)."""
+    torch_threads: int = field(default=0)
+    """CPU threads per worker; 0 divides the machine's cores among the workers."""
+
+    def threads_per_worker(self) -> int:
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.workers))

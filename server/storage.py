@@ -1,0 +1,105 @@
+"""Bytes on disk under the data dir: uploaded files, job work dirs and artifacts, always written atomically.
+
+Layout: `files/{id}`, `uploads/` (in-flight uploads, wiped at start), `work/{job}/attempt-{n}/`, `artifacts/{job}.tar`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK_BYTES = 1 << 20
+
+
+def fsync_directory(path: Path) -> None:
+    """Makes a rename in this directory durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Upload:
+    """An upload in progress: bytes go to a temp file while size and SHA-256 are counted."""
+
+    def __init__(self, directory: Path):
+        handle, path = tempfile.mkstemp(dir=directory, prefix="upload-")
+        self.path = Path(path)
+        self._file: BinaryIO = os.fdopen(handle, "wb")
+        self._digest = hashlib.sha256()
+        self.size_bytes = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._digest.update(chunk)
+        self.size_bytes += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def finish(self) -> None:
+        """Flushes and fsyncs the content."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class LocalStorage:
+    """All of the server's bytes in one local directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        for sub in ("files", "uploads", "work", "artifacts"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def discard_partial_uploads(self) -> int:
+        """Removes uploads a previous process left half-written; returns how many."""
+        leftovers = list((self.root / "uploads").iterdir())
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
+
+    def begin_upload(self) -> Upload:
+        return Upload(self.root / "uploads")
+
+    def commit_upload(self, upload: Upload, file_id: str) -> None:
+        """Moves a finished upload into place atomically."""
+        upload.finish()
+        os.replace(upload.path, self.file_path(file_id))
+        fsync_directory(self.root / "files")
+
+    def file_path(self, file_id: str) -> Path:
+        return self.root / "files" / file_id
+
+    def delete_file(self, file_id: str) -> None:
+        self.file_path(file_id).unlink(missing_ok=True)
+
+    def work_dir(self, job_id: str, attempt: int) -> Path:
+        path = self.root / "work" / job_id / f"attempt-{attempt}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def artifact_path(self, job_id: str) -> Path:
+        return self.root / "artifacts" / f"{job_id}.tar"
+
+    def delete_job_data(self, job_id: str) -> None:
+        shutil.rmtree(self.root / "work" / job_id, ignore_errors=True)
+        self.artifact_path(job_id).unlink(missing_ok=True)
+
+    @staticmethod
+    def read_chunks(path: Path) -> Iterator[bytes]:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                yield chunk

@@ -1,0 +1,58 @@
+"""The job store interface. SQLite implements it today; PostgreSQL can later without touching its callers.
+
+Every mutation of a job is a pure function (JobRecord -> JobChange) applied inside one write transaction, so the
+state machine lives in Python and the store only guarantees atomicity and gap-free event sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from server.job_states import JobState
+from server.records import EventRecord, FileRecord, JobChange, JobRecord, NewEvent
+
+ChangeFn = Callable[[JobRecord], JobChange | None]
+"""Returns the changed job with its events, or None to leave it as it is."""
+
+
+class JobStore(Protocol):
+    """Durable files, jobs and events."""
+
+    def create_file(self, record: FileRecord, request_id: str | None) -> FileRecord:
+        """Inserts a file; with a request_id already used, returns the first file instead."""
+
+    def get_file(self, file_id: str) -> FileRecord | None: ...
+
+    def list_files(self, limit: int, before_order: int | None) -> tuple[list[FileRecord], int | None]:
+        """Newest first; returns the page and the cursor of the next page (None at the end)."""
+
+    def delete_file(self, file_id: str) -> bool: ...
+
+    def file_for_request(self, request_id: str) -> FileRecord | None: ...
+
+    def create_job(self, record: JobRecord, events: Sequence[NewEvent], request_id: str | None) -> tuple[JobRecord, bool]:
+        """Inserts a job with its first events; with a used request_id returns (first job, False)."""
+
+    def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    def list_jobs(
+        self, states: Sequence[JobState], limit: int, before_order: int | None
+    ) -> tuple[list[JobRecord], int | None]:
+        """Newest first, optionally only in the given states."""
+
+    def update_job(self, job_id: str, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
+        """Applies change atomically; None when the job does not exist."""
+
+    def claim_next_job(self, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
+        """Applies change to the first QUEUED job (highest priority, then oldest); None when none waits."""
+
+    def jobs_in_states(self, states: Sequence[JobState]) -> list[JobRecord]: ...
+
+    def delete_job(self, job_id: str) -> bool: ...
+
+    def list_events(self, job_id: str, after_sequence: int, limit: int) -> list[EventRecord]: ...
+
+    def close(self) -> None: ...
+
+

@@ -1,0 +1,263 @@
+"""The SQLite job store: WAL, a busy timeout, BEGIN IMMEDIATE for every write, one connection per thread."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+from server.job_states import JobState
+from server.records import EventRecord, FileRecord, JobRecord, NewEvent
+from server.store.base import ChangeFn
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    ord INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    request_id TEXT UNIQUE
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    ord INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    request_id TEXT UNIQUE,
+    body TEXT NOT NULL,
+    spec BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, ord);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    time REAL NOT NULL,
+    attempt INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    PRIMARY KEY (job_id, sequence)
+) WITHOUT ROWID;
+"""
+
+# Job columns queried directly; everything else of a JobRecord lives in the JSON `body`.
+_COLUMNS = {"id", "state", "priority", "spec", "order"}
+
+
+def _job_body(record: JobRecord) -> str:
+    return json.dumps({k: v for k, v in asdict(record).items() if k not in _COLUMNS})
+
+
+def _job_from_row(row: sqlite3.Row) -> JobRecord:
+    body: dict[str, Any] = json.loads(row["body"])
+    known = {f.name for f in fields(JobRecord)}
+    return JobRecord(
+        id=row["id"], state=JobState(row["state"]), priority=row["priority"], spec=bytes(row["spec"]),
+        order=row["ord"], **{k: v for k, v in body.items() if k in known},
+    )
+
+
+def _file_from_row(row: sqlite3.Row) -> FileRecord:
+    return FileRecord(row["id"], row["filename"], row["purpose"], row["size_bytes"], row["sha256"], row["create_time"])
+
+
+def _event_from_row(row: sqlite3.Row) -> EventRecord:
+    return EventRecord(row["job_id"], row["sequence"], row["time"], row["attempt"], row["kind"], bytes(row["payload"]))
+
+
+class SqliteJobStore:
+    """JobStore on one SQLite file. Safe to call from many threads of one process."""
+
+    def __init__(self, path: Path, busy_timeout_s: float = 10.0):
+        self._path = path
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._conn().executescript(SCHEMA)
+
+    # ------------------------------------------------------------ connections and transactions
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: take the write lock up front, so the busy timeout applies instead of failing later."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def integrity_check(self) -> str:
+        return str(self._conn().execute("PRAGMA integrity_check").fetchone()[0])
+
+    # ------------------------------------------------------------ files
+
+    def create_file(self, record: FileRecord, request_id: str | None) -> FileRecord:
+        with self._write() as db:
+            if request_id:
+                row = db.execute("SELECT * FROM files WHERE request_id = ?", (request_id,)).fetchone()
+                if row is not None:
+                    return _file_from_row(row)
+            db.execute(
+                "INSERT INTO files (id, filename, purpose, size_bytes, sha256, create_time, request_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.filename, record.purpose, record.size_bytes, record.sha256, record.create_time,
+                 request_id or None),
+            )
+        return record
+
+    def file_for_request(self, request_id: str) -> FileRecord | None:
+        row = self._conn().execute("SELECT * FROM files WHERE request_id = ?", (request_id,)).fetchone()
+        return _file_from_row(row) if row else None
+
+    def get_file(self, file_id: str) -> FileRecord | None:
+        row = self._conn().execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        return _file_from_row(row) if row else None
+
+    def list_files(self, limit: int, before_order: int | None) -> tuple[list[FileRecord], int | None]:
+        rows = self._conn().execute(
+            "SELECT * FROM files WHERE ord < ? ORDER BY ord DESC LIMIT ?",
+            (before_order if before_order is not None else 2**62, limit + 1),
+        ).fetchall()
+        page = rows[:limit]
+        return [_file_from_row(r) for r in page], (page[-1]["ord"] if len(rows) > limit else None)
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._write() as db:
+            return db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+
+    # ------------------------------------------------------------ jobs
+
+    def create_job(
+        self, record: JobRecord, events: Sequence[NewEvent], request_id: str | None
+    ) -> tuple[JobRecord, bool]:
+        with self._write() as db:
+            if request_id:
+                row = db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+                if row is not None:
+                    return _job_from_row(row), False
+            cursor = db.execute(
+                "INSERT INTO jobs (id, state, priority, request_id, body, spec) VALUES (?, ?, ?, ?, ?, ?)",
+                (record.id, record.state.value, record.priority, request_id or None, _job_body(record), record.spec),
+            )
+            record = replace(record, order=int(cursor.lastrowid or 0))
+            record, _ = self._append(db, record, events)
+            self._save(db, record)
+        return record, True
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job_from_row(row) if row else None
+
+    def list_jobs(
+        self, states: Sequence[JobState], limit: int, before_order: int | None
+    ) -> tuple[list[JobRecord], int | None]:
+        query = "SELECT * FROM jobs WHERE ord < ?"
+        params: list[Any] = [before_order if before_order is not None else 2**62]
+        if states:
+            query += f" AND state IN ({','.join('?' * len(states))})"
+            params += [s.value for s in states]
+        rows = self._conn().execute(query + " ORDER BY ord DESC LIMIT ?", (*params, limit + 1)).fetchall()
+        page = rows[:limit]
+        return [_job_from_row(r) for r in page], (page[-1]["ord"] if len(rows) > limit else None)
+
+    def jobs_in_states(self, states: Sequence[JobState]) -> list[JobRecord]:
+        rows = self._conn().execute(
+            f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) ORDER BY ord",
+            [s.value for s in states],
+        ).fetchall()
+        return [_job_from_row(r) for r in rows]
+
+    def update_job(self, job_id: str, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
+        with self._write() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return self._apply(db, _job_from_row(row), change) if row else None
+
+    def claim_next_job(self, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state = ? ORDER BY priority DESC, ord LIMIT 1", (JobState.QUEUED.value,)
+            ).fetchone()
+            return self._apply(db, _job_from_row(row), change) if row else None
+
+    def delete_job(self, job_id: str) -> bool:
+        with self._write() as db:
+            db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            return db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
+
+    def _apply(
+        self, db: sqlite3.Connection, current: JobRecord, change: ChangeFn
+    ) -> tuple[JobRecord, list[EventRecord]]:
+        result = change(current)
+        if result is None:
+            return current, []
+        record = replace(result.record, update_time=time.time())
+        record, stored = self._append(db, record, result.events)
+        self._save(db, record)
+        return record, stored
+
+    @staticmethod
+    def _save(db: sqlite3.Connection, record: JobRecord) -> None:
+        db.execute(
+            "UPDATE jobs SET state = ?, priority = ?, body = ? WHERE id = ?",
+            (record.state.value, record.priority, _job_body(record), record.id),
+        )
+
+    @staticmethod
+    def _append(
+        db: sqlite3.Connection, record: JobRecord, events: Sequence[NewEvent]
+    ) -> tuple[JobRecord, list[EventRecord]]:
+        """Numbers the events after the job's last one (gap-free: same transaction as the job row)."""
+        stored = []
+        sequence = record.last_event_sequence
+        now = time.time()
+        for event in events:
+            sequence += 1
+            db.execute(
+                "INSERT INTO events (job_id, sequence, time, attempt, kind, payload) VALUES (?, ?, ?, ?, ?, ?)",
+                (record.id, sequence, now, event.attempt, event.kind, event.payload),
+            )
+            stored.append(EventRecord(record.id, sequence, now, event.attempt, event.kind, event.payload))
+        return replace(record, last_event_sequence=sequence), stored
+
+    # ------------------------------------------------------------ events
+
+    def list_events(self, job_id: str, after_sequence: int, limit: int) -> list[EventRecord]:
+        rows = self._conn().execute(
+            "SELECT * FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+            (job_id, after_sequence, limit),
+        ).fetchall()
+        return [_event_from_row(r) for r in rows]
