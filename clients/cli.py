@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,14 @@ console = Console(stderr=True)
 out = Console()
 
 
-def _print_json(message: Message | list[Message]) -> None:
-    data: Any = [MessageToDict(m) for m in message] if isinstance(message, list) else MessageToDict(message)
+def _print_json(message: Message | Sequence[Message]) -> None:
+    data: Any = MessageToDict(message) if isinstance(message, Message) else [MessageToDict(m) for m in message]
     print(json.dumps(data, indent=2))
 
 
 def cmd_upload(client: TuneforgeClient, args: argparse.Namespace) -> int:
     path = Path(args.path)
-    with Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
-                  disable=args.json) as progress:
+    with Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, disable=args.json) as progress:
         task = progress.add_task("upload", total=path.stat().st_size)
         file = client.upload_file(path, progress=lambda sent, total: progress.update(task, completed=sent))
     _print_json(file) if args.json else print(file.name)
@@ -51,7 +50,7 @@ def cmd_submit(client: TuneforgeClient, args: argparse.Namespace) -> int:
 
 def cmd_watch(client: TuneforgeClient, args: argparse.Namespace) -> int:
     if args.json:
-        final = None
+        final: int | None = None
         for event in client.watch(args.job):
             print(json.dumps(MessageToDict(event)), flush=True)
             if event.WhichOneof("payload") == "state_change":
@@ -72,9 +71,14 @@ def _jobs_table(jobs: list[jobs_pb2.Job]) -> Table:
     for job in jobs:
         progress = f"{job.progress.step}/{job.progress.total_steps}" if job.progress.total_steps else ""
         accuracy = job.latest_metrics.get("eval_accuracy")
-        table.add_row(job.name, STATE.Name(job.state), job.display_name, progress,
-                      f"{accuracy:.4f}" if accuracy is not None else "",
-                      job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+        table.add_row(
+            job.name,
+            STATE.Name(job.state),
+            job.display_name,
+            progress,
+            f"{accuracy:.4f}" if accuracy is not None else "",
+            job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+        )
     return table
 
 

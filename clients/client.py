@@ -146,12 +146,16 @@ class TuneforgeClient:
     # ------------------------------------------------------------ files
 
     @_calls
-    def upload_file(self, path: Path, request_id: str | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> files_pb2.File:
+    def upload_file(
+        self, path: Path, request_id: str | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> files_pb2.File:
         """Uploads a dataset file in 1 MiB chunks; progress(sent_bytes, total_bytes) after each chunk."""
         size = path.stat().st_size
         metadata = files_pb2.UploadFileMetadata(
-            filename=path.name, purpose=files_pb2.File.DATASET, size_bytes=size, sha256=sha256_of(path),
+            filename=path.name,
+            purpose=files_pb2.File.DATASET,
+            size_bytes=size,
+            sha256=sha256_of(path),
             request_id=request_id or str(uuid.uuid4()),
         )
 
@@ -165,17 +169,23 @@ class TuneforgeClient:
                     if progress:
                         progress(sent, size)
 
-        return self.files.UploadFile(messages(), timeout=max(self.timeout_s, size / 1e6 + 60))
+        file: files_pb2.File = self.files.UploadFile(messages(), timeout=max(self.timeout_s, size / 1e6 + 60))
+        return file
 
     @_calls
     def get_file(self, name: str) -> files_pb2.File:
-        return self.files.GetFile(files_pb2.GetFileRequest(name=name), timeout=self.timeout_s)
+        file: files_pb2.File = self.files.GetFile(files_pb2.GetFileRequest(name=name), timeout=self.timeout_s)
+        return file
 
     @_calls
     def list_files(self, page_size: int = 100) -> list[files_pb2.File]:
         """Every file, newest first (all pages)."""
-        return self._all_pages(lambda token: self.files.ListFiles(
-            files_pb2.ListFilesRequest(page_size=page_size, page_token=token), timeout=self.timeout_s), "files")
+        return self._all_pages(
+            lambda token: self.files.ListFiles(
+                files_pb2.ListFilesRequest(page_size=page_size, page_token=token), timeout=self.timeout_s
+            ),
+            "files",
+        )
 
     @_calls
     def delete_file(self, name: str) -> None:
@@ -184,28 +194,38 @@ class TuneforgeClient:
     # ------------------------------------------------------------ jobs
 
     @_calls
-    def create_job(self, spec: job_spec_pb2.JobSpec, display_name: str = "",
-                   request_id: str | None = None) -> jobs_pb2.Job:
+    def create_job(
+        self, spec: job_spec_pb2.JobSpec, display_name: str = "", request_id: str | None = None
+    ) -> jobs_pb2.Job:
         """Creates a job; safe to retry with the same request_id (one job results)."""
         request = jobs_pb2.CreateJobRequest(
             job=jobs_pb2.Job(display_name=display_name, spec=spec), request_id=request_id or str(uuid.uuid4())
         )
-        return self.jobs.CreateJob(request, timeout=self.timeout_s)
+        job: jobs_pb2.Job = self.jobs.CreateJob(request, timeout=self.timeout_s)
+        return job
 
     @_calls
     def get_job(self, name: str) -> jobs_pb2.Job:
-        return self.jobs.GetJob(jobs_pb2.GetJobRequest(name=name), timeout=self.timeout_s)
+        job: jobs_pb2.Job = self.jobs.GetJob(jobs_pb2.GetJobRequest(name=name), timeout=self.timeout_s)
+        return job
 
     @_calls
-    def list_jobs(self, states: Sequence[int] = (), page_size: int = 100, limit: int | None = None) -> list[jobs_pb2.Job]:
+    def list_jobs(
+        self, states: Sequence[jobs_pb2.Job.State.ValueType] = (), page_size: int = 100, limit: int | None = None
+    ) -> list[jobs_pb2.Job]:
         """Jobs newest first, optionally only in some states; up to limit (all pages when None)."""
-        return self._all_pages(lambda token: self.jobs.ListJobs(
-            jobs_pb2.ListJobsRequest(page_size=page_size, page_token=token, states=states),
-            timeout=self.timeout_s), "jobs", limit)
+        return self._all_pages(
+            lambda token: self.jobs.ListJobs(
+                jobs_pb2.ListJobsRequest(page_size=page_size, page_token=token, states=states), timeout=self.timeout_s
+            ),
+            "jobs",
+            limit,
+        )
 
     @_calls
     def cancel_job(self, name: str) -> jobs_pb2.Job:
-        return self.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=name), timeout=self.timeout_s)
+        job: jobs_pb2.Job = self.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=name), timeout=self.timeout_s)
+        return job
 
     @_calls
     def delete_job(self, name: str) -> None:
@@ -213,9 +233,13 @@ class TuneforgeClient:
 
     @_calls
     def list_job_events(self, name: str, page_size: int = 1000) -> list[jobs_pb2.JobEvent]:
-        return self._all_pages(lambda token: self.jobs.ListJobEvents(
-            jobs_pb2.ListJobEventsRequest(parent=name, page_size=page_size, page_token=token),
-            timeout=self.timeout_s), "events")
+        return self._all_pages(
+            lambda token: self.jobs.ListJobEvents(
+                jobs_pb2.ListJobEventsRequest(parent=name, page_size=page_size, page_token=token),
+                timeout=self.timeout_s,
+            ),
+            "events",
+        )
 
     def watch(self, name: str, after_sequence: int = 0, reconnect_for_s: float = 60.0) -> Iterator[jobs_pb2.JobEvent]:
         """Every event after after_sequence until the job ends. A dropped stream is resumed from the last
@@ -252,8 +276,11 @@ class TuneforgeClient:
                     digest.update(message.chunk)
         if digest.hexdigest() != artifact.sha256:
             temporary.unlink(missing_ok=True)
-            raise TuneforgeError(grpc.StatusCode.DATA_LOSS, f"artifact digest {digest.hexdigest()} does not match "
-                                 f"the server's {artifact.sha256}", "DIGEST_MISMATCH")
+            raise TuneforgeError(
+                grpc.StatusCode.DATA_LOSS,
+                f"artifact digest {digest.hexdigest()} does not match the server's {artifact.sha256}",
+                "DIGEST_MISMATCH",
+            )
         temporary.replace(destination)
         return artifact
 

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-
 from rich.console import Console
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
@@ -65,8 +64,25 @@ def write_bbc_subset(folder: Path, per_class: int, validation_per_class: int, se
 def local_server(data_dir: Path, model_root: Path) -> Iterator[str]:
     """A `tuneforge serve` subprocess on a free loopback port, stopped with SIGTERM on exit."""
     port_file = data_dir / "port"
-    command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-               "--data-dir", str(data_dir), "--workers", "1", "--model-root", str(model_root), "--log-level", "WARNING"]
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--data-dir",
+        str(data_dir),
+        "--workers",
+        "1",
+        "--model-root",
+        str(model_root),
+        "--log-level",
+        "WARNING",
+    ]
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         deadline = time.monotonic() + 60
@@ -95,7 +111,7 @@ def classify(model_dir: Path, sentences: list[str]) -> list[tuple[str, float]]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
@@ -120,10 +136,14 @@ def run(args: argparse.Namespace) -> int:
         validation = client.upload_file(validation_path)
         console.print(f"uploaded {train.name} ({train.size_bytes:,} bytes) and {validation.name}")
         spec = pb.JobSpec(
-            task=pb.TEXT_CLASSIFICATION, base_model=str(model_path),
+            task=pb.TEXT_CLASSIFICATION,
+            base_model=str(model_path),
             data=pb.DataSpec(training_file=train.name, validation_file=validation.name, max_sequence_length=64),
             hyperparameters=pb.Hyperparameters(
-                epochs=3, batch_size=16, learning_rate=1e-4, seed=0,
+                epochs=3,
+                batch_size=16,
+                learning_rate=1e-4,
+                seed=0,
                 schedule=pb.Schedule(kind=pb.Schedule.COSINE, warmup_ratio=0.1),
             ),
             evaluation=pb.EvaluationSpec(log_every_steps=5, evaluate_before_training=True),
@@ -150,5 +170,3 @@ def run(args: argparse.Namespace) -> int:
 
         shutil.rmtree(scratch, ignore_errors=True)
     return 0 if after >= 0.9 else 1
-
-

@@ -72,11 +72,20 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
 def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
     """Builds the JobSpec the flags describe (the server validates and fills defaults)."""
     hp = pb.Hyperparameters(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        optimizer=OPTIMIZERS[args.optimizer], gradient_accumulation_steps=args.grad_accumulation,
-        seed=args.seed, max_steps=args.max_steps,
-        schedule=pb.Schedule(kind=SCHEDULES[args.schedule], warmup_steps=args.warmup_steps,
-                             warmup_ratio=args.warmup_ratio, step_size=args.step_size, gamma=args.gamma),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        optimizer=OPTIMIZERS[args.optimizer],
+        gradient_accumulation_steps=args.grad_accumulation,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        schedule=pb.Schedule(
+            kind=SCHEDULES[args.schedule],
+            warmup_steps=args.warmup_steps,
+            warmup_ratio=args.warmup_ratio,
+            step_size=args.step_size,
+            gamma=args.gamma,
+        ),
     )
     for name in ("weight_decay", "momentum", "max_grad_norm"):
         if getattr(args, name) is not None:
@@ -85,21 +94,29 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
         task=TASKS[args.task],
         base_model=args.model,
         data=pb.DataSpec(
-            training_file=args.train, validation_file=args.validation or "",
-            validation_fraction=args.validation_fraction, text_column=args.text_column,
-            text_pair_column=args.text_pair_column, label_column=args.label_column,
+            training_file=args.train,
+            validation_file=args.validation or "",
+            validation_fraction=args.validation_fraction,
+            text_column=args.text_column,
+            text_pair_column=args.text_pair_column,
+            label_column=args.label_column,
             max_sequence_length=args.max_seq_length,
         ),
         adaptation=pb.Adaptation(method=ADAPTATIONS[args.adaptation], num_frozen_blocks=args.frozen_blocks),
         hyperparameters=hp,
         evaluation=pb.EvaluationSpec(
-            eval_every_steps=args.eval_every, log_every_steps=args.log_every,
-            checkpoint_every_steps=args.checkpoint_every, evaluate_before_training=args.eval_before,
+            eval_every_steps=args.eval_every,
+            log_every_steps=args.log_every,
+            checkpoint_every_steps=args.checkpoint_every,
+            evaluate_before_training=args.eval_before,
         ),
         resources=pb.Resources(gpus=args.gpus),
         priority=args.priority,
     )
     if args.head_hidden is not None:
-        spec.head.CopyFrom(pb.HeadSpec(hidden_sizes=args.head_hidden, activation=ACTIVATIONS[args.head_activation],
-                                       dropout=args.head_dropout))
+        spec.head.CopyFrom(
+            pb.HeadSpec(
+                hidden_sizes=args.head_hidden, activation=ACTIVATIONS[args.head_activation], dropout=args.head_dropout
+            )
+        )
     return spec

@@ -40,16 +40,27 @@ def render_watch(events: Iterable[jobs_pb2.JobEvent], console: Console) -> int |
     final: int | None = None
     accuracy = float("nan")
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         bar = progress.add_task("training", total=None, stats="")
         for event in events:
             kind = event.WhichOneof("payload")
             if kind == "training_metrics":
                 m = event.training_metrics
-                progress.update(bar, total=m.total_steps, completed=m.step, description=f"epoch {m.epoch}",
-                                stats=f"loss {m.loss:.4f}  acc {accuracy:.3f}  {m.samples_per_second:.1f} samples/s")
+                progress.update(
+                    bar,
+                    total=m.total_steps,
+                    completed=m.step,
+                    description=f"epoch {m.epoch}",
+                    stats=f"loss {m.loss:.4f}  acc {accuracy:.3f}  {m.samples_per_second:.1f} samples/s",
+                )
                 continue
             if kind == "evaluation_metrics":
                 accuracy = event.evaluation_metrics.metrics.get("eval_accuracy", accuracy)

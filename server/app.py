@@ -45,8 +45,10 @@ class RunningServer:
     store: SqliteJobStore
     db: StoreRunner
     settings: ServerSettings
+    readiness: asyncio.Task[None]
 
     async def stop(self) -> None:
+        self.readiness.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_s)
         await self.scheduler.stop(self.settings.worker_stop_s)
@@ -96,11 +98,11 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     await scheduler.start()
-    asyncio.create_task(_serve_when_ready(scheduler, health_servicer), name="health-ready")
+    readiness = asyncio.create_task(_serve_when_ready(scheduler, health_servicer), name="health-ready")
     if settings.port_file is not None:
         settings.port_file.write_text(str(port))
     log.info("tuneforge listening on %s:%d with %d workers", settings.host, port, settings.workers)
-    return RunningServer(server, port, scheduler, health_servicer, store, db, settings)
+    return RunningServer(server, port, scheduler, health_servicer, store, db, settings, readiness)
 
 
 async def _serve_when_ready(scheduler: Scheduler, health_servicer: health.aio.HealthServicer) -> None:

@@ -10,7 +10,7 @@ from server.names import file_name, job_name
 from server.records import EventRecord, FileRecord, JobRecord, NewEvent
 from workers.messages import CheckpointWritten, EvaluationDone, Severity, TrainingProgress
 
-PURPOSES = {"DATASET": files_pb2.File.DATASET}
+PURPOSES: dict[str, files_pb2.File.Purpose.ValueType] = {"DATASET": files_pb2.File.DATASET}
 SEVERITIES = {
     Severity.DEBUG: jobs_pb2.LogLine.DEBUG,
     Severity.INFO: jobs_pb2.LogLine.INFO,
@@ -37,8 +37,12 @@ def state_from_proto(value: int) -> JobState:
 
 def file_to_proto(record: FileRecord) -> files_pb2.File:
     return files_pb2.File(
-        name=file_name(record.id), filename=record.filename, purpose=PURPOSES.get(record.purpose, 0),
-        size_bytes=record.size_bytes, sha256=record.sha256, create_time=timestamp(record.create_time),
+        name=file_name(record.id),
+        filename=record.filename,
+        purpose=PURPOSES.get(record.purpose, files_pb2.File.PURPOSE_UNSPECIFIED),
+        size_bytes=record.size_bytes,
+        sha256=record.sha256,
+        create_time=timestamp(record.create_time),
     )
 
 
@@ -77,7 +81,7 @@ def event_to_proto(record: EventRecord) -> jobs_pb2.JobEvent:
     event = jobs_pb2.JobEvent.FromString(record.payload)
     event.sequence = record.sequence
     event.attempt = record.attempt
-    event.time.CopyFrom(timestamp(record.time))
+    event.time.FromNanoseconds(int(record.time * 1e9))
     return event
 
 
@@ -100,8 +104,13 @@ def log_event(severity: Severity, message: str, attempt: int) -> NewEvent:
 
 def training_metrics_event(event: TrainingProgress) -> NewEvent:
     metrics = jobs_pb2.TrainingMetrics(
-        step=event.step, total_steps=event.total_steps, epoch=event.epoch, loss=event.loss,
-        learning_rate=event.learning_rate, samples_per_second=event.samples_per_second, grad_norm=event.grad_norm,
+        step=event.step,
+        total_steps=event.total_steps,
+        epoch=event.epoch,
+        loss=event.loss,
+        learning_rate=event.learning_rate,
+        samples_per_second=event.samples_per_second,
+        grad_norm=event.grad_norm,
     )
     return _new(jobs_pb2.JobEvent(training_metrics=metrics), event.attempt)
 
@@ -123,7 +132,5 @@ def artifact_event(record: JobRecord) -> NewEvent:
 
 def created_event(record: JobRecord) -> NewEvent:
     """The first event of every job: it entered QUEUED."""
-    change = jobs_pb2.StateChange(
-        from_state=jobs_pb2.Job.STATE_UNSPECIFIED, to_state=state_to_proto(record.state)
-    )
+    change = jobs_pb2.StateChange(from_state=jobs_pb2.Job.STATE_UNSPECIFIED, to_state=state_to_proto(record.state))
     return _new(jobs_pb2.JobEvent(state_change=change), record.attempt)

@@ -32,8 +32,16 @@ def claim(worker: str) -> Any:
     def change(record: JobRecord) -> JobChange:
         now = time.time()
         return transition(
-            record, JobState.RUNNING, attempt=record.attempt + 1, worker=worker, start_time=now,
-            heartbeat_time=now, step=0, epoch=0, error_reason="", error_message="",
+            record,
+            JobState.RUNNING,
+            attempt=record.attempt + 1,
+            worker=worker,
+            start_time=now,
+            heartbeat_time=now,
+            step=0,
+            epoch=0,
+            error_reason="",
+            error_message="",
         )
 
     return change

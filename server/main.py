@@ -18,8 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="store, files and artifacts")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N (default auto)")
-    parser.add_argument("--model-root", type=Path, action="append", default=[],
-                        help="folder under which local base models may be read (repeatable)")
+    parser.add_argument(
+        "--model-root",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder under which local base models may be read (repeatable)",
+    )
     parser.add_argument("--max-upload-bytes", type=int, default=2 << 30)
     parser.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: time for in-flight calls")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
@@ -31,9 +36,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     settings = ServerSettings(
-        data_dir=args.data_dir, host=args.host, port=args.port, workers=args.workers, device=args.device,
-        model_roots=tuple(args.model_root), max_upload_bytes=args.max_upload_bytes, grace_s=args.grace_s,
-        port_file=args.port_file, torch_threads=args.torch_threads,
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        device=args.device,
+        model_roots=tuple(args.model_root),
+        max_upload_bytes=args.max_upload_bytes,
+        grace_s=args.grace_s,
+        port_file=args.port_file,
+        torch_threads=args.torch_threads,
     )
     asyncio.run(serve(settings))
     return 0

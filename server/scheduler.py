@@ -18,11 +18,11 @@ from tuneforge.v1 import job_spec_pb2
 from server import convert
 from server.db import StoreRunner
 from server.event_hub import EventHub
-from server.job_changes import claim, held_by, lose_attempt, requeue, transition
 from server.job_changes import cancel as cancel_change
+from server.job_changes import claim, held_by, lose_attempt, requeue, transition
 from server.job_changes import finish as finish_change
 from server.job_states import ACTIVE, JobState
-from server.records import EventRecord, JobChange, JobRecord
+from server.records import EventRecord, JobChange, JobRecord, NewEvent
 from server.spec_validation import validate_spec
 from server.storage import LocalStorage
 from server.store.base import ChangeFn, JobStore
@@ -64,8 +64,15 @@ class WorkerSlot:
 class Scheduler:
     """Owns the pool: dispatch, cancel, and the application of every worker event."""
 
-    def __init__(self, store: JobStore, db: StoreRunner, pool: WorkerPool, storage: LocalStorage, hub: EventHub,
-                 model_roots: list[Path]):
+    def __init__(
+        self,
+        store: JobStore,
+        db: StoreRunner,
+        pool: WorkerPool,
+        storage: LocalStorage,
+        hub: EventHub,
+        model_roots: list[Path],
+    ):
         self._store = store
         self._db = db
         self._pool = pool
@@ -84,7 +91,11 @@ class Scheduler:
     async def start(self) -> None:
         await self._recover()
         loop = asyncio.get_running_loop()
-        self._pool.start(lambda event: loop.call_soon_threadsafe(self._inbox.put_nowait, event))
+
+        def sink(event: WorkerEvent) -> None:  # called on the pool's thread
+            loop.call_soon_threadsafe(self._inbox.put_nowait, event)
+
+        self._pool.start(sink)
         self._slots = {worker: WorkerSlot() for worker in self._pool.worker_ids}
         if not self._slots:
             self.all_ready.set()
@@ -101,10 +112,11 @@ class Scheduler:
         """Jobs a previous server process left running get a new attempt."""
         for record in await self._db.call(self._store.jobs_in_states, list(ACTIVE)):
             note = convert.log_event(
-                Severity.WARNING, f"the server restarted during attempt {record.attempt}; the job is queued again",
+                Severity.WARNING,
+                f"the server restarted during attempt {record.attempt}; the job is queued again",
                 record.attempt,
             )
-            await self._apply(record.id, lambda r, note=note: requeue(r, note) if r.state in ACTIVE else None)
+            await self._apply(record.id, _requeue_if_active(note))
 
     @property
     def workers(self) -> dict[str, WorkerSlot]:
@@ -151,8 +163,10 @@ class Scheduler:
             self._pool.send(worker, command)
         except KeyError as exc:
             slot.state, slot.job = "starting", None
-            await self._apply_fenced(record.id, worker, record.attempt,
-                                     lambda r: lose_attempt(r, "WORKER_LOST", f"could not reach {worker}: {exc}"))
+            message = f"could not reach {worker}: {exc}"
+            await self._apply_fenced(
+                record.id, worker, record.attempt, lambda r: lose_attempt(r, "WORKER_LOST", message)
+            )
 
     async def _run_command(self, record: JobRecord) -> RunJob | None:
         """Builds the worker's command; a job whose inputs vanished fails here with the reason."""
@@ -167,12 +181,21 @@ class Scheduler:
             else:
                 files[resource] = DataFile(str(self._storage.file_path(file.id)), file.filename)
         if problem or result.spec is None:
-            await self._apply(record.id, lambda r: transition(
-                r, JobState.FAILED, error_reason="INVALID_INPUT", error_message=problem) if r.state in ACTIVE else None)
+            await self._apply(
+                record.id,
+                lambda r: (
+                    transition(r, JobState.FAILED, error_reason="INVALID_INPUT", error_message=problem)
+                    if r.state in ACTIVE
+                    else None
+                ),
+            )
             return None
         spec = result.spec
         return RunJob(
-            job=record.id, attempt=record.attempt, spec=spec, training_data=files[spec.data.training_file],
+            job=record.id,
+            attempt=record.attempt,
+            spec=spec,
+            training_data=files[spec.data.training_file],
             validation_data=files.get(spec.data.validation_file or ""),
             work_dir=str(self._storage.work_dir(record.id, record.attempt)),
             artifact_path=str(self._storage.artifact_path(record.id)),
@@ -210,13 +233,15 @@ class Scheduler:
         self._slots[event.worker] = WorkerSlot()
         if slot.job is not None:
             message = f"{event.worker} exited (code {event.exitcode}) during the job"
-            await self._apply_fenced(slot.job, event.worker, slot.attempt,
-                                     lambda r: lose_attempt(r, "WORKER_LOST", message))
+            await self._apply_fenced(
+                slot.job, event.worker, slot.attempt, lambda r: lose_attempt(r, "WORKER_LOST", message)
+            )
 
     async def _job_finished(self, event: JobFinished) -> None:
         succeeded = event.outcome is Outcome.SUCCEEDED
-        await self._apply_fenced(event.job, event.worker, event.attempt,
-                                 lambda r: finish_change(r, succeeded, event.reason, event.message))
+        await self._apply_fenced(
+            event.job, event.worker, event.attempt, lambda r: finish_change(r, succeeded, event.reason, event.message)
+        )
         slot = self._slots.get(event.worker)
         if slot is not None and slot.job == event.job:
             slot.state, slot.job = "idle", None
@@ -258,6 +283,13 @@ class Scheduler:
             log.warning("could not deliver %r to %s", command, worker)
 
 
+def _requeue_if_active(note: NewEvent) -> ChangeFn:
+    def change(record: JobRecord) -> JobChange | None:
+        return requeue(record, note) if record.state in ACTIVE else None
+
+    return change
+
+
 def report_change(record: JobRecord, event: JobEventBase) -> JobChange | None:
     """How a progress report from the holding worker changes the job (no state change)."""
     match event:
@@ -266,11 +298,21 @@ def report_change(record: JobRecord, event: JobEventBase) -> JobChange | None:
         case Heartbeat():
             return JobChange(replace(record, heartbeat_time=_now()))
         case TrainingProgress():
-            latest = {**record.latest_metrics, "loss": event.loss, "learning_rate": event.learning_rate,
-                      "samples_per_second": event.samples_per_second}
+            latest = {
+                **record.latest_metrics,
+                "loss": event.loss,
+                "learning_rate": event.learning_rate,
+                "samples_per_second": event.samples_per_second,
+            }
             return JobChange(
-                replace(record, step=event.step, total_steps=event.total_steps, epoch=event.epoch,
-                        latest_metrics=latest, heartbeat_time=_now()),
+                replace(
+                    record,
+                    step=event.step,
+                    total_steps=event.total_steps,
+                    epoch=event.epoch,
+                    latest_metrics=latest,
+                    heartbeat_time=_now(),
+                ),
                 [convert.training_metrics_event(event)],
             )
         case EvaluationDone():
@@ -286,8 +328,9 @@ def report_change(record: JobRecord, event: JobEventBase) -> JobChange | None:
         case CheckpointWritten():
             return JobChange(record, [convert.checkpoint_event(event)])
         case ArtifactWritten():
-            updated = replace(record, artifact_size=event.size_bytes, artifact_sha256=event.sha256,
-                              artifact_metrics=event.metrics)
+            updated = replace(
+                record, artifact_size=event.size_bytes, artifact_sha256=event.sha256, artifact_metrics=event.metrics
+            )
             return JobChange(updated, [convert.artifact_event(updated)])
     return None
 

@@ -121,8 +121,15 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
     result = ValidationResult(violations=check.violations, unimplemented=check.unimplemented)
     if not check.violations and not check.unimplemented and task is not None and data is not None:
         result.spec = TrainingSpec(
-            task=task, base_model=spec.base_model, data=data, adaptation=adaptation, head=head,
-            hyperparameters=hyperparameters, evaluation=evaluation, gpus=gpus, priority=priority,
+            task=task,
+            base_model=spec.base_model,
+            data=data,
+            adaptation=adaptation,
+            head=head,
+            hyperparameters=hyperparameters,
+            evaluation=evaluation,
+            gpus=gpus,
+            priority=priority,
         )
     return result
 
@@ -130,8 +137,10 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
 def _task(check: _Checker, spec: pb.JobSpec) -> TaskKind | None:
     task = TASKS.get(spec.task)
     if task is None:
-        check.bad("task", "required: one of TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, AUDIO_CLASSIFICATION, "
-                          "SPEECH_RECOGNITION")
+        check.bad(
+            "task",
+            "required: one of TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, AUDIO_CLASSIFICATION, SPEECH_RECOGNITION",
+        )
     elif task not in IMPLEMENTED_TASKS:
         check.not_built("task", f"{pb.Task.Name(spec.task)} is not available on this server yet")
     return task
@@ -215,28 +224,41 @@ def _hyperparameters(check: _Checker, hp: pb.Hyperparameters, method: Adaptation
     batch_size = check.int_range(f"{path}.batch_size", hp.batch_size, 0, 65536) or 16
     accumulation = check.int_range(f"{path}.gradient_accumulation_steps", hp.gradient_accumulation_steps, 0, 1024) or 1
     if batch_size % accumulation:
-        check.bad(f"{path}.gradient_accumulation_steps",
-                  f"batch_size {batch_size} must be divisible by gradient_accumulation_steps {accumulation}")
+        check.bad(
+            f"{path}.gradient_accumulation_steps",
+            f"batch_size {batch_size} must be divisible by gradient_accumulation_steps {accumulation}",
+        )
     default_lr = 5e-5 if method in (AdaptationMethod.FULL, AdaptationMethod.FREEZE_FIRST_BLOCKS) else 1e-3
     learning_rate = check.float_range(f"{path}.learning_rate", hp.learning_rate, 0.0, 10.0) or default_lr
-    weight_decay = check.float_range(f"{path}.weight_decay", hp.weight_decay, 0.0, 1.0) if hp.HasField(
-        "weight_decay") else 0.01
+    weight_decay = (
+        check.float_range(f"{path}.weight_decay", hp.weight_decay, 0.0, 1.0) if hp.HasField("weight_decay") else 0.01
+    )
     optimizer = OPTIMIZERS.get(hp.optimizer)
     if optimizer is None:
         check.bad(f"{path}.optimizer", f"unknown value {hp.optimizer}")
     if hp.HasField("momentum") and optimizer is not OptimizerKind.SGD:
         check.bad(f"{path}.momentum", "only used with optimizer SGD")
-    momentum = check.float_range(f"{path}.momentum", hp.momentum, 0.0, 1.0, high_open=True) if hp.HasField(
-        "momentum") else 0.9
-    max_grad_norm = check.float_range(f"{path}.max_grad_norm", hp.max_grad_norm, 0.0, 1e6) if hp.HasField(
-        "max_grad_norm") else 1.0
+    momentum = (
+        check.float_range(f"{path}.momentum", hp.momentum, 0.0, 1.0, high_open=True) if hp.HasField("momentum") else 0.9
+    )
+    max_grad_norm = (
+        check.float_range(f"{path}.max_grad_norm", hp.max_grad_norm, 0.0, 1e6) if hp.HasField("max_grad_norm") else 1.0
+    )
     if hp.seed < 0 or hp.seed >= 2**32:
         check.bad(f"{path}.seed", f"must be in [0, 2^32), got {hp.seed}")
     max_steps = check.int_range(f"{path}.max_steps", hp.max_steps, 0, 10_000_000)
     return Hyperparameters(
-        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
-        optimizer=optimizer or OptimizerKind.ADAMW, momentum=momentum, schedule=_schedule(check, hp.schedule),
-        max_grad_norm=max_grad_norm, gradient_accumulation_steps=accumulation, seed=hp.seed, max_steps=max_steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        optimizer=optimizer or OptimizerKind.ADAMW,
+        momentum=momentum,
+        schedule=_schedule(check, hp.schedule),
+        max_grad_norm=max_grad_norm,
+        gradient_accumulation_steps=accumulation,
+        seed=hp.seed,
+        max_steps=max_steps,
     )
 
 
@@ -260,8 +282,12 @@ def _schedule(check: _Checker, schedule: pb.Schedule) -> ScheduleSettings:
     if schedule.min_lr_ratio and kind is not ScheduleKind.COSINE:
         check.bad(f"{path}.min_lr_ratio", "only used with kind COSINE")
     return ScheduleSettings(
-        kind=kind, warmup_steps=schedule.warmup_steps, warmup_ratio=schedule.warmup_ratio,
-        step_size=schedule.step_size, gamma=schedule.gamma, min_lr_ratio=schedule.min_lr_ratio,
+        kind=kind,
+        warmup_steps=schedule.warmup_steps,
+        warmup_ratio=schedule.warmup_ratio,
+        step_size=schedule.step_size,
+        gamma=schedule.gamma,
+        min_lr_ratio=schedule.min_lr_ratio,
     )
 
 

@@ -8,6 +8,7 @@ so this module, and the server that imports it, never import torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import multiprocessing
@@ -107,10 +108,8 @@ class LocalProcessPool:
         with self._lock:
             slots = list(self._slots.values())
         for slot in slots:
-            try:
+            with contextlib.suppress(OSError, EOFError):
                 slot.conn.send(Shutdown())
-            except (OSError, EOFError):
-                pass
         for slot in slots:
             slot.process.join(timeout_s)
             if slot.process.is_alive():

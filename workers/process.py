@@ -130,11 +130,19 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
         except Exception:  # last resort: the per-job boundary
             text = traceback.format_exc()
             logging.getLogger(__name__).error("job %s crashed:\n%s", command.job, text)
-            outbox.send(LogEmitted(worker=worker, job=command.job, attempt=command.attempt,
-                                   severity=Severity.ERROR, message=text))
-            finished = JobFinished(worker=worker, job=command.job, attempt=command.attempt,
-                                   outcome=Outcome.FAILED, reason="INTERNAL",
-                                   message=f"the worker crashed: {text.strip().splitlines()[-1]}")
+            outbox.send(
+                LogEmitted(
+                    worker=worker, job=command.job, attempt=command.attempt, severity=Severity.ERROR, message=text
+                )
+            )
+            finished = JobFinished(
+                worker=worker,
+                job=command.job,
+                attempt=command.attempt,
+                outcome=Outcome.FAILED,
+                reason="INTERNAL",
+                message=f"the worker crashed: {text.strip().splitlines()[-1]}",
+            )
         finally:
             stop_beat.set()
             beat.join()

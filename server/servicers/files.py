@@ -6,7 +6,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import empty_pb2
@@ -24,7 +24,7 @@ from server.store.base import JobStore
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SAFE_FILENAME = re.compile(r"^[\w][\w .+-]{0,254}$")
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs)
 
 
 class FileServicer(files_pb2_grpc.FileServiceServicer):
@@ -55,8 +55,14 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             self._verify(upload, metadata)
             file_id = new_id("file")
             await asyncio.to_thread(self._storage.commit_upload, upload, file_id)
-            record = FileRecord(file_id, metadata.filename, files_pb2.File.Purpose.Name(metadata.purpose),
-                                upload.size_bytes, upload.sha256, time.time())
+            record = FileRecord(
+                file_id,
+                metadata.filename,
+                files_pb2.File.Purpose.Name(metadata.purpose),
+                upload.size_bytes,
+                upload.sha256,
+                time.time(),
+            )
             stored = await self._db.call(self._store.create_file, record, metadata.request_id or None)
             if stored.id != file_id:  # a concurrent repeat of the same request_id won
                 self._storage.delete_file(file_id)
@@ -77,9 +83,12 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         if problems:
             raise invalid_argument(problems)
         if metadata.size_bytes > self._max_upload_bytes:
-            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE",
-                           f"{metadata.size_bytes} bytes is over the {self._max_upload_bytes}-byte upload limit",
-                           {"limit_bytes": str(self._max_upload_bytes)})
+            raise ApiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "UPLOAD_TOO_LARGE",
+                f"{metadata.size_bytes} bytes is over the {self._max_upload_bytes}-byte upload limit",
+                {"limit_bytes": str(self._max_upload_bytes)},
+            )
 
     @staticmethod
     async def _receive(
@@ -100,7 +109,8 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             raise _size_mismatch(metadata.size_bytes, upload.size_bytes, "only")
         if upload.sha256 != metadata.sha256:
             raise ApiError(
-                grpc.StatusCode.INVALID_ARGUMENT, "DIGEST_MISMATCH",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "DIGEST_MISMATCH",
                 f"the content's SHA-256 is {upload.sha256}, not the declared {metadata.sha256}; nothing was stored",
                 {"declared_sha256": metadata.sha256, "actual_sha256": upload.sha256},
                 [FieldViolation("metadata.sha256", "does not match the content")],
@@ -143,7 +153,8 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
 
 def _size_mismatch(declared: int, received: int, how: str) -> ApiError:
     return ApiError(
-        grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SIZE_MISMATCH",
         f"declared {declared} bytes but received {how} {received}; nothing was stored",
         {"declared_bytes": str(declared), "received_bytes": str(received)},
         [FieldViolation("metadata.size_bytes", "does not match the content")],

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import empty_pb2
@@ -26,7 +27,7 @@ from server.spec_validation import validate_spec
 from server.storage import LocalStorage
 from server.store.base import JobStore
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs)
 WATCH_BATCH = 500
 WATCH_RECHECK_S = 30.0
 """A woken watcher reads the store; this only bounds how long a missed wake-up could delay it."""
@@ -35,8 +36,15 @@ WATCH_RECHECK_S = 30.0
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     """Thin: validates, reads and writes the store, and asks the scheduler to act."""
 
-    def __init__(self, store: JobStore, db: StoreRunner, storage: LocalStorage, scheduler: Scheduler, hub: EventHub,
-                 model_roots: list[Path]):
+    def __init__(
+        self,
+        store: JobStore,
+        db: StoreRunner,
+        storage: LocalStorage,
+        scheduler: Scheduler,
+        hub: EventHub,
+        model_roots: list[Path],
+    ):
         self._store = store
         self._db = db
         self._storage = storage
@@ -59,11 +67,23 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         assert result is not None
         if result.unimplemented:
             names = ", ".join(f"{v.field} ({v.description})" for v in result.unimplemented)
-            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"not available yet: {names}",
-                           {"fields": ",".join(v.field for v in result.unimplemented)}, result.unimplemented)
+            raise ApiError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "NOT_IMPLEMENTED",
+                f"not available yet: {names}",
+                {"fields": ",".join(v.field for v in result.unimplemented)},
+                result.unimplemented,
+            )
         now = time.time()
-        record = JobRecord(id=new_id("ft"), display_name=job.display_name, spec=job.spec.SerializeToString(),
-                           priority=job.spec.priority, state=JobState.QUEUED, create_time=now, update_time=now)
+        record = JobRecord(
+            id=new_id("ft"),
+            display_name=job.display_name,
+            spec=job.spec.SerializeToString(),
+            priority=job.spec.priority,
+            state=JobState.QUEUED,
+            create_time=now,
+            update_time=now,
+        )
         first = convert.created_event(record)
         stored, created = await self._db.call(self._store.create_job, record, [first], request.request_id or None)
         if created:
@@ -73,8 +93,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def _missing_files(self, job: jobs_pb2.Job) -> list[FieldViolation]:
         problems = []
-        for path, name in (("data.training_file", job.spec.data.training_file),
-                           ("data.validation_file", job.spec.data.validation_file)):
+        for path, name in (
+            ("data.training_file", job.spec.data.training_file),
+            ("data.validation_file", job.spec.data.validation_file),
+        ):
             if not name.startswith("files/"):
                 continue
             record = await self._db.call(self._store.get_file, name.removeprefix("files/"))
@@ -112,8 +134,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest, context: Context) -> empty_pb2.Empty:
         record = await self._get(request.name)
         if record.state not in TERMINAL:
-            raise failed_precondition("JOB_NOT_FINISHED", f"{request.name} is {record.state.value}; cancel it first",
-                                      state=record.state.value)
+            raise failed_precondition(
+                "JOB_NOT_FINISHED", f"{request.name} is {record.state.value}; cancel it first", state=record.state.value
+            )
         await self._db.call(self._store.delete_job, record.id)
         await asyncio.to_thread(self._storage.delete_job_data, record.id)
         return empty_pb2.Empty()
@@ -136,10 +159,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 current = await self._db.call(self._store.get_job, record.id)
                 if current is None or (current.state in TERMINAL and current.last_event_sequence <= last):
                     return
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), WATCH_RECHECK_S)
-                except TimeoutError:
-                    pass
 
     @unary
     async def ListJobEvents(
@@ -162,8 +183,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         record = await self._get(request.name)
         path = self._storage.artifact_path(record.id)
         if record.state is not JobState.SUCCEEDED or not record.artifact_sha256 or not path.exists():
-            raise failed_precondition("ARTIFACT_NOT_READY", f"{request.name} is {record.state.value} and has no "
-                                      "artifact; only SUCCEEDED jobs do", state=record.state.value)
+            raise failed_precondition(
+                "ARTIFACT_NOT_READY",
+                f"{request.name} is {record.state.value} and has no artifact; only SUCCEEDED jobs do",
+                state=record.state.value,
+            )
         yield jobs_pb2.DownloadArtifactResponse(artifact=convert.job_to_proto(record).artifact)
         for chunk in self._storage.read_chunks(path):
             yield jobs_pb2.DownloadArtifactResponse(chunk=chunk)

@@ -31,7 +31,9 @@ class JobStore(Protocol):
 
     def file_for_request(self, request_id: str) -> FileRecord | None: ...
 
-    def create_job(self, record: JobRecord, events: Sequence[NewEvent], request_id: str | None) -> tuple[JobRecord, bool]:
+    def create_job(
+        self, record: JobRecord, events: Sequence[NewEvent], request_id: str | None
+    ) -> tuple[JobRecord, bool]:
         """Inserts a job with its first events; with a used request_id returns (first job, False)."""
 
     def get_job(self, job_id: str) -> JobRecord | None: ...
@@ -54,5 +56,3 @@ class JobStore(Protocol):
     def list_events(self, job_id: str, after_sequence: int, limit: int) -> list[EventRecord]: ...
 
     def close(self) -> None: ...
-
-

@@ -60,8 +60,12 @@ def _job_from_row(row: sqlite3.Row) -> JobRecord:
     body: dict[str, Any] = json.loads(row["body"])
     known = {f.name for f in fields(JobRecord)}
     return JobRecord(
-        id=row["id"], state=JobState(row["state"]), priority=row["priority"], spec=bytes(row["spec"]),
-        order=row["ord"], **{k: v for k, v in body.items() if k in known},
+        id=row["id"],
+        state=JobState(row["state"]),
+        priority=row["priority"],
+        spec=bytes(row["spec"]),
+        order=row["ord"],
+        **{k: v for k, v in body.items() if k in known},
     )
 
 
@@ -89,8 +93,9 @@ class SqliteJobStore:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(
+                self._path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -134,8 +139,15 @@ class SqliteJobStore:
             db.execute(
                 "INSERT INTO files (id, filename, purpose, size_bytes, sha256, create_time, request_id) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (record.id, record.filename, record.purpose, record.size_bytes, record.sha256, record.create_time,
-                 request_id or None),
+                (
+                    record.id,
+                    record.filename,
+                    record.purpose,
+                    record.size_bytes,
+                    record.sha256,
+                    record.create_time,
+                    request_id or None,
+                ),
             )
         return record
 
@@ -148,10 +160,14 @@ class SqliteJobStore:
         return _file_from_row(row) if row else None
 
     def list_files(self, limit: int, before_order: int | None) -> tuple[list[FileRecord], int | None]:
-        rows = self._conn().execute(
-            "SELECT * FROM files WHERE ord < ? ORDER BY ord DESC LIMIT ?",
-            (before_order if before_order is not None else 2**62, limit + 1),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM files WHERE ord < ? ORDER BY ord DESC LIMIT ?",
+                (before_order if before_order is not None else 2**62, limit + 1),
+            )
+            .fetchall()
+        )
         page = rows[:limit]
         return [_file_from_row(r) for r in page], (page[-1]["ord"] if len(rows) > limit else None)
 
@@ -195,10 +211,14 @@ class SqliteJobStore:
         return [_job_from_row(r) for r in page], (page[-1]["ord"] if len(rows) > limit else None)
 
     def jobs_in_states(self, states: Sequence[JobState]) -> list[JobRecord]:
-        rows = self._conn().execute(
-            f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) ORDER BY ord",
-            [s.value for s in states],
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) ORDER BY ord",
+                [s.value for s in states],
+            )
+            .fetchall()
+        )
         return [_job_from_row(r) for r in rows]
 
     def update_job(self, job_id: str, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
@@ -256,8 +276,12 @@ class SqliteJobStore:
     # ------------------------------------------------------------ events
 
     def list_events(self, job_id: str, after_sequence: int, limit: int) -> list[EventRecord]:
-        rows = self._conn().execute(
-            "SELECT * FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
-            (job_id, after_sequence, limit),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+                (job_id, after_sequence, limit),
+            )
+            .fetchall()
+        )
         return [_event_from_row(r) for r in rows]

@@ -80,7 +80,8 @@ def _freeze_first_blocks(model: nn.Module, count: int) -> None:
     embeddings = getattr(backbone, "embeddings", None)
     if isinstance(embeddings, nn.Module):
         _freeze(embeddings)
-    input_embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_input_embeddings = getattr(model, "get_input_embeddings", None)
+    input_embeddings = get_input_embeddings() if callable(get_input_embeddings) else None
     if isinstance(input_embeddings, nn.Module):
         _freeze(input_embeddings)
     for block in list(blocks)[:count]:
@@ -108,7 +109,7 @@ def classifier_path(model: nn.Module, num_labels: int) -> str:
     ]
     if not candidates:
         raise JobFailure("UNSUPPORTED_MODEL", f"found no classification layer in {type(model).__name__}")
-    return candidates[-1]
+    return str(candidates[-1])
 
 
 def replace_head(model: nn.Module, num_labels: int, settings: HeadSettings) -> str:

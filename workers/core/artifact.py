@@ -26,11 +26,13 @@ HEAD_CONFIG_KEY = "tuneforge_head"
 
 def spec_to_json(spec: TrainingSpec) -> dict[str, Any]:
     """The resolved spec as plain JSON (enums as their values)."""
-    return json.loads(json.dumps(dataclasses.asdict(spec), default=str))
+    plain: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(spec), default=str))
+    return plain
 
 
-def save_model_folder(model: nn.Module, processor: Any, folder: Path, spec: TrainingSpec,
-                      metrics: dict[str, Any]) -> None:
+def save_model_folder(
+    model: nn.Module, processor: Any, folder: Path, spec: TrainingSpec, metrics: dict[str, Any]
+) -> None:
     """Writes the Hugging Face folder with metrics.json and job_spec.json beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     if spec.head is not None:
@@ -63,8 +65,9 @@ def pack_archive(folder: Path, archive: Path) -> tuple[int, str]:
     return archive.stat().st_size, digest.hexdigest()
 
 
-def write_artifact(model: nn.Module, processor: Any, spec: TrainingSpec, metrics: dict[str, Any],
-                   work_dir: Path, archive: Path) -> tuple[int, str]:
+def write_artifact(
+    model: nn.Module, processor: Any, spec: TrainingSpec, metrics: dict[str, Any], work_dir: Path, archive: Path
+) -> tuple[int, str]:
     """Saves the model folder under work_dir and packs it into the archive."""
     folder = work_dir / "artifact"
     shutil.rmtree(folder, ignore_errors=True)
@@ -74,8 +77,8 @@ def write_artifact(model: nn.Module, processor: Any, spec: TrainingSpec, metrics
 
 def load_artifact_model(folder: str | Path) -> nn.Module:
     """Loads an artifact's classifier, rebuilding a custom head first when the config records one."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
     from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     head = getattr(config, HEAD_CONFIG_KEY, None)
@@ -87,7 +90,7 @@ def load_artifact_model(folder: str | Path) -> nn.Module:
     settings = HeadSettings(
         hidden_sizes=tuple(head["hidden_sizes"]), activation=Activation(head["activation"]), dropout=head["dropout"]
     )
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = AutoModelForSequenceClassification.from_config(config)  # type: ignore[no-untyped-call]
     replace_head(model, config.num_labels, settings)
     load_model(model, str(Path(folder) / "model.safetensors"))
     model.eval()

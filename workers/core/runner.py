@@ -22,32 +22,37 @@ from workers.core.trainer import Trainer
 from workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
 
 
-def run_job(job: RunJob, worker: str, device: torch.device, send: Callable[[WorkerEvent], None],
-            cancel: threading.Event) -> JobFinished:
+def run_job(
+    job: RunJob, worker: str, device: torch.device, send: Callable[[WorkerEvent], None], cancel: threading.Event
+) -> JobFinished:
     """Trains one attempt; never raises for a job-level problem."""
     reporter = Reporter(send, worker, job.job, job.attempt, cancel)
-    base = {"worker": worker, "job": job.job, "attempt": job.attempt}
+
+    def finished(outcome: Outcome, reason: str = "", message: str = "") -> JobFinished:
+        return JobFinished(worker, job.job, job.attempt, outcome=outcome, reason=reason, message=message)
+
     try:
         _train_and_save(job, device, reporter)
     except TrainingCancelled:
         reporter.log("cancelled at the server's request", Severity.WARNING)
-        return JobFinished(**base, outcome=Outcome.CANCELLED)
+        return finished(Outcome.CANCELLED)
     except JobFailure as failure:
         reporter.log(f"{failure.reason}: {failure.message}", Severity.ERROR)
-        return JobFinished(**base, outcome=Outcome.FAILED, reason=failure.reason, message=failure.message)
+        return finished(Outcome.FAILED, failure.reason, failure.message)
     except torch.OutOfMemoryError as exc:
-        return JobFinished(**base, outcome=Outcome.FAILED, reason="OUT_OF_MEMORY",
-                           message=f"out of memory ({exc}); lower batch_size or max_sequence_length")
+        return finished(
+            Outcome.FAILED, "OUT_OF_MEMORY", f"out of memory ({exc}); lower batch_size or max_sequence_length"
+        )
     finally:
         shutil.rmtree(Path(job.work_dir) / "artifact", ignore_errors=True)
-    return JobFinished(**base, outcome=Outcome.SUCCEEDED)
+    return finished(Outcome.SUCCEEDED)
 
 
 def _train_and_save(job: RunJob, device: torch.device, reporter: Reporter) -> None:
     spec = job.spec
     work_dir = Path(job.work_dir)
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()  # the job log reports what matters
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # the job log reports what matters
     transformers.set_seed(spec.hyperparameters.seed)  # before loading: the new head's init depends on it
     reporter.log(f"preparing {spec.task.value} on {device} from {spec.base_model}")
     task = adapter_for(spec.task).prepare(job, reporter.log)
@@ -60,9 +65,13 @@ def _train_and_save(job: RunJob, device: torch.device, reporter: Reporter) -> No
     trainer = Trainer(task, spec, device, reporter, work_dir / "checkpoints")
     result = trainer.train()
     reporter.check_cancelled()
-    metrics = {"final": result.final_metrics, "best": result.best_metrics, "history": result.history,
-               "steps": result.steps, "labels": task.labels}
-    size, sha256 = write_artifact(trainer.model.cpu(), task.processor, spec, metrics, work_dir,
-                                  Path(job.artifact_path))
+    metrics = {
+        "final": result.final_metrics,
+        "best": result.best_metrics,
+        "history": result.history,
+        "steps": result.steps,
+        "labels": task.labels,
+    }
+    size, sha256 = write_artifact(trainer.model.cpu(), task.processor, spec, metrics, work_dir, Path(job.artifact_path))
     reporter.artifact(size, sha256, result.final_metrics)
     reporter.log(f"artifact written: {size} bytes, sha256 {sha256[:12]}")

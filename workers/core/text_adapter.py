@@ -66,8 +66,7 @@ class TextClassificationAdapter:
         )
         keys = list(encoded.keys())
         return [
-            {**{key: encoded[key][i] for key in keys}, "labels": example.label}
-            for i, example in enumerate(examples)
+            {**{key: encoded[key][i] for key in keys}, "labels": example.label} for i, example in enumerate(examples)
         ]
 
     @staticmethod

@@ -40,6 +40,21 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass
+class LogWindow:
+    """Training statistics since the last report; the loss is summed on the device to avoid a sync per step."""
+
+    loss_sum: torch.Tensor
+    steps: int = 0
+    samples: int = 0
+    grad_norm: torch.Tensor | float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.samples, self.start = 0, 0, time.perf_counter()
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """How the data divides into micro-batches and optimizer steps."""
@@ -65,7 +80,8 @@ def plan_steps(num_examples: int, hp: Hyperparameters) -> StepPlan:
 
 def build_optimizer(model: nn.Module, hp: Hyperparameters, device: torch.device) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters; no weight decay on biases and norm weights."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (no_decay if name.endswith(NO_DECAY_MARKERS) else decay).append(parameter)
@@ -120,8 +136,9 @@ def save_checkpoint(model: nn.Module, directory: Path, step: int, epoch: int) ->
 class Trainer:
     """Trains a PreparedTask as the spec says, reporting as it goes."""
 
-    def __init__(self, task: PreparedTask, spec: TrainingSpec, device: torch.device, reporter: Reporter,
-                 checkpoint_dir: Path):
+    def __init__(
+        self, task: PreparedTask, spec: TrainingSpec, device: torch.device, reporter: Reporter, checkpoint_dir: Path
+    ):
         self.task = task
         self.spec = spec
         self.hp = spec.hyperparameters
@@ -139,8 +156,12 @@ class Trainer:
     def _loader(self, dataset: Any, shuffle: bool, batch_size: int, seed: int) -> DataLoader[Any]:
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.task.collate,
-            generator=generator, pin_memory=self.device.type == "cuda",
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.task.collate,
+            generator=generator,
+            pin_memory=self.device.type == "cuda",
         )
 
     def _evaluate(self, step: int, epoch: int) -> None:
@@ -159,60 +180,66 @@ class Trainer:
         path, size = save_checkpoint(self.model, self.checkpoint_dir, step, epoch)
         self.reporter.checkpoint(step, size, str(path))
 
+    def _optimizer_step(self, group: list[Batch], window: LogWindow) -> None:
+        """Forward and backward over one step's micro-batches, then clip, step and advance the schedule."""
+        for batch in group:
+            self.reporter.check_cancelled()
+            batch = _to_device(batch, self.device)
+            with autocast(self.device):
+                loss = self.model(**batch).loss / len(group)
+            loss.backward()
+            window.loss_sum += loss.detach()
+            window.samples += batch["labels"].shape[0]
+        window.steps += 1
+        if self.hp.max_grad_norm > 0:
+            window.grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.hp.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _report(self, step: int, epoch: int, window: LogWindow) -> None:
+        """Training metrics for the steps since the last report (the only host sync in the loop)."""
+        mean_loss = (window.loss_sum / window.steps).item()
+        if not math.isfinite(mean_loss):
+            raise JobFailure(
+                "NON_FINITE_LOSS",
+                f"the training loss became {mean_loss} at step {step}; lower the learning rate or enable clipping",
+            )
+        elapsed = time.perf_counter() - window.start
+        self.reporter.progress(
+            step=step,
+            total_steps=self.plan.total_steps,
+            epoch=epoch,
+            loss=mean_loss,
+            learning_rate=float(self.scheduler.get_last_lr()[0]),
+            samples_per_second=window.samples / max(elapsed, 1e-9),
+            grad_norm=float(window.grad_norm),
+        )
+        window.reset()
+
     def train(self) -> TrainResult:
         """The loop, top to bottom."""
-        hp, plan, ev, model = self.hp, self.plan, self.spec.evaluation, self.model
+        plan, ev = self.plan, self.spec.evaluation
         self.reporter.started(plan.total_steps, plan.epochs)
         if ev.evaluate_before_training:
             self._evaluate(0, 0)
-        model.train()
+        self.model.train()
         step = 0
-        window_loss = torch.zeros((), device=self.device)  # summed on device: no host sync per step
-        window_micro, window_samples, window_start = 0, 0, time.perf_counter()
-        grad_norm = torch.zeros(())
+        window = LogWindow(torch.zeros((), device=self.device))
         for epoch in range(1, plan.epochs + 1):
             # --- a new data order each epoch, fixed by the seed
-            loader = self._loader(self.task.train_set, True, plan.micro_batch_size, hp.seed * 1000 + epoch)
-            iterator = iter(loader)
+            loader = self._loader(self.task.train_set, True, plan.micro_batch_size, self.hp.seed * 1000 + epoch)
+            micro_batches = iter(loader)
             while step < plan.total_steps:
-                # --- gather one optimizer step's micro-batches
-                group = [b for _, b in zip(range(plan.accumulation), iterator, strict=False)]
+                group = [b for _, b in zip(range(plan.accumulation), micro_batches, strict=False)]
                 if not group:
-                    break
-                for batch in group:
-                    self.reporter.check_cancelled()
-                    batch = _to_device(batch, self.device)
-                    with autocast(self.device):
-                        loss = model(**batch).loss / len(group)
-                    loss.backward()
-                    window_loss += loss.detach()
-                    window_samples += batch["labels"].shape[0]
-                window_micro += 1
-                # --- clip, step, schedule
-                if hp.max_grad_norm > 0:
-                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                    break  # epoch done
+                self._optimizer_step(group, window)
                 step += 1
                 self.result.steps = step
                 # --- report, evaluate, checkpoint on their cadences
                 if step % ev.log_every_steps == 0 or step == plan.total_steps:
-                    mean_loss = (window_loss / window_micro).item()
-                    if not math.isfinite(mean_loss):
-                        raise JobFailure(
-                            "NON_FINITE_LOSS",
-                            f"the training loss became {mean_loss} at step {step}; lower the learning rate or "
-                            "enable gradient clipping",
-                        )
-                    elapsed = time.perf_counter() - window_start
-                    self.reporter.progress(
-                        step=step, total_steps=plan.total_steps, epoch=epoch, loss=mean_loss,
-                        learning_rate=self.scheduler.get_last_lr()[0],
-                        samples_per_second=window_samples / max(elapsed, 1e-9), grad_norm=float(grad_norm),
-                    )
-                    window_loss.zero_()
-                    window_micro, window_samples, window_start = 0, 0, time.perf_counter()
+                    self._report(step, epoch, window)
                 if ev.eval_every_steps and step % ev.eval_every_steps == 0:
                     self._evaluate(step, epoch)
                 if ev.checkpoint_every_steps and step % ev.checkpoint_every_steps == 0:
