@@ -113,6 +113,7 @@ class TuneforgeClient:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.service_config", json.dumps(_RETRY_CONFIG)),
                 ("grpc.enable_retries", 1),
+                ("grpc.max_reconnect_backoff_ms", 5000),  # find a restarted server within seconds
             ],
         )
         self.files = files_pb2_grpc.FileServiceStub(self._channel)
@@ -241,14 +242,20 @@ class TuneforgeClient:
             "events",
         )
 
-    def watch(self, name: str, after_sequence: int = 0, reconnect_for_s: float = 60.0) -> Iterator[jobs_pb2.JobEvent]:
+    def watch(
+        self, name: str, after_sequence: int = 0, reconnect_for_s: float = 60.0, timeout_s: float | None = None
+    ) -> Iterator[jobs_pb2.JobEvent]:
         """Every event after after_sequence until the job ends. A dropped stream is resumed from the last
-        sequence seen (for up to reconnect_for_s without progress), so nothing is lost or repeated."""
+        sequence seen (for up to reconnect_for_s without progress), so nothing is lost or repeated.
+        timeout_s bounds the whole watch (DEADLINE_EXCEEDED past it); None waits as long as the job runs."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last = after_sequence
         down_since: float | None = None
         while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                for event in self.jobs.WatchJob(jobs_pb2.WatchJobRequest(name=name, after_sequence=last)):
+                request = jobs_pb2.WatchJobRequest(name=name, after_sequence=last)
+                for event in self.jobs.WatchJob(request, timeout=remaining):
                     down_since = None
                     last = event.sequence
                     yield event
@@ -259,7 +266,10 @@ class TuneforgeClient:
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > reconnect_for_s:
                     raise TuneforgeError.from_rpc_error(error) from None
+            try:
                 grpc.channel_ready_future(self._channel).result(timeout=reconnect_for_s)
+            except grpc.FutureTimeoutError:
+                raise TuneforgeError(grpc.StatusCode.UNAVAILABLE, f"{self.target} did not come back") from None
 
     @_calls
     def download_artifact(self, name: str, destination: Path) -> jobs_pb2.Artifact:

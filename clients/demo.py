@@ -10,14 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -26,6 +21,7 @@ from tuneforge.v1 import jobs_pb2
 
 from clients.archive import extract_archive
 from clients.client import TuneforgeClient
+from clients.local_server import local_server
 from clients.watch_view import render_watch
 
 TOPICS = {0: "tech", 1: "business", 2: "politics", 3: "sport", 4: "entertainment"}
@@ -60,46 +56,6 @@ def write_bbc_subset(folder: Path, per_class: int, validation_per_class: int, se
     return paths
 
 
-@contextlib.contextmanager
-def local_server(data_dir: Path, model_root: Path) -> Iterator[str]:
-    """A `tuneforge serve` subprocess on a free loopback port, stopped with SIGTERM on exit."""
-    port_file = data_dir / "port"
-    command = [
-        sys.executable,
-        "-m",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--data-dir",
-        str(data_dir),
-        "--workers",
-        "1",
-        "--model-root",
-        str(model_root),
-        "--log-level",
-        "WARNING",
-    ]
-    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start; see its log above")
-            time.sleep(0.1)  # polling a file the child writes once; no event to wait on across processes
-        yield f"127.0.0.1:{port_file.read_text().strip()}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def accuracy_before_and_after(events: list[jobs_pb2.JobEvent]) -> tuple[float, float]:
     evaluations = [e.evaluation_metrics for e in events if e.WhichOneof("payload") == "evaluation_metrics"]
     return evaluations[0].metrics["eval_accuracy"], evaluations[-1].metrics["eval_accuracy"]
@@ -129,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="tuneforge-demo-"))
     train_path, validation_path = write_bbc_subset(scratch, args.examples_per_class, 60)
     console.rule("Tuneforge demo: MiniLM on BBC News")
-    with local_server(scratch / "data", model_path.parent) as target, TuneforgeClient(target) as client:
+    server = local_server(
+        scratch / "data", workers=1, model_roots=[model_path.parent], extra_args=["--log-level", "WARNING"]
+    )
+    with server as running, TuneforgeClient(running.target) as client:
+        target = running.target
         client.wait_until_serving(120)
         console.print(f"server on {target} is SERVING")
         train = client.upload_file(train_path)

@@ -101,6 +101,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     readiness = asyncio.create_task(_serve_when_ready(scheduler, health_servicer), name="health-ready")
     if settings.port_file is not None:
         settings.port_file.write_text(str(port))
+    print(f"tuneforge listening on {settings.host}:{port}", flush=True)  # read by scripts and tests
     log.info("tuneforge listening on %s:%d with %d workers", settings.host, port, settings.workers)
     return RunningServer(server, port, scheduler, health_servicer, store, db, settings, readiness)
 

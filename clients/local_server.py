@@ -1,0 +1,105 @@
+"""Starts a `tuneforge serve` subprocess on a free loopback port and stops it cleanly: for the demo and the tests.
+
+The server prints one `tuneforge listening on HOST:PORT` line to stdout once it listens; this reads that line
+(with a deadline) instead of guessing a port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_PREFIX = "tuneforge listening on "
+
+
+@dataclass
+class LocalServer:
+    """A running server process and its address."""
+
+    process: subprocess.Popen[str]
+    target: str
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then SIGKILL after timeout_s; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+        return self.process.returncode
+
+
+def _read_ready_line(process: subprocess.Popen[str], timeout_s: float) -> str:
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not selector.select(remaining):
+                break
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the server exited (code {process.wait()}) before listening; see its log")
+            if line.startswith(READY_PREFIX):
+                return line.removeprefix(READY_PREFIX).strip()
+    raise TimeoutError(f"the server did not listen within {timeout_s:.0f} s")
+
+
+def start_local_server(
+    data_dir: Path,
+    workers: int = 1,
+    model_roots: Sequence[Path] = (),
+    extra_args: Sequence[str] = (),
+    port: int = 0,
+    timeout_s: float = 60.0,
+) -> LocalServer:
+    """Starts the server on 127.0.0.1 (port 0: a free one) and returns once it listens."""
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--workers",
+        str(workers),
+        *extra_args,
+    ]
+    for root in model_roots:
+        command += ["--model-root", str(root)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        target = _read_ready_line(process, timeout_s)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return LocalServer(process, target)
+
+
+@contextlib.contextmanager
+def local_server(
+    data_dir: Path, workers: int = 1, model_roots: Sequence[Path] = (), extra_args: Sequence[str] = ()
+) -> Iterator[LocalServer]:
+    """start_local_server as a context manager that always stops the process."""
+    server = start_local_server(data_dir, workers, model_roots, extra_args)
+    try:
+        yield server
+    finally:
+        server.stop()

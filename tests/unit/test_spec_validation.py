@@ -1,0 +1,109 @@
+"""JobSpec validation: defaults filled, every bad field named at once, unbuilt options listed separately."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneforge.v1 import job_spec_pb2 as pb
+
+from server.spec_validation import validate_spec
+from workers.spec import AdaptationMethod, OptimizerKind, ScheduleKind, TaskKind
+
+
+def minimal(base_model: str = "org/model") -> pb.JobSpec:
+    return pb.JobSpec(task=pb.TEXT_CLASSIFICATION, base_model=base_model, data=pb.DataSpec(training_file="files/f1"))
+
+
+def fields_of(spec: pb.JobSpec, roots: list[Path] | None = None) -> dict[str, str]:
+    return {v.field: v.description for v in validate_spec(spec, roots or []).violations}
+
+
+def test_minimal_spec_gets_documented_defaults() -> None:
+    result = validate_spec(minimal(), [])
+    assert not result.violations and not result.unimplemented
+    spec = result.spec
+    assert spec is not None and spec.task is TaskKind.TEXT_CLASSIFICATION
+    hp = spec.hyperparameters
+    assert (hp.epochs, hp.batch_size, hp.learning_rate, hp.weight_decay) == (3, 16, 5e-5, 0.01)
+    assert hp.optimizer is OptimizerKind.ADAMW and hp.schedule.kind is ScheduleKind.LINEAR and hp.max_grad_norm == 1.0
+    assert spec.data.text_column == "text" and spec.data.label_column == "label"
+    assert spec.evaluation.log_every_steps == 10
+
+
+def test_head_only_training_defaults_to_a_larger_learning_rate() -> None:
+    spec = minimal()
+    spec.adaptation.method = pb.Adaptation.FROZEN_BACKBONE
+    result = validate_spec(spec, [])
+    assert result.spec is not None and result.spec.hyperparameters.learning_rate == 1e-3
+    assert result.spec.adaptation.method is AdaptationMethod.FROZEN_BACKBONE
+
+
+def test_explicit_zero_is_kept_where_zero_means_something() -> None:
+    spec = minimal()
+    spec.hyperparameters.weight_decay = 0.0
+    spec.hyperparameters.max_grad_norm = 0.0
+    result = validate_spec(spec, [])
+    assert result.spec is not None
+    assert result.spec.hyperparameters.weight_decay == 0.0 and result.spec.hyperparameters.max_grad_norm == 0.0
+
+
+def test_every_bad_field_is_reported_together() -> None:
+    spec = pb.JobSpec(
+        base_model="not a model!",
+        data=pb.DataSpec(training_file="train.jsonl", validation_fraction=0.9),
+        hyperparameters=pb.Hyperparameters(epochs=-1, batch_size=10, gradient_accumulation_steps=3,
+                                           learning_rate=float("nan"), seed=-5,
+                                           schedule=pb.Schedule(kind=pb.Schedule.COSINE, gamma=0.5)),
+        head=pb.HeadSpec(hidden_sizes=[0], dropout=1.0),
+        priority=1000,
+    )
+    problems = fields_of(spec)
+    assert set(problems) >= {
+        "job.spec.task", "job.spec.base_model", "job.spec.data.training_file", "job.spec.data.validation_fraction",
+        "job.spec.hyperparameters.epochs", "job.spec.hyperparameters.gradient_accumulation_steps",
+        "job.spec.hyperparameters.learning_rate", "job.spec.hyperparameters.seed",
+        "job.spec.hyperparameters.schedule.gamma", "job.spec.head.hidden_sizes[0]", "job.spec.head.dropout",
+        "job.spec.priority",
+    }
+    assert "only used with kinds STEP and EXPONENTIAL" in problems["job.spec.hyperparameters.schedule.gamma"]
+
+
+def test_options_meant_for_another_setting_are_not_ignored() -> None:
+    spec = minimal()
+    spec.adaptation.num_frozen_blocks = 2
+    spec.hyperparameters.momentum = 0.5
+    spec.data.validation_file = "files/v1"
+    spec.data.validation_fraction = 0.1
+    assert set(fields_of(spec)) == {
+        "job.spec.adaptation.num_frozen_blocks", "job.spec.hyperparameters.momentum",
+        "job.spec.data.validation_fraction",
+    }
+
+
+def test_unbuilt_tasks_and_options_are_unimplemented_not_ignored() -> None:
+    spec = minimal()
+    spec.task = pb.IMAGE_CLASSIFICATION
+    spec.adaptation.method = pb.Adaptation.LORA
+    spec.resources.gpus = 4
+    result = validate_spec(spec, [])
+    assert result.spec is None and not result.violations
+    assert {v.field for v in result.unimplemented} == {
+        "job.spec.task", "job.spec.adaptation.method", "job.spec.resources.gpus"
+    }
+
+
+def test_local_models_must_lie_under_a_model_root(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    (root / "good").mkdir(parents=True)
+    (root / "good" / "config.json").write_text("{}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "config.json").write_text("{}")
+    (root / "escape").symlink_to(tmp_path / "outside")
+    assert validate_spec(minimal(str(root / "good")), [root]).spec is not None
+    for path, message in [
+        (tmp_path / "outside", "not under a model root"),
+        (root / "escape", "not under a model root"),
+        (root / "missing", "not a model folder"),
+    ]:
+        assert message in fields_of(minimal(str(path)), [root])["job.spec.base_model"]
+    assert "without `..`" in fields_of(minimal(f"{root}/good/../good"), [root])["job.spec.base_model"]
