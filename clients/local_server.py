@@ -26,6 +26,7 @@ class LocalServer:
 
     process: subprocess.Popen[str]
     target: str
+    data_dir: Path
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, then SIGKILL after timeout_s; returns the exit code."""
@@ -90,7 +91,7 @@ def start_local_server(
         process.kill()
         process.wait()
         raise
-    return LocalServer(process, target)
+    return LocalServer(process, target, data_dir)
 
 
 @contextlib.contextmanager
