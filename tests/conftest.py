@@ -10,7 +10,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl  # noqa: E402
+from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
 
 
 @pytest.fixture(scope="session")

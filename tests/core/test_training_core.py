@@ -41,20 +41,25 @@ from workers.spec import (
     TrainingSpec,
 )
 
-FAST = Hyperparameters(epochs=6, batch_size=8, learning_rate=5e-3, schedule=ScheduleSettings(kind=ScheduleKind.CONSTANT))
+FAST = Hyperparameters(
+    epochs=6, batch_size=8, learning_rate=5e-3, schedule=ScheduleSettings(kind=ScheduleKind.CONSTANT)
+)
 
 
 def make_spec(model: Path, **changes: Any) -> TrainingSpec:
     spec = TrainingSpec(
-        task=TaskKind.TEXT_CLASSIFICATION, base_model=str(model),
+        task=TaskKind.TEXT_CLASSIFICATION,
+        base_model=str(model),
         data=DataSettings(training_file="files/train", validation_fraction=0.25),
-        hyperparameters=FAST, evaluation=EvaluationSettings(log_every_steps=4),
+        hyperparameters=FAST,
+        evaluation=EvaluationSettings(log_every_steps=4),
     )
     return dataclasses.replace(spec, **changes)
 
 
-def run(spec: TrainingSpec, data: Path, work: Path, cancel: threading.Event | None = None,
-        on_event: Any = None) -> tuple[JobFinished, list[WorkerEvent]]:
+def run(
+    spec: TrainingSpec, data: Path, work: Path, cancel: threading.Event | None = None, on_event: Any = None
+) -> tuple[JobFinished, list[WorkerEvent]]:
     events: list[WorkerEvent] = []
 
     def send(event: WorkerEvent) -> None:
@@ -62,8 +67,15 @@ def run(spec: TrainingSpec, data: Path, work: Path, cancel: threading.Event | No
         if on_event:
             on_event(event)
 
-    job = RunJob(job="job-1", attempt=1, spec=spec, training_data=DataFile(str(data), data.name),
-                 validation_data=None, work_dir=str(work), artifact_path=str(work / "artifact.tar"))
+    job = RunJob(
+        job="job-1",
+        attempt=1,
+        spec=spec,
+        training_data=DataFile(str(data), data.name),
+        validation_data=None,
+        work_dir=str(work),
+        artifact_path=str(work / "artifact.tar"),
+    )
     finished = run_job(job, "worker-0", torch.device("cpu"), send, cancel or threading.Event())
     return finished, events
 
@@ -95,14 +107,21 @@ def test_same_seed_gives_the_same_run_twice(tiny_bert: Path, keyword_dataset: Pa
         assert finished.outcome is Outcome.SUCCEEDED
         with tarfile.open(tmp_path / name / "artifact.tar") as tar:
             tar.extract("model.safetensors", tmp_path / name / "unpacked", filter="data")
-        runs.append(([e.loss for e in of_type(events, TrainingProgress)],
-                     load_file(tmp_path / name / "unpacked" / "model.safetensors")))
+        runs.append(
+            (
+                [e.loss for e in of_type(events, TrainingProgress)],
+                load_file(tmp_path / name / "unpacked" / "model.safetensors"),
+            )
+        )
     (losses_a, weights_a), (losses_b, weights_b) = runs
     assert losses_a == losses_b
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    other, events = run(dataclasses.replace(spec, hyperparameters=dataclasses.replace(FAST, epochs=2, seed=8)),
-                        keyword_dataset, tmp_path / "c")
+    other, events = run(
+        dataclasses.replace(spec, hyperparameters=dataclasses.replace(FAST, epochs=2, seed=8)),
+        keyword_dataset,
+        tmp_path / "c",
+    )
     assert other.outcome is Outcome.SUCCEEDED
     assert [e.loss for e in of_type(events, TrainingProgress)] != losses_a, "another seed, another run"
 
@@ -166,11 +185,20 @@ def test_custom_head_round_trips_through_the_artifact(tiny_bert: Path, keyword_d
 
 
 def test_accumulation_sgd_step_schedule_and_max_steps(tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:
-    hp = Hyperparameters(epochs=5, batch_size=8, gradient_accumulation_steps=2, optimizer=OptimizerKind.SGD,
-                         learning_rate=0.1, schedule=ScheduleSettings(kind=ScheduleKind.STEP, step_size=5, gamma=0.5),
-                         max_steps=12)
-    finished, events = run(make_spec(tiny_bert, hyperparameters=hp,
-                                     evaluation=EvaluationSettings(log_every_steps=1)), keyword_dataset, tmp_path)
+    hp = Hyperparameters(
+        epochs=5,
+        batch_size=8,
+        gradient_accumulation_steps=2,
+        optimizer=OptimizerKind.SGD,
+        learning_rate=0.1,
+        schedule=ScheduleSettings(kind=ScheduleKind.STEP, step_size=5, gamma=0.5),
+        max_steps=12,
+    )
+    finished, events = run(
+        make_spec(tiny_bert, hyperparameters=hp, evaluation=EvaluationSettings(log_every_steps=1)),
+        keyword_dataset,
+        tmp_path,
+    )
     assert finished.outcome is Outcome.SUCCEEDED
     progress = of_type(events, TrainingProgress)
     assert [p.step for p in progress] == list(range(1, 13))

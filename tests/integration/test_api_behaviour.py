@@ -52,8 +52,9 @@ def test_jobs_and_files_paginate_newest_first(client: TuneforgeClient, tiny_bert
     assert {j.name for j in succeeded} >= set(created)
     assert all(j.state == STATE.SUCCEEDED for j in succeeded)
     with pytest.raises(grpc.RpcError) as raised:
-        client.jobs.ListJobs(jobs_pb2.ListJobsRequest(page_size=3, page_token=page.next_page_token,
-                                                       states=[STATE.FAILED]))
+        client.jobs.ListJobs(
+            jobs_pb2.ListJobsRequest(page_size=3, page_token=page.next_page_token, states=[STATE.FAILED])
+        )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(TuneforgeError) as negative:
         client.list_jobs(page_size=-1)
@@ -71,13 +72,16 @@ def test_bad_spec_fields_are_named(client: TuneforgeClient, dataset_file: str, t
     error = raised.value
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == "INVALID_ARGUMENT"
     assert set(error.field_violations) == {
-        "job.spec.hyperparameters.epochs", "job.spec.hyperparameters.learning_rate", "job.spec.data.validation_file"
+        "job.spec.hyperparameters.epochs",
+        "job.spec.hyperparameters.learning_rate",
+        "job.spec.data.validation_file",
     }
     assert "does not exist" in error.field_violations["job.spec.data.validation_file"]
 
 
-def test_a_model_outside_the_model_roots_is_rejected(client: TuneforgeClient, dataset_file: str,
-                                                     tmp_path: Path) -> None:
+def test_a_model_outside_the_model_roots_is_rejected(
+    client: TuneforgeClient, dataset_file: str, tmp_path: Path
+) -> None:
     with pytest.raises(TuneforgeError) as raised:
         client.create_job(text_spec(tmp_path, dataset_file))
     assert "not under a model root" in raised.value.field_violations["job.spec.base_model"]
@@ -131,11 +135,14 @@ def test_an_upload_with_a_wrong_digest_or_size_stores_nothing(
     content = b'{"text": "a", "label": "x"}\n' * 1000
 
     def upload(sha256: str, size: int) -> TuneforgeError:
-        metadata = files_pb2.UploadFileMetadata(filename="d.jsonl", purpose=files_pb2.File.DATASET,
-                                                size_bytes=size, sha256=sha256)
-        messages = [files_pb2.UploadFileRequest(metadata=metadata),
-                    files_pb2.UploadFileRequest(chunk=content[:10000]),
-                    files_pb2.UploadFileRequest(chunk=content[10000:])]
+        metadata = files_pb2.UploadFileMetadata(
+            filename="d.jsonl", purpose=files_pb2.File.DATASET, size_bytes=size, sha256=sha256
+        )
+        messages = [
+            files_pb2.UploadFileRequest(metadata=metadata),
+            files_pb2.UploadFileRequest(chunk=content[:10000]),
+            files_pb2.UploadFileRequest(chunk=content[10000:]),
+        ]
         with pytest.raises(grpc.RpcError) as raised:
             client.files.UploadFile(iter(messages), timeout=30)
         return TuneforgeError.from_rpc_error(raised.value)

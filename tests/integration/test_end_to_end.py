@@ -55,8 +55,14 @@ def test_two_jobs_end_to_end_with_a_reconnecting_watcher(
         assert sequences == list(range(1, len(sequences) + 1)), "gap-free, each once, in order"
         assert [e.SerializeToString() for e in full[job.name]] == [e.SerializeToString() for e in stored]
         kinds = {e.WhichOneof("payload") for e in stored}
-        assert {"state_change", "training_metrics", "evaluation_metrics", "log", "checkpoint_saved",
-                "artifact_ready"} <= kinds
+        assert {
+            "state_change",
+            "training_metrics",
+            "evaluation_metrics",
+            "log",
+            "checkpoint_saved",
+            "artifact_ready",
+        } <= kinds
         assert final.progress.step == final.progress.total_steps == 72
         assert final.latest_metrics["eval_accuracy"] >= 0.9, dict(final.latest_metrics)
         assert final.best_metrics["eval_loss"] <= final.latest_metrics["eval_loss"]

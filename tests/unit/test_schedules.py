@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -25,7 +26,7 @@ def test_warmup_rises_linearly_to_the_peak() -> None:
 def test_linear_decays_to_zero() -> None:
     values = curve(ScheduleSettings(kind=ScheduleKind.LINEAR))
     assert values[0] == 1.0
-    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(values))
     assert values[-1] == pytest.approx(0.01)
 
 

@@ -51,18 +51,30 @@ def test_every_bad_field_is_reported_together() -> None:
     spec = pb.JobSpec(
         base_model="not a model!",
         data=pb.DataSpec(training_file="train.jsonl", validation_fraction=0.9),
-        hyperparameters=pb.Hyperparameters(epochs=-1, batch_size=10, gradient_accumulation_steps=3,
-                                           learning_rate=float("nan"), seed=-5,
-                                           schedule=pb.Schedule(kind=pb.Schedule.COSINE, gamma=0.5)),
+        hyperparameters=pb.Hyperparameters(
+            epochs=-1,
+            batch_size=10,
+            gradient_accumulation_steps=3,
+            learning_rate=float("nan"),
+            seed=-5,
+            schedule=pb.Schedule(kind=pb.Schedule.COSINE, gamma=0.5),
+        ),
         head=pb.HeadSpec(hidden_sizes=[0], dropout=1.0),
         priority=1000,
     )
     problems = fields_of(spec)
     assert set(problems) >= {
-        "job.spec.task", "job.spec.base_model", "job.spec.data.training_file", "job.spec.data.validation_fraction",
-        "job.spec.hyperparameters.epochs", "job.spec.hyperparameters.gradient_accumulation_steps",
-        "job.spec.hyperparameters.learning_rate", "job.spec.hyperparameters.seed",
-        "job.spec.hyperparameters.schedule.gamma", "job.spec.head.hidden_sizes[0]", "job.spec.head.dropout",
+        "job.spec.task",
+        "job.spec.base_model",
+        "job.spec.data.training_file",
+        "job.spec.data.validation_fraction",
+        "job.spec.hyperparameters.epochs",
+        "job.spec.hyperparameters.gradient_accumulation_steps",
+        "job.spec.hyperparameters.learning_rate",
+        "job.spec.hyperparameters.seed",
+        "job.spec.hyperparameters.schedule.gamma",
+        "job.spec.head.hidden_sizes[0]",
+        "job.spec.head.dropout",
         "job.spec.priority",
     }
     assert "only used with kinds STEP and EXPONENTIAL" in problems["job.spec.hyperparameters.schedule.gamma"]
@@ -75,7 +87,8 @@ def test_options_meant_for_another_setting_are_not_ignored() -> None:
     spec.data.validation_file = "files/v1"
     spec.data.validation_fraction = 0.1
     assert set(fields_of(spec)) == {
-        "job.spec.adaptation.num_frozen_blocks", "job.spec.hyperparameters.momentum",
+        "job.spec.adaptation.num_frozen_blocks",
+        "job.spec.hyperparameters.momentum",
         "job.spec.data.validation_fraction",
     }
 
@@ -88,7 +101,9 @@ def test_unbuilt_tasks_and_options_are_unimplemented_not_ignored() -> None:
     result = validate_spec(spec, [])
     assert result.spec is None and not result.violations
     assert {v.field for v in result.unimplemented} == {
-        "job.spec.task", "job.spec.adaptation.method", "job.spec.resources.gpus"
+        "job.spec.task",
+        "job.spec.adaptation.method",
+        "job.spec.resources.gpus",
     }
 
 

@@ -17,8 +17,15 @@ from server.store.sqlite import SqliteJobStore
 
 def job(job_id: str, priority: int = 0) -> JobRecord:
     now = time.time()
-    return JobRecord(id=job_id, display_name=job_id, spec=b"\x08\x01", priority=priority, state=JobState.QUEUED,
-                     create_time=now, update_time=now)
+    return JobRecord(
+        id=job_id,
+        display_name=job_id,
+        spec=b"\x08\x01",
+        priority=priority,
+        state=JobState.QUEUED,
+        create_time=now,
+        update_time=now,
+    )
 
 
 def note(text: str) -> NewEvent:
@@ -38,7 +45,7 @@ def test_wal_mode_and_integrity(store: SqliteJobStore) -> None:
 
 
 def test_create_job_is_idempotent_by_request_id(store: SqliteJobStore) -> None:
-    first, created = store.create_job(job("a"), [note("q")], "req-1")
+    _first, created = store.create_job(job("a"), [note("q")], "req-1")
     again, created_again = store.create_job(job("b"), [note("q")], "req-1")
     assert created and not created_again
     assert again.id == "a"
@@ -101,7 +108,7 @@ def test_everything_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     first = SqliteJobStore(path)
     first.create_file(FileRecord("f1", "train.jsonl", "DATASET", 10, "ab" * 32, 1.0), "req")
-    record, _ = first.create_job(job("a"), [note("one")], None)
+    _record, _ = first.create_job(job("a"), [note("one")], None)
     first.update_job("a", lambda r: JobChange(replace(r, step=7, latest_metrics={"loss": 0.5}), [note("two")]))
     first.close()
     second = SqliteJobStore(path)

@@ -56,8 +56,11 @@ def test_stratified_split_keeps_label_shares(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c" "label": 1}\n',
-         "d.jsonl line 3: not valid JSON"),
+        (
+            "d.jsonl",
+            '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c" "label": 1}\n',
+            "d.jsonl line 3: not valid JSON",
+        ),
         ("d.jsonl", '{"text": "a", "label": "x"}\n{"label": "y"}\n', "d.jsonl line 2: missing column 'text'"),
         ("d.jsonl", '{"text": "a", "label": "x"}\n[1, 2]\n', "line 2: expected a JSON object"),
         ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n', "line 2: 'label' must be"),
@@ -76,7 +79,7 @@ def test_bad_data_names_the_line_and_problem(tmp_path: Path, name: str, content:
 def test_validation_labels_must_occur_in_training(tmp_path: Path) -> None:
     train = data_file(tmp_path, "t.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
     validation = data_file(tmp_path, "v.jsonl", '{"text": "a", "label": "x"}\n{"text": "c", "label": "z"}\n')
-    with pytest.raises(InvalidDataset, match="v.jsonl line 2: label 'z' does not occur"):
+    with pytest.raises(InvalidDataset, match=r"v\.jsonl line 2: label .z. does not occur"):
         load_text_dataset(train, validation, SETTINGS, 0)
 
 

@@ -1,0 +1,93 @@
+"""The `tuneforge` command against the real server, as a script would use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clients.local_server import LocalServer
+from tests.tiny import keyword_rows, write_jsonl
+
+pytestmark = pytest.mark.integration
+
+
+def tuneforge(server: LocalServer, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "clients.cli", "--server", server.target, *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"})
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_upload_submit_watch_list_get_download(
+    server: LocalServer, tiny_bert: Path, keyword_dataset: Path, tmp_path: Path
+) -> None:
+    file_name = tuneforge(server, "upload", str(keyword_dataset)).stdout.strip()
+    assert file_name.startswith("files/")
+    job_name = tuneforge(
+        server,
+        "submit",
+        "--task",
+        "text-classification",
+        "--model",
+        str(tiny_bert),
+        "--train",
+        file_name,
+        "--validation-fraction",
+        "0.25",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "5e-3",
+        "--schedule",
+        "cosine",
+        "--warmup-ratio",
+        "0.1",
+        "--log-every",
+        "4",
+        "--name",
+        "from the cli",
+    ).stdout.strip()
+    assert job_name.startswith("jobs/")
+
+    watched = tuneforge(server, "watch", job_name)
+    assert "state SUCCEEDED" in watched.stderr and "eval at step" in watched.stderr
+
+    listed = json.loads(tuneforge(server, "--json", "jobs", "--state", "succeeded").stdout)
+    assert job_name in [job["name"] for job in listed]
+    got = json.loads(tuneforge(server, "--json", "get", job_name).stdout)
+    assert got["displayName"] == "from the cli" and got["state"] == "SUCCEEDED"
+    assert got["spec"]["hyperparameters"]["schedule"]["kind"] == "COSINE"
+    table = tuneforge(server, "jobs").stdout
+    assert job_name in table and "SUCCEEDED" in table
+
+    downloaded = json.loads(tuneforge(server, "--json", "download", job_name, "-o", str(tmp_path / "model")).stdout)
+    assert "model.safetensors" in downloaded["files"]
+    assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_watch_exits_non_zero_for_a_failed_job_and_errors_name_fields(
+    server: LocalServer, tiny_bert: Path, tmp_path: Path
+) -> None:
+    broken = write_jsonl(tmp_path / "broken.jsonl", keyword_rows(6))
+    broken.write_text(broken.read_text() + '{"text": 5, "label": "x"}\n')
+    file_name = tuneforge(server, "upload", str(broken)).stdout.strip()
+    job_name = tuneforge(server, "submit", "--model", str(tiny_bert), "--train", file_name).stdout.strip()
+    failed = tuneforge(server, "watch", job_name, check=False)
+    assert failed.returncode == 1
+    assert "INVALID_DATASET" in failed.stderr and "line 7" in failed.stderr
+
+    rejected = tuneforge(
+        server, "submit", "--model", str(tiny_bert), "--train", file_name, "--epochs", "-2", check=False
+    )
+    assert rejected.returncode == 1
+    assert "job.spec.hyperparameters.epochs" in rejected.stderr
+    missing = tuneforge(server, "get", "jobs/ft-nothere", check=False)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr

@@ -1,0 +1,99 @@
+"""Restarting the server on the same data dir keeps every file, job and event; a watcher rides through the restart;
+a job that was running gets a new attempt; SIGTERM ends the process cleanly."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from tuneforge.v1 import jobs_pb2
+
+from clients.client import TuneforgeClient
+from clients.local_server import start_local_server
+from tests.integration.conftest import SERVER_ARGS
+from tests.integration.helpers import STATE, long_spec, text_spec, wait_for_end, watch_until
+
+pytestmark = pytest.mark.integration
+
+
+def port_of(target: str) -> int:
+    return int(target.rsplit(":", 1)[1])
+
+
+def test_restart_keeps_everything_and_watchers_resume(
+    tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    # First life: no workers, so the job waits in the queue while the server goes down.
+    first = start_local_server(data_dir, workers=0, model_roots=[model_root], extra_args=SERVER_ARGS)
+    client = TuneforgeClient(first.target)
+    try:
+        client.wait_until_serving(60)
+        file = client.upload_file(keyword_dataset)
+        job = client.create_job(text_spec(tiny_bert, file.name), display_name="survivor")
+        seen: list[jobs_pb2.JobEvent] = []
+        first_event = threading.Event()
+
+        def watch() -> None:
+            for event in client.watch(job.name, reconnect_for_s=90, timeout_s=240):
+                seen.append(event)
+                first_event.set()
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        assert first_event.wait(30), "the watcher saw the QUEUED event"
+        assert first.stop() == 0
+        with sqlite3.connect(data_dir / "tuneforge.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+        # Second life on the same port and data dir, now with a worker: the job runs and the watcher resumes.
+        second = start_local_server(
+            data_dir, workers=1, model_roots=[model_root], extra_args=SERVER_ARGS, port=port_of(first.target)
+        )
+        try:
+            watcher.join(240)
+            assert not watcher.is_alive()
+            assert [e.sequence for e in seen] == list(range(1, len(seen) + 1)), "no event lost or repeated"
+            assert seen[-1].state_change.to_state == STATE.SUCCEEDED
+            assert client.get_file(file.name).sha256 == file.sha256
+            restored = client.get_job(job.name)
+            assert restored.display_name == "survivor" and restored.create_time == job.create_time
+            assert restored.state == STATE.SUCCEEDED
+            assert [e.sequence for e in client.list_job_events(job.name)] == [e.sequence for e in seen]
+        finally:
+            assert second.stop() == 0
+    finally:
+        client.close()
+
+
+def test_a_job_running_at_shutdown_gets_a_new_attempt(
+    tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = start_local_server(data_dir, workers=1, model_roots=[model_root], extra_args=SERVER_ARGS)
+    with TuneforgeClient(first.target) as client:
+        client.wait_until_serving(60)
+        file = client.upload_file(keyword_dataset)
+        job = client.create_job(long_spec(tiny_bert, file.name))
+        watch_until(client, job.name, "training_metrics")
+    assert first.stop() == 0, "SIGTERM stops the server and its busy worker cleanly"
+
+    second = start_local_server(data_dir, workers=1, model_roots=[model_root], extra_args=SERVER_ARGS)
+    try:
+        with TuneforgeClient(second.target) as client:
+            client.wait_until_serving(60)
+            for event in client.watch(job.name, timeout_s=120):
+                if event.attempt == 2 and event.WhichOneof("payload") == "training_metrics":
+                    break
+            events = client.list_job_events(job.name)
+            notes = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
+            assert any("server restarted during attempt 1" in n for n in notes)
+            states = [e.state_change.to_state for e in events if e.WhichOneof("payload") == "state_change"]
+            assert states == [STATE.QUEUED, STATE.RUNNING, STATE.QUEUED, STATE.RUNNING]
+            assert client.get_job(job.name).attempt == 2
+            client.cancel_job(job.name)
+            assert wait_for_end(client, job.name).state == STATE.CANCELLED
+    finally:
+        assert second.stop() == 0
