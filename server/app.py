@@ -46,11 +46,15 @@ class RunningServer:
     db: StoreRunner
     settings: ServerSettings
     readiness: asyncio.Task[None]
+    hub: EventHub
 
     async def stop(self) -> None:
         self.readiness.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_s)
+        stopping = asyncio.create_task(self.server.stop(self.settings.grace_s))  # no new calls from here on
+        await asyncio.sleep(0)  # let stop() begin refusing new calls before the watchers are told to leave
+        self.hub.close()  # watch streams end at once with UNAVAILABLE; clients resume after the restart
+        await stopping
         await self.scheduler.stop(self.settings.worker_stop_s)
         self.db.close()
         self.store.close()
@@ -103,7 +107,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         settings.port_file.write_text(str(port))
     print(f"tuneforge listening on {settings.host}:{port}", flush=True)  # read by scripts and tests
     log.info("tuneforge listening on %s:%d with %d workers", settings.host, port, settings.workers)
-    return RunningServer(server, port, scheduler, health_servicer, store, db, settings, readiness)
+    return RunningServer(server, port, scheduler, health_servicer, store, db, settings, readiness, hub)
 
 
 async def _serve_when_ready(scheduler: Scheduler, health_servicer: health.aio.HealthServicer) -> None:

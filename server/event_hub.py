@@ -14,6 +14,14 @@ class EventHub:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self.closing = False
+
+    def close(self) -> None:
+        """Shutdown: wakes every watcher so its stream ends now instead of holding up the drain."""
+        self.closing = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.set()
 
     def notify(self, job_id: str) -> None:
         for waiter in self._waiters.get(job_id, ()):

@@ -83,6 +83,7 @@ class Scheduler:
         self._inbox: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         self._dispatch_lock = asyncio.Lock()
         self._consumer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._stopping = False
         self.all_ready = asyncio.Event()
 
@@ -137,7 +138,9 @@ class Scheduler:
     def wake(self) -> None:
         """A job was queued: try to place it."""
         if not self._stopping:
-            asyncio.get_running_loop().create_task(self.dispatch())
+            task = asyncio.get_running_loop().create_task(self.dispatch())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def dispatch(self) -> None:
         """Gives each idle worker the next queued job."""

@@ -156,6 +156,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                     last = event.sequence
                 if events:
                     continue
+                if self._hub.closing:
+                    raise ApiError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "SERVER_SHUTTING_DOWN",
+                        "the server is restarting; watch again from the last sequence you saw",
+                    )
                 current = await self._db.call(self._store.get_job, record.id)
                 if current is None or (current.state in TERMINAL and current.last_event_sequence <= last):
                     return

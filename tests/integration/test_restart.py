@@ -3,6 +3,8 @@ a job that was running gets a new attempt; SIGTERM ends the process cleanly."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import threading
 from pathlib import Path
@@ -97,3 +99,43 @@ def test_a_job_running_at_shutdown_gets_a_new_attempt(
             assert wait_for_end(client, job.name).state == STATE.CANCELLED
     finally:
         assert second.stop() == 0
+
+
+def spawned_workers(parent_pid: int) -> list[int]:
+    """PIDs of the server's spawned worker processes (not the resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent_pid and "spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_worker_fails_its_job_and_is_replaced(
+    tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
+) -> None:
+    server = start_local_server(tmp_path / "data", workers=1, model_roots=[model_root], extra_args=SERVER_ARGS)
+    try:
+        with TuneforgeClient(server.target) as client:
+            client.wait_until_serving(60)
+            file = client.upload_file(keyword_dataset)
+            job = client.create_job(long_spec(tiny_bert, file.name))
+            watch_until(client, job.name, "training_metrics")
+            [worker_pid] = spawned_workers(server.process.pid)
+            os.kill(worker_pid, signal.SIGKILL)
+            final = wait_for_end(client, job.name)
+            assert final.state == STATE.FAILED and final.error.reason == "WORKER_LOST"
+            assert "exited (code -9)" in final.error.message
+            # The pool started a replacement: the next job runs to the end.
+            after = client.create_job(text_spec(tiny_bert, file.name, epochs=1))
+            assert wait_for_end(client, after.name).state == STATE.SUCCEEDED
+            assert spawned_workers(server.process.pid) != [worker_pid]
+    finally:
+        assert server.stop() == 0
