@@ -235,6 +235,7 @@ class Scheduler:
         slot = self._slots.get(event.worker, WorkerSlot())
         self._slots[event.worker] = WorkerSlot()
         if slot.job is not None:
+            await asyncio.to_thread(self._storage.delete_work_dir, slot.job, slot.attempt)
             message = f"{event.worker} exited (code {event.exitcode}) during the job"
             await self._apply_fenced(
                 slot.job, event.worker, slot.attempt, lambda r: lose_attempt(r, "WORKER_LOST", message)
@@ -242,6 +243,7 @@ class Scheduler:
 
     async def _job_finished(self, event: JobFinished) -> None:
         succeeded = event.outcome is Outcome.SUCCEEDED
+        await asyncio.to_thread(self._storage.delete_work_dir, event.job, event.attempt)  # the attempt is over
         await self._apply_fenced(
             event.job, event.worker, event.attempt, lambda r: finish_change(r, succeeded, event.reason, event.message)
         )

@@ -94,6 +94,10 @@ class LocalStorage:
     def artifact_path(self, job_id: str) -> Path:
         return self.root / "artifacts" / f"{job_id}.tar"
 
+    def delete_work_dir(self, job_id: str, attempt: int) -> None:
+        """Drops an ended attempt's checkpoints and scratch space (nothing resumes from them yet)."""
+        shutil.rmtree(self.root / "work" / job_id / f"attempt-{attempt}", ignore_errors=True)
+
     def delete_job_data(self, job_id: str) -> None:
         shutil.rmtree(self.root / "work" / job_id, ignore_errors=True)
         self.artifact_path(job_id).unlink(missing_ok=True)

@@ -12,14 +12,14 @@ from clients.client import TuneforgeClient
 STATE = jobs_pb2.Job.State
 
 
-def text_spec(model: Path, training_file: str, epochs: int = 6, **data: object) -> pb.JobSpec:
+def text_spec(model: Path, training_file: str, epochs: int = 8, **data: object) -> pb.JobSpec:
     """A job on the tiny BERT that learns the keyword data in a few seconds."""
     return pb.JobSpec(
         task=pb.TEXT_CLASSIFICATION,
         base_model=str(model),
         data=pb.DataSpec(training_file=training_file, validation_fraction=0.25, **data),  # type: ignore[arg-type]
         hyperparameters=pb.Hyperparameters(
-            epochs=epochs, batch_size=8, learning_rate=5e-3, seed=1, schedule=pb.Schedule(kind=pb.Schedule.CONSTANT)
+            epochs=epochs, batch_size=8, learning_rate=2e-3, seed=1, schedule=pb.Schedule(kind=pb.Schedule.CONSTANT)
         ),
         evaluation=pb.EvaluationSpec(log_every_steps=4),
     )
