@@ -38,7 +38,7 @@ def describe_event(event: jobs_pb2.JobEvent) -> str | None:
 def render_watch(events: Iterable[jobs_pb2.JobEvent], console: Console) -> int | None:
     """Shows the stream until it ends; returns the final state (None if the stream ended without one)."""
     final: int | None = None
-    accuracy = float("nan")
+    accuracy = "-"  # until the first evaluation
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -59,11 +59,12 @@ def render_watch(events: Iterable[jobs_pb2.JobEvent], console: Console) -> int |
                     total=m.total_steps,
                     completed=m.step,
                     description=f"epoch {m.epoch}",
-                    stats=f"loss {m.loss:.4f}  acc {accuracy:.3f}  {m.samples_per_second:.1f} samples/s",
+                    stats=f"loss {m.loss:.4f}  acc {accuracy}  {m.samples_per_second:.1f} samples/s",
                 )
                 continue
             if kind == "evaluation_metrics":
-                accuracy = event.evaluation_metrics.metrics.get("eval_accuracy", accuracy)
+                value = event.evaluation_metrics.metrics.get("eval_accuracy")
+                accuracy = f"{value:.3f}" if value is not None else accuracy
             if kind == "state_change":
                 final = event.state_change.to_state
             line = describe_event(event)

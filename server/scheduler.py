@@ -119,10 +119,6 @@ class Scheduler:
             )
             await self._apply(record.id, _requeue_if_active(note))
 
-    @property
-    def workers(self) -> dict[str, WorkerSlot]:
-        return dict(self._slots)
-
     # ------------------------------------------------------------ API-facing actions
 
     async def cancel(self, job_id: str) -> JobRecord | None:

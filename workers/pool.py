@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -66,6 +67,13 @@ def _bootstrap(entry: str, worker: str, conn: Connection, settings: WorkerSettin
 class _Slot:
     process: BaseProcess
     conn: Connection
+    started: float
+    quick_deaths: int = 0
+    """Consecutive deaths soon after start: a worker that cannot start is retried with growing delays."""
+
+
+QUICK_DEATH_S = 30.0
+MAX_RESPAWN_DELAY_S = 60.0
 
 
 class LocalProcessPool:
@@ -82,6 +90,7 @@ class LocalProcessPool:
         self._sink: EventSink | None = None
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._timers: list[threading.Timer] = []
 
     @property
     def worker_ids(self) -> list[str]:
@@ -106,6 +115,8 @@ class LocalProcessPool:
     def stop(self, timeout_s: float) -> None:
         self._stopping.set()
         with self._lock:
+            for timer in self._timers:
+                timer.cancel()
             slots = list(self._slots.values())
         for slot in slots:
             with contextlib.suppress(OSError, EOFError):
@@ -126,7 +137,9 @@ class LocalProcessPool:
 
     # ------------------------------------------------------------ internals
 
-    def _spawn(self, worker: str) -> None:
+    def _spawn(self, worker: str, quick_deaths: int = 0) -> None:
+        if self._stopping.is_set():
+            return
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=_bootstrap,
@@ -137,7 +150,8 @@ class LocalProcessPool:
         process.start()
         child_conn.close()
         with self._lock:
-            self._slots[worker] = _Slot(process, parent_conn)
+            self._slots[worker] = _Slot(process, parent_conn, time.monotonic(), quick_deaths)
+        self._wake_w.send(None)  # the monitor starts watching the new process
         log.info("started %s (pid %s)", worker, process.pid)
 
     def _watch(self) -> None:
@@ -147,6 +161,8 @@ class LocalProcessPool:
                 by_conn = {slot.conn: name for name, slot in self._slots.items()}
                 by_sentinel = {slot.process.sentinel: name for name, slot in self._slots.items()}
             ready: list[Any] = multiprocessing.connection.wait([*by_conn, *by_sentinel, self._wake_r])
+            if self._wake_r in ready:
+                self._wake_r.recv()
             for item in ready:
                 if item in by_conn:
                     self._receive(by_conn[item], item)
@@ -167,9 +183,19 @@ class LocalProcessPool:
         slot.process.join(1)
         self._receive(worker, slot.conn)  # whatever it said before dying comes first
         slot.conn.close()
-        log.warning("%s died with exit code %s; starting a replacement", worker, slot.process.exitcode)
+        quick = time.monotonic() - slot.started < QUICK_DEATH_S
+        quick_deaths = slot.quick_deaths + 1 if quick else 0
+        delay_s = min(MAX_RESPAWN_DELAY_S, 0.5 * 2**quick_deaths) if quick_deaths else 0.0
+        log.warning("%s died with exit code %s; replacing it in %.1f s", worker, slot.process.exitcode, delay_s)
         self._emit(WorkerDied(worker=worker, exitcode=slot.process.exitcode))
-        self._spawn(worker)
+        if delay_s:
+            timer = threading.Timer(delay_s, self._spawn, args=(worker, quick_deaths))
+            timer.daemon = True
+            with self._lock:
+                self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+            timer.start()
+        else:
+            self._spawn(worker)
 
     def _emit(self, event: WorkerEvent) -> None:
         if self._sink is not None:

@@ -1,0 +1,52 @@
+"""The local pool with scripted workers (real spawned processes): messages both ways, deaths reported, replacements
+started with a growing delay when a worker cannot start."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+from workers.messages import DataFile, JobFinished, RunJob, WorkerDied, WorkerEvent
+from workers.pool import LocalProcessPool
+from workers.spec import DataSettings, TaskKind, TrainingSpec
+
+
+def collect(pool: LocalProcessPool) -> queue.Queue[tuple[float, WorkerEvent]]:
+    events: queue.Queue[tuple[float, WorkerEvent]] = queue.Queue()
+    pool.start(lambda event: events.put((time.monotonic(), event)))
+    return events
+
+
+def test_commands_and_events_cross_the_process_boundary() -> None:
+    pool = LocalProcessPool(2, entry="tests.fake_workers:echo_worker")
+    events = collect(pool)
+    try:
+        ready = {events.get(timeout=30)[1].worker for _ in range(2)}
+        assert ready == {"worker-0", "worker-1"}
+        spec = TrainingSpec(TaskKind.TEXT_CLASSIFICATION, "m", DataSettings(training_file="files/f"))
+        pool.send("worker-1", RunJob("job-a", 3, spec, DataFile("/x", "x.jsonl"), None, "/w", "/a.tar"))
+        _, finished = events.get(timeout=30)
+        assert isinstance(finished, JobFinished) and (finished.worker, finished.job, finished.attempt) == (
+            "worker-1",
+            "job-a",
+            3,
+        )
+    finally:
+        pool.stop(10)
+    assert all(not slot.process.is_alive() for slot in pool._slots.values())
+
+
+def test_a_worker_that_cannot_start_is_retried_with_growing_delays() -> None:
+    pool = LocalProcessPool(1, entry="tests.fake_workers:crash_at_start")
+    events = collect(pool)
+    try:
+        deaths = []
+        while len(deaths) < 3:
+            at, event = events.get(timeout=30)
+            assert isinstance(event, WorkerDied)
+            assert event.exitcode == 3
+            deaths.append(at)
+        first_gap, second_gap = deaths[1] - deaths[0], deaths[2] - deaths[1]
+        assert first_gap >= 1.0 and second_gap >= 2.0, (first_gap, second_gap)
+    finally:
+        pool.stop(10)
