@@ -121,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
         client.download_artifact(job.name, archive)
         model_dir = scratch / "model"
         extract_archive(archive, model_dir)
-        console.print(f"downloaded the model to {model_dir}")
+        console.print(
+            f"downloaded the model to {model_dir}" + ("" if args.keep else " (removed at exit; --keep keeps it)")
+        )
     for sentence, (label, probability) in zip(NEW_SENTENCES, classify(model_dir, NEW_SENTENCES), strict=True):
         console.print(f"  {label:>13} ({probability:.0%})  {sentence}")
     console.print(f"demo finished in {time.monotonic() - started:.0f} s")
