@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "tuneforge.dev"
@@ -69,6 +69,3 @@ def to_status(error: ApiError) -> grpc.Status:
     code: int = error.code.value[0]
     message = status_pb2.Status(code=code, message=error.message, details=details)
     return rpc_status.to_status(message)
-
-
-INTERNAL_CODE = code_pb2.INTERNAL

@@ -37,7 +37,3 @@ class EventHub:
             self._waiters[job_id].discard(waiter)
             if not self._waiters[job_id]:
                 del self._waiters[job_id]
-
-    @property
-    def watcher_count(self) -> int:
-        return sum(len(w) for w in self._waiters.values())

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.core.errors import JobFailure
+
 
 def load_pretrained(loader: Any, base_model: str, **kwargs: Any) -> Any:
     """Calls `loader.from_pretrained` with the safe options; any failure becomes MODEL_LOAD_FAILED."""
-    from workers.core.errors import JobFailure
-
     try:
         return loader.from_pretrained(base_model, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
