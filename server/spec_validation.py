@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from tuneforge.v1 import job_spec_pb2 as pb
 
@@ -18,20 +19,26 @@ from workers.spec import (
     Activation,
     AdaptationMethod,
     AdaptationSettings,
+    ClassBalance,
     DataSettings,
     EvaluationSettings,
     HeadSettings,
     Hyperparameters,
+    LoraSettings,
     OptimizerKind,
+    Precision,
     ScheduleKind,
     ScheduleSettings,
     TaskKind,
     TrainingSpec,
 )
 
+T = TypeVar("T")
 ROOT = "job.spec"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 FILE_NAME = re.compile(r"^files/[a-z0-9][a-z0-9-]{0,62}$")
+MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]{0,127}$")
+CLASSIFICATION_METRICS = ("eval_loss", "eval_accuracy", "eval_macro_f1")
 
 TASKS = {
     pb.TEXT_CLASSIFICATION: TaskKind.TEXT_CLASSIFICATION,
@@ -46,6 +53,8 @@ METHODS = {
     pb.Adaptation.FROZEN_BACKBONE: AdaptationMethod.FROZEN_BACKBONE,
     pb.Adaptation.FREEZE_FIRST_BLOCKS: AdaptationMethod.FREEZE_FIRST_BLOCKS,
     pb.Adaptation.LORA: AdaptationMethod.LORA,
+    pb.Adaptation.LAST_BLOCKS_TRAINABLE: AdaptationMethod.LAST_BLOCKS_TRAINABLE,
+    pb.Adaptation.GRADUAL_UNFREEZING: AdaptationMethod.GRADUAL_UNFREEZING,
 }
 ACTIVATIONS = {
     pb.HeadSpec.ACTIVATION_UNSPECIFIED: Activation.RELU,
@@ -57,6 +66,20 @@ OPTIMIZERS = {
     pb.Hyperparameters.OPTIMIZER_UNSPECIFIED: OptimizerKind.ADAMW,
     pb.Hyperparameters.ADAMW: OptimizerKind.ADAMW,
     pb.Hyperparameters.SGD: OptimizerKind.SGD,
+    pb.Hyperparameters.ADAM: OptimizerKind.ADAM,
+}
+CLASS_BALANCES = {
+    pb.Hyperparameters.CLASS_BALANCE_UNSPECIFIED: ClassBalance.NONE,
+    pb.Hyperparameters.NONE: ClassBalance.NONE,
+    pb.Hyperparameters.WEIGHTED_LOSS: ClassBalance.WEIGHTED_LOSS,
+    pb.Hyperparameters.BALANCED_SAMPLING: ClassBalance.BALANCED_SAMPLING,
+}
+PRECISIONS = {
+    pb.Hyperparameters.PRECISION_UNSPECIFIED: Precision.AUTO,
+    pb.Hyperparameters.AUTO: Precision.AUTO,
+    pb.Hyperparameters.FP32: Precision.FP32,
+    pb.Hyperparameters.BF16: Precision.BF16,
+    pb.Hyperparameters.FP16: Precision.FP16,
 }
 SCHEDULES = {
     pb.Schedule.KIND_UNSPECIFIED: ScheduleKind.LINEAR,
@@ -65,6 +88,11 @@ SCHEDULES = {
     pb.Schedule.COSINE: ScheduleKind.COSINE,
     pb.Schedule.STEP: ScheduleKind.STEP,
     pb.Schedule.EXPONENTIAL: ScheduleKind.EXPONENTIAL,
+    pb.Schedule.COSINE_WITH_RESTARTS: ScheduleKind.COSINE_WITH_RESTARTS,
+    pb.Schedule.MULTI_STEP: ScheduleKind.MULTI_STEP,
+    pb.Schedule.POLYNOMIAL: ScheduleKind.POLYNOMIAL,
+    pb.Schedule.ONE_CYCLE: ScheduleKind.ONE_CYCLE,
+    pb.Schedule.REDUCE_ON_PLATEAU: ScheduleKind.REDUCE_ON_PLATEAU,
 }
 
 
@@ -119,8 +147,8 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
         check.not_built("resources.gpus", f"multi-GPU jobs ({gpus} GPUs) are not available on this server yet")
     priority = check.int_range("priority", spec.priority, -100, 100)
     result = ValidationResult(violations=check.violations, unimplemented=check.unimplemented)
-    if not check.violations and not check.unimplemented and task is not None and data is not None:
-        result.spec = TrainingSpec(
+    if task is not None and data is not None:
+        candidate = TrainingSpec(
             task=task,
             base_model=spec.base_model,
             data=data,
@@ -131,6 +159,9 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
             gpus=gpus,
             priority=priority,
         )
+        _needs_validation(check, candidate)
+        if not check.violations and not check.unimplemented:
+            result.spec = candidate
     return result
 
 
@@ -195,15 +226,57 @@ def _adaptation(check: _Checker, adaptation: pb.Adaptation) -> AdaptationSetting
     if method is None:
         check.bad("adaptation.method", f"unknown value {adaptation.method}")
         method = AdaptationMethod.FULL
-    if method is AdaptationMethod.FREEZE_FIRST_BLOCKS:
-        check.int_range("adaptation.num_frozen_blocks", adaptation.num_frozen_blocks, 1, 1000)
-    elif adaptation.num_frozen_blocks:
-        check.bad("adaptation.num_frozen_blocks", "only used with method FREEZE_FIRST_BLOCKS")
+    _only_for(
+        check,
+        "adaptation.num_frozen_blocks",
+        adaptation.num_frozen_blocks,
+        method is AdaptationMethod.FREEZE_FIRST_BLOCKS,
+        "FREEZE_FIRST_BLOCKS",
+        1,
+        1000,
+    )
+    _only_for(
+        check,
+        "adaptation.num_trainable_blocks",
+        adaptation.num_trainable_blocks,
+        method is AdaptationMethod.LAST_BLOCKS_TRAINABLE,
+        "LAST_BLOCKS_TRAINABLE",
+        1,
+        1000,
+    )
+    if adaptation.unfreeze_every_epochs and method is not AdaptationMethod.GRADUAL_UNFREEZING:
+        check.bad("adaptation.unfreeze_every_epochs", "only used with method GRADUAL_UNFREEZING")
+    check.int_range("adaptation.unfreeze_every_epochs", adaptation.unfreeze_every_epochs, 0, 1000)
+    lora = None
     if method is AdaptationMethod.LORA:
-        check.not_built("adaptation.method", "LORA is not available on this server yet")
+        lora = _lora(check, adaptation.lora)
     elif adaptation.HasField("lora"):
         check.bad("adaptation.lora", "only used with method LORA")
-    return AdaptationSettings(method=method, num_frozen_blocks=adaptation.num_frozen_blocks)
+    return AdaptationSettings(
+        method=method,
+        num_frozen_blocks=adaptation.num_frozen_blocks,
+        lora=lora,
+        num_trainable_blocks=adaptation.num_trainable_blocks,
+        unfreeze_every_epochs=adaptation.unfreeze_every_epochs or 1,
+    )
+
+
+def _only_for(check: _Checker, path: str, value: int, applies: bool, method: str, low: int, high: int) -> None:
+    """A count that one method requires and every other method must leave unset."""
+    if applies:
+        check.int_range(path, value, low, high)
+    elif value:
+        check.bad(path, f"only used with method {method}")
+
+
+def _lora(check: _Checker, lora: pb.LoraSpec) -> LoraSettings:
+    rank = check.int_range("adaptation.lora.rank", lora.rank, 0, 1024) or 8
+    alpha = check.float_range("adaptation.lora.alpha", lora.alpha, 0.0, 1e4) or 2.0 * rank
+    dropout = check.float_range("adaptation.lora.dropout", lora.dropout, 0.0, 1.0, high_open=True) or 0.05
+    for i, name in enumerate(lora.target_modules):
+        if not MODULE_NAME.match(name):
+            check.bad(f"adaptation.lora.target_modules[{i}]", f"{name!r} is not a module name")
+    return LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=tuple(lora.target_modules))
 
 
 def _head(check: _Checker, head: pb.HeadSpec) -> HeadSettings:
@@ -228,59 +301,93 @@ def _hyperparameters(check: _Checker, hp: pb.Hyperparameters, method: Adaptation
             f"{path}.gradient_accumulation_steps",
             f"batch_size {batch_size} must be divisible by gradient_accumulation_steps {accumulation}",
         )
-    default_lr = 5e-5 if method in (AdaptationMethod.FULL, AdaptationMethod.FREEZE_FIRST_BLOCKS) else 1e-3
-    learning_rate = check.float_range(f"{path}.learning_rate", hp.learning_rate, 0.0, 10.0) or default_lr
-    weight_decay = (
-        check.float_range(f"{path}.weight_decay", hp.weight_decay, 0.0, 1.0) if hp.HasField("weight_decay") else 0.01
+    full = method in (
+        AdaptationMethod.FULL,
+        AdaptationMethod.FREEZE_FIRST_BLOCKS,
+        AdaptationMethod.LAST_BLOCKS_TRAINABLE,
     )
-    optimizer = OPTIMIZERS.get(hp.optimizer)
-    if optimizer is None:
-        check.bad(f"{path}.optimizer", f"unknown value {hp.optimizer}")
-    if hp.HasField("momentum") and optimizer is not OptimizerKind.SGD:
-        check.bad(f"{path}.momentum", "only used with optimizer SGD")
-    momentum = (
-        check.float_range(f"{path}.momentum", hp.momentum, 0.0, 1.0, high_open=True) if hp.HasField("momentum") else 0.9
-    )
-    max_grad_norm = (
-        check.float_range(f"{path}.max_grad_norm", hp.max_grad_norm, 0.0, 1e6) if hp.HasField("max_grad_norm") else 1.0
-    )
+    learning_rate = check.float_range(f"{path}.learning_rate", hp.learning_rate, 0.0, 10.0) or (5e-5 if full else 1e-3)
     if hp.seed < 0 or hp.seed >= 2**32:
         check.bad(f"{path}.seed", f"must be in [0, 2^32), got {hp.seed}")
-    max_steps = check.int_range(f"{path}.max_steps", hp.max_steps, 0, 10_000_000)
     return Hyperparameters(
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        optimizer=optimizer or OptimizerKind.ADAMW,
-        momentum=momentum,
+        weight_decay=_optional(check, hp, "weight_decay", 0.01, 0.0, 1.0),
+        max_grad_norm=_optional(check, hp, "max_grad_norm", 1.0, 0.0, 1e6),
         schedule=_schedule(check, hp.schedule),
-        max_grad_norm=max_grad_norm,
         gradient_accumulation_steps=accumulation,
         seed=hp.seed,
-        max_steps=max_steps,
+        max_steps=check.int_range(f"{path}.max_steps", hp.max_steps, 0, 10_000_000),
+        head_learning_rate=check.float_range(f"{path}.head_learning_rate", hp.head_learning_rate, 0.0, 10.0),
+        layer_decay=check.float_range(f"{path}.layer_decay", hp.layer_decay, 0.0, 1.0) or 1.0,
+        label_smoothing=check.float_range(f"{path}.label_smoothing", hp.label_smoothing, 0.0, 1.0, high_open=True),
+        class_balance=_enum(check, f"{path}.class_balance", hp.class_balance, CLASS_BALANCES, ClassBalance.NONE),
+        precision=_enum(check, f"{path}.precision", hp.precision, PRECISIONS, Precision.AUTO),
+        **_optimizer(check, hp),
     )
+
+
+def _optional(check: _Checker, hp: pb.Hyperparameters, name: str, default: float, low: float, high: float) -> float:
+    """A field where an explicit zero differs from unset."""
+    if not hp.HasField(name):  # type: ignore[arg-type]
+        return default
+    return check.float_range(f"hyperparameters.{name}", getattr(hp, name), low, high)
+
+
+def _enum(check: _Checker, path: str, value: int, table: dict[Any, T], default: T) -> T:
+    if value not in table:
+        check.bad(path, f"unknown value {value}")
+        return default
+    return table[value]
+
+
+def _optimizer(check: _Checker, hp: pb.Hyperparameters) -> dict[str, Any]:
+    path = "hyperparameters"
+    optimizer = _enum(check, f"{path}.optimizer", hp.optimizer, OPTIMIZERS, OptimizerKind.ADAMW)
+    if hp.HasField("momentum") and optimizer is not OptimizerKind.SGD:
+        check.bad(f"{path}.momentum", "only used with optimizer SGD")
+    if hp.nesterov and optimizer is not OptimizerKind.SGD:
+        check.bad(f"{path}.nesterov", "only used with optimizer SGD")
+    momentum = _optional(check, hp, "momentum", 0.9, 0.0, 0.999)
+    if hp.nesterov and momentum == 0:
+        check.bad(f"{path}.nesterov", "Nesterov momentum needs a momentum above 0")
+    return {"optimizer": optimizer, "momentum": momentum, "nesterov": hp.nesterov}
+
+
+# Which schedule fields each kind reads (every other kind must leave them unset).
+SCHEDULE_FIELDS = {
+    "step_size": (ScheduleKind.STEP,),
+    "gamma": (ScheduleKind.STEP, ScheduleKind.MULTI_STEP, ScheduleKind.EXPONENTIAL, ScheduleKind.REDUCE_ON_PLATEAU),
+    "min_lr_ratio": (ScheduleKind.COSINE, ScheduleKind.POLYNOMIAL),
+    "milestones": (ScheduleKind.MULTI_STEP,),
+    "num_cycles": (ScheduleKind.COSINE_WITH_RESTARTS,),
+    "power": (ScheduleKind.POLYNOMIAL,),
+    "patience": (ScheduleKind.REDUCE_ON_PLATEAU,),
+}
 
 
 def _schedule(check: _Checker, schedule: pb.Schedule) -> ScheduleSettings:
     path = "hyperparameters.schedule"
-    kind = SCHEDULES.get(schedule.kind)
-    if kind is None:
-        check.bad(f"{path}.kind", f"unknown value {schedule.kind}")
-        kind = ScheduleKind.LINEAR
+    kind = _enum(check, f"{path}.kind", schedule.kind, SCHEDULES, ScheduleKind.LINEAR)
     check.int_range(f"{path}.warmup_steps", schedule.warmup_steps, 0, 10_000_000)
     check.float_range(f"{path}.warmup_ratio", schedule.warmup_ratio, 0.0, 1.0, high_open=True)
     if schedule.warmup_steps and schedule.warmup_ratio:
         check.bad(f"{path}.warmup_ratio", "give warmup_steps or warmup_ratio, not both")
+    for name, kinds in SCHEDULE_FIELDS.items():
+        if getattr(schedule, name) and kind not in kinds:
+            check.bad(f"{path}.{name}", f"only used with kind {' or '.join(k.name for k in kinds)}")
     check.int_range(f"{path}.step_size", schedule.step_size, 0, 10_000_000)
-    if schedule.step_size and kind is not ScheduleKind.STEP:
-        check.bad(f"{path}.step_size", "only used with kind STEP")
     check.float_range(f"{path}.gamma", schedule.gamma, 0.0, 1.0)
-    if schedule.gamma and kind not in (ScheduleKind.STEP, ScheduleKind.EXPONENTIAL):
-        check.bad(f"{path}.gamma", "only used with kinds STEP and EXPONENTIAL")
     check.float_range(f"{path}.min_lr_ratio", schedule.min_lr_ratio, 0.0, 1.0, high_open=True)
-    if schedule.min_lr_ratio and kind is not ScheduleKind.COSINE:
-        check.bad(f"{path}.min_lr_ratio", "only used with kind COSINE")
+    check.int_range(f"{path}.num_cycles", schedule.num_cycles, 0, 1000)
+    check.float_range(f"{path}.power", schedule.power, 0.0, 100.0)
+    check.int_range(f"{path}.patience", schedule.patience, 0, 1000)
+    milestones = list(schedule.milestones)
+    if kind is ScheduleKind.MULTI_STEP and not milestones:
+        check.bad(f"{path}.milestones", "MULTI_STEP needs at least one milestone")
+    if milestones != sorted(set(milestones)) or any(m <= 0 for m in milestones):
+        check.bad(f"{path}.milestones", "must be positive and strictly increasing")
     return ScheduleSettings(
         kind=kind,
         warmup_steps=schedule.warmup_steps,
@@ -288,11 +395,18 @@ def _schedule(check: _Checker, schedule: pb.Schedule) -> ScheduleSettings:
         step_size=schedule.step_size,
         gamma=schedule.gamma,
         min_lr_ratio=schedule.min_lr_ratio,
+        milestones=tuple(milestones),
+        num_cycles=schedule.num_cycles or 1,
+        power=schedule.power or 1.0,
+        patience=schedule.patience or 1,
     )
 
 
 def _evaluation(check: _Checker, evaluation: pb.EvaluationSpec) -> EvaluationSettings:
     path = "evaluation"
+    best_metric = evaluation.best_metric or "eval_loss"
+    if best_metric not in CLASSIFICATION_METRICS:
+        check.bad(f"{path}.best_metric", f"must be one of {', '.join(CLASSIFICATION_METRICS)}, got {best_metric!r}")
     return EvaluationSettings(
         eval_every_steps=check.int_range(f"{path}.eval_every_steps", evaluation.eval_every_steps, 0, 10_000_000),
         log_every_steps=check.int_range(f"{path}.log_every_steps", evaluation.log_every_steps, 0, 10_000_000) or 10,
@@ -300,4 +414,27 @@ def _evaluation(check: _Checker, evaluation: pb.EvaluationSpec) -> EvaluationSet
             f"{path}.checkpoint_every_steps", evaluation.checkpoint_every_steps, 0, 10_000_000
         ),
         evaluate_before_training=evaluation.evaluate_before_training,
+        best_metric=best_metric,
+        early_stopping_patience=check.int_range(
+            f"{path}.early_stopping_patience", evaluation.early_stopping_patience, 0, 1000
+        ),
+        early_stopping_min_delta=check.float_range(
+            f"{path}.early_stopping_min_delta", evaluation.early_stopping_min_delta, 0.0, 1e6
+        ),
     )
+
+
+def _needs_validation(check: _Checker, spec: TrainingSpec) -> None:
+    """Options driven by evaluation results need validation data to evaluate on."""
+    if spec.data.validation_file or spec.data.validation_fraction:
+        return
+    if spec.hyperparameters.schedule.kind is ScheduleKind.REDUCE_ON_PLATEAU:
+        check.bad(
+            "hyperparameters.schedule.kind",
+            "REDUCE_ON_PLATEAU needs validation data (validation_file or validation_fraction)",
+        )
+    if spec.evaluation.early_stopping_patience:
+        check.bad(
+            "evaluation.early_stopping_patience",
+            "early stopping needs validation data (validation_file or validation_fraction)",
+        )

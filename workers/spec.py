@@ -26,6 +26,8 @@ class AdaptationMethod(StrEnum):
     FROZEN_BACKBONE = "frozen_backbone"
     FREEZE_FIRST_BLOCKS = "freeze_first_blocks"
     LORA = "lora"
+    LAST_BLOCKS_TRAINABLE = "last_blocks_trainable"
+    GRADUAL_UNFREEZING = "gradual_unfreezing"
 
 
 class OptimizerKind(StrEnum):
@@ -33,6 +35,24 @@ class OptimizerKind(StrEnum):
 
     ADAMW = "adamw"
     SGD = "sgd"
+    ADAM = "adam"
+
+
+class ClassBalance(StrEnum):
+    """How imbalanced classes are handled."""
+
+    NONE = "none"
+    WEIGHTED_LOSS = "weighted_loss"
+    BALANCED_SAMPLING = "balanced_sampling"
+
+
+class Precision(StrEnum):
+    """Numeric precision of forward and backward passes."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
 
 
 class ScheduleKind(StrEnum):
@@ -43,6 +63,11 @@ class ScheduleKind(StrEnum):
     COSINE = "cosine"
     STEP = "step"
     EXPONENTIAL = "exponential"
+    COSINE_WITH_RESTARTS = "cosine_with_restarts"
+    MULTI_STEP = "multi_step"
+    POLYNOMIAL = "polynomial"
+    ONE_CYCLE = "one_cycle"
+    REDUCE_ON_PLATEAU = "reduce_on_plateau"
 
 
 class Activation(StrEnum):
@@ -91,6 +116,10 @@ class AdaptationSettings:
     num_frozen_blocks: int = 0
     """Blocks frozen by FREEZE_FIRST_BLOCKS."""
     lora: LoraSettings | None = None
+    num_trainable_blocks: int = 0
+    """Blocks trained by LAST_BLOCKS_TRAINABLE."""
+    unfreeze_every_epochs: int = 1
+    """GRADUAL_UNFREEZING: epochs between unfreezing one more block."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +143,14 @@ class ScheduleSettings:
     gamma: float = 0.0
     """STEP/EXPONENTIAL decay factor; 0 means the kind's default."""
     min_lr_ratio: float = 0.0
+    milestones: tuple[int, ...] = ()
+    """MULTI_STEP: steps at which the rate is multiplied by gamma."""
+    num_cycles: int = 1
+    """COSINE_WITH_RESTARTS: cosine cycles."""
+    power: float = 1.0
+    """POLYNOMIAL: degree."""
+    patience: int = 1
+    """REDUCE_ON_PLATEAU: evaluations without improvement before a drop."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +170,14 @@ class Hyperparameters:
     seed: int = 0
     max_steps: int = 0
     """0 means no limit."""
+    nesterov: bool = False
+    head_learning_rate: float = 0.0
+    """0 means learning_rate."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay; 1 is off."""
+    label_smoothing: float = 0.0
+    class_balance: ClassBalance = ClassBalance.NONE
+    precision: Precision = Precision.AUTO
 
 
 @dataclass(frozen=True)
@@ -143,6 +188,16 @@ class EvaluationSettings:
     log_every_steps: int = 10
     checkpoint_every_steps: int = 0
     evaluate_before_training: bool = False
+    best_metric: str = "eval_loss"
+    """Picks the best checkpoint (the artifact), drives early stopping and REDUCE_ON_PLATEAU."""
+    early_stopping_patience: int = 0
+    """Evaluations without improvement before stopping; 0 never stops early."""
+    early_stopping_min_delta: float = 0.0
+
+    @property
+    def maximize(self) -> bool:
+        """Losses and error rates are minimised; everything else is maximised."""
+        return not self.best_metric.endswith(("loss", "wer", "cer"))
 
 
 @dataclass(frozen=True)

@@ -90,11 +90,11 @@ def test_a_model_outside_the_model_roots_is_rejected(
 def test_unbuilt_options_are_unimplemented(client: TuneforgeClient, dataset_file: str, tiny_bert: Path) -> None:
     spec = text_spec(tiny_bert, dataset_file)
     spec.task = job_spec_pb2.IMAGE_CLASSIFICATION
-    spec.adaptation.method = job_spec_pb2.Adaptation.LORA
+    spec.resources.gpus = 2
     with pytest.raises(TuneforgeError) as raised:
         client.create_job(spec)
     assert raised.value.code == grpc.StatusCode.UNIMPLEMENTED
-    assert set(raised.value.field_violations) == {"job.spec.task", "job.spec.adaptation.method"}
+    assert set(raised.value.field_violations) == {"job.spec.task", "job.spec.resources.gpus"}
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ def test_every_bad_field_is_reported_together() -> None:
         "job.spec.head.dropout",
         "job.spec.priority",
     }
-    assert "only used with kinds STEP and EXPONENTIAL" in problems["job.spec.hyperparameters.schedule.gamma"]
+    assert "only used with kind STEP or MULTI_STEP" in problems["job.spec.hyperparameters.schedule.gamma"]
 
 
 def test_options_meant_for_another_setting_are_not_ignored() -> None:
@@ -96,15 +96,10 @@ def test_options_meant_for_another_setting_are_not_ignored() -> None:
 def test_unbuilt_tasks_and_options_are_unimplemented_not_ignored() -> None:
     spec = minimal()
     spec.task = pb.IMAGE_CLASSIFICATION
-    spec.adaptation.method = pb.Adaptation.LORA
     spec.resources.gpus = 4
     result = validate_spec(spec, [])
     assert result.spec is None and not result.violations
-    assert {v.field for v in result.unimplemented} == {
-        "job.spec.task",
-        "job.spec.adaptation.method",
-        "job.spec.resources.gpus",
-    }
+    assert {v.field for v in result.unimplemented} == {"job.spec.task", "job.spec.resources.gpus"}
 
 
 def test_local_models_must_lie_under_a_model_root(tmp_path: Path) -> None:
@@ -122,3 +117,52 @@ def test_local_models_must_lie_under_a_model_root(tmp_path: Path) -> None:
     ]:
         assert message in fields_of(minimal(str(path)), [root])["job.spec.base_model"]
     assert "without `..`" in fields_of(minimal(f"{root}/good/../good"), [root])["job.spec.base_model"]
+
+
+def test_toolbox_fields_convert_with_defaults() -> None:
+    spec = minimal()
+    spec.data.validation_fraction = 0.2
+    spec.adaptation.method = pb.Adaptation.LORA
+    spec.adaptation.lora.rank = 4
+    spec.hyperparameters.optimizer = pb.Hyperparameters.SGD
+    spec.hyperparameters.nesterov = True
+    spec.hyperparameters.head_learning_rate = 1e-3
+    spec.hyperparameters.layer_decay = 0.8
+    spec.hyperparameters.label_smoothing = 0.1
+    spec.hyperparameters.class_balance = pb.Hyperparameters.BALANCED_SAMPLING
+    spec.hyperparameters.schedule.kind = pb.Schedule.REDUCE_ON_PLATEAU
+    spec.evaluation.best_metric = "eval_accuracy"
+    spec.evaluation.early_stopping_patience = 2
+    result = validate_spec(spec, [])
+    assert not result.violations and result.spec is not None
+    converted = result.spec
+    assert converted.adaptation.lora is not None and (
+        converted.adaptation.lora.rank,
+        converted.adaptation.lora.alpha,
+    ) == (4, 8.0)
+    hp = converted.hyperparameters
+    assert hp.nesterov and hp.momentum == 0.9 and hp.layer_decay == 0.8 and hp.label_smoothing == 0.1
+    assert hp.schedule.patience == 1 and converted.evaluation.maximize
+
+
+def test_toolbox_fields_are_checked() -> None:
+    spec = minimal()
+    spec.adaptation.method = pb.Adaptation.LAST_BLOCKS_TRAINABLE
+    spec.adaptation.unfreeze_every_epochs = 2
+    spec.hyperparameters.nesterov = True
+    spec.hyperparameters.schedule.kind = pb.Schedule.MULTI_STEP
+    spec.hyperparameters.schedule.milestones.extend([10, 5])
+    spec.hyperparameters.schedule.power = 2.0
+    spec.evaluation.best_metric = "eval_wer"
+    spec.evaluation.early_stopping_patience = 3
+    problems = fields_of(spec)
+    assert set(problems) == {
+        "job.spec.adaptation.num_trainable_blocks",
+        "job.spec.adaptation.unfreeze_every_epochs",
+        "job.spec.hyperparameters.nesterov",
+        "job.spec.hyperparameters.schedule.milestones",
+        "job.spec.hyperparameters.schedule.power",
+        "job.spec.evaluation.best_metric",
+        "job.spec.evaluation.early_stopping_patience",
+    }
+    assert "needs validation data" in problems["job.spec.evaluation.early_stopping_patience"]

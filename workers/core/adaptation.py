@@ -1,12 +1,14 @@
-"""One freeze-policy and head API for every modality: works on any transformers model with a `base_model`.
+"""One freeze-policy, head and learning-rate-layout API for every modality, on any transformers model.
 
-The backbone is `model.base_model` (what `base_model_prefix` names); its blocks are the longest ModuleList inside
-it (`encoder.layer` for BERT, `encoder.layers` for wav2vec2, ...); the head is everything outside the backbone.
+The backbone is `model.base_model` (what `base_model_prefix` names). Its blocks are found per architecture family
+(`encoder.layer` for BERT and ViT, `encoder.layers` for wav2vec2, `encoder.stages` for ResNet and ConvNeXt, ...).
+Backbone parameters registered before the first block form the stem (embeddings, patch or feature encoders); those
+after the last block form the top (pooler, final norm). The head is everything outside the backbone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -18,6 +20,18 @@ ACTIVATIONS: dict[Activation, type[nn.Module]] = {
     Activation.GELU: nn.GELU,
     Activation.TANH: nn.Tanh,
 }
+# Where each architecture family keeps its repeated blocks, most specific first.
+BLOCK_PATHS = (
+    "encoder.layer",
+    "encoder.layers",
+    "encoder.stages",
+    "encoder.block",
+    "layers",
+    "stages",
+    "blocks",
+    "layer",
+    "h",
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +46,25 @@ class TrainableSummary:
         return f"{self.trainable:,} of {self.total:,} parameters train ({share:.2f}%)"
 
 
+@dataclass
+class ModelLayout:
+    """The model's parameters by role: stem, each block (bottom first), top of the backbone, and head."""
+
+    stem: list[nn.Parameter] = field(default_factory=list)
+    blocks: list[list[nn.Parameter]] = field(default_factory=list)
+    top: list[nn.Parameter] = field(default_factory=list)
+    head: list[nn.Parameter] = field(default_factory=list)
+
+    def depth_of(self) -> dict[int, int]:
+        """Layer-wise decay exponent per parameter id: head 0, top and top block 1, ..., stem len(blocks)+1."""
+        depth = {id(p): 0 for p in self.head}
+        depth.update({id(p): 1 for p in self.top})
+        for index, block in enumerate(self.blocks):
+            depth.update({id(p): len(self.blocks) - index for p in block})
+        depth.update({id(p): len(self.blocks) + 1 for p in self.stem})
+        return depth
+
+
 def backbone_of(model: nn.Module) -> nn.Module:
     """The pretrained body of a transformers model (everything but the task head)."""
     backbone = getattr(model, "base_model", None)
@@ -41,51 +74,105 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 def blocks_of(backbone: nn.Module) -> nn.ModuleList:
-    """The backbone's repeated blocks: its longest ModuleList."""
-    lists = [module for module in backbone.modules() if isinstance(module, nn.ModuleList)]
-    if not lists:
-        raise JobFailure("UNSUPPORTED_MODEL", f"found no blocks in {type(backbone).__name__}")
-    return max(lists, key=len)
+    """The backbone's repeated blocks, looked up by the architecture family's attribute path."""
+    for path in BLOCK_PATHS:
+        try:
+            found = backbone.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return found
+    raise JobFailure(
+        "UNSUPPORTED_MODEL",
+        f"cannot find the blocks of {type(backbone).__name__} (looked for {', '.join(BLOCK_PATHS)}); use adaptation "
+        "FULL, FROZEN_BACKBONE or LORA with this architecture",
+    )
 
 
-def _freeze(module: nn.Module) -> None:
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
+def layout_of(model: nn.Module) -> ModelLayout:
+    """Partitions every parameter by role (see the module docstring)."""
+    backbone = backbone_of(model)
+    blocks = blocks_of(backbone)
+    block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    layout = ModelLayout(blocks=[[] for _ in blocks])
+    seen_block = False
+    for parameter in backbone.parameters():
+        index = block_of.get(id(parameter))
+        if index is not None:
+            layout.blocks[index].append(parameter)
+            seen_block = True
+        else:
+            (layout.top if seen_block else layout.stem).append(parameter)
+    backbone_ids = {id(p) for p in backbone.parameters()}
+    layout.head = [p for p in model.parameters() if id(p) not in backbone_ids]
+    return layout
+
+
+def _set_trainable(parameters: list[nn.Parameter], trainable: bool) -> None:
+    for parameter in parameters:
+        parameter.requires_grad_(trainable)
 
 
 def apply_adaptation(model: nn.Module, settings: AdaptationSettings) -> TrainableSummary:
-    """Sets requires_grad according to the method; the head always trains."""
+    """Sets requires_grad according to the method; the head always trains. (LoRA is applied by `lora.py`.)"""
     match settings.method:
-        case AdaptationMethod.FULL:
+        case AdaptationMethod.FULL | AdaptationMethod.LORA:
             pass
         case AdaptationMethod.FROZEN_BACKBONE:
-            _freeze(backbone_of(model))
+            _set_trainable(list(backbone_of(model).parameters()), False)
         case AdaptationMethod.FREEZE_FIRST_BLOCKS:
-            _freeze_first_blocks(model, settings.num_frozen_blocks)
-        case AdaptationMethod.LORA:
-            raise JobFailure("UNIMPLEMENTED", "adaptation.method LORA is not available on this server yet")
+            _freeze_bottom(model, settings.num_frozen_blocks, "adaptation.num_frozen_blocks")
+        case AdaptationMethod.LAST_BLOCKS_TRAINABLE:
+            count = len(layout_of(model).blocks)
+            _check_count(model, settings.num_trainable_blocks, count, "adaptation.num_trainable_blocks")
+            _freeze_bottom(model, count - settings.num_trainable_blocks, "adaptation.num_trainable_blocks")
+        case AdaptationMethod.GRADUAL_UNFREEZING:
+            _set_trainable(list(backbone_of(model).parameters()), False)
+    return summarize(model)
+
+
+def summarize(model: nn.Module) -> TrainableSummary:
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return TrainableSummary(trainable, total)
+    return TrainableSummary(sum(p.numel() for p in model.parameters() if p.requires_grad), total)
 
 
-def _freeze_first_blocks(model: nn.Module, count: int) -> None:
-    backbone = backbone_of(model)
-    blocks = blocks_of(backbone)
-    if count > len(blocks):
+def _check_count(model: nn.Module, requested: int, available: int, field_name: str) -> None:
+    if requested > available:
         raise JobFailure(
-            "INVALID_SPEC",
-            f"adaptation.num_frozen_blocks is {count} but {type(model).__name__} has only {len(blocks)} blocks",
+            "INVALID_SPEC", f"{field_name} is {requested} but {type(model).__name__} has only {available} blocks"
         )
-    embeddings = getattr(backbone, "embeddings", None)
-    if isinstance(embeddings, nn.Module):
-        _freeze(embeddings)
-    get_input_embeddings = getattr(model, "get_input_embeddings", None)
-    input_embeddings = get_input_embeddings() if callable(get_input_embeddings) else None
-    if isinstance(input_embeddings, nn.Module):
-        _freeze(input_embeddings)
-    for block in list(blocks)[:count]:
-        _freeze(block)
+
+
+def _freeze_bottom(model: nn.Module, count: int, field_name: str) -> None:
+    """Freezes the stem and the lowest `count` blocks."""
+    layout = layout_of(model)
+    _check_count(model, count, len(layout.blocks), field_name)
+    _set_trainable(layout.stem, False)
+    for block in layout.blocks[:count]:
+        _set_trainable(block, False)
+
+
+class GradualUnfreezer:
+    """GRADUAL_UNFREEZING: the head first; then, every `every` epochs, the top of the backbone and one more block
+    from the top. The stem (embeddings) stays frozen."""
+
+    def __init__(self, model: nn.Module, every_epochs: int):
+        self.layout = layout_of(model)
+        self.every_epochs = every_epochs
+
+    def groups_for_epoch(self, epoch: int) -> int:
+        """How many blocks train in this epoch (counted from 1)."""
+        return min(len(self.layout.blocks), (epoch - 1) // self.every_epochs)
+
+    def apply(self, epoch: int) -> int:
+        unfrozen = self.groups_for_epoch(epoch)
+        _set_trainable(self.layout.top, unfrozen > 0)
+        for index, block in enumerate(self.layout.blocks):
+            _set_trainable(block, index >= len(self.layout.blocks) - unfrozen)
+        return unfrozen
+
+    def eventually_trainable(self) -> list[nn.Parameter]:
+        return [*self.layout.head, *self.layout.top, *(p for block in self.layout.blocks for p in block)]
 
 
 def build_head(in_features: int, num_labels: int, settings: HeadSettings) -> nn.Sequential:
@@ -120,3 +207,37 @@ def replace_head(model: nn.Module, num_labels: int, settings: HeadSettings) -> s
     old = getattr(parent, attribute)
     setattr(parent, attribute, build_head(old.in_features, num_labels, settings))
     return path
+
+
+@dataclass(frozen=True)
+class TrainableParameter:
+    """A parameter the optimizer holds, with what its learning rate depends on."""
+
+    parameter: nn.Parameter
+    name: str
+    is_head: bool
+    depth: int
+    """Layer-wise decay exponent (0 for the head and when decay is off)."""
+
+
+def plan_parameters(
+    model: nn.Module, layer_decay: bool, unfreezer: GradualUnfreezer | None
+) -> list[TrainableParameter]:
+    """Every parameter that trains now or later (gradual unfreezing), tagged for the optimizer's groups.
+
+    A LoRA model (peft) marks its head as `modules_to_save`; anything else is split by the backbone boundary.
+    """
+    later = {id(p) for p in unfreezer.eventually_trainable()} if unfreezer else set()
+    if getattr(model, "peft_config", None) is not None:
+        return [
+            TrainableParameter(p, name, "modules_to_save" in name, 0)
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        ]
+    backbone_ids = {id(p) for p in backbone_of(model).parameters()}
+    depth = layout_of(model).depth_of() if layer_decay else {}
+    return [
+        TrainableParameter(p, name, id(p) not in backbone_ids, depth.get(id(p), 0))
+        for name, p in model.named_parameters()
+        if p.requires_grad or id(p) in later
+    ]

@@ -31,6 +31,8 @@ class PreparedTask:
     validation_set: Sequence[Any]
     collate: Callable[[list[Any]], Batch]
     labels: list[str]
+    train_labels: list[int]
+    """The label id of each training example (class weights, balanced sampling)."""
 
 
 class TaskAdapter(Protocol):

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from workers.core.adaptation import replace_head
+from workers.core.lora import is_lora, save_lora
 from workers.spec import Activation, HeadSettings, TrainingSpec
 
 HEAD_CONFIG_KEY = "tuneforge_head"
@@ -68,9 +69,13 @@ def pack_archive(folder: Path, archive: Path) -> tuple[int, str]:
 def write_artifact(
     model: nn.Module, processor: Any, spec: TrainingSpec, metrics: dict[str, Any], work_dir: Path, archive: Path
 ) -> tuple[int, str]:
-    """Saves the model folder under work_dir and packs it into the archive."""
+    """Saves the model folder under work_dir and packs it into the archive. A LoRA model is saved twice: its
+    adapter (with the head) under `adapter/`, and merged into the base weights as the main folder."""
     folder = work_dir / "artifact"
     shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if is_lora(model):
+        model = save_lora(model, folder)
     save_model_folder(model, processor, folder, spec, metrics)
     return pack_archive(folder, archive)
 

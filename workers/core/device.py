@@ -1,4 +1,4 @@
-"""Device choice and the per-device speed settings (TF32, bf16 autocast) in one place."""
+"""Device choice and the per-device speed and precision settings (TF32, bf16/fp16 autocast) in one place."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from workers.core.errors import JobFailure
+from workers.spec import Precision
 
 
 def select_device(preference: str) -> torch.device:
@@ -24,11 +27,27 @@ def configure_torch(num_threads: int) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision on a device; None runs in full precision."""
+    match precision:
+        case Precision.AUTO:
+            return torch.bfloat16 if device.type == "cuda" else None
+        case Precision.FP32:
+            return None
+        case Precision.BF16:
+            return torch.bfloat16
+        case Precision.FP16:
+            if device.type != "cuda":
+                raise JobFailure("INVALID_SPEC", "hyperparameters.precision FP16 needs a CUDA worker; use BF16 or AUTO")
+            return torch.float16
+    raise ValueError(f"unknown precision {precision}")
+
+
 @contextlib.contextmanager
-def autocast(device: torch.device) -> Iterator[None]:
-    """bf16 autocast on CUDA (no loss scaling needed); full precision on the CPU."""
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            yield
-    else:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Mixed precision where asked for; full precision otherwise."""
+    if dtype is None:
         yield
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            yield

@@ -13,13 +13,21 @@ from pathlib import Path
 import torch
 import transformers
 
-from workers.core.adaptation import apply_adaptation, replace_head
+from workers.core.adaptation import (
+    GradualUnfreezer,
+    apply_adaptation,
+    plan_parameters,
+    replace_head,
+    summarize,
+)
 from workers.core.adapters import adapter_for
 from workers.core.artifact import write_artifact
 from workers.core.errors import JobFailure, TrainingCancelled
+from workers.core.lora import apply_lora
 from workers.core.reporting import Reporter
 from workers.core.trainer import Trainer
 from workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
+from workers.spec import AdaptationMethod
 
 
 def run_job(
@@ -61,17 +69,31 @@ def _train_and_save(job: RunJob, device: torch.device, reporter: Reporter) -> No
         replaced = replace_head(task.model, len(task.labels), spec.head)
         reporter.log(f"replaced {replaced} with a head of hidden sizes {list(spec.head.hidden_sizes)}")
     summary = apply_adaptation(task.model, spec.adaptation)
+    unfreezer = None
+    if spec.adaptation.method is AdaptationMethod.GRADUAL_UNFREEZING:
+        unfreezer = GradualUnfreezer(task.model, spec.adaptation.unfreeze_every_epochs)
+    if spec.adaptation.method is AdaptationMethod.LORA and spec.adaptation.lora is not None:
+        task.model = apply_lora(task.model, spec.adaptation.lora)
+        summary = summarize(task.model)
     reporter.log(f"adaptation {spec.adaptation.method.value}: {summary.describe()}")
-    trainer = Trainer(task, spec, device, reporter, work_dir / "checkpoints")
+    parameters = plan_parameters(task.model, spec.hyperparameters.layer_decay != 1.0, unfreezer)
+    trainer = Trainer(task, spec, device, reporter, work_dir, parameters, unfreezer)
     result = trainer.train()
     reporter.check_cancelled()
+    best_step = trainer.restore_best()
+    if best_step is not None and best_step != result.steps:
+        reporter.log(f"the artifact holds the best model, from step {best_step} ({spec.evaluation.best_metric})")
     metrics = {
         "final": result.final_metrics,
         "best": result.best_metrics,
+        "best_step": best_step,
+        "stopped_early": result.stopped_early,
+        "classes": result.best_details,
         "history": result.history,
         "steps": result.steps,
         "labels": task.labels,
     }
+    saved_metrics = result.best_metrics or result.final_metrics
     size, sha256 = write_artifact(trainer.model.cpu(), task.processor, spec, metrics, work_dir, Path(job.artifact_path))
-    reporter.artifact(size, sha256, result.final_metrics)
+    reporter.artifact(size, sha256, saved_metrics)
     reporter.log(f"artifact written: {size} bytes, sha256 {sha256[:12]}")

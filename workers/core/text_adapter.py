@@ -44,6 +44,7 @@ class TextClassificationAdapter:
             validation_set=self._encode(data.validation, tokenizer, max_length),
             collate=self._collate(tokenizer),
             labels=data.labels,
+            train_labels=[example.label for example in data.train],
         )
 
     @staticmethod

@@ -1,33 +1,33 @@
-"""The one shared training loop, for every modality: micro-batches with gradient accumulation, clipping, the
-schedule, periodic evaluation, logging and checkpoints. It sees only a PreparedTask and the resolved spec.
+"""The one shared training loop, for every modality: micro-batches with gradient accumulation, mixed precision,
+clipping, the schedule, gradual unfreezing, periodic evaluation with early stopping and the best checkpoint, logging
+and checkpoints. It sees only a PreparedTask, the parameters to train and the resolved spec.
 
 It does not decode data, pick models or talk to the server: adapters and the Reporter do that.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 from torch import nn
+from torch.amp.grad_scaler import GradScaler
 from torch.utils.data import DataLoader
 
+from workers.core.adaptation import GradualUnfreezer, TrainableParameter, summarize
 from workers.core.adapters import Batch, PreparedTask
-from workers.core.device import autocast
+from workers.core.checkpoints import restore_best, save_best, save_checkpoint
+from workers.core.device import autocast, autocast_dtype
 from workers.core.errors import JobFailure
-from workers.core.evaluation import classification_metrics
+from workers.core.evaluation import evaluate
+from workers.core.optimization import balanced_sampler, build_optimizer, classification_loss, plan_steps
 from workers.core.reporting import Reporter
-from workers.core.schedules import lr_multiplier
-from workers.spec import Hyperparameters, OptimizerKind, TrainingSpec
-
-NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+from workers.core.schedules import PlateauScale, lr_multiplier
+from workers.spec import ClassBalance, ScheduleKind, TrainingSpec
 
 
 @dataclass
@@ -37,7 +37,10 @@ class TrainResult:
     steps: int
     final_metrics: dict[str, float] = field(default_factory=dict)
     best_metrics: dict[str, float] = field(default_factory=dict)
+    best_step: int | None = None
+    best_details: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 @dataclass
@@ -55,145 +58,122 @@ class LogWindow:
         self.steps, self.samples, self.start = 0, 0, time.perf_counter()
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """How the data divides into micro-batches and optimizer steps."""
-
-    micro_batch_size: int
-    accumulation: int
-    steps_per_epoch: int
-    total_steps: int
-    epochs: int
-
-
-def plan_steps(num_examples: int, hp: Hyperparameters) -> StepPlan:
-    """Optimizer steps per epoch and in total (max_steps caps the total)."""
-    micro = max(1, hp.batch_size // hp.gradient_accumulation_steps)
-    micro_batches = math.ceil(num_examples / micro)
-    steps_per_epoch = math.ceil(micro_batches / hp.gradient_accumulation_steps)
-    total = steps_per_epoch * hp.epochs
-    if hp.max_steps:
-        total = min(total, hp.max_steps)
-    epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else 0
-    return StepPlan(micro, hp.gradient_accumulation_steps, steps_per_epoch, total, epochs)
-
-
-def build_optimizer(model: nn.Module, hp: Hyperparameters, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or SGD over the trainable parameters; no weight decay on biases and norm weights."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if name.endswith(NO_DECAY_MARKERS) else decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": hp.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if hp.optimizer is OptimizerKind.SGD:
-        return torch.optim.SGD(groups, lr=hp.learning_rate, momentum=hp.momentum)
-    return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=device.type == "cuda")
-
-
-def evaluate(model: nn.Module, loader: DataLoader[Any], device: torch.device) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 over the whole validation set."""
-    model.eval()
-    total_loss, count = 0.0, 0
-    predictions, labels = [], []
-    with torch.inference_mode(), autocast(device):
-        for batch in loader:
-            batch = _to_device(batch, device)
-            output = model(**batch)
-            size = batch["labels"].shape[0]
-            total_loss += output.loss.float().item() * size
-            count += size
-            predictions.append(output.logits.argmax(dim=-1).cpu())
-            labels.append(batch["labels"].cpu())
-    model.train()
-    metrics = classification_metrics(torch.cat(predictions), torch.cat(labels))
-    return {"eval_loss": total_loss / max(1, count), **{f"eval_{k}": v for k, v in metrics.items()}}
-
-
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-def save_checkpoint(model: nn.Module, directory: Path, step: int, epoch: int) -> tuple[Path, int]:
-    """Writes the weights (safetensors) and the position atomically; keeps only the newest checkpoint."""
-    final = directory / f"step-{step:06d}"
-    temporary = directory / f".step-{step:06d}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_model(model, str(temporary / "model.safetensors"))
-    (temporary / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch}))
-    shutil.rmtree(final, ignore_errors=True)
-    temporary.rename(final)
-    for older in directory.glob("step-*"):
-        if older != final:
-            shutil.rmtree(older, ignore_errors=True)
-    return final, sum(f.stat().st_size for f in final.iterdir())
 
 
 class Trainer:
     """Trains a PreparedTask as the spec says, reporting as it goes."""
 
     def __init__(
-        self, task: PreparedTask, spec: TrainingSpec, device: torch.device, reporter: Reporter, checkpoint_dir: Path
+        self,
+        task: PreparedTask,
+        spec: TrainingSpec,
+        device: torch.device,
+        reporter: Reporter,
+        work_dir: Path,
+        parameters: list[TrainableParameter],
+        unfreezer: GradualUnfreezer | None = None,
     ):
-        self.task = task
-        self.spec = spec
-        self.hp = spec.hyperparameters
-        self.device = device
-        self.reporter = reporter
-        self.checkpoint_dir = checkpoint_dir
+        self.task, self.spec, self.hp, self.device, self.reporter = task, spec, spec.hyperparameters, device, reporter
+        self.checkpoint_dir = work_dir / "checkpoints"
+        self.unfreezer = unfreezer
         self.plan = plan_steps(len(task.train_set), self.hp)
         self.model = task.model.to(device)
-        self.optimizer = build_optimizer(self.model, self.hp, device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_multiplier(self.hp.schedule, self.plan.total_steps, self.plan.steps_per_epoch)
+        self.optimizer = build_optimizer(parameters, self.hp, device)
+        ev = spec.evaluation
+        self.plateau = (
+            PlateauScale(self.hp.schedule.gamma or 0.5, self.hp.schedule.patience, ev.maximize)
+            if self.hp.schedule.kind is ScheduleKind.REDUCE_ON_PLATEAU
+            else None
         )
+        multiplier = lr_multiplier(self.hp.schedule, self.plan.total_steps, self.plan.steps_per_epoch, self.plateau)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, multiplier)
+        self.dtype = autocast_dtype(self.hp.precision, device)
+        self.scaler = GradScaler("cuda") if self.dtype == torch.float16 else None  # fp16 needs loss scaling
+        self.loss_fn = classification_loss(self.hp, task.train_labels, len(task.labels), device)
+        self.eval_loss_fn = nn.CrossEntropyLoss()
+        self.evaluations_without_improvement = 0
         self.result = TrainResult(steps=0)
 
-    def _loader(self, dataset: Any, shuffle: bool, batch_size: int, seed: int) -> DataLoader[Any]:
+    # ------------------------------------------------------------ data
+
+    def _loader(self, dataset: Any, train: bool, batch_size: int, seed: int) -> DataLoader[Any]:
         generator = torch.Generator().manual_seed(seed)
+        balanced = train and self.hp.class_balance is ClassBalance.BALANCED_SAMPLING
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=train and not balanced,
+            sampler=balanced_sampler(self.task.train_labels, generator) if balanced else None,
             collate_fn=self.task.collate,
             generator=generator,
             pin_memory=self.device.type == "cuda",
         )
 
+    # ------------------------------------------------------------ evaluation, best checkpoint, early stopping
+
     def _evaluate(self, step: int, epoch: int) -> None:
         if not self.task.validation_set:
             return
         loader = self._loader(self.task.validation_set, False, self.plan.micro_batch_size * 2, 0)
-        metrics = evaluate(self.model, loader, self.device)
+        to_device = lambda batch: _to_device(batch, self.device)  # noqa: E731
+        with autocast(self.device, self.dtype):
+            evaluation = evaluate(self.model, loader, self.device, self.eval_loss_fn, self.task.labels, to_device)
+        metrics = evaluation.metrics
         self.reporter.evaluation(step, epoch, metrics)
         self.result.final_metrics = metrics
         self.result.history.append({"step": float(step), "epoch": float(epoch), **metrics})
-        best = self.result.best_metrics
-        if not best or metrics["eval_loss"] < best["eval_loss"]:
-            self.result.best_metrics = metrics
+        if self.plateau is not None and self.plateau.observe(metrics[self.spec.evaluation.best_metric]):
+            self.reporter.log(
+                f"{self.spec.evaluation.best_metric} stopped improving: learning rate x{self.plateau.gamma}"
+            )
+        if step > 0:
+            self._track_best(step, metrics, evaluation.details)
+
+    def _track_best(self, step: int, metrics: dict[str, float], details: dict[str, Any]) -> None:
+        ev = self.spec.evaluation
+        value, best = metrics[ev.best_metric], self.result.best_metrics.get(ev.best_metric)
+        gain = math.inf if best is None else (value - best if ev.maximize else best - value)
+        if gain > ev.early_stopping_min_delta or (best is None):
+            self.result.best_metrics, self.result.best_step, self.result.best_details = metrics, step, details
+            self.evaluations_without_improvement = 0
+            save_best(self.model, self.checkpoint_dir, step, ev.best_metric, value)
+        else:
+            self.evaluations_without_improvement += 1
+
+    def _should_stop_early(self) -> bool:
+        patience = self.spec.evaluation.early_stopping_patience
+        return bool(patience) and self.evaluations_without_improvement >= patience
 
     def _checkpoint(self, step: int, epoch: int) -> None:
         path, size = save_checkpoint(self.model, self.checkpoint_dir, step, epoch)
         self.reporter.checkpoint(step, size, str(path))
+
+    # ------------------------------------------------------------ one step
 
     def _optimizer_step(self, group: list[Batch], window: LogWindow) -> None:
         """Forward and backward over one step's micro-batches, then clip, step and advance the schedule."""
         for batch in group:
             self.reporter.check_cancelled()
             batch = _to_device(batch, self.device)
-            with autocast(self.device):
-                loss = self.model(**batch).loss / len(group)
-            loss.backward()
+            labels = batch.pop("labels")
+            with autocast(self.device, self.dtype):
+                loss = self.loss_fn(self.model(**batch).logits, labels) / len(group)
+            scaled: torch.Tensor = self.scaler.scale(loss) if self.scaler else loss
+            scaled.backward()  # type: ignore[no-untyped-call]
             window.loss_sum += loss.detach()
-            window.samples += batch["labels"].shape[0]
+            window.samples += labels.shape[0]
         window.steps += 1
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         if self.hp.max_grad_norm > 0:
             window.grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.hp.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -217,6 +197,14 @@ class Trainer:
         )
         window.reset()
 
+    def _start_epoch(self, epoch: int) -> None:
+        if self.unfreezer is None:
+            return
+        blocks = self.unfreezer.apply(epoch)
+        self.reporter.log(f"epoch {epoch}: {blocks} top blocks unfrozen; {summarize(self.model).describe()}")
+
+    # ------------------------------------------------------------ the loop
+
     def train(self) -> TrainResult:
         """The loop, top to bottom."""
         plan, ev = self.plan, self.spec.evaluation
@@ -227,6 +215,7 @@ class Trainer:
         step = 0
         window = LogWindow(torch.zeros((), device=self.device))
         for epoch in range(1, plan.epochs + 1):
+            self._start_epoch(epoch)
             # --- a new data order each epoch, fixed by the seed
             loader = self._loader(self.task.train_set, True, plan.micro_batch_size, self.hp.seed * 1000 + epoch)
             micro_batches = iter(loader)
@@ -244,9 +233,22 @@ class Trainer:
                     self._evaluate(step, epoch)
                 if ev.checkpoint_every_steps and step % ev.checkpoint_every_steps == 0:
                     self._checkpoint(step, epoch)
+                if self._should_stop_early():
+                    break
             # --- epoch end: evaluate and checkpoint (unless just done at this step)
             if not (ev.eval_every_steps and step % ev.eval_every_steps == 0):
                 self._evaluate(step, epoch)
             if not (ev.checkpoint_every_steps and step % ev.checkpoint_every_steps == 0):
                 self._checkpoint(step, epoch)
+            if self._should_stop_early():
+                self.result.stopped_early = True
+                self.reporter.log(
+                    f"early stop at step {step}: {ev.best_metric} did not improve for {ev.early_stopping_patience} "
+                    f"evaluations (best {self.result.best_metrics.get(ev.best_metric)} at step {self.result.best_step})"
+                )
+                break
         return self.result
+
+    def restore_best(self) -> int | None:
+        """Puts the best checkpoint's weights back (the artifact holds the best model, not the last)."""
+        return restore_best(self.model, self.checkpoint_dir)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btuneforge/v1/job_spec.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xf3\x02\n\x07JobSpec\x12&\n\x04task\x18\x01 \x01(\x0e\x32\x12.tuneforge.v1.TaskB\x04\xe2\x41\x01\x02\x12\x18\n\nbase_model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x16.tuneforge.v1.DataSpecB\x04\xe2\x41\x01\x02\x12,\n\nadaptation\x18\x04 \x01(\x0b\x32\x18.tuneforge.v1.Adaptation\x12$\n\x04head\x18\x05 \x01(\x0b\x32\x16.tuneforge.v1.HeadSpec\x12\x36\n\x0fhyperparameters\x18\x06 \x01(\x0b\x32\x1d.tuneforge.v1.Hyperparameters\x12\x30\n\nevaluation\x18\x07 \x01(\x0b\x32\x1c.tuneforge.v1.EvaluationSpec\x12*\n\tresources\x18\x08 \x01(\x0b\x32\x17.tuneforge.v1.Resources\x12\x10\n\x08priority\x18\t \x01(\x05\"\xbf\x01\n\x08\x44\x61taSpec\x12\x1b\n\rtraining_file\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x0fvalidation_file\x18\x02 \x01(\t\x12\x1b\n\x13validation_fraction\x18\x03 \x01(\x01\x12\x13\n\x0btext_column\x18\x04 \x01(\t\x12\x18\n\x10text_pair_column\x18\x05 \x01(\t\x12\x14\n\x0clabel_column\x18\x06 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x07 \x01(\x05\"\xe2\x01\n\nAdaptation\x12/\n\x06method\x18\x01 \x01(\x0e\x32\x1f.tuneforge.v1.Adaptation.Method\x12\x19\n\x11num_frozen_blocks\x18\x02 \x01(\x05\x12$\n\x04lora\x18\x03 \x01(\x0b\x32\x16.tuneforge.v1.LoraSpec\"b\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\x13\n\x0f\x46ROZEN_BACKBONE\x10\x02\x12\x17\n\x13\x46REEZE_FIRST_BLOCKS\x10\x03\x12\x08\n\x04LORA\x10\x04\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\xb0\x01\n\x08HeadSpec\x12\x14\n\x0chidden_sizes\x18\x01 \x03(\x05\x12\x35\n\nactivation\x18\x02 \x01(\x0e\x32!.tuneforge.v1.HeadSpec.Activation\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\"F\n\nActivation\x12\x1a\n\x16\x41\x43TIVATION_UNSPECIFIED\x10\x00\x12\x08\n\x04RELU\x10\x01\x12\x08\n\x04GELU\x10\x02\x12\x08\n\x04TANH\x10\x03\"\xb2\x03\n\x0fHyperparameters\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x19\n\x0cweight_decay\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12:\n\toptimizer\x18\x05 \x01(\x0e\x32\'.tuneforge.v1.Hyperparameters.Optimizer\x12\x15\n\x08momentum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12(\n\x08schedule\x18\x07 \x01(\x0b\x32\x16.tuneforge.v1.Schedule\x12\x1a\n\rmax_grad_norm\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12#\n\x1bgradient_accumulation_steps\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x11\n\tmax_steps\x18\x0b \x01(\x05\":\n\tOptimizer\x12\x19\n\x15OPTIMIZER_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x41MW\x10\x01\x12\x07\n\x03SGD\x10\x02\x42\x0f\n\r_weight_decayB\x0b\n\t_momentumB\x10\n\x0e_max_grad_norm\"\xf8\x01\n\x08Schedule\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.tuneforge.v1.Schedule.Kind\x12\x14\n\x0cwarmup_steps\x18\x02 \x01(\x05\x12\x14\n\x0cwarmup_ratio\x18\x03 \x01(\x01\x12\x11\n\tstep_size\x18\x04 \x01(\x05\x12\r\n\x05gamma\x18\x05 \x01(\x01\x12\x14\n\x0cmin_lr_ratio\x18\x06 \x01(\x01\"]\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43ONSTANT\x10\x01\x12\n\n\x06LINEAR\x10\x02\x12\n\n\x06\x43OSINE\x10\x03\x12\x08\n\x04STEP\x10\x04\x12\x0f\n\x0b\x45XPONENTIAL\x10\x05\"\x85\x01\n\x0e\x45valuationSpec\x12\x18\n\x10\x65val_every_steps\x18\x01 \x01(\x05\x12\x17\n\x0flog_every_steps\x18\x02 \x01(\x05\x12\x1e\n\x16\x63heckpoint_every_steps\x18\x03 \x01(\x05\x12 \n\x18\x65valuate_before_training\x18\x04 \x01(\x08\"\x19\n\tResources\x12\x0c\n\x04gpus\x18\x01 \x01(\x05*\x81\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TEXT_CLASSIFICATION\x10\x01\x12\x18\n\x14IMAGE_CLASSIFICATION\x10\x02\x12\x18\n\x14\x41UDIO_CLASSIFICATION\x10\x03\x12\x16\n\x12SPEECH_RECOGNITION\x10\x04\x42@\n\x10\x64\x65v.tuneforge.v1P\x01Z*tuneforge.dev/api/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btuneforge/v1/job_spec.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xf3\x02\n\x07JobSpec\x12&\n\x04task\x18\x01 \x01(\x0e\x32\x12.tuneforge.v1.TaskB\x04\xe2\x41\x01\x02\x12\x18\n\nbase_model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12*\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x16.tuneforge.v1.DataSpecB\x04\xe2\x41\x01\x02\x12,\n\nadaptation\x18\x04 \x01(\x0b\x32\x18.tuneforge.v1.Adaptation\x12$\n\x04head\x18\x05 \x01(\x0b\x32\x16.tuneforge.v1.HeadSpec\x12\x36\n\x0fhyperparameters\x18\x06 \x01(\x0b\x32\x1d.tuneforge.v1.Hyperparameters\x12\x30\n\nevaluation\x18\x07 \x01(\x0b\x32\x1c.tuneforge.v1.EvaluationSpec\x12*\n\tresources\x18\x08 \x01(\x0b\x32\x17.tuneforge.v1.Resources\x12\x10\n\x08priority\x18\t \x01(\x05\"\xbf\x01\n\x08\x44\x61taSpec\x12\x1b\n\rtraining_file\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x0fvalidation_file\x18\x02 \x01(\t\x12\x1b\n\x13validation_fraction\x18\x03 \x01(\x01\x12\x13\n\x0btext_column\x18\x04 \x01(\t\x12\x18\n\x10text_pair_column\x18\x05 \x01(\t\x12\x14\n\x0clabel_column\x18\x06 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x07 \x01(\x05\"\xd3\x02\n\nAdaptation\x12/\n\x06method\x18\x01 \x01(\x0e\x32\x1f.tuneforge.v1.Adaptation.Method\x12\x19\n\x11num_frozen_blocks\x18\x02 \x01(\x05\x12$\n\x04lora\x18\x03 \x01(\x0b\x32\x16.tuneforge.v1.LoraSpec\x12\x1c\n\x14num_trainable_blocks\x18\x04 \x01(\x05\x12\x1d\n\x15unfreeze_every_epochs\x18\x05 \x01(\x05\"\x95\x01\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\x13\n\x0f\x46ROZEN_BACKBONE\x10\x02\x12\x17\n\x13\x46REEZE_FIRST_BLOCKS\x10\x03\x12\x08\n\x04LORA\x10\x04\x12\x19\n\x15LAST_BLOCKS_TRAINABLE\x10\x05\x12\x16\n\x12GRADUAL_UNFREEZING\x10\x06\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\xb0\x01\n\x08HeadSpec\x12\x14\n\x0chidden_sizes\x18\x01 \x03(\x05\x12\x35\n\nactivation\x18\x02 \x01(\x0e\x32!.tuneforge.v1.HeadSpec.Activation\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\"F\n\nActivation\x12\x1a\n\x16\x41\x43TIVATION_UNSPECIFIED\x10\x00\x12\x08\n\x04RELU\x10\x01\x12\x08\n\x04GELU\x10\x02\x12\x08\n\x04TANH\x10\x03\"\xca\x06\n\x0fHyperparameters\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x19\n\x0cweight_decay\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12:\n\toptimizer\x18\x05 \x01(\x0e\x32\'.tuneforge.v1.Hyperparameters.Optimizer\x12\x15\n\x08momentum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12(\n\x08schedule\x18\x07 \x01(\x0b\x32\x16.tuneforge.v1.Schedule\x12\x1a\n\rmax_grad_norm\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12#\n\x1bgradient_accumulation_steps\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x11\n\tmax_steps\x18\x0b \x01(\x05\x12\x10\n\x08nesterov\x18\x0c \x01(\x08\x12\x1a\n\x12head_learning_rate\x18\r \x01(\x01\x12\x13\n\x0blayer_decay\x18\x0e \x01(\x01\x12\x17\n\x0flabel_smoothing\x18\x0f \x01(\x01\x12\x41\n\rclass_balance\x18\x10 \x01(\x0e\x32*.tuneforge.v1.Hyperparameters.ClassBalance\x12:\n\tprecision\x18\x11 \x01(\x0e\x32\'.tuneforge.v1.Hyperparameters.Precision\"D\n\tOptimizer\x12\x19\n\x15OPTIMIZER_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x41MW\x10\x01\x12\x07\n\x03SGD\x10\x02\x12\x08\n\x04\x41\x44\x41M\x10\x03\"a\n\x0c\x43lassBalance\x12\x1d\n\x19\x43LASS_BALANCE_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x11\n\rWEIGHTED_LOSS\x10\x02\x12\x15\n\x11\x42\x41LANCED_SAMPLING\x10\x03\"N\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x08\n\x04\x41UTO\x10\x01\x12\x08\n\x04\x46P32\x10\x02\x12\x08\n\x04\x42\x46\x31\x36\x10\x03\x12\x08\n\x04\x46P16\x10\x04\x42\x0f\n\r_weight_decayB\x0b\n\t_momentumB\x10\n\x0e_max_grad_norm\"\xa2\x03\n\x08Schedule\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.tuneforge.v1.Schedule.Kind\x12\x14\n\x0cwarmup_steps\x18\x02 \x01(\x05\x12\x14\n\x0cwarmup_ratio\x18\x03 \x01(\x01\x12\x11\n\tstep_size\x18\x04 \x01(\x05\x12\r\n\x05gamma\x18\x05 \x01(\x01\x12\x14\n\x0cmin_lr_ratio\x18\x06 \x01(\x01\x12\x12\n\nmilestones\x18\x07 \x03(\x05\x12\x12\n\nnum_cycles\x18\x08 \x01(\x05\x12\r\n\x05power\x18\t \x01(\x01\x12\x10\n\x08patience\x18\n \x01(\x05\"\xbd\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43ONSTANT\x10\x01\x12\n\n\x06LINEAR\x10\x02\x12\n\n\x06\x43OSINE\x10\x03\x12\x08\n\x04STEP\x10\x04\x12\x0f\n\x0b\x45XPONENTIAL\x10\x05\x12\x18\n\x14\x43OSINE_WITH_RESTARTS\x10\x06\x12\x0e\n\nMULTI_STEP\x10\x07\x12\x0e\n\nPOLYNOMIAL\x10\x08\x12\r\n\tONE_CYCLE\x10\t\x12\x15\n\x11REDUCE_ON_PLATEAU\x10\n\"\xdd\x01\n\x0e\x45valuationSpec\x12\x18\n\x10\x65val_every_steps\x18\x01 \x01(\x05\x12\x17\n\x0flog_every_steps\x18\x02 \x01(\x05\x12\x1e\n\x16\x63heckpoint_every_steps\x18\x03 \x01(\x05\x12 \n\x18\x65valuate_before_training\x18\x04 \x01(\x08\x12\x13\n\x0b\x62\x65st_metric\x18\x05 \x01(\t\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18\x06 \x01(\x05\x12 \n\x18\x65\x61rly_stopping_min_delta\x18\x07 \x01(\x01\"\x19\n\tResources\x12\x0c\n\x04gpus\x18\x01 \x01(\x05*\x81\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TEXT_CLASSIFICATION\x10\x01\x12\x18\n\x14IMAGE_CLASSIFICATION\x10\x02\x12\x18\n\x14\x41UDIO_CLASSIFICATION\x10\x03\x12\x16\n\x12SPEECH_RECOGNITION\x10\x04\x42@\n\x10\x64\x65v.tuneforge.v1P\x01Z*tuneforge.dev/api/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,32 +41,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSPEC'].fields_by_name['data']._serialized_options = b'\342A\001\002'
   _globals['_DATASPEC'].fields_by_name['training_file']._loaded_options = None
   _globals['_DATASPEC'].fields_by_name['training_file']._serialized_options = b'\342A\001\002'
-  _globals['_TASK']._serialized_start=1988
-  _globals['_TASK']._serialized_end=2117
+  _globals['_TASK']._serialized_start=2767
+  _globals['_TASK']._serialized_end=2896
   _globals['_JOBSPEC']._serialized_start=79
   _globals['_JOBSPEC']._serialized_end=450
   _globals['_DATASPEC']._serialized_start=453
   _globals['_DATASPEC']._serialized_end=644
   _globals['_ADAPTATION']._serialized_start=647
-  _globals['_ADAPTATION']._serialized_end=873
-  _globals['_ADAPTATION_METHOD']._serialized_start=775
-  _globals['_ADAPTATION_METHOD']._serialized_end=873
-  _globals['_LORASPEC']._serialized_start=875
-  _globals['_LORASPEC']._serialized_end=955
-  _globals['_HEADSPEC']._serialized_start=958
-  _globals['_HEADSPEC']._serialized_end=1134
-  _globals['_HEADSPEC_ACTIVATION']._serialized_start=1064
-  _globals['_HEADSPEC_ACTIVATION']._serialized_end=1134
-  _globals['_HYPERPARAMETERS']._serialized_start=1137
-  _globals['_HYPERPARAMETERS']._serialized_end=1571
-  _globals['_HYPERPARAMETERS_OPTIMIZER']._serialized_start=1465
-  _globals['_HYPERPARAMETERS_OPTIMIZER']._serialized_end=1523
-  _globals['_SCHEDULE']._serialized_start=1574
-  _globals['_SCHEDULE']._serialized_end=1822
-  _globals['_SCHEDULE_KIND']._serialized_start=1729
-  _globals['_SCHEDULE_KIND']._serialized_end=1822
-  _globals['_EVALUATIONSPEC']._serialized_start=1825
-  _globals['_EVALUATIONSPEC']._serialized_end=1958
-  _globals['_RESOURCES']._serialized_start=1960
-  _globals['_RESOURCES']._serialized_end=1985
+  _globals['_ADAPTATION']._serialized_end=986
+  _globals['_ADAPTATION_METHOD']._serialized_start=837
+  _globals['_ADAPTATION_METHOD']._serialized_end=986
+  _globals['_LORASPEC']._serialized_start=988
+  _globals['_LORASPEC']._serialized_end=1068
+  _globals['_HEADSPEC']._serialized_start=1071
+  _globals['_HEADSPEC']._serialized_end=1247
+  _globals['_HEADSPEC_ACTIVATION']._serialized_start=1177
+  _globals['_HEADSPEC_ACTIVATION']._serialized_end=1247
+  _globals['_HYPERPARAMETERS']._serialized_start=1250
+  _globals['_HYPERPARAMETERS']._serialized_end=2092
+  _globals['_HYPERPARAMETERS_OPTIMIZER']._serialized_start=1797
+  _globals['_HYPERPARAMETERS_OPTIMIZER']._serialized_end=1865
+  _globals['_HYPERPARAMETERS_CLASSBALANCE']._serialized_start=1867
+  _globals['_HYPERPARAMETERS_CLASSBALANCE']._serialized_end=1964
+  _globals['_HYPERPARAMETERS_PRECISION']._serialized_start=1966
+  _globals['_HYPERPARAMETERS_PRECISION']._serialized_end=2044
+  _globals['_SCHEDULE']._serialized_start=2095
+  _globals['_SCHEDULE']._serialized_end=2513
+  _globals['_SCHEDULE_KIND']._serialized_start=2324
+  _globals['_SCHEDULE_KIND']._serialized_end=2513
+  _globals['_EVALUATIONSPEC']._serialized_start=2516
+  _globals['_EVALUATIONSPEC']._serialized_end=2737
+  _globals['_RESOURCES']._serialized_start=2739
+  _globals['_RESOURCES']._serialized_end=2764
 # @@protoc_insertion_point(module_scope)

@@ -188,6 +188,10 @@ class Adaptation(_message.Message):
         """The embeddings and the first `num_frozen_blocks` blocks are frozen; the rest trains."""
         LORA: Adaptation._Method.ValueType  # 4
         """Low-rank adapters on the backbone, the head trains in full."""
+        LAST_BLOCKS_TRAINABLE: Adaptation._Method.ValueType  # 5
+        """Only the last `num_trainable_blocks` blocks (and the head) train; embeddings and earlier blocks are frozen."""
+        GRADUAL_UNFREEZING: Adaptation._Method.ValueType  # 6
+        """Starts with the head only and unfreezes one more block, from the top, every `unfreeze_every_epochs` epochs."""
 
     class Method(_Method, metaclass=_MethodEnumTypeWrapper):
         """How the backbone is adapted."""
@@ -201,14 +205,24 @@ class Adaptation(_message.Message):
     """The embeddings and the first `num_frozen_blocks` blocks are frozen; the rest trains."""
     LORA: Adaptation.Method.ValueType  # 4
     """Low-rank adapters on the backbone, the head trains in full."""
+    LAST_BLOCKS_TRAINABLE: Adaptation.Method.ValueType  # 5
+    """Only the last `num_trainable_blocks` blocks (and the head) train; embeddings and earlier blocks are frozen."""
+    GRADUAL_UNFREEZING: Adaptation.Method.ValueType  # 6
+    """Starts with the head only and unfreezes one more block, from the top, every `unfreeze_every_epochs` epochs."""
 
     METHOD_FIELD_NUMBER: _builtins.int
     NUM_FROZEN_BLOCKS_FIELD_NUMBER: _builtins.int
     LORA_FIELD_NUMBER: _builtins.int
+    NUM_TRAINABLE_BLOCKS_FIELD_NUMBER: _builtins.int
+    UNFREEZE_EVERY_EPOCHS_FIELD_NUMBER: _builtins.int
     method: Global___Adaptation.Method.ValueType
     """The method; unspecified means FULL."""
     num_frozen_blocks: _builtins.int
     """Blocks frozen by FREEZE_FIRST_BLOCKS (1..number of blocks)."""
+    num_trainable_blocks: _builtins.int
+    """Blocks trained by LAST_BLOCKS_TRAINABLE (1..number of blocks)."""
+    unfreeze_every_epochs: _builtins.int
+    """GRADUAL_UNFREEZING: epochs between unfreezing steps; default 1."""
     @_builtins.property
     def lora(self) -> Global___LoraSpec:
         """LoRA settings, for LORA only."""
@@ -219,10 +233,12 @@ class Adaptation(_message.Message):
         method: Global___Adaptation.Method.ValueType = ...,
         num_frozen_blocks: _builtins.int = ...,
         lora: Global___LoraSpec | None = ...,
+        num_trainable_blocks: _builtins.int = ...,
+        unfreeze_every_epochs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "method", b"method", "num_frozen_blocks", b"num_frozen_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "method", b"method", "num_frozen_blocks", b"num_frozen_blocks", "num_trainable_blocks", b"num_trainable_blocks", "unfreeze_every_epochs", b"unfreeze_every_epochs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -331,7 +347,9 @@ class Hyperparameters(_message.Message):
         ADAMW: Hyperparameters._Optimizer.ValueType  # 1
         """AdamW with decoupled weight decay (the default)."""
         SGD: Hyperparameters._Optimizer.ValueType  # 2
-        """SGD with (Nesterov-less) momentum."""
+        """SGD with momentum (Nesterov with `nesterov`)."""
+        ADAM: Hyperparameters._Optimizer.ValueType  # 3
+        """Adam with L2-coupled weight decay, as torch.optim.Adam."""
 
     class Optimizer(_Optimizer, metaclass=_OptimizerEnumTypeWrapper):
         """The optimizer."""
@@ -340,7 +358,63 @@ class Hyperparameters(_message.Message):
     ADAMW: Hyperparameters.Optimizer.ValueType  # 1
     """AdamW with decoupled weight decay (the default)."""
     SGD: Hyperparameters.Optimizer.ValueType  # 2
-    """SGD with (Nesterov-less) momentum."""
+    """SGD with momentum (Nesterov with `nesterov`)."""
+    ADAM: Hyperparameters.Optimizer.ValueType  # 3
+    """Adam with L2-coupled weight decay, as torch.optim.Adam."""
+
+    class _ClassBalance:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ClassBalanceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Hyperparameters._ClassBalance.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        CLASS_BALANCE_UNSPECIFIED: Hyperparameters._ClassBalance.ValueType  # 0
+        NONE: Hyperparameters._ClassBalance.ValueType  # 1
+        """Every example counts the same (the default)."""
+        WEIGHTED_LOSS: Hyperparameters._ClassBalance.ValueType  # 2
+        """The loss weighs each class by the inverse of its frequency."""
+        BALANCED_SAMPLING: Hyperparameters._ClassBalance.ValueType  # 3
+        """Batches are drawn with replacement so each class appears equally often."""
+
+    class ClassBalance(_ClassBalance, metaclass=_ClassBalanceEnumTypeWrapper):
+        """How imbalanced classes are handled."""
+
+    CLASS_BALANCE_UNSPECIFIED: Hyperparameters.ClassBalance.ValueType  # 0
+    NONE: Hyperparameters.ClassBalance.ValueType  # 1
+    """Every example counts the same (the default)."""
+    WEIGHTED_LOSS: Hyperparameters.ClassBalance.ValueType  # 2
+    """The loss weighs each class by the inverse of its frequency."""
+    BALANCED_SAMPLING: Hyperparameters.ClassBalance.ValueType  # 3
+    """Batches are drawn with replacement so each class appears equally often."""
+
+    class _Precision:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _PrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Hyperparameters._Precision.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        PRECISION_UNSPECIFIED: Hyperparameters._Precision.ValueType  # 0
+        AUTO: Hyperparameters._Precision.ValueType  # 1
+        """bf16 autocast on CUDA, full precision on the CPU (the default)."""
+        FP32: Hyperparameters._Precision.ValueType  # 2
+        """Full precision everywhere."""
+        BF16: Hyperparameters._Precision.ValueType  # 3
+        """bf16 autocast (CUDA only)."""
+        FP16: Hyperparameters._Precision.ValueType  # 4
+        """fp16 autocast with a gradient scaler (CUDA only)."""
+
+    class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper):
+        """Numeric precision of the forward and backward passes."""
+
+    PRECISION_UNSPECIFIED: Hyperparameters.Precision.ValueType  # 0
+    AUTO: Hyperparameters.Precision.ValueType  # 1
+    """bf16 autocast on CUDA, full precision on the CPU (the default)."""
+    FP32: Hyperparameters.Precision.ValueType  # 2
+    """Full precision everywhere."""
+    BF16: Hyperparameters.Precision.ValueType  # 3
+    """bf16 autocast (CUDA only)."""
+    FP16: Hyperparameters.Precision.ValueType  # 4
+    """fp16 autocast with a gradient scaler (CUDA only)."""
 
     EPOCHS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
@@ -353,6 +427,12 @@ class Hyperparameters(_message.Message):
     GRADIENT_ACCUMULATION_STEPS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     MAX_STEPS_FIELD_NUMBER: _builtins.int
+    NESTEROV_FIELD_NUMBER: _builtins.int
+    HEAD_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    LAYER_DECAY_FIELD_NUMBER: _builtins.int
+    LABEL_SMOOTHING_FIELD_NUMBER: _builtins.int
+    CLASS_BALANCE_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """Passes over the training data; default 3."""
     batch_size: _builtins.int
@@ -373,6 +453,21 @@ class Hyperparameters(_message.Message):
     """Seed for weight initialisation, data order and dropout; default 0. Same seed, same result on CPU."""
     max_steps: _builtins.int
     """Stop after this many optimizer steps even if epochs remain; 0 means no limit."""
+    nesterov: _builtins.bool
+    """SGD: Nesterov momentum."""
+    head_learning_rate: _builtins.float
+    """Learning rate of the head (the parameters outside the backbone); 0 means learning_rate."""
+    layer_decay: _builtins.float
+    """Layer-wise learning-rate decay in (0, 1]: the head trains at its rate, the top block at learning_rate *
+    layer_decay, the next at layer_decay^2 and so on down to the embeddings, one step below the lowest block.
+    0 or 1: off.
+    """
+    label_smoothing: _builtins.float
+    """Label smoothing of the classification loss, in [0, 1)."""
+    class_balance: Global___Hyperparameters.ClassBalance.ValueType
+    """Imbalanced classes; default NONE."""
+    precision: Global___Hyperparameters.Precision.ValueType
+    """Numeric precision; default AUTO."""
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The learning-rate schedule."""
@@ -391,10 +486,16 @@ class Hyperparameters(_message.Message):
         gradient_accumulation_steps: _builtins.int = ...,
         seed: _builtins.int = ...,
         max_steps: _builtins.int = ...,
+        nesterov: _builtins.bool = ...,
+        head_learning_rate: _builtins.float = ...,
+        layer_decay: _builtins.float = ...,
+        label_smoothing: _builtins.float = ...,
+        class_balance: Global___Hyperparameters.ClassBalance.ValueType = ...,
+        precision: Global___Hyperparameters.Precision.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "max_grad_norm", b"max_grad_norm", "momentum", b"momentum", "schedule", b"schedule", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_steps", b"max_steps", "momentum", b"momentum", "optimizer", b"optimizer", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "class_balance", b"class_balance", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "head_learning_rate", b"head_learning_rate", "label_smoothing", b"label_smoothing", "layer_decay", b"layer_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_steps", b"max_steps", "momentum", b"momentum", "nesterov", b"nesterov", "optimizer", b"optimizer", "precision", b"precision", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
@@ -434,6 +535,16 @@ class Schedule(_message.Message):
         """Multiply by gamma every step_size steps."""
         EXPONENTIAL: Schedule._Kind.ValueType  # 5
         """Multiply by gamma every step."""
+        COSINE_WITH_RESTARTS: Schedule._Kind.ValueType  # 6
+        """Cosine annealing restarted `num_cycles` times (hard restarts, as transformers defines it)."""
+        MULTI_STEP: Schedule._Kind.ValueType  # 7
+        """Multiply by gamma at each of the `milestones` (optimizer steps)."""
+        POLYNOMIAL: Schedule._Kind.ValueType  # 8
+        """Polynomial decay of degree `power` to min_lr_ratio * peak."""
+        ONE_CYCLE: Schedule._Kind.ValueType  # 9
+        """One cycle: rise from peak/25 to the peak over the warmup (default 30% of steps), then cosine down to peak/1e4."""
+        REDUCE_ON_PLATEAU: Schedule._Kind.ValueType  # 10
+        """Multiply by gamma when the evaluation metric has not improved for `patience` evaluations."""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
         """The decay after warmup."""
@@ -449,6 +560,16 @@ class Schedule(_message.Message):
     """Multiply by gamma every step_size steps."""
     EXPONENTIAL: Schedule.Kind.ValueType  # 5
     """Multiply by gamma every step."""
+    COSINE_WITH_RESTARTS: Schedule.Kind.ValueType  # 6
+    """Cosine annealing restarted `num_cycles` times (hard restarts, as transformers defines it)."""
+    MULTI_STEP: Schedule.Kind.ValueType  # 7
+    """Multiply by gamma at each of the `milestones` (optimizer steps)."""
+    POLYNOMIAL: Schedule.Kind.ValueType  # 8
+    """Polynomial decay of degree `power` to min_lr_ratio * peak."""
+    ONE_CYCLE: Schedule.Kind.ValueType  # 9
+    """One cycle: rise from peak/25 to the peak over the warmup (default 30% of steps), then cosine down to peak/1e4."""
+    REDUCE_ON_PLATEAU: Schedule.Kind.ValueType  # 10
+    """Multiply by gamma when the evaluation metric has not improved for `patience` evaluations."""
 
     KIND_FIELD_NUMBER: _builtins.int
     WARMUP_STEPS_FIELD_NUMBER: _builtins.int
@@ -456,6 +577,10 @@ class Schedule(_message.Message):
     STEP_SIZE_FIELD_NUMBER: _builtins.int
     GAMMA_FIELD_NUMBER: _builtins.int
     MIN_LR_RATIO_FIELD_NUMBER: _builtins.int
+    MILESTONES_FIELD_NUMBER: _builtins.int
+    NUM_CYCLES_FIELD_NUMBER: _builtins.int
+    POWER_FIELD_NUMBER: _builtins.int
+    PATIENCE_FIELD_NUMBER: _builtins.int
     kind: Global___Schedule.Kind.ValueType
     """The decay; default LINEAR."""
     warmup_steps: _builtins.int
@@ -465,9 +590,21 @@ class Schedule(_message.Message):
     step_size: _builtins.int
     """STEP: steps between decays; default one epoch."""
     gamma: _builtins.float
-    """STEP and EXPONENTIAL: decay factor in (0, 1]; default 0.1 for STEP, 0.999 for EXPONENTIAL."""
+    """STEP, MULTI_STEP, EXPONENTIAL, REDUCE_ON_PLATEAU: decay factor in (0, 1]; default 0.1 (0.999 for
+    EXPONENTIAL, 0.5 for REDUCE_ON_PLATEAU).
+    """
     min_lr_ratio: _builtins.float
-    """COSINE: floor as a fraction of the peak, in [0, 1); default 0."""
+    """COSINE and POLYNOMIAL: floor as a fraction of the peak, in [0, 1); default 0."""
+    num_cycles: _builtins.int
+    """COSINE_WITH_RESTARTS: number of cosine cycles; default 1."""
+    power: _builtins.float
+    """POLYNOMIAL: degree of the decay; default 1 (linear)."""
+    patience: _builtins.int
+    """REDUCE_ON_PLATEAU: evaluations without improvement before the rate drops; default 1."""
+    @_builtins.property
+    def milestones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """MULTI_STEP: optimizer steps at which the rate is multiplied by gamma, increasing."""
+
     def __init__(
         self,
         *,
@@ -477,10 +614,14 @@ class Schedule(_message.Message):
         step_size: _builtins.int = ...,
         gamma: _builtins.float = ...,
         min_lr_ratio: _builtins.float = ...,
+        milestones: _abc.Iterable[_builtins.int] | None = ...,
+        num_cycles: _builtins.int = ...,
+        power: _builtins.float = ...,
+        patience: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gamma", b"gamma", "kind", b"kind", "min_lr_ratio", b"min_lr_ratio", "step_size", b"step_size", "warmup_ratio", b"warmup_ratio", "warmup_steps", b"warmup_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gamma", b"gamma", "kind", b"kind", "milestones", b"milestones", "min_lr_ratio", b"min_lr_ratio", "num_cycles", b"num_cycles", "patience", b"patience", "power", b"power", "step_size", b"step_size", "warmup_ratio", b"warmup_ratio", "warmup_steps", b"warmup_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -496,6 +637,9 @@ class EvaluationSpec(_message.Message):
     LOG_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     EVALUATE_BEFORE_TRAINING_FIELD_NUMBER: _builtins.int
+    BEST_METRIC_FIELD_NUMBER: _builtins.int
+    EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
+    EARLY_STOPPING_MIN_DELTA_FIELD_NUMBER: _builtins.int
     eval_every_steps: _builtins.int
     """Evaluate every N optimizer steps as well as at each epoch end; 0: at epoch ends only."""
     log_every_steps: _builtins.int
@@ -504,6 +648,14 @@ class EvaluationSpec(_message.Message):
     """Save a checkpoint every N optimizer steps; 0: at epoch ends only."""
     evaluate_before_training: _builtins.bool
     """Evaluate once before the first step, to measure the untuned model."""
+    best_metric: _builtins.str
+    """The metric that picks the best checkpoint, drives early stopping and REDUCE_ON_PLATEAU: `eval_loss` (the
+    default), `eval_accuracy` or `eval_macro_f1`. Losses are minimised, the others maximised.
+    """
+    early_stopping_patience: _builtins.int
+    """Stop when best_metric has not improved by min_delta for this many evaluations; 0: never stop early."""
+    early_stopping_min_delta: _builtins.float
+    """The smallest change of best_metric that counts as an improvement."""
     def __init__(
         self,
         *,
@@ -511,10 +663,13 @@ class EvaluationSpec(_message.Message):
         log_every_steps: _builtins.int = ...,
         checkpoint_every_steps: _builtins.int = ...,
         evaluate_before_training: _builtins.bool = ...,
+        best_metric: _builtins.str = ...,
+        early_stopping_patience: _builtins.int = ...,
+        early_stopping_min_delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_every_steps", b"checkpoint_every_steps", "eval_every_steps", b"eval_every_steps", "evaluate_before_training", b"evaluate_before_training", "log_every_steps", b"log_every_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_metric", b"best_metric", "checkpoint_every_steps", b"checkpoint_every_steps", "early_stopping_min_delta", b"early_stopping_min_delta", "early_stopping_patience", b"early_stopping_patience", "eval_every_steps", b"eval_every_steps", "evaluate_before_training", b"evaluate_before_training", "log_every_steps", b"log_every_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
