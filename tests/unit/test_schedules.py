@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from workers.core.schedules import lr_multiplier, warmup_steps
+from workers.core.schedules import PlateauScale, lr_multiplier, warmup_steps
 from workers.spec import ScheduleKind, ScheduleSettings
 
 
@@ -51,3 +51,52 @@ def test_exponential_decays_every_step_after_warmup() -> None:
     values = curve(ScheduleSettings(kind=ScheduleKind.EXPONENTIAL, gamma=0.9, warmup_steps=5))
     assert values[5] == 1.0
     assert values[7] == pytest.approx(0.81)
+
+
+def test_cosine_with_restarts_matches_transformers() -> None:
+    import torch
+    from transformers import get_cosine_with_hard_restarts_schedule_with_warmup
+
+    settings = ScheduleSettings(kind=ScheduleKind.COSINE_WITH_RESTARTS, warmup_steps=10, num_cycles=3)
+    ours = lr_multiplier(settings, 100, 10)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = get_cosine_with_hard_restarts_schedule_with_warmup(optimizer, 10, 100, num_cycles=3)
+    for step in range(10, 100):
+        assert ours(step) == pytest.approx(theirs.lr_lambdas[0](step)), step
+    assert ours(40) == pytest.approx(1.0)  # a restart: back at the peak
+
+
+def test_polynomial_matches_transformers() -> None:
+    import torch
+    from transformers import get_polynomial_decay_schedule_with_warmup
+
+    settings = ScheduleSettings(kind=ScheduleKind.POLYNOMIAL, warmup_steps=5, power=2.0, min_lr_ratio=0.1)
+    ours = lr_multiplier(settings, 50, 10)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = get_polynomial_decay_schedule_with_warmup(optimizer, 5, 50, lr_end=0.1, power=2.0)
+    for step in range(5, 50):
+        assert ours(step) == pytest.approx(theirs.lr_lambdas[0](step)), step
+
+
+def test_one_cycle_rises_then_anneals() -> None:
+    values = curve(ScheduleSettings(kind=ScheduleKind.ONE_CYCLE), total=100)
+    assert values[0] == pytest.approx(1 / 25)  # starts at peak / div_factor
+    assert max(values) == pytest.approx(values[30]) == pytest.approx(1.0)  # peak after 30% of the steps
+    assert values[99] < 1e-3 and values[99] > 1 / (25 * 1e4)  # towards peak / (div * final_div)
+    assert all(a < b for a, b in itertools.pairwise(values[:30]))
+    assert all(a > b for a, b in itertools.pairwise(values[30:]))
+
+
+def test_multi_step_drops_at_each_milestone() -> None:
+    values = curve(ScheduleSettings(kind=ScheduleKind.MULTI_STEP, milestones=(20, 50), gamma=0.5))
+    assert values[19] == 1.0 and values[20] == 0.5 and values[49] == 0.5 and values[50] == 0.25
+
+
+def test_reduce_on_plateau_scales_after_patience() -> None:
+    plateau = PlateauScale(gamma=0.5, patience=2, maximize=False)
+    f = lr_multiplier(ScheduleSettings(kind=ScheduleKind.REDUCE_ON_PLATEAU, warmup_steps=2), 100, 10, plateau)
+    assert [plateau.observe(v) for v in (1.0, 0.9, 0.95, 0.92, 0.91)] == [False, False, False, True, False]
+    assert f(50) == 0.5 and f(0) == pytest.approx(0.5 / 3)
+    maximizing = PlateauScale(gamma=0.1, patience=1, maximize=True)
+    assert [maximizing.observe(v) for v in (0.5, 0.6, 0.6)] == [False, False, True]
+    assert maximizing.scale == pytest.approx(0.1)
