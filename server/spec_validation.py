@@ -19,6 +19,7 @@ from workers.spec import (
     Activation,
     AdaptationMethod,
     AdaptationSettings,
+    AugmentationSettings,
     ClassBalance,
     DataSettings,
     EvaluationSettings,
@@ -39,6 +40,14 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 FILE_NAME = re.compile(r"^files/[a-z0-9][a-z0-9-]{0,62}$")
 MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]{0,127}$")
 CLASSIFICATION_METRICS = ("eval_loss", "eval_accuracy", "eval_macro_f1")
+METRICS_BY_TASK = {
+    TaskKind.TEXT_CLASSIFICATION: CLASSIFICATION_METRICS,
+    TaskKind.IMAGE_CLASSIFICATION: CLASSIFICATION_METRICS,
+    TaskKind.AUDIO_CLASSIFICATION: CLASSIFICATION_METRICS,
+    TaskKind.SPEECH_RECOGNITION: ("eval_loss", "eval_wer", "eval_cer"),
+}
+MEDIA_TASKS = (TaskKind.IMAGE_CLASSIFICATION, TaskKind.AUDIO_CLASSIFICATION, TaskKind.SPEECH_RECOGNITION)
+AUDIO_TASKS = (TaskKind.AUDIO_CLASSIFICATION, TaskKind.SPEECH_RECOGNITION)
 
 TASKS = {
     pb.TEXT_CLASSIFICATION: TaskKind.TEXT_CLASSIFICATION,
@@ -46,7 +55,7 @@ TASKS = {
     pb.AUDIO_CLASSIFICATION: TaskKind.AUDIO_CLASSIFICATION,
     pb.SPEECH_RECOGNITION: TaskKind.SPEECH_RECOGNITION,
 }
-IMPLEMENTED_TASKS = {TaskKind.TEXT_CLASSIFICATION}
+IMPLEMENTED_TASKS = {TaskKind.TEXT_CLASSIFICATION, TaskKind.IMAGE_CLASSIFICATION}
 METHODS = {
     pb.Adaptation.METHOD_UNSPECIFIED: AdaptationMethod.FULL,
     pb.Adaptation.FULL: AdaptationMethod.FULL,
@@ -160,6 +169,7 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
             priority=priority,
         )
         _needs_validation(check, candidate)
+        _task_rules(check, candidate, spec.data)
         if not check.violations and not check.unimplemented:
             result.spec = candidate
     return result
@@ -210,6 +220,7 @@ def _data(check: _Checker, data: pb.DataSpec) -> DataSettings:
     if data.validation_file and data.validation_fraction:
         check.bad("data.validation_fraction", "give validation_file or validation_fraction, not both")
     check.int_range("data.max_sequence_length", data.max_sequence_length, 0, 8192)
+    check.float_range("data.clip_seconds", data.clip_seconds, 0.0, 600.0)
     return DataSettings(
         training_file=data.training_file,
         validation_file=data.validation_file or None,
@@ -218,6 +229,33 @@ def _data(check: _Checker, data: pb.DataSpec) -> DataSettings:
         text_pair_column=data.text_pair_column or None,
         label_column=data.label_column or "label",
         max_sequence_length=data.max_sequence_length,
+        augmentation=_augmentation(check, data.augmentation) if data.augmentation.enabled else None,
+        clip_seconds=data.clip_seconds,
+        file_column=data.file_column or "file",
+        transcript_column=data.transcript_column or "transcript",
+    )
+
+
+def _augmentation(check: _Checker, augmentation: pb.Augmentation) -> AugmentationSettings:
+    recipe = AugmentationSettings()
+    path = "data.augmentation"
+
+    def number(name: str, low: float, high: float) -> float:
+        if not augmentation.HasField(name):  # type: ignore[arg-type]
+            return float(getattr(recipe, name))
+        return check.float_range(f"{path}.{name}", getattr(augmentation, name), low, high)
+
+    def flag(name: str) -> bool:
+        return bool(getattr(augmentation if augmentation.HasField(name) else recipe, name))  # type: ignore[arg-type]
+
+    return AugmentationSettings(
+        crop_scale_min=number("crop_scale_min", 0.0, 1.0),
+        horizontal_flip=flag("horizontal_flip"),
+        color_jitter=number("color_jitter", 0.0, 1.0),
+        max_gain_db=number("max_gain_db", 0.0, 40.0),
+        noise_snr_db=number("noise_snr_db", 0.0, 100.0),
+        max_shift_seconds=number("max_shift_seconds", 0.0, 10.0),
+        spec_augment=flag("spec_augment"),
     )
 
 
@@ -405,8 +443,6 @@ def _schedule(check: _Checker, schedule: pb.Schedule) -> ScheduleSettings:
 def _evaluation(check: _Checker, evaluation: pb.EvaluationSpec) -> EvaluationSettings:
     path = "evaluation"
     best_metric = evaluation.best_metric or "eval_loss"
-    if best_metric not in CLASSIFICATION_METRICS:
-        check.bad(f"{path}.best_metric", f"must be one of {', '.join(CLASSIFICATION_METRICS)}, got {best_metric!r}")
     return EvaluationSettings(
         eval_every_steps=check.int_range(f"{path}.eval_every_steps", evaluation.eval_every_steps, 0, 10_000_000),
         log_every_steps=check.int_range(f"{path}.log_every_steps", evaluation.log_every_steps, 0, 10_000_000) or 10,
@@ -422,6 +458,28 @@ def _evaluation(check: _Checker, evaluation: pb.EvaluationSpec) -> EvaluationSet
             f"{path}.early_stopping_min_delta", evaluation.early_stopping_min_delta, 0.0, 1e6
         ),
     )
+
+
+def _task_rules(check: _Checker, spec: TrainingSpec, raw: pb.DataSpec) -> None:
+    """Fields that only some tasks read are refused elsewhere rather than ignored."""
+    allowed = METRICS_BY_TASK[spec.task]
+    if spec.evaluation.best_metric not in allowed:
+        check.bad(
+            "evaluation.best_metric",
+            f"must be one of {', '.join(allowed)} for {spec.task.name}, got {spec.evaluation.best_metric!r}",
+        )
+    if spec.data.augmentation is not None and spec.task is TaskKind.TEXT_CLASSIFICATION:
+        check.bad("data.augmentation", "augmentation is available for images and audio, not text")
+    if raw.clip_seconds and spec.task not in AUDIO_TASKS:
+        check.bad("data.clip_seconds", "only used with audio tasks")
+    if raw.transcript_column and spec.task is not TaskKind.SPEECH_RECOGNITION:
+        check.bad("data.transcript_column", "only used with SPEECH_RECOGNITION")
+    if spec.task in MEDIA_TASKS:
+        for name in ("max_sequence_length", "text_column", "text_pair_column"):
+            if getattr(raw, name):
+                check.bad(f"data.{name}", "only used with TEXT_CLASSIFICATION")
+    if spec.task is TaskKind.SPEECH_RECOGNITION and spec.head is not None:
+        check.bad("head", "speech recognition keeps the model's CTC head")
 
 
 def _needs_validation(check: _Checker, spec: TrainingSpec) -> None:

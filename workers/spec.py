@@ -79,6 +79,19 @@ class Activation(StrEnum):
 
 
 @dataclass(frozen=True)
+class AugmentationSettings:
+    """Train-time augmentation, resolved (0 or False: off)."""
+
+    crop_scale_min: float = 0.5
+    horizontal_flip: bool = True
+    color_jitter: float = 0.2
+    max_gain_db: float = 6.0
+    noise_snr_db: float = 20.0
+    max_shift_seconds: float = 0.1
+    spec_augment: bool = True
+
+
+@dataclass(frozen=True)
 class DataSettings:
     """How the training and validation data are read."""
 
@@ -96,6 +109,12 @@ class DataSettings:
     """Column holding the label."""
     max_sequence_length: int = 0
     """Longest input in tokens; 0 means min(model maximum, 512)."""
+    augmentation: AugmentationSettings | None = None
+    """Train-time augmentation; None: off."""
+    clip_seconds: float = 0.0
+    """Audio clip length (classification) or longest utterance (speech recognition); 0: the task's default."""
+    file_column: str = "file"
+    transcript_column: str = "transcript"
 
 
 @dataclass(frozen=True)

@@ -47,4 +47,8 @@ def adapter_for(task: TaskKind) -> TaskAdapter:
         from workers.core.text_adapter import TextClassificationAdapter
 
         return TextClassificationAdapter()
+    if task is TaskKind.IMAGE_CLASSIFICATION:
+        from workers.core.image_adapter import ImageClassificationAdapter
+
+        return ImageClassificationAdapter()
     raise JobFailure("UNIMPLEMENTED", f"task {task.value} is not available on this server yet")

@@ -8,14 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import random
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from workers.core.errors import InvalidDataset
+from workers.core.splits import stratified_split
 from workers.messages import DataFile
 from workers.spec import DataSettings
 
@@ -51,7 +50,7 @@ class TextDataset:
     """Label names; an example's label is an index into this list."""
 
 
-def _raw_records(file: DataFile) -> Iterator[tuple[int, dict[str, Any]]]:
+def raw_records(file: DataFile) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields (line number, record) from a JSONL or CSV file, by the file name's extension."""
     suffix = Path(file.filename).suffix.lower()
     try:
@@ -90,7 +89,7 @@ def _csv_records(filename: str, text: str, delimiter: str) -> Iterator[tuple[int
         raise InvalidDataset(f"{filename} line {reader.line_num}: malformed CSV ({exc})") from exc
 
 
-def _label_text(value: Any) -> str | None:
+def label_text(value: Any) -> str | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -104,7 +103,7 @@ def read_rows(file: DataFile, settings: DataSettings) -> list[TextRow]:
     """Reads and checks every row; raises InvalidDataset naming the first few bad lines."""
     rows: list[TextRow] = []
     errors: list[str] = []
-    for number, record in _raw_records(file):
+    for number, record in raw_records(file):
         problem, row = _check_record(number, record, settings)
         if problem:
             errors.append(f"{file.filename} line {number}: {problem}")
@@ -133,36 +132,17 @@ def _check_record(number: int, record: dict[str, Any], settings: DataSettings) -
         pair = pair_value
     if settings.label_column not in record:
         return f"missing column {settings.label_column!r}", None
-    label = _label_text(record[settings.label_column])
+    label = label_text(record[settings.label_column])
     if label is None:
         return f"{settings.label_column!r} must be a non-empty string or an integer", None
     return "", TextRow(number, text, pair, label)
 
 
-def _sorted_labels(names: set[str]) -> list[str]:
+def sorted_labels(names: set[str]) -> list[str]:
     """Integer labels sort numerically (so `2` < `10`), others alphabetically."""
     if all(name.lstrip("-").isdigit() for name in names):
         return sorted(names, key=int)
     return sorted(names)
-
-
-def stratified_split(rows: list[TextRow], fraction: float, seed: int) -> tuple[list[TextRow], list[TextRow]]:
-    """Holds out about `fraction` of each label's rows, keeping at least one of each label for training."""
-    by_label: dict[str, list[TextRow]] = defaultdict(list)
-    for row in rows:
-        by_label[row.label].append(row)
-    rng = random.Random(seed)
-    train: list[TextRow] = []
-    held_out: list[TextRow] = []
-    for label in sorted(by_label):
-        group = by_label[label][:]
-        rng.shuffle(group)
-        count = min(len(group) - 1, round(fraction * len(group)))
-        held_out.extend(group[:count])
-        train.extend(group[count:])
-    train.sort(key=lambda row: row.line)
-    held_out.sort(key=lambda row: row.line)
-    return train, held_out
 
 
 def load_text_dataset(
@@ -182,10 +162,10 @@ def load_text_dataset(
                 f"{validation.filename} line {first.line}: label {first.label!r} does not occur in the training data"
             )
     elif settings.validation_fraction > 0:
-        train_rows, val_rows = stratified_split(train_rows, settings.validation_fraction, seed)
+        train_rows, val_rows = stratified_split(train_rows, lambda row: row.label, settings.validation_fraction, seed)
     else:
         val_rows = []
-    labels = _sorted_labels(names)
+    labels = sorted_labels(names)
     index = {name: i for i, name in enumerate(labels)}
 
     def examples(rows: list[TextRow]) -> list[TextExample]:

@@ -132,8 +132,15 @@ class DataSpec(_message.Message):
     TEXT_PAIR_COLUMN_FIELD_NUMBER: _builtins.int
     LABEL_COLUMN_FIELD_NUMBER: _builtins.int
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
+    AUGMENTATION_FIELD_NUMBER: _builtins.int
+    CLIP_SECONDS_FIELD_NUMBER: _builtins.int
+    FILE_COLUMN_FIELD_NUMBER: _builtins.int
+    TRANSCRIPT_COLUMN_FIELD_NUMBER: _builtins.int
     training_file: _builtins.str
-    """Training data, `files/{file}`. Text: JSONL (one object a line) or CSV with a header row."""
+    """Training data, `files/{file}`. Text: JSONL (one object a line) or CSV with a header row. Images and audio: a
+    .zip or .tar(.gz) archive of class folders (`cat/001.jpg`), or with a `metadata.jsonl` (or `metadata.csv`)
+    manifest at its root naming each `file` and its `label` (or `transcript` for speech recognition).
+    """
     validation_file: _builtins.str
     """Validation data, `files/{file}`. Mutually exclusive with validation_fraction."""
     validation_fraction: _builtins.float
@@ -148,6 +155,18 @@ class DataSpec(_message.Message):
     """Column holding the label: a string or an integer. Default `label`."""
     max_sequence_length: _builtins.int
     """Longest input in tokens; longer inputs are truncated. 0 means min(model maximum, 512)."""
+    clip_seconds: _builtins.float
+    """Audio classification: clips are cropped (randomly in training) or zero-padded to this length; default 1 s.
+    Speech recognition: the longest utterance accepted; default 30 s.
+    """
+    file_column: _builtins.str
+    """Manifest column naming the media file (relative to the archive root); default `file`."""
+    transcript_column: _builtins.str
+    """Manifest column holding the transcript (speech recognition); default `transcript`."""
+    @_builtins.property
+    def augmentation(self) -> Global___Augmentation:
+        """Train-time augmentation (never applied in evaluation)."""
+
     def __init__(
         self,
         *,
@@ -158,14 +177,97 @@ class DataSpec(_message.Message):
         text_pair_column: _builtins.str = ...,
         label_column: _builtins.str = ...,
         max_sequence_length: _builtins.int = ...,
+        augmentation: Global___Augmentation | None = ...,
+        clip_seconds: _builtins.float = ...,
+        file_column: _builtins.str = ...,
+        transcript_column: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_column", b"label_column", "max_sequence_length", b"max_sequence_length", "text_column", b"text_column", "text_pair_column", b"text_pair_column", "training_file", b"training_file", "validation_file", b"validation_file", "validation_fraction", b"validation_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation", "clip_seconds", b"clip_seconds", "file_column", b"file_column", "label_column", b"label_column", "max_sequence_length", b"max_sequence_length", "text_column", b"text_column", "text_pair_column", b"text_pair_column", "training_file", b"training_file", "transcript_column", b"transcript_column", "validation_file", b"validation_file", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DataSpec: _TypeAlias = DataSpec  # noqa: Y015
+
+@_typing.final
+class Augmentation(_message.Message):
+    """Train-time augmentation. `enabled` turns on the modality's recipe; each field overrides one part of it (unset:
+    the recipe's value, 0: off).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    CROP_SCALE_MIN_FIELD_NUMBER: _builtins.int
+    HORIZONTAL_FLIP_FIELD_NUMBER: _builtins.int
+    COLOR_JITTER_FIELD_NUMBER: _builtins.int
+    MAX_GAIN_DB_FIELD_NUMBER: _builtins.int
+    NOISE_SNR_DB_FIELD_NUMBER: _builtins.int
+    MAX_SHIFT_SECONDS_FIELD_NUMBER: _builtins.int
+    SPEC_AUGMENT_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Turns augmentation on."""
+    crop_scale_min: _builtins.float
+    """Images: RandomResizedCrop keeps at least this fraction of the area, in (0, 1]; recipe 0.5."""
+    horizontal_flip: _builtins.bool
+    """Images: random horizontal flips; recipe on."""
+    color_jitter: _builtins.float
+    """Images: brightness, contrast and saturation jitter strength, in [0, 1]; recipe 0.2."""
+    max_gain_db: _builtins.float
+    """Audio: random gain in [-max_gain_db, +max_gain_db] decibels; recipe 6."""
+    noise_snr_db: _builtins.float
+    """Audio: added white noise at a signal-to-noise ratio drawn from [noise_snr_db, noise_snr_db + 20] dB; recipe 20."""
+    max_shift_seconds: _builtins.float
+    """Audio: random circular time shift of up to this many seconds; recipe 0.1."""
+    spec_augment: _builtins.bool
+    """Audio: SpecAugment frequency and time masking on spectrogram inputs (AST, Whisper); recipe on."""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        crop_scale_min: _builtins.float | None = ...,
+        horizontal_flip: _builtins.bool | None = ...,
+        color_jitter: _builtins.float | None = ...,
+        max_gain_db: _builtins.float | None = ...,
+        noise_snr_db: _builtins.float | None = ...,
+        max_shift_seconds: _builtins.float | None = ...,
+        spec_augment: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_color_jitter", b"_color_jitter", "_crop_scale_min", b"_crop_scale_min", "_horizontal_flip", b"_horizontal_flip", "_max_gain_db", b"_max_gain_db", "_max_shift_seconds", b"_max_shift_seconds", "_noise_snr_db", b"_noise_snr_db", "_spec_augment", b"_spec_augment", "color_jitter", b"color_jitter", "crop_scale_min", b"crop_scale_min", "horizontal_flip", b"horizontal_flip", "max_gain_db", b"max_gain_db", "max_shift_seconds", b"max_shift_seconds", "noise_snr_db", b"noise_snr_db", "spec_augment", b"spec_augment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_color_jitter", b"_color_jitter", "_crop_scale_min", b"_crop_scale_min", "_horizontal_flip", b"_horizontal_flip", "_max_gain_db", b"_max_gain_db", "_max_shift_seconds", b"_max_shift_seconds", "_noise_snr_db", b"_noise_snr_db", "_spec_augment", b"_spec_augment", "color_jitter", b"color_jitter", "crop_scale_min", b"crop_scale_min", "enabled", b"enabled", "horizontal_flip", b"horizontal_flip", "max_gain_db", b"max_gain_db", "max_shift_seconds", b"max_shift_seconds", "noise_snr_db", b"noise_snr_db", "spec_augment", b"spec_augment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__color_jitter: _TypeAlias = _typing.Literal["color_jitter"]  # noqa: Y015
+    _WhichOneofArgType__color_jitter: _TypeAlias = _typing.Literal["_color_jitter", b"_color_jitter"]  # noqa: Y015
+    _WhichOneofReturnType__crop_scale_min: _TypeAlias = _typing.Literal["crop_scale_min"]  # noqa: Y015
+    _WhichOneofArgType__crop_scale_min: _TypeAlias = _typing.Literal["_crop_scale_min", b"_crop_scale_min"]  # noqa: Y015
+    _WhichOneofReturnType__horizontal_flip: _TypeAlias = _typing.Literal["horizontal_flip"]  # noqa: Y015
+    _WhichOneofArgType__horizontal_flip: _TypeAlias = _typing.Literal["_horizontal_flip", b"_horizontal_flip"]  # noqa: Y015
+    _WhichOneofReturnType__max_gain_db: _TypeAlias = _typing.Literal["max_gain_db"]  # noqa: Y015
+    _WhichOneofArgType__max_gain_db: _TypeAlias = _typing.Literal["_max_gain_db", b"_max_gain_db"]  # noqa: Y015
+    _WhichOneofReturnType__max_shift_seconds: _TypeAlias = _typing.Literal["max_shift_seconds"]  # noqa: Y015
+    _WhichOneofArgType__max_shift_seconds: _TypeAlias = _typing.Literal["_max_shift_seconds", b"_max_shift_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__noise_snr_db: _TypeAlias = _typing.Literal["noise_snr_db"]  # noqa: Y015
+    _WhichOneofArgType__noise_snr_db: _TypeAlias = _typing.Literal["_noise_snr_db", b"_noise_snr_db"]  # noqa: Y015
+    _WhichOneofReturnType__spec_augment: _TypeAlias = _typing.Literal["spec_augment"]  # noqa: Y015
+    _WhichOneofArgType__spec_augment: _TypeAlias = _typing.Literal["_spec_augment", b"_spec_augment"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__color_jitter) -> _WhichOneofReturnType__color_jitter | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crop_scale_min) -> _WhichOneofReturnType__crop_scale_min | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__horizontal_flip) -> _WhichOneofReturnType__horizontal_flip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_gain_db) -> _WhichOneofReturnType__max_gain_db | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_shift_seconds) -> _WhichOneofReturnType__max_shift_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__noise_snr_db) -> _WhichOneofReturnType__noise_snr_db | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__spec_augment) -> _WhichOneofReturnType__spec_augment | None: ...
+
+Global___Augmentation: _TypeAlias = Augmentation  # noqa: Y015
 
 @_typing.final
 class Adaptation(_message.Message):
@@ -650,7 +752,8 @@ class EvaluationSpec(_message.Message):
     """Evaluate once before the first step, to measure the untuned model."""
     best_metric: _builtins.str
     """The metric that picks the best checkpoint, drives early stopping and REDUCE_ON_PLATEAU: `eval_loss` (the
-    default), `eval_accuracy` or `eval_macro_f1`. Losses are minimised, the others maximised.
+    default), `eval_accuracy` or `eval_macro_f1` for classification, `eval_wer` or `eval_cer` for speech
+    recognition. Losses and error rates are minimised, the others maximised.
     """
     early_stopping_patience: _builtins.int
     """Stop when best_metric has not improved by min_delta for this many evaluations; 0: never stop early."""

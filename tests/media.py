@@ -1,0 +1,78 @@
+"""Tiny image and audio models and small learnable synthetic media data sets, made by the tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220)}
+
+
+def make_tiny_vit(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer ViT on 32x32 images (patch 8), saved with its image processor."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        initializer_range=0.2,
+    )
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def shape_png(colour: str, rng: random.Random) -> bytes:
+    """A noisy background with a square of the class colour somewhere in it."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 90, size=(40, 40, 3), dtype=np.uint8)
+    size = rng.randrange(14, 24)
+    top, left = rng.randrange(0, 40 - size), rng.randrange(0, 40 - size)
+    pixels[top : top + size, left : left + size] = COLOURS[colour]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shapes_zip(path: Path, per_class: int, seed: int = 0, manifest: bool = False) -> Path:
+    """Class folders (`red/0001.png`) or, with manifest, flat files named in `metadata.jsonl`."""
+    rng = random.Random(seed)
+    rows = []
+    with zipfile.ZipFile(path, "w") as archive:
+        for colour in COLOURS:
+            for i in range(per_class):
+                name = f"images/{colour}-{i:04d}.png" if manifest else f"shapes/{colour}/{i:04d}.png"
+                archive.writestr(name, shape_png(colour, rng))
+                rows.append({"file": name, "label": colour})
+        if manifest:
+            archive.writestr("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_tar(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    """A tar archive with the given files (and symbolic links), for the safety tests."""
+    with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
+    return path

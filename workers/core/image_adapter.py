@@ -1,0 +1,142 @@
+"""Image classification: archive of images -> decoded, augmented, processed pixels -> AutoModelForImageClassification.
+
+Augmentation (torchvision.transforms.v2) runs on the decoded image before the model's own image processor, so
+every backbone keeps its exact preprocessing; evaluation never augments.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from workers.core.adapters import Batch, PreparedTask
+from workers.core.errors import InvalidDataset
+from workers.core.media_data import MediaExample, MediaItem, load_media_dataset
+from workers.core.models import load_pretrained
+from workers.messages import RunJob
+from workers.spec import AugmentationSettings
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def check_image(item: MediaItem) -> None:
+    """Reads the header and checks the file's integrity without decoding the pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(item.path) as image:
+                image.verify()
+    except (*IMAGE_ERRORS, Image.DecompressionBombWarning) as exc:
+        raise InvalidDataset(f"{item.source}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def open_rgb(example: MediaExample) -> Image.Image:
+    try:
+        with Image.open(example.path) as image:
+            return image.convert("RGB")
+    except IMAGE_ERRORS as exc:
+        raise InvalidDataset(f"{example.source}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def input_size(processor: Any) -> tuple[int, int]:
+    """The (height, width) the model sees, from its image processor (crop size first, then size)."""
+    for attribute in ("crop_size", "size"):
+        size: Any = getattr(processor, attribute, None)
+        if not size:
+            continue
+        values = dict(size) if hasattr(size, "keys") else vars(size)
+        if values.get("height") and values.get("width"):
+            return int(values["height"]), int(values["width"])
+        if values.get("shortest_edge"):
+            return int(values["shortest_edge"]), int(values["shortest_edge"])
+    return 224, 224
+
+
+def image_augmentation(settings: AugmentationSettings | None, size: tuple[int, int]) -> Callable[[Any], Any] | None:
+    """Random resized crop, horizontal flip and colour jitter, as configured; None when off."""
+    if settings is None:
+        return None
+    steps: list[Any] = []
+    if settings.crop_scale_min > 0:
+        steps.append(v2.RandomResizedCrop(size, scale=(settings.crop_scale_min, 1.0), antialias=True))
+    if settings.horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if settings.color_jitter > 0:
+        jitter = settings.color_jitter
+        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    return v2.Compose(steps) if steps else None
+
+
+class ImageDataset(torch.utils.data.Dataset[dict[str, Any]]):
+    """Decodes lazily: only one batch of images is in memory at a time."""
+
+    def __init__(self, examples: list[MediaExample], processor: Any, augment: Callable[[Any], Any] | None):
+        self.examples = examples
+        self.processor = processor
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        image = open_rgb(example)
+        if self.augment is not None:
+            image = self.augment(image)
+        pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "labels": example.label}
+
+
+def collate_images(items: list[dict[str, Any]]) -> Batch:
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "labels": torch.tensor([item["labels"] for item in items], dtype=torch.long),
+    }
+
+
+class ImageClassificationAdapter:
+    """Any transformers image classifier (ViT, ResNet, ConvNeXt, Swin, EfficientNet, MobileNet ...)."""
+
+    def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
+        spec = job.spec
+        data = load_media_dataset(
+            job.training_data,
+            job.validation_data,
+            spec.data,
+            spec.hyperparameters.seed,
+            Path(job.work_dir),
+            IMAGE_EXTENSIONS,
+            check_image,
+        )
+        log(
+            f"read {len(data.train)} training and {len(data.validation)} validation images with "
+            f"{len(data.labels)} labels"
+        )
+        processor = load_pretrained(AutoImageProcessor, spec.base_model)
+        model = load_pretrained(
+            AutoModelForImageClassification,
+            spec.base_model,
+            num_labels=len(data.labels),
+            id2label=dict(enumerate(data.labels)),
+            label2id={name: i for i, name in enumerate(data.labels)},
+            use_safetensors=True,
+            ignore_mismatched_sizes=True,
+        )
+        augment = image_augmentation(spec.data.augmentation, input_size(processor))
+        return PreparedTask(
+            model=model,
+            processor=processor,
+            train_set=ImageDataset(data.train, processor, augment),  # type: ignore[arg-type]
+            validation_set=ImageDataset(data.validation, processor, None),  # type: ignore[arg-type]
+            collate=collate_images,
+            labels=data.labels,
+            train_labels=[example.label for example in data.train],
+        )
