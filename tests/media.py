@@ -76,3 +76,56 @@ def write_tar(path: Path, members: dict[str, bytes], links: dict[str, str] | Non
             info.linkname = target
             tar.addfile(info)
     return path
+
+
+PITCHES = {"low": 220.0, "mid": 660.0, "high": 1760.0}
+
+
+def make_tiny_wav2vec2(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer wav2vec2 audio classifier (16 kHz), saved with its feature extractor."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16, 16),
+        conv_stride=(5, 4, 4),
+        conv_kernel=(10, 4, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        num_labels=2,
+        vocab_size=32,
+        initializer_range=0.2,
+        mask_time_prob=0.0,
+    )
+    Wav2Vec2ForSequenceClassification(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=False
+    ).save_pretrained(folder)
+    return folder
+
+
+def tone_wav(pitch: float, rng: random.Random, rate: int = 16000, seconds: float = 0.5) -> bytes:
+    """A sine tone with a little noise, random phase and amplitude, as 16-bit WAV."""
+    import soundfile
+
+    t = np.arange(int(rate * seconds)) / rate
+    wave = rng.uniform(0.3, 0.8) * np.sin(2 * np.pi * pitch * t + rng.uniform(0, 6.28))
+    wave = wave + np.random.default_rng(rng.randrange(1 << 30)).normal(0, 0.02, size=t.shape)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def write_tones_zip(path: Path, per_class: int, seed: int = 0, rates: tuple[int, ...] = (16000,)) -> Path:
+    """Class folders of tones (`low/0001.wav`), at the given sample rates in turn (to exercise resampling)."""
+    rng = random.Random(seed)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, pitch in PITCHES.items():
+            for i in range(per_class):
+                archive.writestr(f"{name}/{i:04d}.wav", tone_wav(pitch, rng, rates[i % len(rates)]))
+    return path

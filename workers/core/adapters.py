@@ -51,4 +51,8 @@ def adapter_for(task: TaskKind) -> TaskAdapter:
         from workers.core.image_adapter import ImageClassificationAdapter
 
         return ImageClassificationAdapter()
+    if task is TaskKind.AUDIO_CLASSIFICATION:
+        from workers.core.audio_adapter import AudioClassificationAdapter
+
+        return AudioClassificationAdapter()
     raise JobFailure("UNIMPLEMENTED", f"task {task.value} is not available on this server yet")
