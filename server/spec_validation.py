@@ -55,7 +55,7 @@ TASKS = {
     pb.AUDIO_CLASSIFICATION: TaskKind.AUDIO_CLASSIFICATION,
     pb.SPEECH_RECOGNITION: TaskKind.SPEECH_RECOGNITION,
 }
-IMPLEMENTED_TASKS = {TaskKind.TEXT_CLASSIFICATION, TaskKind.IMAGE_CLASSIFICATION, TaskKind.AUDIO_CLASSIFICATION}
+IMPLEMENTED_TASKS = set(TaskKind)
 METHODS = {
     pb.Adaptation.METHOD_UNSPECIFIED: AdaptationMethod.FULL,
     pb.Adaptation.FULL: AdaptationMethod.FULL,
@@ -478,8 +478,14 @@ def _task_rules(check: _Checker, spec: TrainingSpec, raw: pb.DataSpec) -> None:
         for name in ("max_sequence_length", "text_column", "text_pair_column"):
             if getattr(raw, name):
                 check.bad(f"data.{name}", "only used with TEXT_CLASSIFICATION")
-    if spec.task is TaskKind.SPEECH_RECOGNITION and spec.head is not None:
-        check.bad("head", "speech recognition keeps the model's CTC head")
+    if spec.task is TaskKind.SPEECH_RECOGNITION:
+        if spec.head is not None:
+            check.bad("head", "speech recognition keeps the model's CTC head")
+        hp = spec.hyperparameters
+        if hp.label_smoothing:
+            check.bad("hyperparameters.label_smoothing", "only used with classification tasks")
+        if hp.class_balance is not ClassBalance.NONE:
+            check.bad("hyperparameters.class_balance", "only used with classification tasks")
 
 
 def _needs_validation(check: _Checker, spec: TrainingSpec) -> None:

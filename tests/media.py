@@ -129,3 +129,68 @@ def write_tones_zip(path: Path, per_class: int, seed: int = 0, rates: tuple[int,
             for i in range(per_class):
                 archive.writestr(f"{name}/{i:04d}.wav", tone_wav(pitch, rng, rates[i % len(rates)]))
     return path
+
+
+LETTER_PITCHES = {"a": 300.0, "b": 700.0, "c": 1500.0}
+
+
+def make_tiny_wav2vec2_ctc(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer wav2vec2 CTC model without a vocabulary (the job builds one), with its feature extractor."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    torch.manual_seed(seed)
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16, 16),
+        conv_stride=(5, 4, 4),
+        conv_kernel=(10, 4, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        vocab_size=8,
+        initializer_range=0.2,
+        mask_time_prob=0.0,
+        feat_extract_norm="layer",
+        conv_bias=True,
+    )
+    Wav2Vec2ForCTC(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True
+    ).save_pretrained(folder)
+    return folder
+
+
+def spoken_word(word: str, rng: random.Random, rate: int = 16000) -> bytes:
+    """A 'word' spoken as one short tone per letter, with silence between words."""
+    import soundfile
+
+    pieces = []
+    for letter in word:
+        if letter == " ":
+            pieces.append(np.zeros(int(0.08 * rate)))
+            continue
+        t = np.arange(int(rng.uniform(0.16, 0.2) * rate)) / rate
+        pieces.append(0.6 * np.sin(2 * np.pi * LETTER_PITCHES[letter] * t))
+        pieces.append(np.zeros(int(0.05 * rate)))
+    wave = np.concatenate(pieces) + np.random.default_rng(rng.randrange(1 << 30)).normal(0, 0.01, sum(map(len, pieces)))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def write_words_zip(path: Path, count: int, seed: int = 0) -> Path:
+    """Utterances of random 'words' over the letters a, b, c, with a transcript manifest."""
+    rng = random.Random(seed)
+    rows = []
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(count):
+            words = ["".join(rng.choices("abc", k=rng.randrange(2, 4))) for _ in range(rng.randrange(1, 2))]
+            transcript = " ".join(words)
+            name = f"clips/{i:04d}.wav"
+            archive.writestr(name, spoken_word(transcript, rng))
+            rows.append({"file": name, "transcript": transcript.upper()})
+        archive.writestr("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -95,11 +95,10 @@ def test_options_meant_for_another_setting_are_not_ignored() -> None:
 
 def test_unbuilt_tasks_and_options_are_unimplemented_not_ignored() -> None:
     spec = minimal()
-    spec.task = pb.IMAGE_CLASSIFICATION
     spec.resources.gpus = 4
     result = validate_spec(spec, [])
     assert result.spec is None and not result.violations
-    assert {v.field for v in result.unimplemented} == {"job.spec.task", "job.spec.resources.gpus"}
+    assert {v.field for v in result.unimplemented} == {"job.spec.resources.gpus"}
 
 
 def test_local_models_must_lie_under_a_model_root(tmp_path: Path) -> None:
@@ -166,3 +165,41 @@ def test_toolbox_fields_are_checked() -> None:
         "job.spec.evaluation.early_stopping_patience",
     }
     assert "needs validation data" in problems["job.spec.evaluation.early_stopping_patience"]
+
+
+def test_fields_of_other_tasks_are_refused() -> None:
+    text = minimal()
+    text.data.augmentation.enabled = True
+    text.data.clip_seconds = 2.0
+    text.evaluation.best_metric = "eval_wer"
+    assert set(fields_of(text)) == {
+        "job.spec.data.augmentation",
+        "job.spec.data.clip_seconds",
+        "job.spec.evaluation.best_metric",
+    }
+    speech = minimal()
+    speech.task = pb.SPEECH_RECOGNITION
+    speech.data.max_sequence_length = 128
+    speech.hyperparameters.label_smoothing = 0.1
+    speech.head.hidden_sizes.append(16)
+    speech.evaluation.best_metric = "eval_accuracy"
+    assert set(fields_of(speech)) == {
+        "job.spec.data.max_sequence_length",
+        "job.spec.hyperparameters.label_smoothing",
+        "job.spec.head",
+        "job.spec.evaluation.best_metric",
+    }
+
+
+def test_augmentation_recipe_and_overrides() -> None:
+    spec = minimal()
+    spec.task = pb.IMAGE_CLASSIFICATION
+    spec.data.augmentation.enabled = True
+    spec.data.augmentation.horizontal_flip = False
+    spec.data.augmentation.color_jitter = 0.0
+    result = validate_spec(spec, [])
+    assert result.spec is not None and result.spec.data.augmentation is not None
+    augmentation = result.spec.data.augmentation
+    assert (augmentation.crop_scale_min, augmentation.horizontal_flip, augmentation.color_jitter) == (0.5, False, 0.0)
+    spec.data.augmentation.crop_scale_min = 1.5
+    assert "job.spec.data.augmentation.crop_scale_min" in fields_of(spec)

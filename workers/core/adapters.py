@@ -33,6 +33,10 @@ class PreparedTask:
     labels: list[str]
     train_labels: list[int]
     """The label id of each training example (class weights, balanced sampling)."""
+    compute_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+    """The training loss, when it is not classification cross-entropy (CTC computes its own)."""
+    evaluate: Callable[..., Any] | None = None
+    """evaluate(model, loader, to_device) -> Evaluation, when it is not classification's."""
 
 
 class TaskAdapter(Protocol):
@@ -55,4 +59,8 @@ def adapter_for(task: TaskKind) -> TaskAdapter:
         from workers.core.audio_adapter import AudioClassificationAdapter
 
         return AudioClassificationAdapter()
+    if task is TaskKind.SPEECH_RECOGNITION:
+        from workers.core.speech_adapter import SpeechRecognitionAdapter
+
+        return SpeechRecognitionAdapter()
     raise JobFailure("UNIMPLEMENTED", f"task {task.value} is not available on this server yet")

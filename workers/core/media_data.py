@@ -83,7 +83,7 @@ def _manifest_items(
             raise InvalidDataset(f"{where} line {line}: {name!r} is not in the archive")
         if path.suffix.lower() not in extensions:
             raise InvalidDataset(f"{where} line {line}: {name!r} is not one of {', '.join(extensions)}")
-        items.append(MediaItem(path, target, f"{where} line {line}"))
+        items.append(MediaItem(path, target, f"{where} line {line} ({name})"))
     return items
 
 

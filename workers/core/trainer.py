@@ -91,7 +91,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, multiplier)
         self.dtype = autocast_dtype(self.hp.precision, device)
         self.scaler = GradScaler("cuda") if self.dtype == torch.float16 else None  # fp16 needs loss scaling
-        self.loss_fn = classification_loss(self.hp, task.train_labels, len(task.labels), device)
+        self.loss_fn = (
+            classification_loss(self.hp, task.train_labels, len(task.labels), device)
+            if task.compute_loss is None
+            else None
+        )
         self.eval_loss_fn = nn.CrossEntropyLoss()
         self.evaluations_without_improvement = 0
         self.result = TrainResult(steps=0)
@@ -119,7 +123,10 @@ class Trainer:
         loader = self._loader(self.task.validation_set, False, self.plan.micro_batch_size * 2, 0)
         to_device = lambda batch: _to_device(batch, self.device)  # noqa: E731
         with autocast(self.device, self.dtype):
-            evaluation = evaluate(self.model, loader, self.device, self.eval_loss_fn, self.task.labels, to_device)
+            if self.task.evaluate is not None:
+                evaluation = self.task.evaluate(self.model, loader, to_device)
+            else:
+                evaluation = evaluate(self.model, loader, self.device, self.eval_loss_fn, self.task.labels, to_device)
         metrics = evaluation.metrics
         self.reporter.evaluation(step, epoch, metrics)
         self.result.final_metrics = metrics
@@ -157,13 +164,13 @@ class Trainer:
         for batch in group:
             self.reporter.check_cancelled()
             batch = _to_device(batch, self.device)
-            labels = batch.pop("labels")
+            samples = batch["labels"].shape[0]
             with autocast(self.device, self.dtype):
-                loss = self.loss_fn(self.model(**batch).logits, labels) / len(group)
+                loss = self._loss(batch) / len(group)
             scaled: torch.Tensor = self.scaler.scale(loss) if self.scaler else loss
             scaled.backward()  # type: ignore[no-untyped-call]
             window.loss_sum += loss.detach()
-            window.samples += labels.shape[0]
+            window.samples += samples
         window.steps += 1
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -176,6 +183,14 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        if self.task.compute_loss is not None:
+            return self.task.compute_loss(self.model, batch)
+        assert self.loss_fn is not None
+        labels = batch.pop("labels")
+        loss: torch.Tensor = self.loss_fn(self.model(**batch).logits, labels)
+        return loss
 
     def _report(self, step: int, epoch: int, window: LogWindow) -> None:
         """Training metrics for the steps since the last report (the only host sync in the loop)."""

@@ -1,0 +1,183 @@
+"""Speech recognition: archive of utterances with a transcript manifest -> CTC fine-tuning of wav2vec2-style models
+(AutoModelForCTC). When the base model has no tokenizer, a character vocabulary is built from the transcripts.
+Evaluation decodes greedily and reports word and character error rates (jiwer)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jiwer
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
+
+from workers.core.adapters import Batch, PreparedTask
+from workers.core.archives import extract_archive
+from workers.core.audio import AUDIO_EXTENSIONS, check_audio, load_mono
+from workers.core.errors import InvalidDataset
+from workers.core.evaluation import Evaluation
+from workers.core.media_data import MediaItem, find_items
+from workers.core.models import load_pretrained
+from workers.core.splits import stratified_split
+from workers.messages import DataFile, RunJob
+from workers.spec import DataSettings
+
+DEFAULT_MAX_SECONDS = 30.0
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "delimiter": "|"}
+ERROR_EXAMPLES = 10
+
+
+def normalise(transcript: str) -> str:
+    """Lower case with single spaces: the form the vocabulary and the error rates use."""
+    return " ".join(transcript.lower().split())
+
+
+def build_tokenizer(transcripts: list[str], folder: Path) -> Any:
+    """A character CTC tokenizer for exactly the characters of the transcripts (space is `|`)."""
+    characters = sorted({c for text in transcripts for c in text if c != " "})
+    vocab = {SPECIAL_TOKENS["pad"]: 0, SPECIAL_TOKENS["unk"]: 1, SPECIAL_TOKENS["delimiter"]: 2}
+    vocab.update({c: i + 3 for i, c in enumerate(characters)})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    return Wav2Vec2CTCTokenizer(  # type: ignore[no-untyped-call]
+        str(folder / "vocab.json"),
+        unk_token=SPECIAL_TOKENS["unk"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        word_delimiter_token=SPECIAL_TOKENS["delimiter"],
+    )
+
+
+def load_items(file: DataFile, settings: DataSettings, root: Path) -> list[MediaItem]:
+    data_root = extract_archive(file, root)
+    items = find_items(data_root, file.filename, settings, AUDIO_EXTENSIONS, settings.transcript_column)
+    return [MediaItem(item.path, normalise(item.target), item.source) for item in items]
+
+
+class SpeechDataset(torch.utils.data.Dataset[dict[str, Any]]):
+    """Decodes lazily; each item is the extractor's input values and the transcript's token ids."""
+
+    def __init__(self, items: list[MediaItem], processor: Any):
+        self.items = items
+        self.processor = processor
+        self.rate = int(processor.feature_extractor.sampling_rate)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        wave = load_mono(item.path, item.source, self.rate)
+        values = self.processor.feature_extractor(wave.numpy(), sampling_rate=self.rate, return_tensors="pt")
+        return {"input_values": values["input_values"][0], "labels": self.processor.tokenizer(item.target).input_ids}
+
+
+def collate_speech(items: list[dict[str, Any]]) -> Batch:
+    """Pads audio with zeros (masked) and label ids with -100 (ignored by the CTC loss)."""
+    longest = max(item["input_values"].shape[0] for item in items)
+    values = torch.zeros(len(items), longest)
+    mask = torch.zeros(len(items), longest, dtype=torch.long)
+    label_length = max(len(item["labels"]) for item in items)
+    labels = torch.full((len(items), label_length), -100, dtype=torch.long)
+    for row, item in enumerate(items):
+        length = item["input_values"].shape[0]
+        values[row, :length], mask[row, :length] = item["input_values"], 1
+        labels[row, : len(item["labels"])] = torch.tensor(item["labels"], dtype=torch.long)
+    return {"input_values": values, "attention_mask": mask, "labels": labels}
+
+
+def ctc_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    loss: torch.Tensor = model(**batch).loss
+    return loss
+
+
+def evaluate_ctc(tokenizer: Any) -> Callable[..., Evaluation]:
+    """Greedy CTC decoding; loss, word error rate and character error rate, with example errors."""
+
+    def run(model: nn.Module, loader: DataLoader[Any], to_device: Callable[[Batch], Batch]) -> Evaluation:
+        model.eval()
+        total_loss, count, references, hypotheses = 0.0, 0, [], []
+        with torch.inference_mode():
+            for batch in loader:
+                batch = to_device(batch)
+                output = model(**batch)
+                size = batch["labels"].shape[0]
+                total_loss, count = total_loss + float(output.loss) * size, count + size
+                hypotheses += tokenizer.batch_decode(output.logits.argmax(dim=-1).cpu())
+                labels = batch["labels"].cpu().masked_fill(batch["labels"].cpu() == -100, tokenizer.pad_token_id)
+                references += tokenizer.batch_decode(labels, group_tokens=False)
+        model.train()
+        hypotheses = [normalise(h) for h in hypotheses]
+        references = [normalise(r) for r in references]
+        wer = jiwer.wer(references, hypotheses) if references else 0.0
+        cer = jiwer.cer(references, hypotheses) if references else 0.0
+        errors = [{"reference": r, "hypothesis": h} for r, h in zip(references, hypotheses, strict=True) if r != h]
+        metrics = {"eval_loss": total_loss / max(1, count), "eval_wer": float(wer), "eval_cer": float(cer)}
+        return Evaluation(metrics, {"error_examples": errors[:ERROR_EXAMPLES], "utterances": len(references)})
+
+    return run
+
+
+class SpeechRecognitionAdapter:
+    """CTC fine-tuning of wav2vec2, HuBERT, WavLM and other AutoModelForCTC models."""
+
+    def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
+        spec, work_dir = job.spec, Path(job.work_dir)
+        max_seconds = spec.data.clip_seconds or DEFAULT_MAX_SECONDS
+        train = load_items(job.training_data, spec.data, work_dir / "data" / "train")
+        if job.validation_data is not None:
+            validation = load_items(job.validation_data, spec.data, work_dir / "data" / "validation")
+        elif spec.data.validation_fraction > 0:
+            train, validation = stratified_split(
+                train, lambda _: "", spec.data.validation_fraction, spec.hyperparameters.seed
+            )
+        else:
+            validation = []
+        for item in (*train, *validation):
+            if not item.target:
+                raise InvalidDataset(f"{item.source}: the transcript is empty")
+            check_audio(item, max_seconds)
+        extractor = load_pretrained(AutoFeatureExtractor, spec.base_model)
+        tokenizer = self._tokenizer(spec.base_model, [i.target for i in train], work_dir / "vocabulary", log)
+        processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
+        unknown = sorted(
+            {c for item in (*train, *validation) for c in item.target.replace(" ", "")} - set(tokenizer.get_vocab())
+        )
+        if unknown:
+            raise InvalidDataset(f"transcripts use characters the model's vocabulary lacks: {''.join(unknown)!r}")
+        model = load_pretrained(
+            AutoModelForCTC,
+            spec.base_model,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            ctc_loss_reduction="mean",
+            use_safetensors=True,
+            ignore_mismatched_sizes=True,
+        )
+        log(f"read {len(train)} training and {len(validation)} validation utterances; vocabulary of {len(tokenizer)}")
+        return PreparedTask(
+            model=model,
+            processor=processor,
+            train_set=SpeechDataset(train, processor),  # type: ignore[arg-type]
+            validation_set=SpeechDataset(validation, processor),  # type: ignore[arg-type]
+            collate=collate_speech,
+            labels=[],
+            train_labels=[],
+            compute_loss=ctc_loss,
+            evaluate=evaluate_ctc(tokenizer),
+        )
+
+    @staticmethod
+    def _tokenizer(base_model: str, transcripts: list[str], folder: Path, log: Callable[[str], None]) -> Any:
+        """The model's own CTC tokenizer when it has one; otherwise one built from the transcripts."""
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError):
+            tokenizer = None
+        if isinstance(tokenizer, Wav2Vec2CTCTokenizer):
+            return tokenizer
+        log("the base model has no CTC vocabulary: building one from the transcripts")
+        return build_tokenizer(transcripts, folder)
