@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from google.protobuf import json_format
 from tuneforge.v1 import job_spec_pb2 as pb
 
 TASKS = {
@@ -120,3 +122,8 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
             )
         )
     return spec
+
+
+def load_spec_file(path: Path) -> pb.JobSpec:
+    """A JobSpec from its protobuf JSON form (camelCase or snake_case field names, enum names as strings)."""
+    return json_format.Parse(path.read_text(), pb.JobSpec())

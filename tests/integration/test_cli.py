@@ -91,3 +91,29 @@ def test_watch_exits_non_zero_for_a_failed_job_and_errors_name_fields(
     assert "job.spec.hyperparameters.epochs" in rejected.stderr
     missing = tuneforge(server, "get", "jobs/ft-nothere", check=False)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_create_from_a_spec_file(server: LocalServer, tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(
+        json.dumps(
+            {
+                "task": "TEXT_CLASSIFICATION",
+                "baseModel": str(tiny_bert),
+                "data": {"trainingFile": "files/placeholder", "validationFraction": 0.25},
+                "hyperparameters": {
+                    "epochs": 8,
+                    "batchSize": 8,
+                    "learningRate": 2e-3,
+                    "schedule": {"kind": "CONSTANT"},
+                },
+                "evaluation": {"bestMetric": "eval_accuracy", "logEverySteps": 4},
+            }
+        )
+    )
+    file_name = tuneforge(server, "upload", str(keyword_dataset)).stdout.strip()
+    created = tuneforge(server, "create", "--spec", str(spec_file), "--train", file_name, "--watch")
+    assert "state SUCCEEDED" in created.stderr
+    job = json.loads(tuneforge(server, "--json", "get", created.stdout.strip().splitlines()[0]).stdout)
+    assert job["spec"]["data"]["trainingFile"] == file_name
+    assert job["spec"]["evaluation"]["bestMetric"] == "eval_accuracy"

@@ -153,3 +153,36 @@ def test_speech_recognition_job(client: TuneforgeClient, media_models: dict[str,
     references = [r["transcript"].lower() for r in rows]
     cer = jiwer.cer(references, [" ".join(h.split()) for h in hypotheses])
     assert cer == pytest.approx(job.artifact.metrics["eval_cer"], abs=0.02)
+
+
+def test_malformed_archives_fail_their_jobs_and_the_server_stays_healthy(
+    client: TuneforgeClient, media_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.media import write_tar
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("red/a.png", b"\0" * (64 << 20))
+    cases = {
+        bomb: "decompression bomb",
+        write_tar(tmp_path / "link.tar", {"red/a.png": b"x"}, {"blue/b.png": "/etc/passwd"}): "is a link",
+        write_tar(tmp_path / "escape.tar.gz", {"../../evil.png": b"x"}): "points outside the archive",
+    }
+    jobs = {}
+    for archive, message in cases.items():
+        name = client.upload_file(archive).name
+        spec = media_spec(pb.IMAGE_CLASSIFICATION, media_models["vit"], name, "", 1, 1e-3)
+        spec.data.validation_fraction = 0.2
+        jobs[client.create_job(spec).name] = message
+    for name, message in jobs.items():
+        final = wait_for_end(client, name)
+        assert final.state == STATE.FAILED and final.error.reason == "INVALID_DATASET"
+        assert message in final.error.message
+    health = health_pb2_grpc.HealthStub(client._channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    good = client.upload_file(write_shapes_zip(tmp_path / "good.zip", per_class=4)).name
+    spec = media_spec(pb.IMAGE_CLASSIFICATION, media_models["vit"], good, "", 1, 1e-3)
+    spec.data.validation_fraction = 0.25
+    assert wait_for_end(client, client.create_job(spec).name).state == STATE.SUCCEEDED

@@ -1,0 +1,26 @@
+"""Every job spec in examples/ parses and passes the server's validation once its data files are filled in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clients.spec_flags import load_spec_file
+from server.spec_validation import validate_spec
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
+
+
+def test_there_is_an_example_per_task() -> None:
+    tasks = {load_spec_file(path).task for path in EXAMPLES}
+    assert len(tasks) == 4
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_is_a_valid_job(path: Path) -> None:
+    spec = load_spec_file(path)
+    spec.data.training_file = "files/file-abc"
+    result = validate_spec(spec, [])
+    assert not result.violations and not result.unimplemented, result
+    assert result.spec is not None and "/" in result.spec.base_model  # a hub id
