@@ -6,14 +6,26 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
+    ASTConfig,
+    ASTForAudioClassification,
     BertConfig,
     BertForSequenceClassification,
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    EfficientNetConfig,
+    EfficientNetForImageClassification,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
     ViTConfig,
     ViTForImageClassification,
     Wav2Vec2Config,
     Wav2Vec2ForSequenceClassification,
+    WhisperConfig,
+    WhisperForAudioClassification,
 )
 
 from workers.core.adaptation import (
@@ -172,3 +184,53 @@ def test_discriminative_learning_rates() -> None:
     assert {rate_of[id(p)] for p in layout.stem} == {6.25e-5}
     no_decay = [g for g in optimizer.param_groups if g["weight_decay"] == 0.0]
     assert no_decay and all(p.dim() == 1 for g in no_decay for p in g["params"])
+
+
+OTHER_FAMILIES = {
+    "convnext": lambda: ConvNextForImageClassification(
+        ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+    ),
+    "swin": lambda: SwinForImageClassification(
+        SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=2)
+    ),
+    "efficientnet": lambda: EfficientNetForImageClassification(
+        EfficientNetConfig(image_size=32, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=32)
+    ),
+    "mobilenet_v2": lambda: MobileNetV2ForImageClassification(MobileNetV2Config(image_size=32, depth_multiplier=0.35)),
+    "whisper": lambda: WhisperForAudioClassification(
+        WhisperConfig(
+            d_model=16,
+            encoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_layers=1,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            num_mel_bins=8,
+            max_source_positions=16,
+        )
+    ),
+    "ast": lambda: ASTForAudioClassification(
+        ASTConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_mel_bins=16,
+            max_length=32,
+            frequency_stride=8,
+            time_stride=8,
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_other_families_map_to_blocks(family: str) -> None:
+    model = OTHER_FAMILIES[family]()
+    layout = layout_of(model)
+    assert layout.blocks and count(layout.head) > 0
+    everything = count(layout.stem) + sum(count(b) for b in layout.blocks) + count(layout.top) + count(layout.head)
+    assert everything == sum(p.numel() for p in model.parameters())
+    apply_adaptation(model, AdaptationSettings(AdaptationMethod.LAST_BLOCKS_TRAINABLE, num_trainable_blocks=1))
+    assert trainable(model) == count(layout.blocks[-1]) + count(layout.top) + count(layout.head)

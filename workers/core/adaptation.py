@@ -25,6 +25,7 @@ BLOCK_PATHS = (
     "encoder.layer",
     "encoder.layers",
     "encoder.stages",
+    "encoder.blocks",
     "encoder.block",
     "layers",
     "stages",
@@ -32,6 +33,8 @@ BLOCK_PATHS = (
     "layer",
     "h",
 )
+# Task models whose `base_model` is themselves keep their backbone under one of these names (Whisper's classifier).
+BACKBONE_ATTRIBUTES = ("encoder",)
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,13 @@ class ModelLayout:
 def backbone_of(model: nn.Module) -> nn.Module:
     """The pretrained body of a transformers model (everything but the task head)."""
     backbone = getattr(model, "base_model", None)
-    if not isinstance(backbone, nn.Module) or backbone is model:
-        raise JobFailure("UNSUPPORTED_MODEL", f"{type(model).__name__} has no separate backbone to freeze")
-    return backbone
+    if isinstance(backbone, nn.Module) and backbone is not model:
+        return backbone
+    for name in BACKBONE_ATTRIBUTES:
+        candidate = getattr(model, name, None)
+        if isinstance(candidate, nn.Module):
+            return candidate
+    raise JobFailure("UNSUPPORTED_MODEL", f"{type(model).__name__} has no separate backbone to freeze")
 
 
 def blocks_of(backbone: nn.Module) -> nn.ModuleList:
