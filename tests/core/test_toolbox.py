@@ -138,3 +138,18 @@ def test_imbalanced_weights_and_sampling_favour_the_rare_class(tiny_bert: Path, 
     spec = make_spec(tiny_bert, hyperparameters=dataclasses.replace(FAST, class_balance=ClassBalance.BALANCED_SAMPLING))
     finished, _ = run(spec, data, tmp_path / "work")
     assert finished.outcome is Outcome.SUCCEEDED
+
+
+def test_sentence_pairs_reach_the_model(tiny_bert: Path, tmp_path: Path) -> None:
+    """The label is the topic of the second text; the first is a distractor from another topic."""
+    first, second = keyword_rows(120, seed=1), keyword_rows(120, seed=2)
+    rows = [
+        {"text": a["text"], "text_pair": b["text"], "label": b["label"]}
+        for a, b in zip(first[1:] + first[:1], second, strict=True)
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    spec = make_spec(tiny_bert)
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, text_pair_column="text_pair"))
+    finished, events = run(spec, data, tmp_path / "work")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    assert max(e.metrics["eval_accuracy"] for e in of_type(events, EvaluationDone)) >= 0.7  # chance is 1/3
