@@ -64,6 +64,8 @@ def test_two_jobs_end_to_end_with_a_reconnecting_watcher(
             "artifact_ready",
         } <= kinds
         assert final.progress.step == final.progress.total_steps == 96
+        losses = [e.training_metrics.loss for e in stored if e.WhichOneof("payload") == "training_metrics"]
+        assert losses[-1] < losses[0] * 0.5, losses
         assert final.latest_metrics["eval_accuracy"] >= 0.85, dict(final.latest_metrics)
         assert final.best_metrics["eval_loss"] <= final.latest_metrics["eval_loss"]
         assert final.artifact.metrics["eval_accuracy"] == final.latest_metrics["eval_accuracy"]

@@ -142,7 +142,7 @@ class Trainer:
         ev = self.spec.evaluation
         value, best = metrics[ev.best_metric], self.result.best_metrics.get(ev.best_metric)
         gain = math.inf if best is None else (value - best if ev.maximize else best - value)
-        if gain > ev.early_stopping_min_delta or (best is None):
+        if gain > ev.early_stopping_min_delta:
             self.result.best_metrics, self.result.best_step, self.result.best_details = metrics, step, details
             self.evaluations_without_improvement = 0
             save_best(self.model, self.checkpoint_dir, step, ev.best_metric, value)
