@@ -76,7 +76,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     db = StoreRunner()
     hub = EventHub()
     roots = list(settings.model_roots)
-    scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots)
+    scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, settings.max_restarts)
 
     server = grpc.aio.server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -10,9 +10,10 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from server.convert import state_change_event
+from server.convert import log_event, state_change_event
 from server.job_states import ACTIVE, JobState, check_transition
 from server.records import JobChange, JobRecord, NewEvent
+from workers.messages import Severity
 
 
 def transition(record: JobRecord, target: JobState, extra: list[NewEvent] | None = None, **fields: Any) -> JobChange:
@@ -68,9 +69,20 @@ def finish(record: JobRecord, succeeded: bool, reason: str, message: str) -> Job
     return transition(record, JobState.FAILED, error_reason=reason, error_message=message)
 
 
-def lose_attempt(record: JobRecord, reason: str, message: str) -> JobChange:
-    """The worker vanished mid-attempt."""
-    return finish(record, False, reason, message)
+def lose_attempt(record: JobRecord, reason: str, message: str, max_restarts: int) -> JobChange:
+    """The worker vanished mid-attempt: the job is queued again to resume from its newest checkpoint, until it has
+    been restarted max_restarts times; then it fails with the reason."""
+    if record.state is JobState.CANCELLING:
+        return transition(record, JobState.CANCELLED)
+    restarts = record.attempt - 1
+    if restarts >= max_restarts:
+        return finish(record, False, reason, f"{message}; gave up after {restarts} restarts")
+    note = log_event(
+        Severity.WARNING,
+        f"{message}; queued again to resume from the newest checkpoint (restart {restarts + 1} of {max_restarts})",
+        record.attempt,
+    )
+    return transition(record, JobState.QUEUED, extra=[note], worker=None, start_time=None)
 
 
 def requeue(record: JobRecord, note: NewEvent) -> JobChange:

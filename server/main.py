@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder under which local base models may be read (repeatable)",
     )
     parser.add_argument("--max-upload-bytes", type=int, default=2 << 30)
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="times a job whose worker died resumes from its checkpoint before it fails",
+    )
     parser.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: time for in-flight calls")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     parser.add_argument("--torch-threads", type=int, default=0, help="CPU threads per worker (0: share cores)")
@@ -45,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_bytes,
         grace_s=args.grace_s,
         port_file=args.port_file,
+        max_restarts=args.max_restarts,
         torch_threads=args.torch_threads,
     )
     asyncio.run(serve(settings))

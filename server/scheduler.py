@@ -21,7 +21,7 @@ from server.event_hub import EventHub
 from server.job_changes import cancel as cancel_change
 from server.job_changes import claim, held_by, lose_attempt, requeue, transition
 from server.job_changes import finish as finish_change
-from server.job_states import ACTIVE, JobState
+from server.job_states import ACTIVE, TERMINAL, JobState
 from server.records import EventRecord, JobChange, JobRecord, NewEvent
 from server.spec_validation import validate_spec
 from server.storage import LocalStorage
@@ -72,6 +72,7 @@ class Scheduler:
         storage: LocalStorage,
         hub: EventHub,
         model_roots: list[Path],
+        max_restarts: int = 3,
     ):
         self._store = store
         self._db = db
@@ -79,6 +80,7 @@ class Scheduler:
         self._storage = storage
         self._hub = hub
         self._model_roots = model_roots
+        self._max_restarts = max_restarts
         self._slots: dict[str, WorkerSlot] = {}
         self._inbox: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         self._dispatch_lock = asyncio.Lock()
@@ -127,6 +129,7 @@ class Scheduler:
         if result is None:
             return None
         record = result
+        await self._prune_if_ended(job_id)
         if record.state is JobState.CANCELLING and record.worker:
             self._send(record.worker, CancelJob(job=record.id, attempt=record.attempt))
         return record
@@ -164,7 +167,7 @@ class Scheduler:
             slot.state, slot.job = "starting", None
             message = f"could not reach {worker}: {exc}"
             await self._apply_fenced(
-                record.id, worker, record.attempt, lambda r: lose_attempt(r, "WORKER_LOST", message)
+                record.id, worker, record.attempt, lambda r: lose_attempt(r, "WORKER_LOST", message, self._max_restarts)
             )
 
     async def _run_command(self, record: JobRecord) -> RunJob | None:
@@ -197,6 +200,7 @@ class Scheduler:
             training_data=files[spec.data.training_file],
             validation_data=files.get(spec.data.validation_file or ""),
             work_dir=str(self._storage.work_dir(record.id, record.attempt)),
+            checkpoint_dir=str(self._storage.checkpoint_dir(record.id)),
             artifact_path=str(self._storage.artifact_path(record.id)),
         )
 
@@ -234,8 +238,13 @@ class Scheduler:
             await asyncio.to_thread(self._storage.delete_work_dir, slot.job, slot.attempt)
             message = f"{event.worker} exited (code {event.exitcode}) during the job"
             await self._apply_fenced(
-                slot.job, event.worker, slot.attempt, lambda r: lose_attempt(r, "WORKER_LOST", message)
+                slot.job,
+                event.worker,
+                slot.attempt,
+                lambda r: lose_attempt(r, "WORKER_LOST", message, self._max_restarts),
             )
+            await self._prune_if_ended(slot.job)
+            await self.dispatch()  # a requeued job can go to an idle worker at once
 
     async def _job_finished(self, event: JobFinished) -> None:
         succeeded = event.outcome is Outcome.SUCCEEDED
@@ -243,6 +252,7 @@ class Scheduler:
         await self._apply_fenced(
             event.job, event.worker, event.attempt, lambda r: finish_change(r, succeeded, event.reason, event.message)
         )
+        await self._prune_if_ended(event.job)
         slot = self._slots.get(event.worker)
         if slot is not None and slot.job == event.job:
             slot.state, slot.job = "idle", None
@@ -255,6 +265,12 @@ class Scheduler:
         await self._apply_fenced(event.job, event.worker, event.attempt, change)
 
     # ------------------------------------------------------------ store helpers
+
+    async def _prune_if_ended(self, job_id: str) -> None:
+        """An ended job resumes no more: its checkpoints and scratch space go (the artifact stays)."""
+        record = await self._db.call(self._store.get_job, job_id)
+        if record is not None and record.state in TERMINAL:
+            await asyncio.to_thread(self._storage.delete_work, job_id)
 
     async def _apply(self, job_id: str, change: ChangeFn) -> JobRecord | None:
         result = await self._db.call(self._store.update_job, job_id, change)

@@ -33,6 +33,8 @@ class ServerSettings:
     """On SIGTERM: how long in-flight calls may finish before they are cancelled."""
     worker_stop_s: float = 20.0
     """On SIGTERM: how long workers get to stop before they are terminated."""
+    max_restarts: int = 3
+    """Times a job whose worker died is queued again to resume from its checkpoint before it fails."""
     port_file: Path | None = None
     """If set, the bound port is written here once the server listens (useful with port 0)."""
     torch_threads: int = field(default=0)

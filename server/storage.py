@@ -94,12 +94,22 @@ class LocalStorage:
     def artifact_path(self, job_id: str) -> Path:
         return self.root / "artifacts" / f"{job_id}.tar"
 
+    def checkpoint_dir(self, job_id: str) -> Path:
+        """The job's checkpoints, kept across attempts so that a new attempt resumes."""
+        path = self.root / "work" / job_id / "checkpoints"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def delete_work_dir(self, job_id: str, attempt: int) -> None:
-        """Drops an ended attempt's checkpoints and scratch space (nothing resumes from them yet)."""
+        """Drops an ended attempt's scratch space (its checkpoints stay with the job)."""
         shutil.rmtree(self.root / "work" / job_id / f"attempt-{attempt}", ignore_errors=True)
 
-    def delete_job_data(self, job_id: str) -> None:
+    def delete_work(self, job_id: str) -> None:
+        """Drops all of a job's work, checkpoints included (once it has ended)."""
         shutil.rmtree(self.root / "work" / job_id, ignore_errors=True)
+
+    def delete_job_data(self, job_id: str) -> None:
+        self.delete_work(job_id)
         self.artifact_path(job_id).unlink(missing_ok=True)
 
     @staticmethod

@@ -33,7 +33,9 @@ class RunJob:
     training_data: DataFile
     validation_data: DataFile | None
     work_dir: str
-    """Scratch space for this attempt (checkpoints, the unpacked model folder)."""
+    """Scratch space for this attempt (unpacked data, the model folder before packing)."""
+    checkpoint_dir: str
+    """The job's checkpoints, shared by its attempts: a new attempt resumes from the newest one."""
     artifact_path: str
     """Where the finished tar archive goes (written atomically)."""
 

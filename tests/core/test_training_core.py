@@ -79,6 +79,7 @@ def run(
         training_data=DataFile(str(data), data.name),
         validation_data=None,
         work_dir=str(work),
+        checkpoint_dir=str(work / "checkpoints"),
         artifact_path=str(work / "artifact.tar"),
     )
     finished = run_job(job, "worker-0", torch.device(device), send, cancel or threading.Event())

@@ -118,10 +118,12 @@ def spawned_workers(parent_pid: int) -> list[int]:
     return found
 
 
-def test_a_killed_worker_fails_its_job_and_is_replaced(
+def test_a_killed_worker_fails_its_job_when_no_restarts_are_allowed(
     tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
 ) -> None:
-    server = start_local_server(tmp_path / "data", workers=1, model_roots=[model_root], extra_args=SERVER_ARGS)
+    server = start_local_server(
+        tmp_path / "data", workers=1, model_roots=[model_root], extra_args=[*SERVER_ARGS, "--max-restarts", "0"]
+    )
     try:
         with TuneforgeClient(server.target) as client:
             client.wait_until_serving(60)
@@ -132,10 +134,43 @@ def test_a_killed_worker_fails_its_job_and_is_replaced(
             os.kill(worker_pid, signal.SIGKILL)
             final = wait_for_end(client, job.name)
             assert final.state == STATE.FAILED and final.error.reason == "WORKER_LOST"
-            assert "exited (code -9)" in final.error.message
+            assert "exited (code -9) during the job; gave up after 0 restarts" in final.error.message
             # The pool started a replacement: the next job runs to the end.
             after = client.create_job(text_spec(tiny_bert, file.name, epochs=1))
             assert wait_for_end(client, after.name).state == STATE.SUCCEEDED
             assert spawned_workers(server.process.pid) != [worker_pid]
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_killed_worker_s_job_resumes_from_its_checkpoint(
+    tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
+) -> None:
+    server = start_local_server(tmp_path / "data", workers=1, model_roots=[model_root], extra_args=SERVER_ARGS)
+    try:
+        with TuneforgeClient(server.target) as client:
+            client.wait_until_serving(60)
+            file = client.upload_file(keyword_dataset)
+            spec = text_spec(tiny_bert, file.name, epochs=40)
+            spec.evaluation.checkpoint_every_steps = 20
+            job = client.create_job(spec)
+            saved = watch_until(client, job.name, "checkpoint_saved")
+            [worker_pid] = spawned_workers(server.process.pid)
+            os.kill(worker_pid, signal.SIGKILL)
+            final = wait_for_end(client, job.name, timeout_s=180)
+            assert final.state == STATE.SUCCEEDED and final.attempt == 2, final.error
+            events = client.list_job_events(job.name)
+            assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+            notes = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
+            assert any("queued again to resume from the newest checkpoint (restart 1 of 3)" in n for n in notes)
+            resumed = [n for n in notes if n.startswith("resumed from the checkpoint at step")]
+            assert resumed and int(resumed[0].split("step ")[1].split(" ")[0]) >= saved.checkpoint_saved.step
+            second = [
+                e.training_metrics.step
+                for e in events
+                if e.WhichOneof("payload") == "training_metrics" and e.attempt == 2
+            ]
+            assert second[0] > saved.checkpoint_saved.step, "the second attempt did not start from step 0"
+            assert not (server.data_dir / "work" / job.name.removeprefix("jobs/")).exists(), "checkpoints pruned"
     finally:
         assert server.stop() == 0

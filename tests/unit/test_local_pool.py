@@ -24,7 +24,7 @@ def test_commands_and_events_cross_the_process_boundary() -> None:
         ready = {events.get(timeout=30)[1].worker for _ in range(2)}
         assert ready == {"worker-0", "worker-1"}
         spec = TrainingSpec(TaskKind.TEXT_CLASSIFICATION, "m", DataSettings(training_file="files/f"))
-        pool.send("worker-1", RunJob("job-a", 3, spec, DataFile("/x", "x.jsonl"), None, "/w", "/a.tar"))
+        pool.send("worker-1", RunJob("job-a", 3, spec, DataFile("/x", "x.jsonl"), None, "/w", "/w/c", "/a.tar"))
         _, finished = events.get(timeout=30)
         assert isinstance(finished, JobFinished) and (finished.worker, finished.job, finished.attempt) == (
             "worker-1",

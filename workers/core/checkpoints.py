@@ -1,41 +1,100 @@
-"""Checkpoints on disk: the newest one (weights and position) and the best one by the chosen metric."""
+"""Checkpoints on disk: full training state for exact resume (the newest one), and the best weights by the chosen
+metric. Each is written to a temporary folder and renamed into place, so a crash never leaves a half checkpoint.
+
+A checkpoint holds the weights (safetensors), the optimizer, scheduler and gradient-scaler state, the python, numpy,
+torch and CUDA random states, and the trainer's position and bookkeeping (JSON). Tensors load with
+`torch.load(weights_only=True)`.
+"""
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+POSITION = "trainer_state.json"
 
 
-def _write_atomically(model: nn.Module, final: Path, state: dict[str, float | int]) -> int:
-    temporary = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_model(model, str(temporary / WEIGHTS))
-    (temporary / "trainer_state.json").write_text(json.dumps(state))
+def rng_state() -> dict[str, Any]:
+    """Every random generator training draws from, in a form `weights_only` loading accepts."""
+    version, python_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(python_state), gauss],
+        "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _replace_atomically(temporary: Path, final: Path) -> int:
     shutil.rmtree(final, ignore_errors=True)
     temporary.rename(final)
     return sum(f.stat().st_size for f in final.iterdir())
 
 
-def save_checkpoint(model: nn.Module, directory: Path, step: int, epoch: int) -> tuple[Path, int]:
-    """Writes `step-NNNNNN/` atomically and keeps only the newest such checkpoint."""
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, training: dict[str, Any], position: dict[str, Any]
+) -> tuple[Path, int]:
+    """Writes `step-NNNNNN/` (weights, training state, position) and keeps only the newest such checkpoint."""
+    step = int(position["step"])
     final = directory / f"step-{step:06d}"
-    size = _write_atomically(model, final, {"step": step, "epoch": epoch})
+    temporary = _fresh(directory / f".step-{step:06d}.tmp")
+    save_model(model, str(temporary / WEIGHTS))
+    torch.save({**training, "rng": rng_state()}, temporary / STATE)
+    (temporary / POSITION).write_text(json.dumps(position))
+    size = _replace_atomically(temporary, final)
     for older in directory.glob("step-*"):
         if older != final:
             shutil.rmtree(older, ignore_errors=True)
     return final, size
 
 
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint, if any."""
+    complete = [p for p in directory.glob("step-*") if (p / POSITION).exists() and (p / STATE).exists()]
+    return max(complete, key=lambda p: p.name) if complete else None
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Loads the weights into model; returns the training state (optimizer, scheduler, scaler, rng) and position."""
+    load_model(model, str(path / WEIGHTS))
+    training: dict[str, Any] = torch.load(path / STATE, weights_only=True)
+    position: dict[str, Any] = json.loads((path / POSITION).read_text())
+    return training, position
+
+
 def save_best(model: nn.Module, directory: Path, step: int, metric: str, value: float) -> None:
     """Replaces `best/` with the current weights."""
-    _write_atomically(model, directory / "best", {"step": step, metric: value})
+    temporary = _fresh(directory / ".best.tmp")
+    save_model(model, str(temporary / WEIGHTS))
+    (temporary / POSITION).write_text(json.dumps({"step": step, metric: value}))
+    _replace_atomically(temporary, directory / "best")
 
 
 def restore_best(model: nn.Module, directory: Path) -> int | None:
@@ -44,4 +103,4 @@ def restore_best(model: nn.Module, directory: Path) -> int | None:
     if not (best / WEIGHTS).exists():
         return None
     load_model(model, str(best / WEIGHTS))
-    return int(json.loads((best / "trainer_state.json").read_text())["step"])
+    return int(json.loads((best / POSITION).read_text())["step"])

@@ -77,7 +77,10 @@ def _train_and_save(job: RunJob, device: torch.device, reporter: Reporter) -> No
         summary = summarize(task.model)
     reporter.log(f"adaptation {spec.adaptation.method.value}: {summary.describe()}")
     parameters = plan_parameters(task.model, spec.hyperparameters.layer_decay != 1.0, unfreezer)
-    trainer = Trainer(task, spec, device, reporter, work_dir, parameters, unfreezer)
+    trainer = Trainer(task, spec, device, reporter, Path(job.checkpoint_dir), parameters, unfreezer)
+    resumed_from = trainer.resume()
+    if resumed_from is not None:
+        reporter.log(f"resumed from the checkpoint at step {resumed_from} (attempt {job.attempt})", Severity.WARNING)
     result = trainer.train()
     reporter.check_cancelled()
     best_step = trainer.restore_best()

@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader
 
 from workers.core.adaptation import GradualUnfreezer, TrainableParameter, summarize
 from workers.core.adapters import Batch, PreparedTask
-from workers.core.checkpoints import restore_best, save_best, save_checkpoint
+from workers.core.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_best,
+    restore_rng,
+    save_best,
+    save_checkpoint,
+)
 from workers.core.device import autocast, autocast_dtype
 from workers.core.errors import JobFailure
 from workers.core.evaluation import evaluate
@@ -71,12 +78,12 @@ class Trainer:
         spec: TrainingSpec,
         device: torch.device,
         reporter: Reporter,
-        work_dir: Path,
+        checkpoint_dir: Path,
         parameters: list[TrainableParameter],
         unfreezer: GradualUnfreezer | None = None,
     ):
         self.task, self.spec, self.hp, self.device, self.reporter = task, spec, spec.hyperparameters, device, reporter
-        self.checkpoint_dir = work_dir / "checkpoints"
+        self.checkpoint_dir = checkpoint_dir
         self.unfreezer = unfreezer
         self.plan = plan_steps(len(task.train_set), self.hp)
         self.model = task.model.to(device)
@@ -99,6 +106,8 @@ class Trainer:
         self.eval_loss_fn = nn.CrossEntropyLoss()
         self.evaluations_without_improvement = 0
         self.result = TrainResult(steps=0)
+        self.position: dict[str, Any] = {"step": 0, "epoch": 1, "step_in_epoch": 0}
+        self.pending_rng: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ data
 
@@ -153,9 +162,57 @@ class Trainer:
         patience = self.spec.evaluation.early_stopping_patience
         return bool(patience) and self.evaluations_without_improvement >= patience
 
-    def _checkpoint(self, step: int, epoch: int) -> None:
-        path, size = save_checkpoint(self.model, self.checkpoint_dir, step, epoch)
+    def _checkpoint(self, step: int, epoch: int, step_in_epoch: int, epoch_complete: bool) -> None:
+        """Everything an exact resume needs: weights, optimizer, schedule, scaler, RNG, position, bookkeeping."""
+        training = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+        }
+        plateau = self.plateau
+        position = {
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "epoch_complete": epoch_complete,
+            "final_metrics": self.result.final_metrics,
+            "best_metrics": self.result.best_metrics,
+            "best_step": self.result.best_step,
+            "best_details": self.result.best_details,
+            "history": self.result.history,
+            "without_improvement": self.evaluations_without_improvement,
+            "plateau": [plateau.scale, plateau.best, plateau.bad_evaluations] if plateau else None,
+        }
+        path, size = save_checkpoint(self.checkpoint_dir, self.model, training, position)
         self.reporter.checkpoint(step, size, str(path))
+
+    def resume(self) -> int | None:
+        """Continues from the newest checkpoint, if there is one; returns the step it resumes from."""
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return None
+        training, position = load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        if self.scaler and training["scaler"]:
+            self.scaler.load_state_dict(training["scaler"])
+        self.result.steps = position["step"]
+        self.result.final_metrics = position["final_metrics"]
+        self.result.best_metrics = position["best_metrics"]
+        self.result.best_step = position["best_step"]
+        self.result.best_details = position["best_details"]
+        self.result.history = position["history"]
+        self.evaluations_without_improvement = position["without_improvement"]
+        if self.plateau is not None and position["plateau"] is not None:
+            self.plateau.scale, self.plateau.best, self.plateau.bad_evaluations = position["plateau"]
+        done = position["epoch_complete"]
+        self.position = {
+            "step": position["step"],
+            "epoch": position["epoch"] + 1 if done else position["epoch"],
+            "step_in_epoch": 0 if done else position["step_in_epoch"],
+        }
+        self.pending_rng = training["rng"]  # restored after the consumed batches are skipped
+        return int(position["step"])
 
     # ------------------------------------------------------------ one step
 
@@ -220,26 +277,37 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
+    def _micro_batches(self, epoch: int, skip_steps: int) -> Any:
+        """The epoch's micro-batches in their seeded order, past the first `skip_steps` optimizer steps (resume)."""
+        loader = self._loader(self.task.train_set, True, self.plan.micro_batch_size, self.hp.seed * 1000 + epoch)
+        micro_batches = iter(loader)
+        for _ in range(skip_steps * self.plan.accumulation):
+            next(micro_batches, None)
+        if self.pending_rng is not None:  # after skipping, so the next draws are the ones the lost run made
+            restore_rng(self.pending_rng)
+            self.pending_rng = None
+        return micro_batches
+
     def train(self) -> TrainResult:
-        """The loop, top to bottom."""
+        """The loop, top to bottom. After `resume()` it continues exactly where the checkpoint left off."""
         plan, ev = self.plan, self.spec.evaluation
         self.reporter.started(plan.total_steps, plan.epochs)
-        if ev.evaluate_before_training:
+        step, first_epoch, skip = self.position["step"], self.position["epoch"], self.position["step_in_epoch"]
+        if ev.evaluate_before_training and step == 0:
             self._evaluate(0, 0)
         self.model.train()
-        step = 0
         window = LogWindow(torch.zeros((), device=self.device))
-        for epoch in range(1, plan.epochs + 1):
+        for epoch in range(first_epoch, plan.epochs + 1):
             self._start_epoch(epoch)
             # --- a new data order each epoch, fixed by the seed
-            loader = self._loader(self.task.train_set, True, plan.micro_batch_size, self.hp.seed * 1000 + epoch)
-            micro_batches = iter(loader)
+            micro_batches = self._micro_batches(epoch, skip if epoch == first_epoch else 0)
+            in_epoch = skip if epoch == first_epoch else 0
             while step < plan.total_steps:
                 group = [b for _, b in zip(range(plan.accumulation), micro_batches, strict=False)]
                 if not group:
                     break  # epoch done
                 self._optimizer_step(group, window)
-                step += 1
+                step, in_epoch = step + 1, in_epoch + 1
                 self.result.steps = step
                 # --- report, evaluate, checkpoint on their cadences
                 if step % ev.log_every_steps == 0 or step == plan.total_steps:
@@ -247,14 +315,14 @@ class Trainer:
                 if ev.eval_every_steps and step % ev.eval_every_steps == 0:
                     self._evaluate(step, epoch)
                 if ev.checkpoint_every_steps and step % ev.checkpoint_every_steps == 0:
-                    self._checkpoint(step, epoch)
+                    self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
                 if self._should_stop_early():
                     break
             # --- epoch end: evaluate and checkpoint (unless just done at this step)
             if not (ev.eval_every_steps and step % ev.eval_every_steps == 0):
                 self._evaluate(step, epoch)
             if not (ev.checkpoint_every_steps and step % ev.checkpoint_every_steps == 0):
-                self._checkpoint(step, epoch)
+                self._checkpoint(step, epoch, in_epoch, epoch_complete=True)
             if self._should_stop_early():
                 self.result.stopped_early = True
                 self.reporter.log(

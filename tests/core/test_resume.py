@@ -1,0 +1,103 @@
+"""Exact resume: a run stopped mid-way and resumed from its last checkpoint ends with the same weights and metrics as
+the same run without interruption (dropout, shuffling, accumulation, schedule and augmentation included)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.core.test_training_core import FAST, make_spec, of_type, run
+from tests.media import make_tiny_vit, write_shapes_zip
+from workers.messages import EvaluationDone, LogEmitted, Outcome, TrainingProgress, WorkerEvent
+from workers.spec import (
+    AugmentationSettings,
+    DataSettings,
+    EvaluationSettings,
+    ScheduleKind,
+    ScheduleSettings,
+    TaskKind,
+    TrainingSpec,
+)
+
+
+def artifact_state(work: Path) -> tuple[dict[str, torch.Tensor], dict]:  # type: ignore[type-arg]
+    with tarfile.open(work / "artifact.tar") as tar:
+        tar.extractall(work / "unpacked", filter="data")
+    return load_file(work / "unpacked" / "model.safetensors"), json.loads(
+        (work / "unpacked" / "metrics.json").read_text()
+    )
+
+
+def interrupted_then_resumed(spec: TrainingSpec, data: Path, work: Path, stop_at: int) -> list[WorkerEvent]:
+    cancel = threading.Event()
+
+    def stop(event: WorkerEvent) -> None:
+        if isinstance(event, TrainingProgress) and event.step >= stop_at:
+            cancel.set()
+
+    first, _ = run(spec, data, work, cancel, stop)
+    assert first.outcome is Outcome.CANCELLED
+    second, events = run(spec, data, work)
+    assert second.outcome is Outcome.SUCCEEDED, second.message
+    return events
+
+
+def assert_same_run(uninterrupted: Path, resumed: Path) -> None:
+    weights_a, metrics_a = artifact_state(uninterrupted)
+    weights_b, metrics_b = artifact_state(resumed)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.allclose(weights_a[name], weights_b[name], atol=1e-6), name
+    assert len(metrics_a["history"]) == len(metrics_b["history"])
+    for row_a, row_b in zip(metrics_a["history"], metrics_b["history"], strict=True):
+        assert row_a == pytest.approx(row_b)
+    assert metrics_a["best"] == pytest.approx(metrics_b["best"])
+
+
+def test_text_resume_equals_uninterrupted(tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:
+    spec = make_spec(
+        tiny_bert,
+        hyperparameters=dataclasses.replace(
+            FAST,
+            epochs=3,
+            gradient_accumulation_steps=2,
+            seed=3,
+            schedule=ScheduleSettings(kind=ScheduleKind.COSINE, warmup_ratio=0.2),
+        ),
+        evaluation=EvaluationSettings(log_every_steps=1, eval_every_steps=7, checkpoint_every_steps=5),
+    )
+    plain, _ = run(spec, keyword_dataset, tmp_path / "plain")
+    assert plain.outcome is Outcome.SUCCEEDED
+    events = interrupted_then_resumed(spec, keyword_dataset, tmp_path / "resumed", stop_at=17)
+    assert "resumed from the checkpoint at step 15 (attempt 1)" in [e.message for e in of_type(events, LogEmitted)]
+    assert of_type(events, TrainingProgress)[0].step == 16
+    assert_same_run(tmp_path / "plain", tmp_path / "resumed")
+
+
+def test_resume_at_an_epoch_boundary_with_augmented_images(tmp_path: Path) -> None:
+    model = make_tiny_vit(tmp_path / "vit")
+    archive = write_shapes_zip(tmp_path / "shapes.zip", per_class=8)
+    spec = make_spec(
+        model,
+        task=TaskKind.IMAGE_CLASSIFICATION,
+        hyperparameters=dataclasses.replace(FAST, epochs=3, learning_rate=3e-3, seed=5),
+        evaluation=EvaluationSettings(log_every_steps=1),
+    )
+    spec = dataclasses.replace(
+        spec,
+        data=DataSettings(
+            training_file="files/t", validation_fraction=0.25, augmentation=AugmentationSettings(crop_scale_min=0.6)
+        ),
+    )
+    plain, _ = run(spec, archive, tmp_path / "plain")
+    assert plain.outcome is Outcome.SUCCEEDED
+    events = interrupted_then_resumed(spec, archive, tmp_path / "resumed", stop_at=4)  # 3 steps an epoch
+    assert len(of_type(events, EvaluationDone)) == 2, "the finished epoch is not evaluated again"
+    assert_same_run(tmp_path / "plain", tmp_path / "resumed")
