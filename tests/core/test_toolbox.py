@@ -153,3 +153,13 @@ def test_sentence_pairs_reach_the_model(tiny_bert: Path, tmp_path: Path) -> None
     finished, events = run(spec, data, tmp_path / "work")
     assert finished.outcome is Outcome.SUCCEEDED, finished.message
     assert max(e.metrics["eval_accuracy"] for e in of_type(events, EvaluationDone)) >= 0.7  # chance is 1/3
+
+
+def test_a_diverging_run_fails_with_the_step(tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:
+    spec = make_spec(
+        tiny_bert,
+        hyperparameters=dataclasses.replace(FAST, learning_rate=1e30, max_grad_norm=0.0),
+    )
+    finished, _ = run(spec, keyword_dataset, tmp_path)
+    assert (finished.outcome, finished.reason) == (Outcome.FAILED, "NON_FINITE_LOSS"), finished
+    assert "the training loss became" in finished.message and "at step" in finished.message

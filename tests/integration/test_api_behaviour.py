@@ -217,3 +217,17 @@ def test_health_and_reflection(server: LocalServer) -> None:
         response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
         names = {s.name for s in response.list_services_response.service}
         assert {"tuneforge.v1.JobService", "tuneforge.v1.FileService", "grpc.health.v1.Health"} <= names
+
+
+def test_concurrent_creates_with_one_request_id_make_one_job(
+    client: TuneforgeClient, dataset_file: str, tiny_bert: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    request_id = str(uuid.uuid4())
+    spec = text_spec(tiny_bert, dataset_file, epochs=1)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        names = set(pool.map(lambda _: client.create_job(spec, "race", request_id).name, range(16)))
+    assert len(names) == 1
+    assert [j.name for j in client.list_jobs() if j.display_name == "race"] == list(names)
+    assert wait_for_end(client, names.pop()).state == STATE.SUCCEEDED
