@@ -49,6 +49,8 @@ class CancelRegistry:
         self._lock = threading.Lock()
         self._flags: dict[tuple[str, int], threading.Event] = {}
         self._shutting_down = False
+        self.shutdown = threading.Event()
+        """Set on Shutdown: the job in hand checkpoints, then stops."""
 
     def flag_for(self, job: str, attempt: int) -> threading.Event:
         with self._lock:
@@ -61,6 +63,7 @@ class CancelRegistry:
         """Shutdown: the job in hand stops at its next step (the server requeues it on restart)."""
         with self._lock:
             self._shutting_down = True
+            self.shutdown.set()
             for flag in self._flags.values():
                 flag.set()
 
@@ -126,7 +129,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
         )
         beat.start()
         try:
-            finished = run_job(command, worker, device, outbox.send, cancel)
+            finished = run_job(command, worker, device, outbox.send, cancel, cancels.shutdown)
         except Exception:  # last resort: the per-job boundary
             text = traceback.format_exc()
             logging.getLogger(__name__).error("job %s crashed:\n%s", command.job, text)

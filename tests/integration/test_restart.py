@@ -70,7 +70,7 @@ def test_restart_keeps_everything_and_watchers_resume(
         client.close()
 
 
-def test_a_job_running_at_shutdown_gets_a_new_attempt(
+def test_a_job_running_at_shutdown_checkpoints_and_resumes(
     tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
 ) -> None:
     data_dir = tmp_path / "data"
@@ -79,7 +79,7 @@ def test_a_job_running_at_shutdown_gets_a_new_attempt(
         client.wait_until_serving(60)
         file = client.upload_file(keyword_dataset)
         job = client.create_job(long_spec(tiny_bert, file.name))
-        watch_until(client, job.name, "training_metrics")
+        seen = watch_until(client, job.name, "training_metrics").training_metrics.step
     assert first.stop() == 0, "SIGTERM stops the server and its busy worker cleanly"
 
     second = start_local_server(data_dir, workers=1, model_roots=[model_root], extra_args=SERVER_ARGS)
@@ -92,6 +92,9 @@ def test_a_job_running_at_shutdown_gets_a_new_attempt(
             events = client.list_job_events(job.name)
             notes = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
             assert any("server restarted during attempt 1" in n for n in notes)
+            resumed = [n for n in notes if n.startswith("resumed from the checkpoint at step")]
+            assert resumed, "the worker checkpointed on SIGTERM and the new attempt resumed from it"
+            assert int(resumed[0].split("step ")[1].split(" ")[0]) >= seen
             states = [e.state_change.to_state for e in events if e.WhichOneof("payload") == "state_change"]
             assert states == [STATE.QUEUED, STATE.RUNNING, STATE.QUEUED, STATE.RUNNING]
             assert client.get_job(job.name).attempt == 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workers.core.errors import TrainingCancelled
 from workers.messages import (
@@ -31,6 +31,12 @@ class Reporter:
     job: str
     attempt: int
     cancel_flag: threading.Event
+    shutdown_flag: threading.Event = field(default_factory=threading.Event)
+    """Set with cancel_flag when the worker is shutting down: the attempt checkpoints before it stops."""
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.cancel_flag.is_set()
 
     def check_cancelled(self) -> None:
         """Raises TrainingCancelled once the server asked this attempt to stop."""

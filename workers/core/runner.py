@@ -31,10 +31,16 @@ from workers.spec import AdaptationMethod
 
 
 def run_job(
-    job: RunJob, worker: str, device: torch.device, send: Callable[[WorkerEvent], None], cancel: threading.Event
+    job: RunJob,
+    worker: str,
+    device: torch.device,
+    send: Callable[[WorkerEvent], None],
+    cancel: threading.Event,
+    shutdown: threading.Event | None = None,
 ) -> JobFinished:
-    """Trains one attempt; never raises for a job-level problem."""
-    reporter = Reporter(send, worker, job.job, job.attempt, cancel)
+    """Trains one attempt; never raises for a job-level problem. With `shutdown` set as well as `cancel`, the
+    attempt checkpoints before it stops, so the next attempt resumes where it stopped."""
+    reporter = Reporter(send, worker, job.job, job.attempt, cancel, shutdown or threading.Event())
 
     def finished(outcome: Outcome, reason: str = "", message: str = "") -> JobFinished:
         return JobFinished(worker, job.job, job.attempt, outcome=outcome, reason=reason, message=message)

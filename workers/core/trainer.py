@@ -219,7 +219,6 @@ class Trainer:
     def _optimizer_step(self, group: list[Batch], window: LogWindow) -> None:
         """Forward and backward over one step's micro-batches, then clip, step and advance the schedule."""
         for batch in group:
-            self.reporter.check_cancelled()
             batch = _to_device(batch, self.device)
             samples = batch["labels"].shape[0]
             with autocast(self.device, self.dtype):
@@ -240,6 +239,15 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _stop_if_asked(self, step: int, epoch: int, in_epoch: int) -> None:
+        """Between optimizer steps: a cancel stops at once; a shutdown first saves a checkpoint to resume from."""
+        if not self.reporter.stop_requested:
+            return
+        if self.reporter.shutdown_flag.is_set() and step > 0:
+            self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
+            self.reporter.log(f"the worker is shutting down: checkpointed at step {step}")
+        self.reporter.check_cancelled()
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         if self.task.compute_loss is not None:
@@ -303,6 +311,7 @@ class Trainer:
             micro_batches = self._micro_batches(epoch, skip if epoch == first_epoch else 0)
             in_epoch = skip if epoch == first_epoch else 0
             while step < plan.total_steps:
+                self._stop_if_asked(step, epoch, in_epoch)
                 group = [b for _, b in zip(range(plan.accumulation), micro_batches, strict=False)]
                 if not group:
                     break  # epoch done
