@@ -13,7 +13,7 @@ from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 from workers.core.adapters import Batch, PreparedTask
 from workers.core.audio import AUDIO_EXTENSIONS, augment_wave, check_audio, crop_or_pad, load_mono, spec_augment
 from workers.core.media_data import MediaExample, load_media_dataset
-from workers.core.models import load_pretrained
+from workers.core.models import load_classifier, load_pretrained
 from workers.messages import RunJob
 from workers.spec import AugmentationSettings
 
@@ -82,15 +82,7 @@ class AudioClassificationAdapter:
             f"{len(data.labels)} labels; clips are {clip_seconds:g} s"
         )
         extractor = load_pretrained(AutoFeatureExtractor, spec.base_model)
-        model = load_pretrained(
-            AutoModelForAudioClassification,
-            spec.base_model,
-            num_labels=len(data.labels),
-            id2label=dict(enumerate(data.labels)),
-            label2id={name: i for i, name in enumerate(data.labels)},
-            use_safetensors=True,
-            ignore_mismatched_sizes=True,
-        )
+        model = load_classifier(AutoModelForAudioClassification, spec.base_model, data.labels)
         augmentation = spec.data.augmentation
         return PreparedTask(
             model=model,

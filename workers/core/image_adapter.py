@@ -19,7 +19,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from workers.core.adapters import Batch, PreparedTask
 from workers.core.errors import InvalidDataset
 from workers.core.media_data import MediaExample, MediaItem, load_media_dataset
-from workers.core.models import load_pretrained
+from workers.core.models import load_classifier, load_pretrained
 from workers.messages import RunJob
 from workers.spec import AugmentationSettings
 
@@ -121,15 +121,7 @@ class ImageClassificationAdapter:
             f"{len(data.labels)} labels"
         )
         processor = load_pretrained(AutoImageProcessor, spec.base_model)
-        model = load_pretrained(
-            AutoModelForImageClassification,
-            spec.base_model,
-            num_labels=len(data.labels),
-            id2label=dict(enumerate(data.labels)),
-            label2id={name: i for i, name in enumerate(data.labels)},
-            use_safetensors=True,
-            ignore_mismatched_sizes=True,
-        )
+        model = load_classifier(AutoModelForImageClassification, spec.base_model, data.labels)
         augment = image_augmentation(spec.data.augmentation, input_size(processor))
         return PreparedTask(
             model=model,

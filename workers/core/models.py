@@ -18,3 +18,17 @@ def load_pretrained(loader: Any, base_model: str, **kwargs: Any) -> Any:
             f"could not load base model {base_model!r}: {first_line}. Give a hub id the server can reach or a "
             "model folder (with safetensors weights) under a configured model root",
         ) from exc
+
+
+def load_classifier(loader: Any, base_model: str, labels: list[str]) -> Any:
+    """A classification model with a fresh head for these labels (the base model's own head is replaced when its
+    size differs), its label names saved in the config."""
+    return load_pretrained(
+        loader,
+        base_model,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        use_safetensors=True,
+        ignore_mismatched_sizes=True,
+    )

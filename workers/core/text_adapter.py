@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from workers.core.adapters import Batch, PreparedTask
-from workers.core.models import load_pretrained
+from workers.core.models import load_classifier, load_pretrained
 from workers.core.text_data import TextExample, load_text_dataset
 from workers.messages import RunJob
 
@@ -27,15 +27,7 @@ class TextClassificationAdapter:
             f"with {len(data.labels)} labels"
         )
         tokenizer = load_pretrained(AutoTokenizer, spec.base_model)
-        model = load_pretrained(
-            AutoModelForSequenceClassification,
-            spec.base_model,
-            num_labels=len(data.labels),
-            id2label=dict(enumerate(data.labels)),
-            label2id={name: i for i, name in enumerate(data.labels)},
-            use_safetensors=True,
-            ignore_mismatched_sizes=True,
-        )
+        model = load_classifier(AutoModelForSequenceClassification, spec.base_model, data.labels)
         max_length = self._max_length(spec.data.max_sequence_length, tokenizer, model)
         return PreparedTask(
             model=model,
