@@ -72,21 +72,20 @@ def finish(record: JobRecord, succeeded: bool, reason: str, message: str) -> Job
 def lose_attempt(record: JobRecord, reason: str, message: str, max_restarts: int) -> JobChange:
     """The worker vanished mid-attempt: the job is queued again to resume from its newest checkpoint, until it has
     been restarted max_restarts times; then it fails with the reason."""
-    if record.state is JobState.CANCELLING:
-        return transition(record, JobState.CANCELLED)
     restarts = record.attempt - 1
-    if restarts >= max_restarts:
+    if record.state is JobState.RUNNING and restarts >= max_restarts:
         return finish(record, False, reason, f"{message}; gave up after {restarts} restarts")
     note = log_event(
         Severity.WARNING,
         f"{message}; queued again to resume from the newest checkpoint (restart {restarts + 1} of {max_restarts})",
         record.attempt,
     )
-    return transition(record, JobState.QUEUED, extra=[note], worker=None, start_time=None)
+    return requeue(record, note)
 
 
 def requeue(record: JobRecord, note: NewEvent) -> JobChange:
-    """After a server restart: a RUNNING job waits for a new attempt; a CANCELLING one is cancelled."""
+    """A lost attempt: a RUNNING job waits for a new one (resuming from its checkpoint); a CANCELLING one is
+    cancelled."""
     if record.state is JobState.CANCELLING:
         return transition(record, JobState.CANCELLED)
     return transition(record, JobState.QUEUED, extra=[note], worker=None, start_time=None)

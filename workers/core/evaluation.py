@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-Batch = dict[str, torch.Tensor]
+from workers.core.adapters import Batch
 
 
 @dataclass
