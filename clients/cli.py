@@ -1,4 +1,4 @@
-"""The `tuneforge` command: upload, submit, watch, jobs, get, cancel, download, demo, and `serve` for the server."""
+"""The `tuneforge` command: upload, submit, watch, jobs, get, cancel, pause, resume, download, demo, serve."""
 
 from __future__ import annotations
 
@@ -114,10 +114,17 @@ def cmd_get(client: TuneforgeClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cancel(client: TuneforgeClient, args: argparse.Namespace) -> int:
-    job = client.cancel_job(args.job)
-    _print_json(job) if args.json else print(f"{job.name} {STATE.Name(job.state)}")
-    return 0
+def _control(
+    action: Callable[[TuneforgeClient, str], jobs_pb2.Job],
+) -> Callable[[TuneforgeClient, argparse.Namespace], int]:
+    """cancel, pause and resume: one call on one job, then its new state."""
+
+    def run(client: TuneforgeClient, args: argparse.Namespace) -> int:
+        job = action(client, args.job)
+        _print_json(job) if args.json else print(f"{job.name} {STATE.Name(job.state)}")
+        return 0
+
+    return run
 
 
 def cmd_download(client: TuneforgeClient, args: argparse.Namespace) -> int:
@@ -190,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", action="append", default=[], help="only jobs in this state (repeatable)")
     jobs.add_argument("--limit", type=int, default=50)
     command("get", cmd_get, "show one job").add_argument("job")
-    command("cancel", cmd_cancel, "cancel a job").add_argument("job")
+    command("cancel", _control(TuneforgeClient.cancel_job), "cancel a job").add_argument("job")
+    command("pause", _control(TuneforgeClient.pause_job), "checkpoint a job and free its worker").add_argument("job")
+    command("resume", _control(TuneforgeClient.resume_job), "queue a paused job again").add_argument("job")
     download = command("download", cmd_download, "download and unpack a job's model")
     download.add_argument("job")
     download.add_argument("-o", "--output", required=True, help="folder to unpack into")

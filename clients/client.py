@@ -229,6 +229,16 @@ class TuneforgeClient:
         return job
 
     @_calls
+    def pause_job(self, name: str) -> jobs_pb2.Job:
+        job: jobs_pb2.Job = self.jobs.PauseJob(jobs_pb2.PauseJobRequest(name=name), timeout=self.timeout_s)
+        return job
+
+    @_calls
+    def resume_job(self, name: str) -> jobs_pb2.Job:
+        job: jobs_pb2.Job = self.jobs.ResumeJob(jobs_pb2.ResumeJobRequest(name=name), timeout=self.timeout_s)
+        return job
+
+    @_calls
     def delete_job(self, name: str) -> None:
         self.jobs.DeleteJob(jobs_pb2.DeleteJobRequest(name=name), timeout=self.timeout_s)
 

@@ -19,7 +19,7 @@ from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 from server.db import StoreRunner
 from server.event_hub import EventHub
-from server.scheduler import Scheduler
+from server.scheduler import Scheduler, SchedulerPolicy
 from server.servicers.files import FileServicer
 from server.servicers.jobs import JobServicer
 from server.settings import ServerSettings
@@ -61,7 +61,11 @@ class RunningServer:
 
 
 def make_pool(settings: ServerSettings) -> WorkerPool:
-    worker_settings = WorkerSettings(device=settings.device, torch_threads=settings.threads_per_worker())
+    worker_settings = WorkerSettings(
+        device=settings.device,
+        torch_threads=settings.threads_per_worker(),
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+    )
     return LocalProcessPool(settings.workers, worker_settings)
 
 
@@ -76,7 +80,13 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     db = StoreRunner()
     hub = EventHub()
     roots = list(settings.model_roots)
-    scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, settings.max_restarts)
+    policy = SchedulerPolicy(
+        max_restarts=settings.max_restarts,
+        restart_backoff_s=settings.restart_backoff_s,
+        lease_timeout_s=settings.lease_timeout_s,
+        kill_grace_s=settings.kill_grace_s,
+    )
+    scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy)
 
     server = grpc.aio.server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

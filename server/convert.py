@@ -62,7 +62,10 @@ def job_to_proto(record: JobRecord) -> jobs_pb2.Job:
         best_metrics=record.best_metrics,
         attempt=record.attempt,
         last_event_sequence=record.last_event_sequence,
+        worker=record.worker or "",
+        restart_count=record.restarts,
     )
+    job.run_duration.FromNanoseconds(int(record.run_seconds * 1e9))
     job.spec.ParseFromString(record.spec)
     if record.error_reason:
         job.error.CopyFrom(jobs_pb2.JobError(reason=record.error_reason, message=record.error_message))

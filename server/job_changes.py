@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from server.convert import log_event, state_change_event
-from server.job_states import ACTIVE, JobState, check_transition
+from server.job_states import ACTIVE, IllegalTransition, JobState, check_transition
 from server.records import JobChange, JobRecord, NewEvent
 from workers.messages import Severity
 
@@ -20,6 +20,8 @@ def transition(record: JobRecord, target: JobState, extra: list[NewEvent] | None
     """Moves the job to target (IllegalTransition if the table forbids it), with a state-change event last."""
     check_transition(record.state, target)
     now = time.time()
+    if record.state in ACTIVE and target not in ACTIVE and record.start_time is not None:
+        fields.setdefault("run_seconds", record.run_seconds + max(0.0, now - record.start_time))
     if target in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
         fields.setdefault("end_time", now)
         fields.setdefault("worker", None)
@@ -43,6 +45,7 @@ def claim(worker: str) -> Any:
             epoch=0,
             error_reason="",
             error_message="",
+            not_before=None,
         )
 
     return change
@@ -54,10 +57,34 @@ def held_by(record: JobRecord, worker: str, attempt: int) -> bool:
 
 
 def cancel(record: JobRecord) -> JobChange:
-    """QUEUED -> CANCELLED at once; RUNNING -> CANCELLING until the worker stops."""
-    if record.state is JobState.QUEUED:
+    """QUEUED or PAUSED -> CANCELLED at once; RUNNING or PAUSING -> CANCELLING until the worker stops."""
+    if record.state in (JobState.QUEUED, JobState.PAUSED):
         return transition(record, JobState.CANCELLED)
     return transition(record, JobState.CANCELLING)
+
+
+def pause(record: JobRecord) -> JobChange:
+    """QUEUED -> PAUSED at once; RUNNING -> PAUSING until the worker has checkpointed and let go."""
+    if record.state is JobState.QUEUED:
+        return transition(record, JobState.PAUSED, not_before=None)
+    return transition(record, JobState.PAUSING)
+
+
+def resume(record: JobRecord) -> JobChange:
+    """PAUSED -> QUEUED: the next attempt resumes from the checkpoint taken when it paused."""
+    if record.state is not JobState.PAUSED:  # RUNNING -> QUEUED exists, but only for a lost attempt
+        raise IllegalTransition(record.state, JobState.QUEUED)
+    return transition(record, JobState.QUEUED, not_before=None)
+
+
+def paused(record: JobRecord) -> JobChange:
+    """The worker checkpointed and let go of the job."""
+    if record.state is JobState.CANCELLING:
+        return transition(record, JobState.CANCELLED)
+    if record.state is JobState.PAUSING:
+        return transition(record, JobState.PAUSED, worker=None, start_time=None)
+    note = log_event(Severity.WARNING, "the worker stopped the attempt on its own; queued again", record.attempt)
+    return transition(record, JobState.QUEUED, extra=[note], worker=None, start_time=None)
 
 
 def finish(record: JobRecord, succeeded: bool, reason: str, message: str) -> JobChange:
@@ -69,23 +96,37 @@ def finish(record: JobRecord, succeeded: bool, reason: str, message: str) -> Job
     return transition(record, JobState.FAILED, error_reason=reason, error_message=message)
 
 
-def lose_attempt(record: JobRecord, reason: str, message: str, max_restarts: int) -> JobChange:
-    """The worker vanished mid-attempt: the job is queued again to resume from its newest checkpoint, until it has
-    been restarted max_restarts times; then it fails with the reason."""
-    restarts = record.attempt - 1
+MAX_BACKOFF_S = 300.0
+
+
+def restart_delay(restarts_so_far: int, backoff_s: float) -> float:
+    """Back-off before the next restart: backoff_s, then doubling, capped at five minutes."""
+    return min(MAX_BACKOFF_S, backoff_s * 2**restarts_so_far) if backoff_s > 0 else 0.0
+
+
+def lose_attempt(record: JobRecord, reason: str, message: str, max_restarts: int, backoff_s: float = 0.0) -> JobChange:
+    """The worker died or hung mid-attempt: the job is queued again to resume from its newest checkpoint, after a
+    growing back-off (a job that kills every worker must not keep the pool busy), until it has been restarted
+    max_restarts times; then it fails with the reason."""
+    restarts = record.restarts
     if record.state is JobState.RUNNING and restarts >= max_restarts:
         return finish(record, False, reason, f"{message}; gave up after {restarts} restarts")
+    delay_s = restart_delay(restarts, backoff_s)
+    wait = f" in {delay_s:.0f} s" if delay_s >= 1 else ""
     note = log_event(
         Severity.WARNING,
-        f"{message}; queued again to resume from the newest checkpoint (restart {restarts + 1} of {max_restarts})",
+        f"{message}; queued again to resume from the newest checkpoint{wait} (restart {restarts + 1} of "
+        f"{max_restarts})",
         record.attempt,
     )
-    return requeue(record, note)
+    return requeue(record, note, restarts=restarts + 1, not_before=time.time() + delay_s if delay_s else None)
 
 
-def requeue(record: JobRecord, note: NewEvent) -> JobChange:
+def requeue(record: JobRecord, note: NewEvent, **fields: Any) -> JobChange:
     """A lost attempt: a RUNNING job waits for a new one (resuming from its checkpoint); a CANCELLING one is
-    cancelled."""
+    cancelled; a PAUSING one is paused (it resumes from its newest checkpoint)."""
     if record.state is JobState.CANCELLING:
         return transition(record, JobState.CANCELLED)
-    return transition(record, JobState.QUEUED, extra=[note], worker=None, start_time=None)
+    if record.state is JobState.PAUSING:
+        return transition(record, JobState.PAUSED, extra=[note], worker=None, start_time=None, **fields)
+    return transition(record, JobState.QUEUED, extra=[note], worker=None, start_time=None, **fields)

@@ -20,17 +20,26 @@ class JobState(StrEnum):
     """Cancel requested; waiting for the worker to stop."""
     CANCELLED = "CANCELLED"
     """Cancelled."""
+    PAUSING = "PAUSING"
+    """Pause requested; waiting for the worker to checkpoint and let go."""
+    PAUSED = "PAUSED"
+    """Holds no worker; ResumeJob queues it again."""
 
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-ACTIVE = frozenset({JobState.RUNNING, JobState.CANCELLING})
+ACTIVE = frozenset({JobState.RUNNING, JobState.CANCELLING, JobState.PAUSING})
 """States in which a worker holds the job."""
 
 ALLOWED: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
-    # RUNNING -> QUEUED: the attempt was lost (server restart) and the job waits for a new one.
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLING, JobState.QUEUED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED, JobState.PAUSED}),
+    # RUNNING -> QUEUED: the attempt was lost (dead or hung worker, server restart) and waits for a new one.
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLING, JobState.QUEUED, JobState.PAUSING}
+    ),
     JobState.CANCELLING: frozenset({JobState.CANCELLED}),
+    # PAUSING -> SUCCEEDED or FAILED: the attempt ended on its own before it saw the pause.
+    JobState.PAUSING: frozenset({JobState.PAUSED, JobState.CANCELLING, JobState.SUCCEEDED, JobState.FAILED}),
+    JobState.PAUSED: frozenset({JobState.QUEUED, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),

@@ -32,6 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="times a job whose worker died resumes from its checkpoint before it fails",
     )
+    parser.add_argument(
+        "--restart-backoff-s", type=float, default=5.0, help="wait before a lost job's next attempt (doubles)"
+    )
+    parser.add_argument(
+        "--lease-timeout-s", type=float, default=30.0, help="a silent worker loses its job after this long"
+    )
+    parser.add_argument("--heartbeat-interval-s", type=float, default=2.0, help="how often busy workers report")
+    parser.add_argument(
+        "--kill-grace-s", type=float, default=15.0, help="a worker that ignores a cancel is killed after this long"
+    )
     parser.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: time for in-flight calls")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     parser.add_argument("--torch-threads", type=int, default=0, help="CPU threads per worker (0: share cores)")
@@ -52,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
         port_file=args.port_file,
         max_restarts=args.max_restarts,
+        restart_backoff_s=args.restart_backoff_s,
+        lease_timeout_s=args.lease_timeout_s,
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        kill_grace_s=args.kill_grace_s,
         torch_threads=args.torch_threads,
     )
     asyncio.run(serve(settings))

@@ -47,6 +47,12 @@ class JobRecord:
     artifact_size: int = 0
     artifact_sha256: str = ""
     artifact_metrics: dict[str, float] = field(default_factory=dict)
+    restarts: int = 0
+    """Attempts lost to a dead or hung worker so far (limited by max_restarts)."""
+    not_before: float | None = None
+    """A requeued job is not claimed before this time (restart back-off, so a poison job cannot hog the pool)."""
+    run_seconds: float = 0.0
+    """Time spent in ended attempts (max_runtime counts all of them)."""
     last_event_sequence: int = 0
     order: int = 0
     """Insertion order (newest-first listing and FIFO within a priority)."""

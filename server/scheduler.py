@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tuneforge.v1 import job_spec_pb2
@@ -19,7 +19,7 @@ from server import convert
 from server.db import StoreRunner
 from server.event_hub import EventHub
 from server.job_changes import cancel as cancel_change
-from server.job_changes import claim, held_by, lose_attempt, requeue, transition
+from server.job_changes import claim, held_by, lose_attempt, pause, paused, requeue, resume, transition
 from server.job_changes import finish as finish_change
 from server.job_states import ACTIVE, TERMINAL, JobState
 from server.records import EventRecord, JobChange, JobRecord, NewEvent
@@ -50,6 +50,20 @@ from workers.pool import WorkerPool
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SchedulerPolicy:
+    """How hard the scheduler tries, and how long it waits, before it gives up on a worker or a job."""
+
+    max_restarts: int = 3
+    """Times a job whose worker died or hung is queued again to resume from its checkpoint before it fails."""
+    restart_backoff_s: float = 5.0
+    """Wait before a lost job's next attempt, doubling with each restart (a poison job cannot hog the pool)."""
+    lease_timeout_s: float = 30.0
+    """A worker silent this long on a job loses it: the job is queued again and the worker is told to stop."""
+    kill_grace_s: float = 15.0
+    """A worker still on a job this long after a cancel or an expired lease is killed (and replaced)."""
+
+
 @dataclass
 class WorkerSlot:
     """What the scheduler knows of one worker."""
@@ -59,6 +73,12 @@ class WorkerSlot:
     device: str = ""
     job: str | None = None
     attempt: int = 0
+    last_heard: float = field(default_factory=time.monotonic)
+    """When the worker last sent anything (monotonic clock): the lease runs from here."""
+    lease_expired: bool = False
+    """The job was taken from this worker; whatever it still reports about it is ignored."""
+    kill_at: float | None = None
+    """Monotonic time at which a worker that has not let go of its job is killed."""
 
 
 class Scheduler:
@@ -72,7 +92,7 @@ class Scheduler:
         storage: LocalStorage,
         hub: EventHub,
         model_roots: list[Path],
-        max_restarts: int = 3,
+        policy: SchedulerPolicy | None = None,
     ):
         self._store = store
         self._db = db
@@ -80,11 +100,12 @@ class Scheduler:
         self._storage = storage
         self._hub = hub
         self._model_roots = model_roots
-        self._max_restarts = max_restarts
+        self._policy = policy or SchedulerPolicy()
         self._slots: dict[str, WorkerSlot] = {}
         self._inbox: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         self._dispatch_lock = asyncio.Lock()
         self._consumer: asyncio.Task[None] | None = None
+        self._maintainer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._stopping = False
         self.all_ready = asyncio.Event()
@@ -103,12 +124,14 @@ class Scheduler:
         if not self._slots:
             self.all_ready.set()
         self._consumer = asyncio.create_task(self._consume(), name="scheduler-events")
+        self._maintainer = asyncio.create_task(self._maintain(), name="scheduler-leases")
 
     async def stop(self, timeout_s: float) -> None:
         """Stops applying events (running jobs stay RUNNING and are requeued at the next start), then the pool."""
         self._stopping = True
-        if self._consumer is not None:
-            self._consumer.cancel()
+        for task in (self._consumer, self._maintainer):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self._pool.stop, timeout_s)
 
     async def _recover(self) -> None:
@@ -125,14 +148,35 @@ class Scheduler:
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         """Cancels a job (IllegalTransition when it already ended); tells its worker to stop."""
-        result = await self._apply(job_id, cancel_change)
-        if result is None:
+        record = await self._apply(job_id, cancel_change)
+        if record is None:
             return None
-        record = result
         await self._prune_if_ended(job_id)
-        if record.state is JobState.CANCELLING and record.worker:
-            self._send(record.worker, CancelJob(job=record.id, attempt=record.attempt))
+        if record.state is JobState.CANCELLING:
+            self._stop_worker_of(record, checkpoint_first=False)
         return record
+
+    async def pause(self, job_id: str) -> JobRecord | None:
+        """Pauses a job (IllegalTransition unless QUEUED or RUNNING); its worker checkpoints and lets go."""
+        record = await self._apply(job_id, pause)
+        if record is not None and record.state is JobState.PAUSING:
+            self._stop_worker_of(record, checkpoint_first=True)
+        return record
+
+    async def resume(self, job_id: str) -> JobRecord | None:
+        """Queues a PAUSED job again (IllegalTransition otherwise)."""
+        record = await self._apply(job_id, resume)
+        if record is not None:
+            self.wake()
+        return record
+
+    def _stop_worker_of(self, record: JobRecord, checkpoint_first: bool) -> None:
+        if not record.worker:
+            return
+        self._send(record.worker, CancelJob(job=record.id, attempt=record.attempt, checkpoint_first=checkpoint_first))
+        slot = self._slots.get(record.worker)
+        if slot is not None and (slot.job, slot.attempt) == (record.id, record.attempt):
+            slot.kill_at = time.monotonic() + self._policy.kill_grace_s  # a worker deaf to the request goes
 
     def wake(self) -> None:
         """A job was queued: try to place it."""
@@ -156,7 +200,7 @@ class Scheduler:
 
     async def _start_on(self, worker: str, record: JobRecord) -> None:
         slot = self._slots[worker]
-        slot.state, slot.job, slot.attempt = "busy", record.id, record.attempt
+        slot.state, slot.job, slot.attempt, slot.last_heard = "busy", record.id, record.attempt, time.monotonic()
         command = await self._run_command(record)
         if command is None:
             slot.state, slot.job = "idle", None
@@ -166,9 +210,7 @@ class Scheduler:
         except KeyError as exc:
             slot.state, slot.job = "starting", None
             message = f"could not reach {worker}: {exc}"
-            await self._apply_fenced(
-                record.id, worker, record.attempt, lambda r: lose_attempt(r, "WORKER_LOST", message, self._max_restarts)
-            )
+            await self._apply_fenced(record.id, worker, record.attempt, self._lose(message))
 
     async def _run_command(self, record: JobRecord) -> RunJob | None:
         """Builds the worker's command; a job whose inputs vanished fails here with the reason."""
@@ -217,6 +259,9 @@ class Scheduler:
                 log.exception("failed to apply %r", event)
 
     async def _handle(self, event: WorkerEvent) -> None:
+        slot = self._slots.get(event.worker)
+        if slot is not None:
+            slot.last_heard = time.monotonic()
         match event:
             case WorkerReady():
                 self._slots[event.worker] = WorkerSlot(state="idle", device=event.device)
@@ -241,7 +286,7 @@ class Scheduler:
                 slot.job,
                 event.worker,
                 slot.attempt,
-                lambda r: lose_attempt(r, "WORKER_LOST", message, self._max_restarts),
+                self._lose(message),
             )
             await self._prune_if_ended(slot.job)
             await self.dispatch()  # a requeued job can go to an idle worker at once
@@ -249,13 +294,16 @@ class Scheduler:
     async def _job_finished(self, event: JobFinished) -> None:
         succeeded = event.outcome is Outcome.SUCCEEDED
         await asyncio.to_thread(self._storage.delete_work_dir, event.job, event.attempt)  # the attempt is over
-        await self._apply_fenced(
-            event.job, event.worker, event.attempt, lambda r: finish_change(r, succeeded, event.reason, event.message)
+        change: ChangeFn = (
+            paused
+            if event.outcome is Outcome.PAUSED
+            else lambda r: finish_change(r, succeeded, event.reason, event.message)
         )
+        await self._apply_fenced(event.job, event.worker, event.attempt, change)
         await self._prune_if_ended(event.job)
         slot = self._slots.get(event.worker)
         if slot is not None and slot.job == event.job:
-            slot.state, slot.job = "idle", None
+            self._slots[event.worker] = WorkerSlot(state="idle", device=slot.device)
         await self.dispatch()
 
     async def _job_report(self, event: JobEventBase) -> None:
@@ -263,6 +311,50 @@ class Scheduler:
             return report_change(record, event)
 
         await self._apply_fenced(event.job, event.worker, event.attempt, change)
+
+    # ------------------------------------------------------------ leases
+
+    async def _maintain(self) -> None:
+        """Every fraction of a lease: expire silent workers, kill those that will not let go, and place jobs
+        whose restart back-off has passed."""
+        period_s = max(0.1, min(1.0, self._policy.lease_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period_s)  # a timer, not synchronisation: leases are checked on a clock
+            try:
+                await self._check_leases()
+                await self.dispatch()
+            except Exception:
+                log.exception("lease check failed")
+
+    async def _check_leases(self) -> None:
+        now = time.monotonic()
+        for worker, slot in list(self._slots.items()):
+            if slot.job is None:
+                continue
+            if slot.kill_at is not None and now >= slot.kill_at:
+                slot.kill_at = None
+                log.warning("%s still holds %s attempt %s: killing it", worker, slot.job, slot.attempt)
+                self._pool.kill(worker)  # its death comes back as WorkerDied
+            elif not slot.lease_expired and now - slot.last_heard > self._policy.lease_timeout_s:
+                await self._expire_lease(worker, slot, now - slot.last_heard)
+
+    async def _expire_lease(self, worker: str, slot: WorkerSlot, silent_s: float) -> None:
+        """The worker went quiet: its job is queued again at once; the worker, should it wake, is told to stop,
+        every report it still sends is fenced out, and it is killed if it has not let go after the grace."""
+        job, attempt = slot.job, slot.attempt
+        assert job is not None
+        slot.lease_expired = True
+        slot.kill_at = time.monotonic() + self._policy.kill_grace_s
+        message = f"{worker} sent nothing for {silent_s:.0f} s (hung, stopped or cut off): its lease expired"
+        log.warning("%s on %s attempt %s", message, job, attempt)
+        await self._apply_fenced(job, worker, attempt, self._lose(message))
+        self._send(worker, CancelJob(job=job, attempt=attempt))
+        await self._prune_if_ended(job)
+        await self.dispatch()
+
+    def _lose(self, message: str) -> ChangeFn:
+        policy = self._policy
+        return lambda r: lose_attempt(r, "WORKER_LOST", message, policy.max_restarts, policy.restart_backoff_s)
 
     # ------------------------------------------------------------ store helpers
 

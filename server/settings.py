@@ -34,7 +34,15 @@ class ServerSettings:
     worker_stop_s: float = 20.0
     """On SIGTERM: how long workers get to stop before they are terminated."""
     max_restarts: int = 3
-    """Times a job whose worker died is queued again to resume from its checkpoint before it fails."""
+    """Times a job whose worker died or hung is queued again to resume from its checkpoint before it fails."""
+    restart_backoff_s: float = 5.0
+    """Wait before a lost job's next attempt; doubles with each restart."""
+    lease_timeout_s: float = 30.0
+    """A worker that sends nothing (not even a heartbeat) this long loses its job."""
+    heartbeat_interval_s: float = 2.0
+    """How often a busy worker says it is alive; keep it well under lease_timeout_s."""
+    kill_grace_s: float = 15.0
+    """How long a worker may ignore a cancel or an expired lease before it is killed."""
     port_file: Path | None = None
     """If set, the bound port is written here once the server listens (useful with port 0)."""
     torch_threads: int = field(default=0)

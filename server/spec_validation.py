@@ -155,6 +155,9 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
     if gpus > 1:
         check.not_built("resources.gpus", f"multi-GPU jobs ({gpus} GPUs) are not available on this server yet")
     priority = check.int_range("priority", spec.priority, -100, 100)
+    max_runtime_s = spec.resources.max_runtime.ToTimedelta().total_seconds()
+    if max_runtime_s < 0 or spec.resources.max_runtime.nanos < 0:
+        check.bad("resources.max_runtime", f"must not be negative, got {max_runtime_s} s")
     result = ValidationResult(violations=check.violations, unimplemented=check.unimplemented)
     if task is not None and data is not None:
         candidate = TrainingSpec(
@@ -167,6 +170,7 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
             evaluation=evaluation,
             gpus=gpus,
             priority=priority,
+            max_runtime_s=max(0.0, max_runtime_s),
         )
         _needs_validation(check, candidate)
         _task_rules(check, candidate, spec.data)
@@ -362,6 +366,9 @@ def _hyperparameters(check: _Checker, hp: pb.Hyperparameters, method: Adaptation
         label_smoothing=check.float_range(f"{path}.label_smoothing", hp.label_smoothing, 0.0, 1.0, high_open=True),
         class_balance=_enum(check, f"{path}.class_balance", hp.class_balance, CLASS_BALANCES, ClassBalance.NONE),
         precision=_enum(check, f"{path}.precision", hp.precision, PRECISIONS, Precision.AUTO),
+        max_skipped_non_finite_steps=check.int_range(
+            f"{path}.max_skipped_non_finite_steps", hp.max_skipped_non_finite_steps, 0, 1_000_000
+        ),
         **_optimizer(check, hp),
     )
 
@@ -457,6 +464,7 @@ def _evaluation(check: _Checker, evaluation: pb.EvaluationSpec) -> EvaluationSet
         early_stopping_min_delta=check.float_range(
             f"{path}.early_stopping_min_delta", evaluation.early_stopping_min_delta, 0.0, 1e6
         ),
+        keep_checkpoints=check.int_range(f"{path}.keep_checkpoints", evaluation.keep_checkpoints, 0, 100) or 1,
     )
 
 

@@ -46,6 +46,8 @@ class CancelJob:
 
     job: str
     attempt: int
+    checkpoint_first: bool = False
+    """Pause rather than cancel: save a checkpoint to resume from, then stop (outcome PAUSED)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class Outcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"
+    """Stopped after saving a checkpoint the next attempt resumes from."""
 
 
 class Severity(StrEnum):

@@ -41,6 +41,9 @@ class WorkerPool(Protocol):
     def send(self, worker: str, command: WorkerCommand) -> None:
         """Delivers a command to one worker. Raises KeyError for an unknown or dead worker."""
 
+    def kill(self, worker: str) -> None:
+        """Ends a worker at once (hung, or deaf to a cancel); its death is reported and it is replaced."""
+
     def stop(self, timeout_s: float) -> None:
         """Asks every worker to shut down, then terminates those still alive after timeout_s."""
 
@@ -111,6 +114,13 @@ class LocalProcessPool:
             slot.conn.send(command)
         except (OSError, EOFError) as exc:
             raise KeyError(f"{worker} is not reachable: {exc}") from exc
+
+    def kill(self, worker: str) -> None:
+        with self._lock:
+            slot = self._slots.get(worker)
+        if slot is not None and slot.process.is_alive():
+            log.warning("killing %s (pid %s)", worker, slot.process.pid)
+            slot.process.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
 
     def stop(self, timeout_s: float) -> None:
         self._stopping.set()

@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import traceback
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from workers.messages import (
@@ -42,50 +43,66 @@ class Outbox:
             self._conn.send(event)
 
 
-class CancelRegistry:
-    """Cancel flags keyed by (job, attempt), set by the reader thread and read by the trainer."""
+@dataclass(frozen=True)
+class StopFlags:
+    """How the server asks one attempt to stop; the trainer looks at them between steps."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    checkpoint_first: threading.Event = field(default_factory=threading.Event)
+    """Set before `stop` for a pause or a shutdown: save a checkpoint to resume from, then stop."""
+
+
+class StopRegistry:
+    """Stop flags keyed by (job, attempt), set by the reader thread and read by the trainer."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._flags: dict[tuple[str, int], threading.Event] = {}
+        self._flags: dict[tuple[str, int], StopFlags] = {}
         self._shutting_down = False
-        self.shutdown = threading.Event()
-        """Set on Shutdown: the job in hand checkpoints, then stops."""
 
-    def flag_for(self, job: str, attempt: int) -> threading.Event:
+    def flags_for(self, job: str, attempt: int) -> StopFlags:
         with self._lock:
-            flag = self._flags.setdefault((job, attempt), threading.Event())
+            flags = self._flags.setdefault((job, attempt), StopFlags())
             if self._shutting_down:
-                flag.set()
-            return flag
+                flags.checkpoint_first.set()
+                flags.stop.set()
+            return flags
 
-    def cancel_all(self) -> None:
-        """Shutdown: the job in hand stops at its next step (the server requeues it on restart)."""
+    def request_stop(self, job: str, attempt: int, checkpoint_first: bool) -> None:
+        flags = self.flags_for(job, attempt)
+        if checkpoint_first:
+            flags.checkpoint_first.set()
+        flags.stop.set()
+
+    def shutdown_all(self) -> None:
+        """Shutdown: the job in hand checkpoints at its next step and stops (the server requeues it)."""
         with self._lock:
             self._shutting_down = True
-            self.shutdown.set()
-            for flag in self._flags.values():
-                flag.set()
+            for flags in self._flags.values():
+                flags.checkpoint_first.set()
+                flags.stop.set()
 
     def forget(self, job: str, attempt: int) -> None:
         with self._lock:
             self._flags.pop((job, attempt), None)
 
 
-def _read_commands(conn: Connection, inbox: queue.Queue[WorkerCommand], cancels: CancelRegistry) -> None:
+def _read_commands(conn: Connection, inbox: queue.Queue[WorkerCommand], stops: StopRegistry) -> None:
     """Reader thread: cancels act at once, everything else queues for the main loop."""
     while True:
         try:
             command: WorkerCommand = conn.recv()
         except (EOFError, OSError):
-            inbox.put(Shutdown())  # the server is gone: nothing left to report to
-            return
+            # The server died (a graceful stop sends Shutdown first). Stop at once rather than at the next step:
+            # a restarted server will resume the job elsewhere, and two processes must not train it together.
+            logging.getLogger(__name__).warning("the server went away: exiting")
+            os._exit(0)
         if isinstance(command, CancelJob):
-            cancels.flag_for(command.job, command.attempt).set()
+            stops.request_stop(command.job, command.attempt, command.checkpoint_first)
         else:
             inbox.put(command)
         if isinstance(command, Shutdown):
-            cancels.cancel_all()
+            stops.shutdown_all()
             return
 
 
@@ -97,8 +114,18 @@ def _heartbeat(outbox: Outbox, worker: str, job: RunJob, stop: threading.Event, 
             return
 
 
+def _name_process(worker: str) -> None:
+    """`ps`, `top` and operators see which worker a process is (Linux; 15 characters at most)."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(f"tf-{worker}"[:15])
+    except OSError:
+        pass
+
+
 def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     """Entry point of a spawned worker process."""
+    _name_process(worker)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker} %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Imported here, in the child: loading torch and transformers once per worker is the warm-up.
@@ -109,18 +136,18 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     device = select_device(settings.device)
     outbox = Outbox(conn)
     inbox: queue.Queue[WorkerCommand] = queue.Queue()
-    cancels = CancelRegistry()
-    threading.Thread(target=_read_commands, args=(conn, inbox, cancels), daemon=True, name="commands").start()
+    stops = StopRegistry()
+    threading.Thread(target=_read_commands, args=(conn, inbox, stops), daemon=True, name="commands").start()
     outbox.send(WorkerReady(worker=worker, pid=os.getpid(), device=str(device)))
 
     while True:
         command = inbox.get()
         if isinstance(command, Shutdown):
-            cancels.cancel_all()
+            stops.shutdown_all()
             return
         if not isinstance(command, RunJob):
             continue
-        cancel = cancels.flag_for(command.job, command.attempt)
+        flags = stops.flags_for(command.job, command.attempt)
         stop_beat = threading.Event()
         beat = threading.Thread(
             target=_heartbeat,
@@ -129,7 +156,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
         )
         beat.start()
         try:
-            finished = run_job(command, worker, device, outbox.send, cancel, cancels.shutdown)
+            finished = run_job(command, worker, device, outbox.send, flags.stop, flags.checkpoint_first)
         except Exception:  # last resort: the per-job boundary
             text = traceback.format_exc()
             logging.getLogger(__name__).error("job %s crashed:\n%s", command.job, text)
@@ -149,5 +176,5 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
         finally:
             stop_beat.set()
             beat.join()
-            cancels.forget(command.job, command.attempt)
+            stops.forget(command.job, command.attempt)
         outbox.send(finished)

@@ -197,6 +197,8 @@ class Hyperparameters:
     label_smoothing: float = 0.0
     class_balance: ClassBalance = ClassBalance.NONE
     precision: Precision = Precision.AUTO
+    max_skipped_non_finite_steps: int = 0
+    """Steps with a NaN or infinite loss skipped (no update) before the job fails."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,8 @@ class EvaluationSettings:
     early_stopping_patience: int = 0
     """Evaluations without improvement before stopping; 0 never stops early."""
     early_stopping_min_delta: float = 0.0
+    keep_checkpoints: int = 1
+    """Newest resumable checkpoints kept (the best one is kept besides)."""
 
     @property
     def maximize(self) -> bool:
@@ -232,3 +236,5 @@ class TrainingSpec:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     gpus: int = 0
     priority: int = 0
+    max_runtime_s: float = 0.0
+    """Running time allowed over all attempts; 0 means no limit."""

@@ -1,4 +1,5 @@
-"""JobService: create (idempotent), get, list, cancel, delete, watch (resumable), events, artifact download."""
+"""JobService: create (idempotent), get, list, cancel, pause, resume, delete, watch (resumable), events, artifact
+download."""
 
 from __future__ import annotations
 
@@ -126,6 +127,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
         job_id = parse_name(request.name, "jobs")
         record = await self._scheduler.cancel(job_id)
+        if record is None:
+            raise not_found(request.name)
+        return convert.job_to_proto(record)
+
+    @unary
+    async def PauseJob(self, request: jobs_pb2.PauseJobRequest, context: Context) -> jobs_pb2.Job:
+        record = await self._scheduler.pause(parse_name(request.name, "jobs"))
+        if record is None:
+            raise not_found(request.name)
+        return convert.job_to_proto(record)
+
+    @unary
+    async def ResumeJob(self, request: jobs_pb2.ResumeJobRequest, context: Context) -> jobs_pb2.Job:
+        record = await self._scheduler.resume(parse_name(request.name, "jobs"))
         if record is None:
             raise not_found(request.name)
         return convert.job_to_proto(record)

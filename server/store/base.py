@@ -47,7 +47,8 @@ class JobStore(Protocol):
         """Applies change atomically; None when the job does not exist."""
 
     def claim_next_job(self, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
-        """Applies change to the first QUEUED job (highest priority, then oldest); None when none waits."""
+        """Applies change to the first QUEUED job (highest priority, then oldest) whose `not_before` has passed;
+        None when none waits."""
 
     def jobs_in_states(self, states: Sequence[JobState]) -> list[JobRecord]: ...
 

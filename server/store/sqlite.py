@@ -229,7 +229,9 @@ class SqliteJobStore:
     def claim_next_job(self, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
         with self._write() as db:
             row = db.execute(
-                "SELECT * FROM jobs WHERE state = ? ORDER BY priority DESC, ord LIMIT 1", (JobState.QUEUED.value,)
+                "SELECT * FROM jobs WHERE state = ? AND COALESCE(json_extract(body, '$.not_before'), 0) <= ?"
+                " ORDER BY priority DESC, ord LIMIT 1",
+                (JobState.QUEUED.value, time.time()),
             ).fetchone()
             return self._apply(db, _job_from_row(row), change) if row else None
 

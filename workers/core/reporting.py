@@ -31,8 +31,8 @@ class Reporter:
     job: str
     attempt: int
     cancel_flag: threading.Event
-    shutdown_flag: threading.Event = field(default_factory=threading.Event)
-    """Set with cancel_flag when the worker is shutting down: the attempt checkpoints before it stops."""
+    checkpoint_flag: threading.Event = field(default_factory=threading.Event)
+    """Set before cancel_flag for a pause or a shutdown: the attempt checkpoints before it stops."""
 
     @property
     def stop_requested(self) -> bool:

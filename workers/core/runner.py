@@ -36,11 +36,12 @@ def run_job(
     device: torch.device,
     send: Callable[[WorkerEvent], None],
     cancel: threading.Event,
-    shutdown: threading.Event | None = None,
+    checkpoint_first: threading.Event | None = None,
 ) -> JobFinished:
-    """Trains one attempt; never raises for a job-level problem. With `shutdown` set as well as `cancel`, the
-    attempt checkpoints before it stops, so the next attempt resumes where it stopped."""
-    reporter = Reporter(send, worker, job.job, job.attempt, cancel, shutdown or threading.Event())
+    """Trains one attempt; never raises for a job-level problem. With `checkpoint_first` set before `cancel` (a
+    pause or a shutdown), the attempt checkpoints before it stops and ends PAUSED, so the next one resumes there."""
+    pausing = checkpoint_first or threading.Event()
+    reporter = Reporter(send, worker, job.job, job.attempt, cancel, pausing)
 
     def finished(outcome: Outcome, reason: str = "", message: str = "") -> JobFinished:
         return JobFinished(worker, job.job, job.attempt, outcome=outcome, reason=reason, message=message)
@@ -48,6 +49,9 @@ def run_job(
     try:
         _train_and_save(job, device, reporter)
     except TrainingCancelled:
+        if pausing.is_set():
+            reporter.log("stopped at the server's request; the next attempt resumes here", Severity.WARNING)
+            return finished(Outcome.PAUSED)
         reporter.log("cancelled at the server's request", Severity.WARNING)
         return finished(Outcome.CANCELLED)
     except JobFailure as failure:

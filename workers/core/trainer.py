@@ -241,12 +241,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _stop_if_asked(self, step: int, epoch: int, in_epoch: int) -> None:
-        """Between optimizer steps: a cancel stops at once; a shutdown first saves a checkpoint to resume from."""
+        """Between optimizer steps: a cancel stops at once; a pause or shutdown first saves a checkpoint."""
         if not self.reporter.stop_requested:
             return
-        if self.reporter.shutdown_flag.is_set() and step > 0:
+        if self.reporter.checkpoint_flag.is_set() and step > 0:
             self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
-            self.reporter.log(f"the worker is shutting down: checkpointed at step {step}")
+            self.reporter.log(f"stopping: checkpointed at step {step} to resume from")
         self.reporter.check_cancelled()
 
     def _loss(self, batch: Batch) -> torch.Tensor:

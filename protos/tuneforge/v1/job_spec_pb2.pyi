@@ -7,6 +7,7 @@ Zero values mean "the default"; fields where zero is a meaningful choice are `op
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -535,6 +536,7 @@ class Hyperparameters(_message.Message):
     LABEL_SMOOTHING_FIELD_NUMBER: _builtins.int
     CLASS_BALANCE_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
+    MAX_SKIPPED_NON_FINITE_STEPS_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """Passes over the training data; default 3."""
     batch_size: _builtins.int
@@ -570,6 +572,10 @@ class Hyperparameters(_message.Message):
     """Imbalanced classes; default NONE."""
     precision: Global___Hyperparameters.Precision.ValueType
     """Numeric precision; default AUTO."""
+    max_skipped_non_finite_steps: _builtins.int
+    """Optimizer steps whose loss is NaN or infinite that are skipped (no update) before the job fails with
+    NON_FINITE_LOSS; default 0: the first one fails it.
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The learning-rate schedule."""
@@ -594,10 +600,11 @@ class Hyperparameters(_message.Message):
         label_smoothing: _builtins.float = ...,
         class_balance: Global___Hyperparameters.ClassBalance.ValueType = ...,
         precision: Global___Hyperparameters.Precision.ValueType = ...,
+        max_skipped_non_finite_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "max_grad_norm", b"max_grad_norm", "momentum", b"momentum", "schedule", b"schedule", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "class_balance", b"class_balance", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "head_learning_rate", b"head_learning_rate", "label_smoothing", b"label_smoothing", "layer_decay", b"layer_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_steps", b"max_steps", "momentum", b"momentum", "nesterov", b"nesterov", "optimizer", b"optimizer", "precision", b"precision", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "class_balance", b"class_balance", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "head_learning_rate", b"head_learning_rate", "label_smoothing", b"label_smoothing", "layer_decay", b"layer_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_skipped_non_finite_steps", b"max_skipped_non_finite_steps", "max_steps", b"max_steps", "momentum", b"momentum", "nesterov", b"nesterov", "optimizer", b"optimizer", "precision", b"precision", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
@@ -742,6 +749,7 @@ class EvaluationSpec(_message.Message):
     BEST_METRIC_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_MIN_DELTA_FIELD_NUMBER: _builtins.int
+    KEEP_CHECKPOINTS_FIELD_NUMBER: _builtins.int
     eval_every_steps: _builtins.int
     """Evaluate every N optimizer steps as well as at each epoch end; 0: at epoch ends only."""
     log_every_steps: _builtins.int
@@ -759,6 +767,8 @@ class EvaluationSpec(_message.Message):
     """Stop when best_metric has not improved by min_delta for this many evaluations; 0: never stop early."""
     early_stopping_min_delta: _builtins.float
     """The smallest change of best_metric that counts as an improvement."""
+    keep_checkpoints: _builtins.int
+    """Newest checkpoints kept for resuming (the best one is kept as well); default 1."""
     def __init__(
         self,
         *,
@@ -769,10 +779,11 @@ class EvaluationSpec(_message.Message):
         best_metric: _builtins.str = ...,
         early_stopping_patience: _builtins.int = ...,
         early_stopping_min_delta: _builtins.float = ...,
+        keep_checkpoints: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_metric", b"best_metric", "checkpoint_every_steps", b"checkpoint_every_steps", "early_stopping_min_delta", b"early_stopping_min_delta", "early_stopping_patience", b"early_stopping_patience", "eval_every_steps", b"eval_every_steps", "evaluate_before_training", b"evaluate_before_training", "log_every_steps", b"log_every_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_metric", b"best_metric", "checkpoint_every_steps", b"checkpoint_every_steps", "early_stopping_min_delta", b"early_stopping_min_delta", "early_stopping_patience", b"early_stopping_patience", "eval_every_steps", b"eval_every_steps", "evaluate_before_training", b"evaluate_before_training", "keep_checkpoints", b"keep_checkpoints", "log_every_steps", b"log_every_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -785,16 +796,24 @@ class Resources(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GPUS_FIELD_NUMBER: _builtins.int
+    MAX_RUNTIME_FIELD_NUMBER: _builtins.int
     gpus: _builtins.int
     """GPUs for the job; 0 runs on whatever one worker has (a GPU when present, else the CPU)."""
+    @_builtins.property
+    def max_runtime(self) -> _duration_pb2.Duration:
+        """Longest the job may run, over all its attempts; unset or 0 means no limit. When it runs out, the job saves a
+        checkpoint and ends FAILED with reason DEADLINE_EXCEEDED.
+        """
+
     def __init__(
         self,
         *,
         gpus: _builtins.int = ...,
+        max_runtime: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_runtime", b"max_runtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "max_runtime", b"max_runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

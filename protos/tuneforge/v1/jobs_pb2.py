@@ -23,12 +23,13 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tuneforge.v1 import job_spec_pb2 as tuneforge_dot_v1_dot_job__spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tuneforge/v1/jobs.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1btuneforge/v1/job_spec.proto\"\x89\x07\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12*\n\x04spec\x18\x03 \x01(\x0b\x32\x15.tuneforge.v1.JobSpecB\x05\xe2\x41\x02\x02\x05\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x17.tuneforge.v1.Job.StateB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12.\n\x08progress\x18\t \x01(\x0b\x32\x16.tuneforge.v1.ProgressB\x04\xe2\x41\x01\x03\x12\x42\n\x0elatest_metrics\x18\n \x03(\x0b\x32$.tuneforge.v1.Job.LatestMetricsEntryB\x04\xe2\x41\x01\x03\x12>\n\x0c\x62\x65st_metrics\x18\x0b \x03(\x0b\x32\".tuneforge.v1.Job.BestMetricsEntryB\x04\xe2\x41\x01\x03\x12+\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x16.tuneforge.v1.JobErrorB\x04\xe2\x41\x01\x03\x12.\n\x08\x61rtifact\x18\r \x01(\x0b\x32\x16.tuneforge.v1.ArtifactB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x0e \x01(\x05\x42\x04\xe2\x41\x01\x03\x12!\n\x13last_event_sequence\x18\x0f \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x42\x65stMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"q\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0e\n\nCANCELLING\x10\x05\x12\r\n\tCANCELLED\x10\x06\"R\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_epochs\x18\x04 \x01(\x05\"+\n\x08JobError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x94\x01\n\x08\x41rtifact\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x34\n\x07metrics\x18\x03 \x03(\x0b\x32#.tuneforge.v1.Artifact.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa7\x03\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x31\n\x0cstate_change\x18\n \x01(\x0b\x32\x19.tuneforge.v1.StateChangeH\x00\x12\x39\n\x10training_metrics\x18\x0b \x01(\x0b\x32\x1d.tuneforge.v1.TrainingMetricsH\x00\x12=\n\x12\x65valuation_metrics\x18\x0c \x01(\x0b\x32\x1f.tuneforge.v1.EvaluationMetricsH\x00\x12$\n\x03log\x18\r \x01(\x0b\x32\x15.tuneforge.v1.LogLineH\x00\x12\x39\n\x10\x63heckpoint_saved\x18\x0e \x01(\x0b\x32\x1d.tuneforge.v1.CheckpointSavedH\x00\x12\x35\n\x0e\x61rtifact_ready\x18\x0f \x01(\x0b\x32\x1b.tuneforge.v1.ArtifactReadyH\x00\x42\t\n\x07payload\"\x8c\x01\n\x0bStateChange\x12+\n\nfrom_state\x18\x01 \x01(\x0e\x32\x17.tuneforge.v1.Job.State\x12)\n\x08to_state\x18\x02 \x01(\x0e\x32\x17.tuneforge.v1.Job.State\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.tuneforge.v1.JobError\"\x97\x01\n\x0fTrainingMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x11\n\tgrad_norm\x18\x07 \x01(\x01\"\x9f\x01\n\x11\x45valuationMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12=\n\x07metrics\x18\x03 \x03(\x0b\x32,.tuneforge.v1.EvaluationMetrics.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9f\x01\n\x07LogLine\x12\x30\n\x08severity\x18\x01 \x01(\x0e\x32\x1e.tuneforge.v1.LogLine.Severity\x12\x0f\n\x07message\x18\x02 \x01(\t\"Q\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\t\n\x05\x44\x45\x42UG\x10\x01\x12\x08\n\x04INFO\x10\x02\x12\x0b\n\x07WARNING\x10\x03\x12\t\n\x05\x45RROR\x10\x04\"3\n\x0f\x43heckpointSaved\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"9\n\rArtifactReady\x12(\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.tuneforge.v1.Artifact\"L\n\x10\x43reateJobRequest\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.JobB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.tuneforge.v1.Job.State\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.tuneforge.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"&\n\x10\x44\x65leteJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"S\n\x14ListJobEventsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"X\n\x15ListJobEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.tuneforge.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x17\x44ownloadArtifactRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"b\n\x18\x44ownloadArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.tuneforge.v1.ArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent2\xda\x04\n\nJobService\x12>\n\tCreateJob\x12\x1e.tuneforge.v1.CreateJobRequest\x1a\x11.tuneforge.v1.Job\x12\x38\n\x06GetJob\x12\x1b.tuneforge.v1.GetJobRequest\x1a\x11.tuneforge.v1.Job\x12I\n\x08ListJobs\x12\x1d.tuneforge.v1.ListJobsRequest\x1a\x1e.tuneforge.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.tuneforge.v1.CancelJobRequest\x1a\x11.tuneforge.v1.Job\x12\x43\n\tDeleteJob\x12\x1e.tuneforge.v1.DeleteJobRequest\x1a\x16.google.protobuf.Empty\x12\x43\n\x08WatchJob\x12\x1d.tuneforge.v1.WatchJobRequest\x1a\x16.tuneforge.v1.JobEvent0\x01\x12X\n\rListJobEvents\x12\".tuneforge.v1.ListJobEventsRequest\x1a#.tuneforge.v1.ListJobEventsResponse\x12\x63\n\x10\x44ownloadArtifact\x12%.tuneforge.v1.DownloadArtifactRequest\x1a&.tuneforge.v1.DownloadArtifactResponse0\x01\x42@\n\x10\x64\x65v.tuneforge.v1P\x01Z*tuneforge.dev/api/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tuneforge/v1/jobs.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1btuneforge/v1/job_spec.proto\"\x8d\x08\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12*\n\x04spec\x18\x03 \x01(\x0b\x32\x15.tuneforge.v1.JobSpecB\x05\xe2\x41\x02\x02\x05\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x17.tuneforge.v1.Job.StateB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12.\n\x08progress\x18\t \x01(\x0b\x32\x16.tuneforge.v1.ProgressB\x04\xe2\x41\x01\x03\x12\x42\n\x0elatest_metrics\x18\n \x03(\x0b\x32$.tuneforge.v1.Job.LatestMetricsEntryB\x04\xe2\x41\x01\x03\x12>\n\x0c\x62\x65st_metrics\x18\x0b \x03(\x0b\x32\".tuneforge.v1.Job.BestMetricsEntryB\x04\xe2\x41\x01\x03\x12+\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x16.tuneforge.v1.JobErrorB\x04\xe2\x41\x01\x03\x12.\n\x08\x61rtifact\x18\r \x01(\x0b\x32\x16.tuneforge.v1.ArtifactB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x0e \x01(\x05\x42\x04\xe2\x41\x01\x03\x12!\n\x13last_event_sequence\x18\x0f \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06worker\x18\x10 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rrestart_count\x18\x11 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0crun_duration\x18\x12 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x42\x65stMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8a\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0e\n\nCANCELLING\x10\x05\x12\r\n\tCANCELLED\x10\x06\x12\x0b\n\x07PAUSING\x10\x07\x12\n\n\x06PAUSED\x10\x08\"R\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_epochs\x18\x04 \x01(\x05\"+\n\x08JobError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x94\x01\n\x08\x41rtifact\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x34\n\x07metrics\x18\x03 \x03(\x0b\x32#.tuneforge.v1.Artifact.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa7\x03\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x31\n\x0cstate_change\x18\n \x01(\x0b\x32\x19.tuneforge.v1.StateChangeH\x00\x12\x39\n\x10training_metrics\x18\x0b \x01(\x0b\x32\x1d.tuneforge.v1.TrainingMetricsH\x00\x12=\n\x12\x65valuation_metrics\x18\x0c \x01(\x0b\x32\x1f.tuneforge.v1.EvaluationMetricsH\x00\x12$\n\x03log\x18\r \x01(\x0b\x32\x15.tuneforge.v1.LogLineH\x00\x12\x39\n\x10\x63heckpoint_saved\x18\x0e \x01(\x0b\x32\x1d.tuneforge.v1.CheckpointSavedH\x00\x12\x35\n\x0e\x61rtifact_ready\x18\x0f \x01(\x0b\x32\x1b.tuneforge.v1.ArtifactReadyH\x00\x42\t\n\x07payload\"\x8c\x01\n\x0bStateChange\x12+\n\nfrom_state\x18\x01 \x01(\x0e\x32\x17.tuneforge.v1.Job.State\x12)\n\x08to_state\x18\x02 \x01(\x0e\x32\x17.tuneforge.v1.Job.State\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.tuneforge.v1.JobError\"\x97\x01\n\x0fTrainingMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x11\n\tgrad_norm\x18\x07 \x01(\x01\"\x9f\x01\n\x11\x45valuationMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12=\n\x07metrics\x18\x03 \x03(\x0b\x32,.tuneforge.v1.EvaluationMetrics.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9f\x01\n\x07LogLine\x12\x30\n\x08severity\x18\x01 \x01(\x0e\x32\x1e.tuneforge.v1.LogLine.Severity\x12\x0f\n\x07message\x18\x02 \x01(\t\"Q\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\t\n\x05\x44\x45\x42UG\x10\x01\x12\x08\n\x04INFO\x10\x02\x12\x0b\n\x07WARNING\x10\x03\x12\t\n\x05\x45RROR\x10\x04\"3\n\x0f\x43heckpointSaved\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"9\n\rArtifactReady\x12(\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.tuneforge.v1.Artifact\"L\n\x10\x43reateJobRequest\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.JobB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.tuneforge.v1.Job.State\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.tuneforge.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"%\n\x0fPauseJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"&\n\x10ResumeJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"&\n\x10\x44\x65leteJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"S\n\x14ListJobEventsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"X\n\x15ListJobEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.tuneforge.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x17\x44ownloadArtifactRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"b\n\x18\x44ownloadArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.tuneforge.v1.ArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent2\xd8\x05\n\nJobService\x12>\n\tCreateJob\x12\x1e.tuneforge.v1.CreateJobRequest\x1a\x11.tuneforge.v1.Job\x12\x38\n\x06GetJob\x12\x1b.tuneforge.v1.GetJobRequest\x1a\x11.tuneforge.v1.Job\x12I\n\x08ListJobs\x12\x1d.tuneforge.v1.ListJobsRequest\x1a\x1e.tuneforge.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.tuneforge.v1.CancelJobRequest\x1a\x11.tuneforge.v1.Job\x12<\n\x08PauseJob\x12\x1d.tuneforge.v1.PauseJobRequest\x1a\x11.tuneforge.v1.Job\x12>\n\tResumeJob\x12\x1e.tuneforge.v1.ResumeJobRequest\x1a\x11.tuneforge.v1.Job\x12\x43\n\tDeleteJob\x12\x1e.tuneforge.v1.DeleteJobRequest\x1a\x16.google.protobuf.Empty\x12\x43\n\x08WatchJob\x12\x1d.tuneforge.v1.WatchJobRequest\x1a\x16.tuneforge.v1.JobEvent0\x01\x12X\n\rListJobEvents\x12\".tuneforge.v1.ListJobEventsRequest\x1a#.tuneforge.v1.ListJobEventsResponse\x12\x63\n\x10\x44ownloadArtifact\x12%.tuneforge.v1.DownloadArtifactRequest\x1a&.tuneforge.v1.DownloadArtifactResponse0\x01\x42@\n\x10\x64\x65v.tuneforge.v1P\x01Z*tuneforge.dev/api/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -68,6 +69,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB'].fields_by_name['attempt']._serialized_options = b'\342A\001\003'
   _globals['_JOB'].fields_by_name['last_event_sequence']._loaded_options = None
   _globals['_JOB'].fields_by_name['last_event_sequence']._serialized_options = b'\342A\001\003'
+  _globals['_JOB'].fields_by_name['worker']._loaded_options = None
+  _globals['_JOB'].fields_by_name['worker']._serialized_options = b'\342A\001\003'
+  _globals['_JOB'].fields_by_name['restart_count']._loaded_options = None
+  _globals['_JOB'].fields_by_name['restart_count']._serialized_options = b'\342A\001\003'
+  _globals['_JOB'].fields_by_name['run_duration']._loaded_options = None
+  _globals['_JOB'].fields_by_name['run_duration']._serialized_options = b'\342A\001\003'
   _globals['_ARTIFACT_METRICSENTRY']._loaded_options = None
   _globals['_ARTIFACT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATIONMETRICS_METRICSENTRY']._loaded_options = None
@@ -78,6 +85,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_CANCELJOBREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_CANCELJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_PAUSEJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_PAUSEJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_RESUMEJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_RESUMEJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_DELETEJOBREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DELETEJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_WATCHJOBREQUEST'].fields_by_name['name']._loaded_options = None
@@ -86,62 +97,66 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTJOBEVENTSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002'
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
-  _globals['_JOB']._serialized_start=166
-  _globals['_JOB']._serialized_end=1071
-  _globals['_JOB_LATESTMETRICSENTRY']._serialized_start=852
-  _globals['_JOB_LATESTMETRICSENTRY']._serialized_end=904
-  _globals['_JOB_BESTMETRICSENTRY']._serialized_start=906
-  _globals['_JOB_BESTMETRICSENTRY']._serialized_end=956
-  _globals['_JOB_STATE']._serialized_start=958
-  _globals['_JOB_STATE']._serialized_end=1071
-  _globals['_PROGRESS']._serialized_start=1073
-  _globals['_PROGRESS']._serialized_end=1155
-  _globals['_JOBERROR']._serialized_start=1157
-  _globals['_JOBERROR']._serialized_end=1200
-  _globals['_ARTIFACT']._serialized_start=1203
-  _globals['_ARTIFACT']._serialized_end=1351
-  _globals['_ARTIFACT_METRICSENTRY']._serialized_start=1305
-  _globals['_ARTIFACT_METRICSENTRY']._serialized_end=1351
-  _globals['_JOBEVENT']._serialized_start=1354
-  _globals['_JOBEVENT']._serialized_end=1777
-  _globals['_STATECHANGE']._serialized_start=1780
-  _globals['_STATECHANGE']._serialized_end=1920
-  _globals['_TRAININGMETRICS']._serialized_start=1923
-  _globals['_TRAININGMETRICS']._serialized_end=2074
-  _globals['_EVALUATIONMETRICS']._serialized_start=2077
-  _globals['_EVALUATIONMETRICS']._serialized_end=2236
-  _globals['_EVALUATIONMETRICS_METRICSENTRY']._serialized_start=1305
-  _globals['_EVALUATIONMETRICS_METRICSENTRY']._serialized_end=1351
-  _globals['_LOGLINE']._serialized_start=2239
-  _globals['_LOGLINE']._serialized_end=2398
-  _globals['_LOGLINE_SEVERITY']._serialized_start=2317
-  _globals['_LOGLINE_SEVERITY']._serialized_end=2398
-  _globals['_CHECKPOINTSAVED']._serialized_start=2400
-  _globals['_CHECKPOINTSAVED']._serialized_end=2451
-  _globals['_ARTIFACTREADY']._serialized_start=2453
-  _globals['_ARTIFACTREADY']._serialized_end=2510
-  _globals['_CREATEJOBREQUEST']._serialized_start=2512
-  _globals['_CREATEJOBREQUEST']._serialized_end=2588
-  _globals['_GETJOBREQUEST']._serialized_start=2590
-  _globals['_GETJOBREQUEST']._serialized_end=2625
-  _globals['_LISTJOBSREQUEST']._serialized_start=2627
-  _globals['_LISTJOBSREQUEST']._serialized_end=2724
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2726
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2802
-  _globals['_CANCELJOBREQUEST']._serialized_start=2804
-  _globals['_CANCELJOBREQUEST']._serialized_end=2842
-  _globals['_DELETEJOBREQUEST']._serialized_start=2844
-  _globals['_DELETEJOBREQUEST']._serialized_end=2882
-  _globals['_WATCHJOBREQUEST']._serialized_start=2884
-  _globals['_WATCHJOBREQUEST']._serialized_end=2945
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=2947
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=3030
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=3032
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=3120
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=3122
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=3167
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=3169
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=3267
-  _globals['_JOBSERVICE']._serialized_start=3270
-  _globals['_JOBSERVICE']._serialized_end=3872
+  _globals['_JOB']._serialized_start=198
+  _globals['_JOB']._serialized_end=1235
+  _globals['_JOB_LATESTMETRICSENTRY']._serialized_start=990
+  _globals['_JOB_LATESTMETRICSENTRY']._serialized_end=1042
+  _globals['_JOB_BESTMETRICSENTRY']._serialized_start=1044
+  _globals['_JOB_BESTMETRICSENTRY']._serialized_end=1094
+  _globals['_JOB_STATE']._serialized_start=1097
+  _globals['_JOB_STATE']._serialized_end=1235
+  _globals['_PROGRESS']._serialized_start=1237
+  _globals['_PROGRESS']._serialized_end=1319
+  _globals['_JOBERROR']._serialized_start=1321
+  _globals['_JOBERROR']._serialized_end=1364
+  _globals['_ARTIFACT']._serialized_start=1367
+  _globals['_ARTIFACT']._serialized_end=1515
+  _globals['_ARTIFACT_METRICSENTRY']._serialized_start=1469
+  _globals['_ARTIFACT_METRICSENTRY']._serialized_end=1515
+  _globals['_JOBEVENT']._serialized_start=1518
+  _globals['_JOBEVENT']._serialized_end=1941
+  _globals['_STATECHANGE']._serialized_start=1944
+  _globals['_STATECHANGE']._serialized_end=2084
+  _globals['_TRAININGMETRICS']._serialized_start=2087
+  _globals['_TRAININGMETRICS']._serialized_end=2238
+  _globals['_EVALUATIONMETRICS']._serialized_start=2241
+  _globals['_EVALUATIONMETRICS']._serialized_end=2400
+  _globals['_EVALUATIONMETRICS_METRICSENTRY']._serialized_start=1469
+  _globals['_EVALUATIONMETRICS_METRICSENTRY']._serialized_end=1515
+  _globals['_LOGLINE']._serialized_start=2403
+  _globals['_LOGLINE']._serialized_end=2562
+  _globals['_LOGLINE_SEVERITY']._serialized_start=2481
+  _globals['_LOGLINE_SEVERITY']._serialized_end=2562
+  _globals['_CHECKPOINTSAVED']._serialized_start=2564
+  _globals['_CHECKPOINTSAVED']._serialized_end=2615
+  _globals['_ARTIFACTREADY']._serialized_start=2617
+  _globals['_ARTIFACTREADY']._serialized_end=2674
+  _globals['_CREATEJOBREQUEST']._serialized_start=2676
+  _globals['_CREATEJOBREQUEST']._serialized_end=2752
+  _globals['_GETJOBREQUEST']._serialized_start=2754
+  _globals['_GETJOBREQUEST']._serialized_end=2789
+  _globals['_LISTJOBSREQUEST']._serialized_start=2791
+  _globals['_LISTJOBSREQUEST']._serialized_end=2888
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2890
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2966
+  _globals['_CANCELJOBREQUEST']._serialized_start=2968
+  _globals['_CANCELJOBREQUEST']._serialized_end=3006
+  _globals['_PAUSEJOBREQUEST']._serialized_start=3008
+  _globals['_PAUSEJOBREQUEST']._serialized_end=3045
+  _globals['_RESUMEJOBREQUEST']._serialized_start=3047
+  _globals['_RESUMEJOBREQUEST']._serialized_end=3085
+  _globals['_DELETEJOBREQUEST']._serialized_start=3087
+  _globals['_DELETEJOBREQUEST']._serialized_end=3125
+  _globals['_WATCHJOBREQUEST']._serialized_start=3127
+  _globals['_WATCHJOBREQUEST']._serialized_end=3188
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=3190
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=3273
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=3275
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=3363
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=3365
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=3410
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=3412
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=3510
+  _globals['_JOBSERVICE']._serialized_start=3513
+  _globals['_JOBSERVICE']._serialized_end=4241
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ Jobs: fine-tuning runs, their live event streams and their artifacts."""
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -46,6 +47,10 @@ class Job(_message.Message):
         """Cancel requested; the worker is stopping."""
         CANCELLED: Job._State.ValueType  # 6
         """Cancelled."""
+        PAUSING: Job._State.ValueType  # 7
+        """Pause requested; the worker is saving a checkpoint."""
+        PAUSED: Job._State.ValueType  # 8
+        """Paused: holds no worker; ResumeJob queues it again."""
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """Where a job is in its life."""
@@ -63,6 +68,10 @@ class Job(_message.Message):
     """Cancel requested; the worker is stopping."""
     CANCELLED: Job.State.ValueType  # 6
     """Cancelled."""
+    PAUSING: Job.State.ValueType  # 7
+    """Pause requested; the worker is saving a checkpoint."""
+    PAUSED: Job.State.ValueType  # 8
+    """Paused: holds no worker; ResumeJob queues it again."""
 
     @_typing.final
     class LatestMetricsEntry(_message.Message):
@@ -119,6 +128,9 @@ class Job(_message.Message):
     ARTIFACT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    RESTART_COUNT_FIELD_NUMBER: _builtins.int
+    RUN_DURATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `jobs/{job}`."""
     display_name: _builtins.str
@@ -129,6 +141,10 @@ class Job(_message.Message):
     """How many times a worker has started this job (1 for the first run)."""
     last_event_sequence: _builtins.int
     """Sequence number of the job's newest event; WatchJob from here sees only new events."""
+    worker: _builtins.str
+    """The worker that holds the job while it is RUNNING, PAUSING or CANCELLING."""
+    restart_count: _builtins.int
+    """Attempts lost to a dead or hung worker so far (the server's `--max-restarts` bounds them)."""
     @_builtins.property
     def spec(self) -> _job_spec_pb2.JobSpec:
         """What to run."""
@@ -169,6 +185,10 @@ class Job(_message.Message):
     def artifact(self) -> Global___Artifact:
         """The trained model; set only in SUCCEEDED."""
 
+    @_builtins.property
+    def run_duration(self) -> _duration_pb2.Duration:
+        """Time spent running, over every attempt that ended (`resources.max_runtime` bounds it)."""
+
     def __init__(
         self,
         *,
@@ -187,10 +207,13 @@ class Job(_message.Message):
         artifact: Global___Artifact | None = ...,
         attempt: _builtins.int = ...,
         last_event_sequence: _builtins.int = ...,
+        worker: _builtins.str = ...,
+        restart_count: _builtins.int = ...,
+        run_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "best_metrics", b"best_metrics", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "latest_metrics", b"latest_metrics", "name", b"name", "progress", b"progress", "spec", b"spec", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "best_metrics", b"best_metrics", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "latest_metrics", b"latest_metrics", "name", b"name", "progress", b"progress", "restart_count", b"restart_count", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "state", b"state", "update_time", b"update_time", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -724,6 +747,50 @@ class CancelJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class PauseJobRequest(_message.Message):
+    """Request for PauseJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`jobs/{job}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseJobRequest: _TypeAlias = PauseJobRequest  # noqa: Y015
+
+@_typing.final
+class ResumeJobRequest(_message.Message):
+    """Request for ResumeJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`jobs/{job}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJobRequest: _TypeAlias = ResumeJobRequest  # noqa: Y015
 
 @_typing.final
 class DeleteJobRequest(_message.Message):

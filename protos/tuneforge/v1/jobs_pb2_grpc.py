@@ -56,6 +56,16 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.PauseJob = channel.unary_unary(
+                '/tuneforge.v1.JobService/PauseJob',
+                request_serializer=tuneforge_dot_v1_dot_jobs__pb2.PauseJobRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/tuneforge.v1.JobService/ResumeJob',
+                request_serializer=tuneforge_dot_v1_dot_jobs__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
         self.DeleteJob = channel.unary_unary(
                 '/tuneforge.v1.JobService/DeleteJob',
                 request_serializer=tuneforge_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
@@ -107,6 +117,21 @@ class JobServiceServicer:
     def CancelJob(self, request, context):
         """Cancels a job. A queued job is CANCELLED at once; a running one becomes CANCELLING until its worker stops
         (within seconds) and then CANCELLED. FAILED_PRECONDITION when the job already ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseJob(self, request, context):
+        """Pauses a job. A queued job is PAUSED at once; a running one becomes PAUSING while its worker saves a checkpoint
+        and lets go, then PAUSED. FAILED_PRECONDITION when the job is not queued or running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Queues a PAUSED job again; it resumes from the checkpoint taken when it paused. FAILED_PRECONDITION otherwise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +189,16 @@ def add_JobServiceServicer_to_server(servicer, server):
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=tuneforge_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'PauseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseJob,
+                    request_deserializer=tuneforge_dot_v1_dot_jobs__pb2.PauseJobRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=tuneforge_dot_v1_dot_jobs__pb2.ResumeJobRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
             'DeleteJob': grpc.unary_unary_rpc_method_handler(
@@ -295,6 +330,60 @@ class JobService:
             target,
             '/tuneforge.v1.JobService/CancelJob',
             tuneforge_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
+            tuneforge_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/PauseJob',
+            tuneforge_dot_v1_dot_jobs__pb2.PauseJobRequest.SerializeToString,
+            tuneforge_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/ResumeJob',
+            tuneforge_dot_v1_dot_jobs__pb2.ResumeJobRequest.SerializeToString,
             tuneforge_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,

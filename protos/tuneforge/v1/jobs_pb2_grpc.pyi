@@ -46,6 +46,12 @@ class JobServiceStub:
     """Cancels a job. A queued job is CANCELLED at once; a running one becomes CANCELLING until its worker stops
     (within seconds) and then CANCELLED. FAILED_PRECONDITION when the job already ended.
     """
+    PauseJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.PauseJobRequest, _jobs_pb2.Job]
+    """Pauses a job. A queued job is PAUSED at once; a running one becomes PAUSING while its worker saves a checkpoint
+    and lets go, then PAUSED. FAILED_PRECONDITION when the job is not queued or running.
+    """
+    ResumeJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ResumeJobRequest, _jobs_pb2.Job]
+    """Queues a PAUSED job again; it resumes from the checkpoint taken when it paused. FAILED_PRECONDITION otherwise."""
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _empty_pb2.Empty]
     """Deletes a finished job with its events and artifact. FAILED_PRECONDITION while it is queued or running."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.JobEvent]
@@ -77,6 +83,12 @@ class JobServiceAsyncStub(JobServiceStub):
     """Cancels a job. A queued job is CANCELLED at once; a running one becomes CANCELLING until its worker stops
     (within seconds) and then CANCELLED. FAILED_PRECONDITION when the job already ended.
     """
+    PauseJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.PauseJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
+    """Pauses a job. A queued job is PAUSED at once; a running one becomes PAUSING while its worker saves a checkpoint
+    and lets go, then PAUSED. FAILED_PRECONDITION when the job is not queued or running.
+    """
+    ResumeJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ResumeJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
+    """Queues a PAUSED job again; it resumes from the checkpoint taken when it paused. FAILED_PRECONDITION otherwise."""
     DeleteJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a finished job with its events and artifact. FAILED_PRECONDITION while it is queued or running."""
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.JobEvent]  # type: ignore[assignment]
@@ -129,6 +141,24 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Cancels a job. A queued job is CANCELLED at once; a running one becomes CANCELLING until its worker stops
         (within seconds) and then CANCELLED. FAILED_PRECONDITION when the job already ended.
         """
+
+    @_abc_1.abstractmethod
+    def PauseJob(
+        self,
+        request: _jobs_pb2.PauseJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
+        """Pauses a job. A queued job is PAUSED at once; a running one becomes PAUSING while its worker saves a checkpoint
+        and lets go, then PAUSED. FAILED_PRECONDITION when the job is not queued or running.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeJob(
+        self,
+        request: _jobs_pb2.ResumeJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
+        """Queues a PAUSED job again; it resumes from the checkpoint taken when it paused. FAILED_PRECONDITION otherwise."""
 
     @_abc_1.abstractmethod
     def DeleteJob(
