@@ -224,17 +224,23 @@ class Scheduler:
                 problem = problem or f"{resource} was deleted before the job started"
             else:
                 files[resource] = DataFile(str(self._storage.file_path(file.id)), file.filename)
-        if problem or result.spec is None:
+        reason = "INVALID_INPUT"
+        spec = result.spec
+        time_limit_s = 0.0
+        if spec is not None and spec.max_runtime_s:
+            time_limit_s = spec.max_runtime_s - record.run_seconds
+            if time_limit_s <= 0 and not problem:
+                reason, problem = "DEADLINE_EXCEEDED", f"max_runtime of {spec.max_runtime_s:g} s is used up"
+        if problem or spec is None:
             await self._apply(
                 record.id,
                 lambda r: (
-                    transition(r, JobState.FAILED, error_reason="INVALID_INPUT", error_message=problem)
+                    transition(r, JobState.FAILED, error_reason=reason, error_message=problem)
                     if r.state in ACTIVE
                     else None
                 ),
             )
             return None
-        spec = result.spec
         return RunJob(
             job=record.id,
             attempt=record.attempt,
@@ -244,6 +250,7 @@ class Scheduler:
             work_dir=str(self._storage.work_dir(record.id, record.attempt)),
             checkpoint_dir=str(self._storage.checkpoint_dir(record.id)),
             artifact_path=str(self._storage.artifact_path(record.id)),
+            time_limit_s=time_limit_s,
         )
 
     # ------------------------------------------------------------ worker events

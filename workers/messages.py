@@ -38,6 +38,8 @@ class RunJob:
     """The job's checkpoints, shared by its attempts: a new attempt resumes from the newest one."""
     artifact_path: str
     """Where the finished tar archive goes (written atomically)."""
+    time_limit_s: float = 0.0
+    """Running time this attempt may use before max_runtime runs out; 0 means no limit."""
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ def run(
     cancel: threading.Event | None = None,
     on_event: Any = None,
     device: str = "cpu",
+    **job_fields: Any,
 ) -> tuple[JobFinished, list[WorkerEvent]]:
     events: list[WorkerEvent] = []
 
@@ -81,6 +82,7 @@ def run(
         work_dir=str(work),
         checkpoint_dir=str(work / "checkpoints"),
         artifact_path=str(work / "artifact.tar"),
+        **job_fields,
     )
     finished = run_job(job, "worker-0", torch.device(device), send, cancel or threading.Event())
     return finished, events

@@ -9,6 +9,7 @@ torch and CUDA random states, and the trainer's position and bookkeeping (JSON).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -46,9 +47,18 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+DISPLACED = ".old-"
+
+
 def _replace_atomically(temporary: Path, final: Path) -> int:
-    shutil.rmtree(final, ignore_errors=True)
+    """Renames temporary to final. A folder already at final is moved aside first and removed last, so a crash at
+    any point leaves a complete copy that `latest_checkpoint` finds."""
+    displaced = final.with_name(f"{DISPLACED}{final.name}")
+    if final.exists():
+        shutil.rmtree(displaced, ignore_errors=True)
+        final.rename(displaced)
     temporary.rename(final)
+    shutil.rmtree(displaced, ignore_errors=True)
     return sum(f.stat().st_size for f in final.iterdir())
 
 
@@ -59,26 +69,33 @@ def _fresh(path: Path) -> Path:
 
 
 def save_checkpoint(
-    directory: Path, model: nn.Module, training: dict[str, Any], position: dict[str, Any]
+    directory: Path, model: nn.Module, training: dict[str, Any], position: dict[str, Any], keep: int = 1
 ) -> tuple[Path, int]:
-    """Writes `step-NNNNNN/` (weights, training state, position) and keeps only the newest such checkpoint."""
+    """Writes `step-NNNNNN/` (weights, training state, position) and keeps the `keep` newest such checkpoints.
+
+    The temporary folder is private to this process, and pruning keeps the highest steps, so a stale attempt that
+    is still writing cannot remove a newer attempt's checkpoints.
+    """
     step = int(position["step"])
     final = directory / f"step-{step:06d}"
-    temporary = _fresh(directory / f".step-{step:06d}.tmp")
-    save_model(model, str(temporary / WEIGHTS))
-    torch.save({**training, "rng": rng_state()}, temporary / STATE)
-    (temporary / POSITION).write_text(json.dumps(position))
-    size = _replace_atomically(temporary, final)
-    for older in directory.glob("step-*"):
-        if older != final:
-            shutil.rmtree(older, ignore_errors=True)
+    temporary = _fresh(directory / f".step-{step:06d}.{os.getpid()}.tmp")
+    try:
+        save_model(model, str(temporary / WEIGHTS))
+        torch.save({**training, "rng": rng_state()}, temporary / STATE)
+        (temporary / POSITION).write_text(json.dumps(position))
+        size = _replace_atomically(temporary, final)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)  # a failed write (disk full) leaves nothing behind
+    for older in sorted(directory.glob("step-*"), key=lambda p: p.name, reverse=True)[max(1, keep) :]:
+        shutil.rmtree(older, ignore_errors=True)
     return final, size
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint, if any."""
-    complete = [p for p in directory.glob("step-*") if (p / POSITION).exists() and (p / STATE).exists()]
-    return max(complete, key=lambda p: p.name) if complete else None
+    """The newest complete checkpoint, if any (one moved aside by an interrupted replacement counts too)."""
+    candidates = [*directory.glob("step-*"), *directory.glob(f"{DISPLACED}step-*")]
+    complete = [p for p in candidates if (p / POSITION).exists() and (p / STATE).exists()]
+    return max(complete, key=lambda p: (p.name.removeprefix(DISPLACED), not p.name.startswith(DISPLACED)), default=None)
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -91,10 +108,13 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[
 
 def save_best(model: nn.Module, directory: Path, step: int, metric: str, value: float) -> None:
     """Replaces `best/` with the current weights."""
-    temporary = _fresh(directory / ".best.tmp")
-    save_model(model, str(temporary / WEIGHTS))
-    (temporary / POSITION).write_text(json.dumps({"step": step, metric: value}))
-    _replace_atomically(temporary, directory / "best")
+    temporary = _fresh(directory / f".best.{os.getpid()}.tmp")
+    try:
+        save_model(model, str(temporary / WEIGHTS))
+        (temporary / POSITION).write_text(json.dumps({"step": step, metric: value}))
+        _replace_atomically(temporary, directory / "best")
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def restore_best(model: nn.Module, directory: Path) -> int | None:

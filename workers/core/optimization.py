@@ -27,16 +27,18 @@ class StepPlan:
     epochs: int
 
 
-def plan_steps(num_examples: int, hp: Hyperparameters) -> StepPlan:
-    """Optimizer steps per epoch and in total (max_steps caps the total)."""
-    micro = max(1, hp.batch_size // hp.gradient_accumulation_steps)
+def plan_steps(num_examples: int, hp: Hyperparameters, micro_batch_size: int = 0) -> StepPlan:
+    """Optimizer steps per epoch and in total (max_steps caps the total). A `micro_batch_size` (after running out of
+    memory) overrides the spec's split; the accumulation grows so that the effective batch stays batch_size."""
+    micro = micro_batch_size or max(1, hp.batch_size // hp.gradient_accumulation_steps)
+    accumulation = math.ceil(hp.batch_size / micro) if micro_batch_size else hp.gradient_accumulation_steps
     micro_batches = math.ceil(num_examples / micro)
-    steps_per_epoch = math.ceil(micro_batches / hp.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(micro_batches / accumulation)
     total = steps_per_epoch * hp.epochs
     if hp.max_steps:
         total = min(total, hp.max_steps)
     epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else 0
-    return StepPlan(micro, hp.gradient_accumulation_steps, steps_per_epoch, total, epochs)
+    return StepPlan(micro, accumulation, steps_per_epoch, total, epochs)
 
 
 def learning_rate_of(item: TrainableParameter, hp: Hyperparameters) -> float:

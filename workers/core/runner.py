@@ -5,8 +5,12 @@ Every way an attempt can end becomes one JobFinished event: succeeded, cancelled
 
 from __future__ import annotations
 
+import errno
+import gc
+import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +27,9 @@ from workers.core.adaptation import (
 from workers.core.adapters import adapter_for
 from workers.core.artifact import write_artifact
 from workers.core.errors import JobFailure, TrainingCancelled
+from workers.core.faults import check_job_start
 from workers.core.lora import apply_lora
+from workers.core.optimization import plan_steps
 from workers.core.reporting import Reporter
 from workers.core.trainer import Trainer
 from workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
@@ -46,8 +52,10 @@ def run_job(
     def finished(outcome: Outcome, reason: str = "", message: str = "") -> JobFinished:
         return JobFinished(worker, job.job, job.attempt, outcome=outcome, reason=reason, message=message)
 
+    deadline = time.monotonic() + job.time_limit_s if job.time_limit_s > 0 else None
     try:
-        _train_and_save(job, device, reporter)
+        check_job_start(job.training_data.filename)
+        _train_within_memory(job, device, reporter, deadline)
     except TrainingCancelled:
         if pausing.is_set():
             reporter.log("stopped at the server's request; the next attempt resumes here", Severity.WARNING)
@@ -57,16 +65,56 @@ def run_job(
     except JobFailure as failure:
         reporter.log(f"{failure.reason}: {failure.message}", Severity.ERROR)
         return finished(Outcome.FAILED, failure.reason, failure.message)
-    except torch.OutOfMemoryError as exc:
-        return finished(
-            Outcome.FAILED, "OUT_OF_MEMORY", f"out of memory ({exc}); lower batch_size or max_sequence_length"
-        )
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        message = f"the server's disk is full ({exc}); free space on the server or keep fewer checkpoints"
+        reporter.log(message, Severity.ERROR)
+        return finished(Outcome.FAILED, "DISK_FULL", message)
     finally:
         shutil.rmtree(Path(job.work_dir) / "artifact", ignore_errors=True)
     return finished(Outcome.SUCCEEDED)
 
 
-def _train_and_save(job: RunJob, device: torch.device, reporter: Reporter) -> None:
+MEMORY_PLAN = "memory.json"
+
+
+def _train_within_memory(job: RunJob, device: torch.device, reporter: Reporter, deadline: float | None) -> None:
+    """Out of memory: halve the micro-batch and double the accumulation (the effective batch stays), then resume
+    from the newest checkpoint; below a micro-batch of 1 the job fails. The smaller micro-batch is remembered in
+    the job's checkpoint folder, so later attempts keep it."""
+    plan_file = Path(job.checkpoint_dir) / MEMORY_PLAN
+    micro = json.loads(plan_file.read_text())["micro_batch_size"] if plan_file.exists() else 0
+    while True:
+        try:
+            _train_and_save(job, device, reporter, micro, deadline)
+            return
+        except torch.OutOfMemoryError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        gc.collect()  # outside the except block: the traceback's frames held the step's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        current = micro or plan_steps(1, job.spec.hyperparameters).micro_batch_size
+        if current <= 1:
+            raise JobFailure(
+                "OUT_OF_MEMORY",
+                f"out of memory even with a micro-batch of 1 ({message}); use a smaller model, max_sequence_length "
+                "or clip_seconds, or LoRA",
+            )
+        micro = current // 2
+        write_json_atomically(plan_file, {"micro_batch_size": micro})
+        accumulation = plan_steps(1, job.spec.hyperparameters, micro).accumulation
+        reporter.log(
+            f"out of memory with a micro-batch of {current} ({message}): retrying with micro-batches of {micro} "
+            f"and {accumulation} accumulation steps (effective batch {job.spec.hyperparameters.batch_size} "
+            "unchanged), from the newest checkpoint",
+            Severity.WARNING,
+        )
+
+
+def _train_and_save(
+    job: RunJob, device: torch.device, reporter: Reporter, micro_batch_size: int, deadline: float | None
+) -> None:
     spec = job.spec
     work_dir = Path(job.work_dir)
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -87,7 +135,9 @@ def _train_and_save(job: RunJob, device: torch.device, reporter: Reporter) -> No
         summary = summarize(task.model)
     reporter.log(f"adaptation {spec.adaptation.method.value}: {summary.describe()}")
     parameters = plan_parameters(task.model, spec.hyperparameters.layer_decay != 1.0, unfreezer)
-    trainer = Trainer(task, spec, device, reporter, Path(job.checkpoint_dir), parameters, unfreezer)
+    trainer = Trainer(
+        task, spec, device, reporter, Path(job.checkpoint_dir), parameters, unfreezer, micro_batch_size, deadline
+    )
     resumed_from = trainer.resume()
     if resumed_from is not None:
         reporter.log(f"resumed from the checkpoint at step {resumed_from} (attempt {job.attempt})", Severity.WARNING)
@@ -110,3 +160,22 @@ def _train_and_save(job: RunJob, device: torch.device, reporter: Reporter) -> No
     size, sha256 = write_artifact(trainer.model.cpu(), task.processor, spec, metrics, work_dir, Path(job.artifact_path))
     reporter.artifact(size, sha256, saved_metrics)
     reporter.log(f"artifact written: {size} bytes, sha256 {sha256[:12]}")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the chain; libraries that wrap it (safetensors, torch.save) keep only its text."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def write_json_atomically(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value))
+    temporary.replace(path)

@@ -31,9 +31,11 @@ from workers.core.checkpoints import (
 from workers.core.device import autocast, autocast_dtype
 from workers.core.errors import JobFailure
 from workers.core.evaluation import evaluate
+from workers.core.faults import check_micro_batch, corrupt_loss
 from workers.core.optimization import balanced_sampler, build_optimizer, classification_loss, plan_steps
 from workers.core.reporting import Reporter
 from workers.core.schedules import PlateauScale, lr_multiplier
+from workers.messages import Severity
 from workers.spec import ClassBalance, ScheduleKind, TrainingSpec
 
 
@@ -81,11 +83,17 @@ class Trainer:
         checkpoint_dir: Path,
         parameters: list[TrainableParameter],
         unfreezer: GradualUnfreezer | None = None,
+        micro_batch_size: int = 0,
+        deadline: float | None = None,
     ):
+        """`micro_batch_size` overrides the spec's split (after running out of memory); `deadline` (monotonic) is
+        when max_runtime runs out."""
         self.task, self.spec, self.hp, self.device, self.reporter = task, spec, spec.hyperparameters, device, reporter
         self.checkpoint_dir = checkpoint_dir
         self.unfreezer = unfreezer
-        self.plan = plan_steps(len(task.train_set), self.hp)
+        self.plan = plan_steps(len(task.train_set), self.hp, micro_batch_size)
+        self.deadline = deadline
+        self.skipped_non_finite = 0
         self.model = task.model.to(device)
         self.optimizer = build_optimizer(parameters, self.hp, device)
         ev = spec.evaluation
@@ -182,8 +190,10 @@ class Trainer:
             "history": self.result.history,
             "without_improvement": self.evaluations_without_improvement,
             "plateau": [plateau.scale, plateau.best, plateau.bad_evaluations] if plateau else None,
+            "skipped_non_finite": self.skipped_non_finite,
         }
-        path, size = save_checkpoint(self.checkpoint_dir, self.model, training, position)
+        keep = self.spec.evaluation.keep_checkpoints
+        path, size = save_checkpoint(self.checkpoint_dir, self.model, training, position, keep)
         self.reporter.checkpoint(step, size, str(path))
 
     def resume(self) -> int | None:
@@ -203,6 +213,7 @@ class Trainer:
         self.result.best_details = position["best_details"]
         self.result.history = position["history"]
         self.evaluations_without_improvement = position["without_improvement"]
+        self.skipped_non_finite = position.get("skipped_non_finite", 0)
         if self.plateau is not None and position["plateau"] is not None:
             self.plateau.scale, self.plateau.best, self.plateau.bad_evaluations = position["plateau"]
         done = position["epoch_complete"]
@@ -216,17 +227,25 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def _optimizer_step(self, group: list[Batch], window: LogWindow) -> None:
+    def _optimizer_step(self, step: int, group: list[Batch], window: LogWindow) -> None:
         """Forward and backward over one step's micro-batches, then clip, step and advance the schedule."""
+        step_loss = torch.zeros((), device=self.device)
+        samples = 0
         for batch in group:
             batch = _to_device(batch, self.device)
-            samples = batch["labels"].shape[0]
+            check_micro_batch(batch["labels"].shape[0])
+            samples += batch["labels"].shape[0]
             with autocast(self.device, self.dtype):
                 loss = self._loss(batch) / len(group)
             scaled: torch.Tensor = self.scaler.scale(loss) if self.scaler else loss
             scaled.backward()  # type: ignore[no-untyped-call]
-            window.loss_sum += loss.detach()
-            window.samples += samples
+            step_loss += loss.detach()
+        step_loss = corrupt_loss(step + 1, step_loss)
+        if self.hp.max_skipped_non_finite_steps and not torch.isfinite(step_loss).item():  # a sync, only when asked
+            self._skip_non_finite(step, float(step_loss))
+            return
+        window.loss_sum += step_loss
+        window.samples += samples
         window.steps += 1
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -240,8 +259,33 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _skip_non_finite(self, step: int, loss: float) -> None:
+        """Drops the step's gradients (no update; the schedule still advances, so the plan holds)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.skipped_non_finite += 1
+        allowed = self.hp.max_skipped_non_finite_steps
+        if self.skipped_non_finite > allowed:
+            raise JobFailure(
+                "NON_FINITE_LOSS",
+                f"the training loss was {loss} at step {step + 1}, after {allowed} skipped steps; lower the learning "
+                "rate or enable clipping",
+            )
+        self.reporter.log(
+            f"step {step + 1}: the loss was {loss}; skipped without an update ({self.skipped_non_finite} of {allowed})",
+            Severity.WARNING,
+        )
+
     def _stop_if_asked(self, step: int, epoch: int, in_epoch: int) -> None:
-        """Between optimizer steps: a cancel stops at once; a pause or shutdown first saves a checkpoint."""
+        """Between optimizer steps: a cancel stops at once; a pause or shutdown first saves a checkpoint; so does
+        running out of max_runtime, which then fails the job."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            if step > 0:
+                self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
+            raise JobFailure(
+                "DEADLINE_EXCEEDED",
+                f"max_runtime ran out at step {step} of {self.plan.total_steps}; a checkpoint was saved",
+            )
         if not self.reporter.stop_requested:
             return
         if self.reporter.checkpoint_flag.is_set() and step > 0:
@@ -259,6 +303,8 @@ class Trainer:
 
     def _report(self, step: int, epoch: int, window: LogWindow) -> None:
         """Training metrics for the steps since the last report (the only host sync in the loop)."""
+        if not window.steps:  # every step since the last report was skipped
+            return
         mean_loss = (window.loss_sum / window.steps).item()
         if not math.isfinite(mean_loss):
             raise JobFailure(
@@ -315,7 +361,7 @@ class Trainer:
                 group = [b for _, b in zip(range(plan.accumulation), micro_batches, strict=False)]
                 if not group:
                     break  # epoch done
-                self._optimizer_step(group, window)
+                self._optimizer_step(step, group, window)
                 step, in_epoch = step + 1, in_epoch + 1
                 self.result.steps = step
                 # --- report, evaluate, checkpoint on their cadences

@@ -1,0 +1,56 @@
+"""Fault injection for tests: makes a worker run out of memory or die where nothing real would.
+
+Read once per process from the `TUNEFORGE_TEST_FAULTS` environment variable (JSON). Unset in production, where every
+check here is a cheap no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+ENVIRONMENT_VARIABLE = "TUNEFORGE_TEST_FAULTS"
+POISON_EXIT_CODE = 70
+
+
+@dataclass(frozen=True)
+class InjectedFaults:
+    """What to break."""
+
+    oom_above_micro_batch: int = -1
+    """Raise out-of-memory for every micro-batch larger than this (0: always; -1: never)."""
+    non_finite_loss_at_steps: tuple[int, ...] = ()
+    """Optimizer steps (from 1) whose loss is made NaN."""
+    exit_when_training_file: str = ""
+    """Kill the worker process when it starts a job whose training file has this name (a poison job)."""
+
+
+@functools.cache
+def injected_faults() -> InjectedFaults:
+    text = os.environ.get(ENVIRONMENT_VARIABLE, "")
+    if not text:
+        return InjectedFaults()
+    values = json.loads(text)
+    values["non_finite_loss_at_steps"] = tuple(values.get("non_finite_loss_at_steps", ()))
+    return InjectedFaults(**values)
+
+
+def check_micro_batch(samples: int) -> None:
+    limit = injected_faults().oom_above_micro_batch
+    if limit >= 0 and samples > limit:
+        raise torch.OutOfMemoryError(f"injected: a micro-batch of {samples} does not fit (limit {limit})")
+
+
+def corrupt_loss(step: int, loss: torch.Tensor) -> torch.Tensor:
+    """The loss of optimizer step `step` (from 1), made NaN if the test asked for it."""
+    return loss * float("nan") if step in injected_faults().non_finite_loss_at_steps else loss
+
+
+def check_job_start(training_filename: str) -> None:
+    poison = injected_faults().exit_when_training_file
+    if poison and training_filename == poison:
+        os._exit(POISON_EXIT_CODE)
