@@ -48,7 +48,7 @@ _RETRY_CONFIG = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class TuneforgeError(Exception):
     """A failed call, with the server's reason and the bad fields when it named them."""
 

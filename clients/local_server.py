@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +65,9 @@ def start_local_server(
     extra_args: Sequence[str] = (),
     port: int = 0,
     timeout_s: float = 60.0,
+    env: Mapping[str, str] | None = None,
 ) -> LocalServer:
-    """Starts the server on 127.0.0.1 (port 0: a free one) and returns once it listens."""
+    """Starts the server on 127.0.0.1 (port 0: a free one) and returns once it listens. `env` adds variables."""
     command = [
         sys.executable,
         "-m",
@@ -83,8 +84,8 @@ def start_local_server(
     ]
     for root in model_roots:
         command += ["--model-root", str(root)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
     try:
         target = _read_ready_line(process, timeout_s)
     except BaseException:

@@ -8,6 +8,7 @@ report from an attempt that no longer holds its job is ignored.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -231,7 +232,14 @@ class Scheduler:
             time_limit_s = spec.max_runtime_s - record.run_seconds
             if time_limit_s <= 0 and not problem:
                 reason, problem = "DEADLINE_EXCEEDED", f"max_runtime of {spec.max_runtime_s:g} s is used up"
-        if problem or spec is None:
+        folders: tuple[Path, Path] | None = None
+        if not problem and spec is not None:
+            try:
+                folders = await asyncio.to_thread(self._make_folders, record)
+            except OSError as exc:  # a full disk must fail the job, not the scheduler
+                reason = "DISK_FULL" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "INTERNAL"
+                problem = f"could not create the job's folders on the server: {exc}"
+        if problem or spec is None or folders is None:
             await self._apply(
                 record.id,
                 lambda r: (
@@ -240,6 +248,7 @@ class Scheduler:
                     else None
                 ),
             )
+            await self._prune_if_ended(record.id)
             return None
         return RunJob(
             job=record.id,
@@ -247,11 +256,14 @@ class Scheduler:
             spec=spec,
             training_data=files[spec.data.training_file],
             validation_data=files.get(spec.data.validation_file or ""),
-            work_dir=str(self._storage.work_dir(record.id, record.attempt)),
-            checkpoint_dir=str(self._storage.checkpoint_dir(record.id)),
+            work_dir=str(folders[0]),
+            checkpoint_dir=str(folders[1]),
             artifact_path=str(self._storage.artifact_path(record.id)),
             time_limit_s=time_limit_s,
         )
+
+    def _make_folders(self, record: JobRecord) -> tuple[Path, Path]:
+        return self._storage.work_dir(record.id, record.attempt), self._storage.checkpoint_dir(record.id)
 
     # ------------------------------------------------------------ worker events
 

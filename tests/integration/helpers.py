@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 from pathlib import Path
 
 from tuneforge.v1 import job_spec_pb2 as pb
@@ -45,3 +47,40 @@ def wait_for_end(client: TuneforgeClient, name: str, timeout_s: float = 120) -> 
     for _ in client.watch(name, timeout_s=timeout_s):
         pass
     return client.get_job(name)
+
+
+def worker_pids(server_pid: int) -> dict[str, int]:
+    """The server's worker processes by worker name (each names itself `tf-worker-N` in /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and comm.startswith("tf-worker-"):
+            found[comm.removeprefix("tf-")] = int(entry.name)
+    return found
+
+
+def wait_for_exit(pid: int, timeout_s: float) -> bool:
+    """Waits (on a pidfd, no polling) until the process is gone; False if it outlived timeout_s."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout_s)
+        return bool(readable)
+    finally:
+        os.close(fd)
+
+
+def state_changes(events: list[jobs_pb2.JobEvent]) -> list[int]:
+    return [e.state_change.to_state for e in events if e.WhichOneof("payload") == "state_change"]
+
+
+def log_lines(events: list[jobs_pb2.JobEvent]) -> list[str]:
+    return [e.log.message for e in events if e.WhichOneof("payload") == "log"]

@@ -165,7 +165,7 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint(
             events = client.list_job_events(job.name)
             assert [e.sequence for e in events] == list(range(1, len(events) + 1))
             notes = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
-            assert any("queued again to resume from the newest checkpoint (restart 1 of 3)" in n for n in notes)
+            assert any("queued again to resume from the newest checkpoint in 5 s (restart 1 of 3)" in n for n in notes)
             resumed = [n for n in notes if n.startswith("resumed from the checkpoint at step")]
             assert resumed and int(resumed[0].split("step ")[1].split(" ")[0]) >= saved.checkpoint_saved.step
             second = [

@@ -25,6 +25,8 @@ class InjectedFaults:
     """Raise out-of-memory for every micro-batch larger than this (0: always; -1: never)."""
     non_finite_loss_at_steps: tuple[int, ...] = ()
     """Optimizer steps (from 1) whose loss is made NaN."""
+    non_finite_only_for_training_file: str = ""
+    """If set, only jobs whose training file has this name get the NaN losses."""
     exit_when_training_file: str = ""
     """Kill the worker process when it starts a job whose training file has this name (a poison job)."""
 
@@ -45,12 +47,22 @@ def check_micro_batch(samples: int) -> None:
         raise torch.OutOfMemoryError(f"injected: a micro-batch of {samples} does not fit (limit {limit})")
 
 
+_current_training_file = ""
+
+
 def corrupt_loss(step: int, loss: torch.Tensor) -> torch.Tensor:
     """The loss of optimizer step `step` (from 1), made NaN if the test asked for it."""
-    return loss * float("nan") if step in injected_faults().non_finite_loss_at_steps else loss
+    faults = injected_faults()
+    only = faults.non_finite_only_for_training_file
+    if step in faults.non_finite_loss_at_steps and (not only or only == _current_training_file):
+        return loss * float("nan")
+    return loss
 
 
 def check_job_start(training_filename: str) -> None:
+    """A job starts on this worker: a poison job kills the process here."""
+    global _current_training_file
+    _current_training_file = training_filename
     poison = injected_faults().exit_when_training_file
     if poison and training_filename == poison:
         os._exit(POISON_EXIT_CODE)
