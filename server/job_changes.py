@@ -93,7 +93,15 @@ def finish(record: JobRecord, succeeded: bool, reason: str, message: str) -> Job
         return transition(record, JobState.CANCELLED)
     if succeeded:
         return transition(record, JobState.SUCCEEDED)
-    return transition(record, JobState.FAILED, error_reason=reason, error_message=message)
+    return transition(
+        record,
+        JobState.FAILED,
+        error_reason=reason,
+        error_message=message,
+        artifact_size=0,
+        artifact_sha256="",
+        artifact_metrics={},
+    )
 
 
 MAX_BACKOFF_S = 300.0

@@ -258,7 +258,7 @@ class Scheduler:
             validation_data=files.get(spec.data.validation_file or ""),
             work_dir=str(folders[0]),
             checkpoint_dir=str(folders[1]),
-            artifact_path=str(self._storage.artifact_path(record.id)),
+            artifact_path=str(self._storage.attempt_artifact_path(record.id, record.attempt)),
             time_limit_s=time_limit_s,
         )
 
@@ -311,12 +311,19 @@ class Scheduler:
             await self.dispatch()  # a requeued job can go to an idle worker at once
 
     async def _job_finished(self, event: JobFinished) -> None:
-        succeeded = event.outcome is Outcome.SUCCEEDED
+        succeeded, reason, message = event.outcome is Outcome.SUCCEEDED, event.reason, event.message
+        if succeeded:
+            record = await self._db.call(self._store.get_job, event.job)
+            if record is not None and held_by(record, event.worker, event.attempt):
+                try:  # only the holding attempt's artifact becomes the job's; a stale one is dropped with its dir
+                    await asyncio.to_thread(self._storage.promote_artifact, event.job, event.attempt)
+                except OSError as exc:
+                    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    succeeded, reason = False, "DISK_FULL" if full else "INTERNAL"
+                    message = f"could not store the artifact on the server: {exc}"
         await asyncio.to_thread(self._storage.delete_work_dir, event.job, event.attempt)  # the attempt is over
         change: ChangeFn = (
-            paused
-            if event.outcome is Outcome.PAUSED
-            else lambda r: finish_change(r, succeeded, event.reason, event.message)
+            paused if event.outcome is Outcome.PAUSED else lambda r: finish_change(r, succeeded, reason, message)
         )
         await self._apply_fenced(event.job, event.worker, event.attempt, change)
         await self._prune_if_ended(event.job)

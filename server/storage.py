@@ -1,10 +1,12 @@
 """Bytes on disk under the data dir: uploaded files, job work dirs and artifacts, always written atomically.
 
-Layout: `files/{id}`, `uploads/` (in-flight uploads, wiped at start), `work/{job}/attempt-{n}/`, `artifacts/{job}.tar`.
+Layout: `files/{id}`, `uploads/` (in-flight uploads, wiped at start), `work/{job}/attempt-{n}/` (an attempt's scratch
+space and artifact), `work/{job}/checkpoints/`, `artifacts/{job}.tar` (promoted from the attempt that succeeded).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -93,6 +95,29 @@ class LocalStorage:
 
     def artifact_path(self, job_id: str) -> Path:
         return self.root / "artifacts" / f"{job_id}.tar"
+
+    def attempt_artifact_path(self, job_id: str, attempt: int) -> Path:
+        """Where an attempt writes its artifact; it becomes the job's only if that attempt still holds the job."""
+        return self.root / "work" / job_id / f"attempt-{attempt}" / "artifact.tar"
+
+    def promote_artifact(self, job_id: str, attempt: int) -> None:
+        """Moves the attempt's artifact into place atomically (copying first if work/ is another filesystem)."""
+        source, final = self.attempt_artifact_path(job_id, attempt), self.artifact_path(job_id)
+        try:
+            os.replace(source, final)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            staging = final.with_name(f".{final.name}.tmp")
+            try:
+                with open(source, "rb") as reader, open(staging, "wb") as writer:
+                    shutil.copyfileobj(reader, writer, CHUNK_BYTES)
+                    writer.flush()
+                    os.fsync(writer.fileno())
+                os.replace(staging, final)
+            finally:
+                staging.unlink(missing_ok=True)
+        fsync_directory(final.parent)
 
     def checkpoint_dir(self, job_id: str) -> Path:
         """The job's checkpoints, kept across attempts so that a new attempt resumes."""
