@@ -1,20 +1,25 @@
 """Chaos: SIGKILL random workers and, separately, the server, while several jobs train. At the end every job
-SUCCEEDED, no attempt reported while another held the job, event sequences have no gaps or repeats, no file or
-artifact was lost or changed, a half-sent upload left nothing behind, and the store passes its integrity check."""
+SUCCEEDED with the same weights and metrics as the same spec run without interruption, no attempt reported while
+another held the job, event sequences have no gaps or repeats, no file or artifact was lost or changed, a half-sent
+upload left nothing behind, and the store passes its integrity check."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
 import sqlite3
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+import torch
+from safetensors.torch import load
 from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2
 
 from clients.client import TuneforgeClient
@@ -67,6 +72,23 @@ def start_half_upload(target: str) -> tuple[threading.Event, threading.Thread]:
     return release, thread
 
 
+def assert_same_model(resumed: Path, uninterrupted: Path, scratch: Path) -> None:
+    contents = []
+    for archive in (resumed, uninterrupted):
+        with tarfile.open(archive) as tar:
+            weights = tar.extractfile("model.safetensors")
+            metrics = tar.extractfile("metrics.json")
+            assert weights is not None and metrics is not None
+            contents.append((load(weights.read()), json.loads(metrics.read())))
+    (weights_a, metrics_a), (weights_b, metrics_b) = contents
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.allclose(weights_a[name], weights_b[name], atol=1e-6), name
+    assert [row["eval_loss"] for row in metrics_a["history"]] == pytest.approx(
+        [row["eval_loss"] for row in metrics_b["history"]]
+    )
+
+
 def wait_for_progress(client: TuneforgeClient, job: jobs_pb2.Job) -> bool:
     """True once the job reports new training progress; False if it ended first."""
     for event in client.watch(job.name, after_sequence=job.last_event_sequence, timeout_s=120):
@@ -102,13 +124,14 @@ def test_random_kills_of_workers_and_the_server_lose_nothing(
     try:
         client.wait_until_serving(120)
         uploaded = client.upload_file(keyword_dataset)
-        jobs = []
+        specs = []
         for index in range(4):
             spec = text_spec(tiny_bert, uploaded.name, epochs=5)
             spec.hyperparameters.seed = index
             spec.evaluation.checkpoint_every_steps = 4
             spec.evaluation.log_every_steps = 2
-            jobs.append(client.create_job(spec, display_name=f"chaos-{index}"))
+            specs.append(spec)
+        jobs = [client.create_job(spec, display_name=f"chaos-{i}") for i, spec in enumerate(specs)]
 
         kills = 0
         for round_number in range(ROUNDS):
@@ -143,6 +166,13 @@ def test_random_kills_of_workers_and_the_server_lose_nothing(
             check_history(final, client.list_job_events(final.name))
             artifact = client.download_artifact(final.name, tmp_path / f"{final.name.split('/')[1]}.tar")
             assert artifact.sha256 == final.artifact.sha256
+
+        # The same specs without interruption: the killed and resumed runs ended with the same weights and metrics.
+        references = [client.create_job(spec) for spec in specs]
+        for final, reference in zip(finals, references, strict=True):
+            assert wait_for_end(client, reference.name, timeout_s=300).state == STATE.SUCCEEDED
+            client.download_artifact(reference.name, tmp_path / "reference.tar")
+            assert_same_model(tmp_path / f"{final.name.split('/')[1]}.tar", tmp_path / "reference.tar", tmp_path)
         assert [f.name for f in client.list_files()] == [uploaded.name], "the half upload left no file"
         stored = (data_dir / "files" / uploaded.name.split("/")[1]).read_bytes()
         assert hashlib.sha256(stored).hexdigest() == uploaded.sha256
