@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from clients.client import TuneforgeClient
 from clients.local_server import LocalServer
+from tests.integration.helpers import STATE, long_spec, wait_for_end, watch_until
 from tests.tiny import keyword_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -117,3 +119,20 @@ def test_create_from_a_spec_file(server: LocalServer, tiny_bert: Path, keyword_d
     job = json.loads(tuneforge(server, "--json", "get", created.stdout.strip().splitlines()[0]).stdout)
     assert job["spec"]["data"]["trainingFile"] == file_name
     assert job["spec"]["evaluation"]["bestMetric"] == "eval_accuracy"
+
+
+def test_pause_resume_and_cancel_from_the_command_line(
+    server: LocalServer, tiny_bert: Path, keyword_dataset: Path
+) -> None:
+    with TuneforgeClient(server.target) as client:
+        job = client.create_job(long_spec(tiny_bert, client.upload_file(keyword_dataset).name))
+        watch_until(client, job.name, "training_metrics")
+        assert tuneforge(server, "pause", job.name).stdout.split() == [job.name, "PAUSING"]
+        for event in client.watch(job.name, timeout_s=60):
+            if event.state_change.to_state == STATE.PAUSED:
+                break
+        refused = tuneforge(server, "pause", job.name, check=False)
+        assert refused.returncode != 0 and "FAILED_PRECONDITION" in refused.stderr + refused.stdout
+        assert tuneforge(server, "resume", job.name).stdout.split() == [job.name, "QUEUED"]
+        assert json.loads(tuneforge(server, "--json", "cancel", job.name).stdout)["name"] == job.name
+        assert wait_for_end(client, job.name).state == STATE.CANCELLED
