@@ -18,12 +18,21 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from tuneforge.v1 import files_pb2, files_pb2_grpc, job_spec_pb2, jobs_pb2, jobs_pb2_grpc
+from tuneforge.v1 import (
+    files_pb2,
+    files_pb2_grpc,
+    job_spec_pb2,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    sweeps_pb2,
+    sweeps_pb2_grpc,
+)
 
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 4 << 20
 TERMINAL_STATES = frozenset({jobs_pb2.Job.SUCCEEDED, jobs_pb2.Job.FAILED, jobs_pb2.Job.CANCELLED})
 T = TypeVar("T")
+Event = TypeVar("Event", jobs_pb2.JobEvent, sweeps_pb2.SweepEvent)
 
 # Idempotent calls retry on UNAVAILABLE (CreateJob too: this client always sends a request_id).
 _RETRY_CONFIG = {
@@ -35,6 +44,9 @@ _RETRY_CONFIG = {
             + [
                 {"service": "tuneforge.v1.JobService", "method": m}
                 for m in ("GetJob", "ListJobs", "ListJobEvents", "DownloadArtifact", "CreateJob")
+            ]
+            + [
+                {"service": "tuneforge.v1.SweepService", "method": m} for m in ("GetSweep", "ListSweeps", "CreateSweep")
             ],
             "retryPolicy": {
                 "maxAttempts": 5,
@@ -118,6 +130,7 @@ class TuneforgeClient:
         )
         self.files = files_pb2_grpc.FileServiceStub(self._channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self.sweeps = sweeps_pb2_grpc.SweepServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:
@@ -258,14 +271,30 @@ class TuneforgeClient:
         """Every event after after_sequence until the job ends. A dropped stream is resumed from the last
         sequence seen (for up to reconnect_for_s without progress), so nothing is lost or repeated.
         timeout_s bounds the whole watch (DEADLINE_EXCEEDED past it); None waits as long as the job runs."""
+        return self._follow(
+            lambda last, remaining: self.jobs.WatchJob(
+                jobs_pb2.WatchJobRequest(name=name, after_sequence=last), timeout=remaining
+            ),
+            after_sequence,
+            reconnect_for_s,
+            timeout_s,
+        )
+
+    def _follow(
+        self,
+        open_stream: Callable[[int, float | None], Iterator[Event]],
+        after_sequence: int,
+        reconnect_for_s: float,
+        timeout_s: float | None,
+    ) -> Iterator[Event]:
+        """A resumable event stream: reopened from the last sequence seen after UNAVAILABLE."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last = after_sequence
         down_since: float | None = None
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                request = jobs_pb2.WatchJobRequest(name=name, after_sequence=last)
-                for event in self.jobs.WatchJob(request, timeout=remaining):
+                for event in open_stream(last, remaining):
                     down_since = None
                     last = event.sequence
                     yield event
@@ -280,6 +309,52 @@ class TuneforgeClient:
                 grpc.channel_ready_future(self._channel).result(timeout=reconnect_for_s)
             except grpc.FutureTimeoutError:
                 raise TuneforgeError(grpc.StatusCode.UNAVAILABLE, f"{self.target} did not come back") from None
+
+    # ------------------------------------------------------------ sweeps
+
+    @_calls
+    def create_sweep(
+        self, spec: sweeps_pb2.SweepSpec, display_name: str = "", request_id: str | None = None
+    ) -> sweeps_pb2.Sweep:
+        """Creates a sweep; safe to retry with the same request_id (one sweep results)."""
+        request = sweeps_pb2.CreateSweepRequest(
+            sweep=sweeps_pb2.Sweep(display_name=display_name, spec=spec), request_id=request_id or str(uuid.uuid4())
+        )
+        sweep: sweeps_pb2.Sweep = self.sweeps.CreateSweep(request, timeout=self.timeout_s)
+        return sweep
+
+    @_calls
+    def get_sweep(self, name: str) -> sweeps_pb2.Sweep:
+        sweep: sweeps_pb2.Sweep = self.sweeps.GetSweep(sweeps_pb2.GetSweepRequest(name=name), timeout=self.timeout_s)
+        return sweep
+
+    @_calls
+    def list_sweeps(self, page_size: int = 100) -> list[sweeps_pb2.Sweep]:
+        return self._all_pages(
+            lambda token: self.sweeps.ListSweeps(
+                sweeps_pb2.ListSweepsRequest(page_size=page_size, page_token=token), timeout=self.timeout_s
+            ),
+            "sweeps",
+        )
+
+    @_calls
+    def cancel_sweep(self, name: str) -> sweeps_pb2.Sweep:
+        request = sweeps_pb2.CancelSweepRequest(name=name)
+        sweep: sweeps_pb2.Sweep = self.sweeps.CancelSweep(request, timeout=self.timeout_s)
+        return sweep
+
+    def watch_sweep(
+        self, name: str, after_sequence: int = 0, reconnect_for_s: float = 60.0, timeout_s: float | None = None
+    ) -> Iterator[sweeps_pb2.SweepEvent]:
+        """Every sweep event after after_sequence until the sweep ends; resumes like `watch`."""
+        return self._follow(
+            lambda last, remaining: self.sweeps.WatchSweep(
+                sweeps_pb2.WatchSweepRequest(name=name, after_sequence=last), timeout=remaining
+            ),
+            after_sequence,
+            reconnect_for_s,
+            timeout_s,
+        )
 
     @_calls
     def download_artifact(self, name: str, destination: Path) -> jobs_pb2.Artifact:

@@ -1,4 +1,4 @@
-"""Builds and runs the gRPC server: store, storage, pool and scheduler, the two services, health and reflection.
+"""Builds and runs the gRPC server: store, storage, pool, scheduler and sweeps, the services, health and reflection.
 
 Start-up: the store opens (and recovers), half-written uploads are discarded, the workers spawn; health turns
 SERVING once every worker reported ready. SIGTERM: health goes NOT_SERVING, in-flight calls get `grace_s` to finish,
@@ -15,22 +15,26 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc, sweeps_pb2, sweeps_pb2_grpc
 
 from server.db import StoreRunner
 from server.event_hub import EventHub
+from server.job_factory import JobFactory
 from server.scheduler import Scheduler, SchedulerPolicy
 from server.servicers.files import FileServicer
 from server.servicers.jobs import JobServicer
+from server.servicers.sweeps import SweepServicer
 from server.settings import ServerSettings
 from server.storage import LocalStorage
 from server.store.sqlite import SqliteJobStore
+from server.sweeps import SweepController
 from workers.pool import LocalProcessPool, WorkerPool, WorkerSettings
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     files_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    sweeps_pb2.DESCRIPTOR.services_by_name["SweepService"].full_name,
 )
 
 
@@ -41,6 +45,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     scheduler: Scheduler
+    sweeps: SweepController
     health: health.aio.HealthServicer
     store: SqliteJobStore
     db: StoreRunner
@@ -55,6 +60,7 @@ class RunningServer:
         await asyncio.sleep(0)  # let stop() begin refusing new calls before the watchers are told to leave
         self.hub.close()  # watch streams end at once with UNAVAILABLE; clients resume after the restart
         await stopping
+        await self.sweeps.stop()
         await self.scheduler.stop(self.settings.worker_stop_s)
         self.db.close()
         self.store.close()
@@ -101,7 +107,10 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     files_pb2_grpc.add_FileServiceServicer_to_server(
         FileServicer(store, db, storage, settings.max_upload_bytes), server
     )
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(store, db, storage, scheduler, hub, roots), server)
+    jobs = JobFactory(store, db, hub, scheduler)
+    sweeps = SweepController(store, db, scheduler, jobs, hub, roots)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(store, db, storage, scheduler, hub, roots, jobs), server)
+    sweeps_pb2_grpc.add_SweepServiceServicer_to_server(SweepServicer(store, db, hub, sweeps), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -112,12 +121,13 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     await scheduler.start()
+    await sweeps.start()
     readiness = asyncio.create_task(_serve_when_ready(scheduler, health_servicer), name="health-ready")
     if settings.port_file is not None:
         settings.port_file.write_text(str(port))
     print(f"tuneforge listening on {settings.host}:{port}", flush=True)  # read by scripts and tests
     log.info("tuneforge listening on %s:%d with %d workers", settings.host, port, settings.workers)
-    return RunningServer(server, port, scheduler, health_servicer, store, db, settings, readiness, hub)
+    return RunningServer(server, port, scheduler, sweeps, health_servicer, store, db, settings, readiness, hub)
 
 
 async def _serve_when_ready(scheduler: Scheduler, health_servicer: health.aio.HealthServicer) -> None:

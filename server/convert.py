@@ -64,6 +64,8 @@ def job_to_proto(record: JobRecord) -> jobs_pb2.Job:
         last_event_sequence=record.last_event_sequence,
         worker=record.worker or "",
         restart_count=record.restarts,
+        sweep=f"sweeps/{record.sweep_id}" if record.sweep_id else "",
+        trial_number=record.trial_number,
     )
     job.run_duration.FromNanoseconds(int(record.run_seconds * 1e9))
     job.spec.ParseFromString(record.spec)

@@ -53,6 +53,9 @@ class JobRecord:
     """A requeued job is not claimed before this time (restart back-off, so a poison job cannot hog the pool)."""
     run_seconds: float = 0.0
     """Time spent in ended attempts (max_runtime counts all of them)."""
+    sweep_id: str = ""
+    """The sweep that created this job as a trial; empty otherwise."""
+    trial_number: int = 0
     last_event_sequence: int = 0
     order: int = 0
     """Insertion order (newest-first listing and FIFO within a priority)."""

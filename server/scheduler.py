@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -49,6 +50,9 @@ from workers.messages import (
 from workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
+
+
+JobListener = Callable[[JobRecord, list[EventRecord]], None]
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,13 @@ class Scheduler:
         self._maintainer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._stopping = False
+        self._listeners: list[JobListener] = []
         self.all_ready = asyncio.Event()
+
+    def add_listener(self, listener: JobListener) -> None:
+        """listener(record, events) runs on the loop after every job change the scheduler applies; it must not
+        block (queue the work)."""
+        self._listeners.append(listener)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -396,6 +406,9 @@ class Scheduler:
             return None
         record, events = result
         self._publish(job_id, events)
+        if events:
+            for listener in self._listeners:
+                listener(record, events)
         return record
 
     async def _apply_fenced(self, job_id: str, worker: str, attempt: int, change: ChangeFn) -> None:

@@ -4,34 +4,31 @@ download."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import empty_pb2
-from tuneforge.v1 import jobs_pb2, jobs_pb2_grpc
+from tuneforge.v1 import job_spec_pb2, jobs_pb2, jobs_pb2_grpc
 
 from server import convert
 from server.db import StoreRunner
 from server.errors import ApiError, FieldViolation, failed_precondition, invalid_argument, not_found
 from server.event_hub import EventHub
+from server.job_factory import JobFactory
 from server.job_states import TERMINAL, JobState
-from server.names import new_id, parse_name
+from server.names import parse_name
 from server.pagination import make_token, parse_page
 from server.records import JobRecord
 from server.scheduler import Scheduler
 from server.servicers.errors import streaming, unary
+from server.servicers.streams import follow_events
 from server.spec_validation import validate_spec
 from server.storage import LocalStorage
 from server.store.base import JobStore
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs)
-WATCH_BATCH = 500
-WATCH_RECHECK_S = 30.0
-"""A woken watcher reads the store; this only bounds how long a missed wake-up could delay it."""
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -45,7 +42,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         scheduler: Scheduler,
         hub: EventHub,
         model_roots: list[Path],
+        jobs: JobFactory,
     ):
+        self._jobs = jobs
         self._store = store
         self._db = db
         self._storage = storage
@@ -56,13 +55,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @unary
     async def CreateJob(self, request: jobs_pb2.CreateJobRequest, context: Context) -> jobs_pb2.Job:
         if request.request_id:
-            _check_request_id(request.request_id)
+            check_request_id(request.request_id)
         job = request.job
         result = validate_spec(job.spec, self._model_roots) if job.HasField("spec") else None
         violations = result.violations if result else [FieldViolation("job.spec", "required")]
         if len(job.display_name) > 200:
             violations.append(FieldViolation("job.display_name", "at most 200 characters"))
-        violations += await self._missing_files(job)
+        violations += await missing_files(self._store, self._db, job.spec, "job.spec")
         if violations:
             raise invalid_argument(violations)
         assert result is not None
@@ -75,35 +74,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 {"fields": ",".join(v.field for v in result.unimplemented)},
                 result.unimplemented,
             )
-        now = time.time()
-        record = JobRecord(
-            id=new_id("ft"),
-            display_name=job.display_name,
-            spec=job.spec.SerializeToString(),
-            priority=job.spec.priority,
-            state=JobState.QUEUED,
-            create_time=now,
-            update_time=now,
-        )
-        first = convert.created_event(record)
-        stored, created = await self._db.call(self._store.create_job, record, [first], request.request_id or None)
-        if created:
-            self._hub.notify(stored.id)
-            self._scheduler.wake()
+        stored = await self._jobs.create(job.spec, job.display_name, request.request_id or None)
         return convert.job_to_proto(stored)
-
-    async def _missing_files(self, job: jobs_pb2.Job) -> list[FieldViolation]:
-        problems = []
-        for path, name in (
-            ("data.training_file", job.spec.data.training_file),
-            ("data.validation_file", job.spec.data.validation_file),
-        ):
-            if not name.startswith("files/"):
-                continue
-            record = await self._db.call(self._store.get_file, name.removeprefix("files/"))
-            if record is None:
-                problems.append(FieldViolation(f"job.spec.{path}", f"{name} does not exist"))
-        return problems
 
     @unary
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:
@@ -161,27 +133,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         record = await self._get(request.name)
         if request.after_sequence < 0:
             raise invalid_argument([FieldViolation("after_sequence", "must not be negative")])
-        last = request.after_sequence
-        with self._hub.subscribe(record.id) as woken:
-            while True:
-                woken.clear()  # before reading: a notification during the read wakes the next wait
-                events = await self._db.call(self._store.list_events, record.id, last, WATCH_BATCH)
-                for event in events:
-                    yield convert.event_to_proto(event)
-                    last = event.sequence
-                if events:
-                    continue
-                if self._hub.closing:
-                    raise ApiError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "SERVER_SHUTTING_DOWN",
-                        "the server is restarting; watch again from the last sequence you saw",
-                    )
-                current = await self._db.call(self._store.get_job, record.id)
-                if current is None or (current.state in TERMINAL and current.last_event_sequence <= last):
-                    return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), WATCH_RECHECK_S)
+
+        async def finished(last: int) -> bool:
+            current = await self._db.call(self._store.get_job, record.id)
+            return current is None or (current.state in TERMINAL and current.last_event_sequence <= last)
+
+        async for event in follow_events(self._store, self._db, self._hub, record.id, request.after_sequence, finished):
+            yield convert.event_to_proto(event)
 
     @unary
     async def ListJobEvents(
@@ -220,6 +178,23 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return record
 
 
-def _check_request_id(request_id: str) -> None:
+async def missing_files(
+    store: JobStore, db: StoreRunner, spec: job_spec_pb2.JobSpec, prefix: str
+) -> list[FieldViolation]:
+    """The spec's data files that do not exist, as field violations under prefix."""
+    problems = []
+    for path, name in (
+        ("data.training_file", spec.data.training_file),
+        ("data.validation_file", spec.data.validation_file),
+    ):
+        if not name.startswith("files/"):
+            continue
+        record = await db.call(store.get_file, name.removeprefix("files/"))
+        if record is None:
+            problems.append(FieldViolation(f"{prefix}.{path}", f"{name} does not exist"))
+    return problems
+
+
+def check_request_id(request_id: str) -> None:
     if not 1 <= len(request_id) <= 64 or not all(c.isalnum() or c in "-_" for c in request_id):
         raise invalid_argument([FieldViolation("request_id", "must be a UUID (at most 64 of [A-Za-z0-9_-])")])

@@ -11,9 +11,12 @@ from typing import Protocol
 
 from server.job_states import JobState
 from server.records import EventRecord, FileRecord, JobChange, JobRecord, NewEvent
+from server.sweep_records import SweepRecord, SweepState
 
 ChangeFn = Callable[[JobRecord], JobChange | None]
 """Returns the changed job with its events, or None to leave it as it is."""
+SweepChangeFn = Callable[[SweepRecord], tuple[SweepRecord, list[NewEvent]] | None]
+"""The same for a sweep."""
 
 
 class JobStore(Protocol):
@@ -54,6 +57,21 @@ class JobStore(Protocol):
 
     def delete_job(self, job_id: str) -> bool: ...
 
-    def list_events(self, job_id: str, after_sequence: int, limit: int) -> list[EventRecord]: ...
+    def create_sweep(
+        self, record: SweepRecord, events: Sequence[NewEvent], request_id: str | None
+    ) -> tuple[SweepRecord, bool]:
+        """Inserts a sweep with its first events; with a used request_id returns (first sweep, False)."""
+
+    def get_sweep(self, sweep_id: str) -> SweepRecord | None: ...
+
+    def list_sweeps(self, limit: int, before_order: int | None) -> tuple[list[SweepRecord], int | None]: ...
+
+    def sweeps_in_states(self, states: Sequence[SweepState]) -> list[SweepRecord]: ...
+
+    def update_sweep(self, sweep_id: str, change: SweepChangeFn) -> tuple[SweepRecord, list[EventRecord]] | None:
+        """Applies change atomically; None when the sweep does not exist."""
+
+    def list_events(self, job_id: str, after_sequence: int, limit: int) -> list[EventRecord]:
+        """A job's or a sweep's events (ids never collide: `ft-...`, `sw-...`)."""
 
     def close(self) -> None: ...

@@ -10,11 +10,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from server.job_states import JobState
 from server.records import EventRecord, FileRecord, JobRecord, NewEvent
-from server.store.base import ChangeFn
+from server.store.base import ChangeFn, SweepChangeFn
+from server.sweep_records import SweepRecord, SweepState, TrialRecord, TrialState
+
+Sequenced = TypeVar("Sequenced", JobRecord, SweepRecord)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -37,6 +40,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     spec BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, ord);
+CREATE TABLE IF NOT EXISTS sweeps (
+    ord INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    request_id TEXT UNIQUE,
+    body TEXT NOT NULL,
+    spec BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
     sequence INTEGER NOT NULL,
@@ -75,6 +86,30 @@ def _file_from_row(row: sqlite3.Row) -> FileRecord:
 
 def _event_from_row(row: sqlite3.Row) -> EventRecord:
     return EventRecord(row["job_id"], row["sequence"], row["time"], row["attempt"], row["kind"], bytes(row["payload"]))
+
+
+_SWEEP_COLUMNS = {"id", "state", "spec", "order"}
+
+
+def _sweep_body(record: SweepRecord) -> str:
+    return json.dumps({k: v for k, v in asdict(record).items() if k not in _SWEEP_COLUMNS})
+
+
+def _sweep_from_row(row: sqlite3.Row) -> SweepRecord:
+    body: dict[str, Any] = json.loads(row["body"])
+    trials = [
+        TrialRecord(**{**t, "state": TrialState(t["state"]), "reports": [(int(i), float(v)) for i, v in t["reports"]]})
+        for t in body.pop("trials", [])
+    ]
+    known = {f.name for f in fields(SweepRecord)}
+    return SweepRecord(
+        id=row["id"],
+        state=SweepState(row["state"]),
+        spec=bytes(row["spec"]),
+        order=row["ord"],
+        trials=trials,
+        **{k: v for k, v in body.items() if k in known},
+    )
 
 
 class SqliteJobStore:
@@ -260,9 +295,9 @@ class SqliteJobStore:
 
     @staticmethod
     def _append(
-        db: sqlite3.Connection, record: JobRecord, events: Sequence[NewEvent]
-    ) -> tuple[JobRecord, list[EventRecord]]:
-        """Numbers the events after the job's last one (gap-free: same transaction as the job row)."""
+        db: sqlite3.Connection, record: Sequenced, events: Sequence[NewEvent]
+    ) -> tuple[Sequenced, list[EventRecord]]:
+        """Numbers the events after the job's or sweep's last one (gap-free: same transaction as its row)."""
         stored = []
         sequence = record.last_event_sequence
         now = time.time()
@@ -274,6 +309,66 @@ class SqliteJobStore:
             )
             stored.append(EventRecord(record.id, sequence, now, event.attempt, event.kind, event.payload))
         return replace(record, last_event_sequence=sequence), stored
+
+    # ------------------------------------------------------------ sweeps
+
+    def create_sweep(
+        self, record: SweepRecord, events: Sequence[NewEvent], request_id: str | None
+    ) -> tuple[SweepRecord, bool]:
+        with self._write() as db:
+            if request_id:
+                row = db.execute("SELECT * FROM sweeps WHERE request_id = ?", (request_id,)).fetchone()
+                if row is not None:
+                    return _sweep_from_row(row), False
+            cursor = db.execute(
+                "INSERT INTO sweeps (id, state, request_id, body, spec) VALUES (?, ?, ?, ?, ?)",
+                (record.id, record.state.value, request_id or None, _sweep_body(record), record.spec),
+            )
+            record = replace(record, order=int(cursor.lastrowid or 0))
+            record, _ = self._append(db, record, events)
+            self._save_sweep(db, record)
+        return record, True
+
+    def get_sweep(self, sweep_id: str) -> SweepRecord | None:
+        row = self._conn().execute("SELECT * FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
+        return _sweep_from_row(row) if row else None
+
+    def list_sweeps(self, limit: int, before_order: int | None) -> tuple[list[SweepRecord], int | None]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM sweeps WHERE ord < ? ORDER BY ord DESC LIMIT ?",
+                (before_order if before_order is not None else 2**62, limit + 1),
+            )
+            .fetchall()
+        )
+        page = rows[:limit]
+        return [_sweep_from_row(r) for r in page], (page[-1]["ord"] if len(rows) > limit else None)
+
+    def sweeps_in_states(self, states: Sequence[SweepState]) -> list[SweepRecord]:
+        marks = ",".join("?" * len(states))
+        rows = self._conn().execute(f"SELECT * FROM sweeps WHERE state IN ({marks}) ORDER BY ord", states).fetchall()
+        return [_sweep_from_row(r) for r in rows]
+
+    def update_sweep(self, sweep_id: str, change: SweepChangeFn) -> tuple[SweepRecord, list[EventRecord]] | None:
+        with self._write() as db:
+            row = db.execute("SELECT * FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
+            if row is None:
+                return None
+            current = _sweep_from_row(row)
+            result = change(current)
+            if result is None:
+                return current, []
+            updated, events = result
+            record, stored = self._append(db, replace(updated, update_time=time.time()), events)
+            self._save_sweep(db, record)
+            return record, stored
+
+    @staticmethod
+    def _save_sweep(db: sqlite3.Connection, record: SweepRecord) -> None:
+        db.execute(
+            "UPDATE sweeps SET state = ?, body = ? WHERE id = ?", (record.state.value, _sweep_body(record), record.id)
+        )
 
     # ------------------------------------------------------------ events
 

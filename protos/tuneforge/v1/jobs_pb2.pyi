@@ -131,6 +131,8 @@ class Job(_message.Message):
     WORKER_FIELD_NUMBER: _builtins.int
     RESTART_COUNT_FIELD_NUMBER: _builtins.int
     RUN_DURATION_FIELD_NUMBER: _builtins.int
+    SWEEP_FIELD_NUMBER: _builtins.int
+    TRIAL_NUMBER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `jobs/{job}`."""
     display_name: _builtins.str
@@ -145,6 +147,10 @@ class Job(_message.Message):
     """The worker that holds the job while it is RUNNING, PAUSING or CANCELLING."""
     restart_count: _builtins.int
     """Attempts lost to a dead or hung worker so far (the server's `--max-restarts` bounds them)."""
+    sweep: _builtins.str
+    """The sweep that created this job as one of its trials, `sweeps/{sweep}`; empty otherwise."""
+    trial_number: _builtins.int
+    """Its trial number within that sweep."""
     @_builtins.property
     def spec(self) -> _job_spec_pb2.JobSpec:
         """What to run."""
@@ -210,10 +216,12 @@ class Job(_message.Message):
         worker: _builtins.str = ...,
         restart_count: _builtins.int = ...,
         run_duration: _duration_pb2.Duration | None = ...,
+        sweep: _builtins.str = ...,
+        trial_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "best_metrics", b"best_metrics", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "latest_metrics", b"latest_metrics", "name", b"name", "progress", b"progress", "restart_count", b"restart_count", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "state", b"state", "update_time", b"update_time", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "best_metrics", b"best_metrics", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "latest_metrics", b"latest_metrics", "name", b"name", "progress", b"progress", "restart_count", b"restart_count", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "state", b"state", "sweep", b"sweep", "trial_number", b"trial_number", "update_time", b"update_time", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,52 @@
+"""Creating a job: the one path for the API and for sweeps, so both get the same record, first event and wake-up."""
+
+from __future__ import annotations
+
+import time
+
+from tuneforge.v1 import job_spec_pb2
+
+from server import convert
+from server.db import StoreRunner
+from server.event_hub import EventHub
+from server.job_states import JobState
+from server.names import new_id
+from server.records import JobRecord
+from server.scheduler import Scheduler
+from server.store.base import JobStore
+
+
+class JobFactory:
+    """Stores a new QUEUED job (idempotently with a request_id) and tells the scheduler."""
+
+    def __init__(self, store: JobStore, db: StoreRunner, hub: EventHub, scheduler: Scheduler):
+        self._store, self._db, self._hub, self._scheduler = store, db, hub, scheduler
+
+    async def create(
+        self,
+        spec: job_spec_pb2.JobSpec,
+        display_name: str,
+        request_id: str | None,
+        job_id: str | None = None,
+        sweep_id: str = "",
+        trial_number: int = 0,
+    ) -> JobRecord:
+        """The spec must already be valid. Returns the stored job (the first one for a repeated request_id)."""
+        now = time.time()
+        record = JobRecord(
+            id=job_id or new_id("ft"),
+            display_name=display_name,
+            spec=spec.SerializeToString(),
+            priority=spec.priority,
+            state=JobState.QUEUED,
+            create_time=now,
+            update_time=now,
+            sweep_id=sweep_id,
+            trial_number=trial_number,
+        )
+        first = convert.created_event(record)
+        stored, created = await self._db.call(self._store.create_job, record, [first], request_id)
+        if created:
+            self._hub.notify(stored.id)
+            self._scheduler.wake()
+        return stored
