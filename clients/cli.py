@@ -21,6 +21,7 @@ from tuneforge.v1 import jobs_pb2
 from clients.archive import extract_archive
 from clients.client import TuneforgeClient, TuneforgeError
 from clients.spec_flags import add_spec_arguments, load_spec_file, spec_from_arguments
+from clients.sweep_cli import add_sweep_commands
 from clients.watch_view import render_watch
 
 STATE = jobs_pb2.Job.State
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("job")
     download.add_argument("-o", "--output", required=True, help="folder to unpack into")
     command("files", cmd_files, "list uploaded files")
+    add_sweep_commands(command)
 
     serve = sub.add_parser("serve", help="run the server (needs tuneforge[server])")
     serve.set_defaults(local=_delegate("server.main"))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 from tuneforge.v1 import job_spec_pb2 as pb
+from tuneforge.v1 import sweeps_pb2
 
 TASKS = {
     "text-classification": pb.TEXT_CLASSIFICATION,
@@ -127,3 +128,8 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
 def load_spec_file(path: Path) -> pb.JobSpec:
     """A JobSpec from its protobuf JSON form (camelCase or snake_case field names, enum names as strings)."""
     return json_format.Parse(path.read_text(), pb.JobSpec())
+
+
+def load_sweep_file(path: Path) -> sweeps_pb2.SweepSpec:
+    """A SweepSpec from its protobuf JSON form (see examples/sweeps/)."""
+    return json_format.Parse(path.read_text(), sweeps_pb2.SweepSpec())

@@ -136,3 +136,39 @@ def test_pause_resume_and_cancel_from_the_command_line(
         assert tuneforge(server, "resume", job.name).stdout.split() == [job.name, "QUEUED"]
         assert json.loads(tuneforge(server, "--json", "cancel", job.name).stdout)["name"] == job.name
         assert wait_for_end(client, job.name).state == STATE.CANCELLED
+
+
+def test_a_sweep_from_the_command_line(
+    server: LocalServer, tiny_bert: Path, keyword_dataset: Path, tmp_path: Path
+) -> None:
+    spec = {
+        "base": {
+            "task": "TEXT_CLASSIFICATION",
+            "baseModel": str(tiny_bert),
+            "data": {"validationFraction": 0.25},
+            "hyperparameters": {"epochs": 2, "batchSize": 8, "learningRate": 2e-3},
+        },
+        "parameters": [
+            {"field": "hyperparameters.learning_rate", "floatRange": {"min": 1e-4, "max": 5e-3, "log": True}}
+        ],
+        "objective": {"metric": "eval_accuracy"},
+        "algorithm": "RANDOM",
+        "maxTrials": 2,
+        "parallelism": 2,
+    }
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(spec))
+    file_name = tuneforge(server, "upload", str(keyword_dataset)).stdout.strip()
+    created = tuneforge(
+        server, "sweep-create", "--spec", str(path), "--train", file_name, "--name", "cli sweep", "--watch"
+    )
+    sweep_name, best_job = created.stdout.split()
+    assert sweep_name.startswith("sweeps/") and best_job.startswith("jobs/")
+    assert "best: trial" in created.stderr
+    listed = tuneforge(server, "sweeps").stdout
+    assert sweep_name in listed and "SUCCEEDED" in listed and "cli sweep" in listed
+    shown = tuneforge(server, "sweep", sweep_name).stdout
+    assert shown.count("COMPLETE") == 2 and best_job in shown
+    assert json.loads(tuneforge(server, "--json", "sweep", sweep_name).stdout)["bestTrial"]["job"] == best_job
+    refused = tuneforge(server, "sweep-cancel", sweep_name, check=False)
+    assert refused.returncode != 0 and "FAILED_PRECONDITION" in refused.stderr + refused.stdout

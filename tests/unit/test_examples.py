@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.spec_flags import load_spec_file
+from clients.spec_flags import load_spec_file, load_sweep_file
+from server.search_space import plan_search
 from server.spec_validation import validate_spec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
@@ -24,3 +25,15 @@ def test_example_is_a_valid_job(path: Path) -> None:
     result = validate_spec(spec, [])
     assert not result.violations and not result.unimplemented, result
     assert result.spec is not None and "/" in result.spec.base_model  # a hub id
+
+
+SWEEPS = sorted((Path(__file__).resolve().parents[2] / "examples" / "sweeps").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_sweep_example_is_a_valid_sweep(path: Path) -> None:
+    spec = load_sweep_file(path)
+    spec.base.data.training_file = "files/file-abc"
+    plan, violations = plan_search(spec, [])
+    assert plan is not None and not violations, violations
+    assert len(plan.distributions) >= 2
