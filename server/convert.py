@@ -8,7 +8,7 @@ from tuneforge.v1 import files_pb2, jobs_pb2
 from server.job_states import JobState
 from server.names import file_name, job_name
 from server.records import EventRecord, FileRecord, JobRecord, NewEvent
-from workers.messages import CheckpointWritten, EvaluationDone, Severity, TrainingProgress
+from workers.messages import AutoChosen, CheckpointWritten, EvaluationDone, Severity, TrainingProgress
 
 PURPOSES: dict[str, files_pb2.File.Purpose.ValueType] = {"DATASET": files_pb2.File.DATASET}
 SEVERITIES = {
@@ -66,6 +66,7 @@ def job_to_proto(record: JobRecord) -> jobs_pb2.Job:
         restart_count=record.restarts,
         sweep=f"sweeps/{record.sweep_id}" if record.sweep_id else "",
         trial_number=record.trial_number,
+        auto_choices=record.auto_choices,
     )
     job.run_duration.FromNanoseconds(int(record.run_seconds * 1e9))
     job.spec.ParseFromString(record.spec)
@@ -139,3 +140,13 @@ def created_event(record: JobRecord) -> NewEvent:
     """The first event of every job: it entered QUEUED."""
     change = jobs_pb2.StateChange(from_state=jobs_pb2.Job.STATE_UNSPECIFIED, to_state=state_to_proto(record.state))
     return _new(jobs_pb2.JobEvent(state_change=change), record.attempt)
+
+
+def auto_choice_event(event: AutoChosen) -> NewEvent:
+    choice = jobs_pb2.AutoChoice(
+        field=event.field,
+        value=event.value,
+        reason=event.reason,
+        evidence=[jobs_pb2.EvidencePoint(x=x, y=y) for x, y in event.evidence],
+    )
+    return _new(jobs_pb2.JobEvent(auto_choice=choice), event.attempt)

@@ -53,6 +53,8 @@ class JobRecord:
     """A requeued job is not claimed before this time (restart back-off, so a poison job cannot hog the pool)."""
     run_seconds: float = 0.0
     """Time spent in ended attempts (max_runtime counts all of them)."""
+    auto_choices: dict[str, float] = field(default_factory=dict)
+    """Hyperparameters the job chose for itself."""
     sweep_id: str = ""
     """The sweep that created this job as a trial; empty otherwise."""
     trial_number: int = 0

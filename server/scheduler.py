@@ -30,6 +30,7 @@ from server.storage import LocalStorage
 from server.store.base import ChangeFn, JobStore
 from workers.messages import (
     ArtifactWritten,
+    AutoChosen,
     CancelJob,
     CheckpointWritten,
     DataFile,
@@ -475,6 +476,9 @@ def report_change(record: JobRecord, event: JobEventBase) -> JobChange | None:
             return JobChange(record, [convert.log_event(event.severity, event.message, event.attempt)])
         case CheckpointWritten():
             return JobChange(record, [convert.checkpoint_event(event)])
+        case AutoChosen():
+            choices = {**record.auto_choices, event.field: event.value}
+            return JobChange(replace(record, auto_choices=choices), [convert.auto_choice_event(event)])
         case ArtifactWritten():
             updated = replace(
                 record, artifact_size=event.size_bytes, artifact_sha256=event.sha256, artifact_metrics=event.metrics

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from workers.spec import (
     AdaptationMethod,
     AdaptationSettings,
     AugmentationSettings,
+    AutoSettings,
     ClassBalance,
     DataSettings,
     EvaluationSettings,
@@ -148,6 +149,8 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
     if data is None:
         check.bad("data", "required: at least data.training_file")
     adaptation = _adaptation(check, spec.adaptation)
+    if spec.data.shots_per_class and not spec.adaptation.method:
+        adaptation = replace(adaptation, method=AdaptationMethod.FROZEN_BACKBONE)  # what works on tiny data
     head = _head(check, spec.head) if spec.HasField("head") else None
     hyperparameters = _hyperparameters(check, spec.hyperparameters, adaptation.method)
     evaluation = _evaluation(check, spec.evaluation)
@@ -172,6 +175,7 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
             priority=priority,
             max_runtime_s=max(0.0, max_runtime_s),
         )
+        candidate = _few_shot(check, candidate, spec)
         _needs_validation(check, candidate)
         _task_rules(check, candidate, spec.data)
         if not check.violations and not check.unimplemented:
@@ -369,7 +373,59 @@ def _hyperparameters(check: _Checker, hp: pb.Hyperparameters, method: Adaptation
         max_skipped_non_finite_steps=check.int_range(
             f"{path}.max_skipped_non_finite_steps", hp.max_skipped_non_finite_steps, 0, 1_000_000
         ),
+        auto=_auto(check, hp),
         **_optimizer(check, hp),
+    )
+
+
+FEW_SHOT_EPOCHS = 30
+FEW_SHOT_PATIENCE = 5
+
+
+def _few_shot(check: _Checker, candidate: TrainingSpec, raw: pb.JobSpec) -> TrainingSpec:
+    """shots_per_class: defaults that suit tiny data, wherever the spec left them unset."""
+    shots = raw.data.shots_per_class
+    if not shots:
+        return candidate
+    check.int_range("data.shots_per_class", shots, 1, 10_000)
+    if candidate.task is TaskKind.SPEECH_RECOGNITION:
+        check.bad("data.shots_per_class", "only for classification tasks")
+        return candidate
+    hp, evaluation, data = candidate.hyperparameters, candidate.evaluation, candidate.data
+    if not raw.hyperparameters.epochs and not hp.auto.epochs:
+        hp = replace(hp, epochs=FEW_SHOT_EPOCHS)
+    if not raw.evaluation.early_stopping_patience:
+        evaluation = replace(evaluation, early_stopping_patience=FEW_SHOT_PATIENCE)
+    media = candidate.task in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.AUDIO_CLASSIFICATION)
+    if media and not raw.data.augmentation.enabled:
+        data = replace(data, augmentation=AugmentationSettings())
+    return replace(candidate, hyperparameters=hp, evaluation=evaluation, data=replace(data, shots_per_class=shots))
+
+
+def _auto(check: _Checker, hp: pb.Hyperparameters) -> AutoSettings:
+    """A value is chosen automatically or set by hand, never both."""
+    auto, path = hp.auto, "hyperparameters.auto"
+    for chosen, name, value in (
+        (auto.learning_rate, "learning_rate", hp.learning_rate),
+        (auto.epochs, "epochs", hp.epochs),
+        (auto.micro_batch_size, "gradient_accumulation_steps", hp.gradient_accumulation_steps),
+    ):
+        if chosen and value:
+            check.bad(f"hyperparameters.{name}", f"set by hand while {path} chooses it: leave it unset")
+    low = auto.range_test_min_learning_rate or 1e-7
+    high = auto.range_test_max_learning_rate or 1.0
+    if not 0 < low < high <= 10:
+        check.bad(f"{path}.range_test_max_learning_rate", f"needs 0 < min < max <= 10, got {low} and {high}")
+    steps = check.int_range(f"{path}.range_test_steps", auto.range_test_steps, 0, 10_000) or 100
+    if 0 < steps < 10:
+        check.bad(f"{path}.range_test_steps", "at least 10 steps")
+    return AutoSettings(
+        learning_rate=auto.learning_rate,
+        micro_batch_size=auto.micro_batch_size,
+        epochs=auto.epochs,
+        range_test_min_learning_rate=low,
+        range_test_max_learning_rate=high,
+        range_test_steps=steps,
     )
 
 

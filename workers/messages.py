@@ -169,6 +169,17 @@ class ArtifactWritten(JobEventBase):
 
 
 @dataclass(frozen=True)
+class AutoChosen(JobEventBase):
+    """The job chose a hyperparameter for itself: the value, why, and the measurements behind it."""
+
+    field: str = ""
+    """The spec field, e.g. `hyperparameters.learning_rate`."""
+    value: float = 0.0
+    reason: str = ""
+    evidence: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class JobFinished(JobEventBase):
     """The attempt ended; the worker is free again."""
 
@@ -186,6 +197,7 @@ JobEvent = (
     | LogEmitted
     | CheckpointWritten
     | ArtifactWritten
+    | AutoChosen
     | JobFinished
 )
 WorkerEvent = WorkerReady | WorkerDied | JobEvent

@@ -115,6 +115,8 @@ class DataSettings:
     """Audio clip length (classification) or longest utterance (speech recognition); 0: the task's default."""
     file_column: str = "file"
     transcript_column: str = "transcript"
+    shots_per_class: int = 0
+    """Few-shot: train on this many examples per class (0: all)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,22 @@ class ScheduleSettings:
 
 
 @dataclass(frozen=True)
+class AutoSettings:
+    """Hyperparameters the job chooses for itself before training."""
+
+    learning_rate: bool = False
+    micro_batch_size: bool = False
+    epochs: bool = False
+    range_test_min_learning_rate: float = 1e-7
+    range_test_max_learning_rate: float = 1.0
+    range_test_steps: int = 100
+
+    @property
+    def any(self) -> bool:
+        return self.learning_rate or self.micro_batch_size or self.epochs
+
+
+@dataclass(frozen=True)
 class Hyperparameters:
     """Optimisation settings with every default filled in."""
 
@@ -199,6 +217,7 @@ class Hyperparameters:
     precision: Precision = Precision.AUTO
     max_skipped_non_finite_steps: int = 0
     """Steps with a NaN or infinite loss skipped (no update) before the job fails."""
+    auto: AutoSettings = field(default_factory=AutoSettings)
 
 
 @dataclass(frozen=True)

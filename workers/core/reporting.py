@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from workers.core.errors import TrainingCancelled
 from workers.messages import (
     ArtifactWritten,
+    AutoChosen,
     CheckpointWritten,
     EvaluationDone,
     JobStarted,
@@ -61,4 +62,11 @@ class Reporter:
     def artifact(self, size_bytes: int, sha256: str, metrics: dict[str, float]) -> None:
         self.send(
             ArtifactWritten(self.worker, self.job, self.attempt, size_bytes=size_bytes, sha256=sha256, metrics=metrics)
+        )
+
+    def auto_chosen(self, field: str, value: float, reason: str, evidence: list[tuple[float, float]]) -> None:
+        self.send(
+            AutoChosen(
+                self.worker, self.job, self.attempt, field=field, value=value, reason=reason, evidence=tuple(evidence)
+            )
         )

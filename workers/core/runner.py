@@ -26,6 +26,7 @@ from workers.core.adaptation import (
 )
 from workers.core.adapters import adapter_for
 from workers.core.artifact import write_artifact
+from workers.core.auto_tuning import apply_choices, choose_all, chosen_micro_batch, load_choices, save_choices
 from workers.core.errors import JobFailure, TrainingCancelled
 from workers.core.faults import check_job_start
 from workers.core.lora import apply_lora
@@ -94,7 +95,8 @@ def _train_within_memory(job: RunJob, device: torch.device, reporter: Reporter, 
         gc.collect()  # outside the except block: the traceback's frames held the step's tensors
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        current = micro or plan_steps(1, job.spec.hyperparameters).micro_batch_size
+        chosen = chosen_micro_batch(load_choices(Path(job.checkpoint_dir)) or [])
+        current = micro or chosen or plan_steps(1, job.spec.hyperparameters).micro_batch_size
         if current <= 1:
             raise JobFailure(
                 "OUT_OF_MEMORY",
@@ -135,9 +137,24 @@ def _train_and_save(
         summary = summarize(task.model)
     reporter.log(f"adaptation {spec.adaptation.method.value}: {summary.describe()}")
     parameters = plan_parameters(task.model, spec.hyperparameters.layer_decay != 1.0, unfreezer)
-    trainer = Trainer(
-        task, spec, device, reporter, Path(job.checkpoint_dir), parameters, unfreezer, micro_batch_size, deadline
-    )
+    checkpoint_dir = Path(job.checkpoint_dir)
+    choices = load_choices(checkpoint_dir)
+    if choices is None and spec.hyperparameters.auto.any:
+        prober = Trainer(
+            task, spec, device, reporter, checkpoint_dir, parameters, unfreezer, micro_batch_size, deadline
+        )
+        choices = choose_all(prober, parameters)
+        for choice in choices:
+            reporter.auto_chosen(choice.field, choice.value, choice.reason, choice.evidence)
+            reporter.log(f"chose {choice.field}: {choice.reason}")
+        save_choices(checkpoint_dir, choices)
+        transformers.set_seed(spec.hyperparameters.seed)  # training then draws as it would have without the probes
+    elif choices:
+        reporter.log("using the automatic choices of an earlier attempt")
+    if choices:
+        spec = apply_choices(spec, choices, bool(task.validation_set))
+        micro_batch_size = micro_batch_size or chosen_micro_batch(choices)
+    trainer = Trainer(task, spec, device, reporter, checkpoint_dir, parameters, unfreezer, micro_batch_size, deadline)
     resumed_from = trainer.resume()
     if resumed_from is not None:
         reporter.log(f"resumed from the checkpoint at step {resumed_from} (attempt {job.attempt})", Severity.WARNING)

@@ -119,7 +119,7 @@ class Trainer:
 
     # ------------------------------------------------------------ data
 
-    def _loader(self, dataset: Any, train: bool, batch_size: int, seed: int) -> DataLoader[Any]:
+    def loader(self, dataset: Any, train: bool, batch_size: int, seed: int) -> DataLoader[Any]:
         generator = torch.Generator().manual_seed(seed)
         balanced = train and self.hp.class_balance is ClassBalance.BALANCED_SAMPLING
         return DataLoader(
@@ -137,7 +137,7 @@ class Trainer:
     def _evaluate(self, step: int, epoch: int) -> None:
         if not self.task.validation_set:
             return
-        loader = self._loader(self.task.validation_set, False, self.plan.micro_batch_size * 2, 0)
+        loader = self.loader(self.task.validation_set, False, self.plan.micro_batch_size * 2, 0)
         to_device = lambda batch: _to_device(batch, self.device)  # noqa: E731
         with autocast(self.device, self.dtype):
             if self.task.evaluate is not None:
@@ -232,11 +232,8 @@ class Trainer:
         step_loss = torch.zeros((), device=self.device)
         samples = 0
         for batch in group:
-            batch = _to_device(batch, self.device)
-            check_micro_batch(batch["labels"].shape[0])
             samples += batch["labels"].shape[0]
-            with autocast(self.device, self.dtype):
-                loss = self._loss(batch) / len(group)
+            loss = self.loss_on(batch) / len(group)
             scaled: torch.Tensor = self.scaler.scale(loss) if self.scaler else loss
             scaled.backward()  # type: ignore[no-untyped-call]
             step_loss += loss.detach()
@@ -293,6 +290,13 @@ class Trainer:
             self.reporter.log(f"stopping: checkpointed at step {step} to resume from")
         self.reporter.check_cancelled()
 
+    def loss_on(self, batch: Batch) -> torch.Tensor:
+        """The training loss of one micro-batch (moved to the device, under autocast), ready for backward."""
+        batch = _to_device(batch, self.device)
+        check_micro_batch(batch["labels"].shape[0])
+        with autocast(self.device, self.dtype):
+            return self._loss(batch)
+
     def _loss(self, batch: Batch) -> torch.Tensor:
         if self.task.compute_loss is not None:
             return self.task.compute_loss(self.model, batch)
@@ -333,7 +337,7 @@ class Trainer:
 
     def _micro_batches(self, epoch: int, skip_steps: int) -> Any:
         """The epoch's micro-batches in their seeded order, past the first `skip_steps` optimizer steps (resume)."""
-        loader = self._loader(self.task.train_set, True, self.plan.micro_batch_size, self.hp.seed * 1000 + epoch)
+        loader = self.loader(self.task.train_set, True, self.plan.micro_batch_size, self.hp.seed * 1000 + epoch)
         micro_batches = iter(loader)
         for _ in range(skip_steps * self.plan.accumulation):
             next(micro_batches, None)

@@ -137,6 +137,7 @@ class DataSpec(_message.Message):
     CLIP_SECONDS_FIELD_NUMBER: _builtins.int
     FILE_COLUMN_FIELD_NUMBER: _builtins.int
     TRANSCRIPT_COLUMN_FIELD_NUMBER: _builtins.int
+    SHOTS_PER_CLASS_FIELD_NUMBER: _builtins.int
     training_file: _builtins.str
     """Training data, `files/{file}`. Text: JSONL (one object a line) or CSV with a header row. Images and audio: a
     .zip or .tar(.gz) archive of class folders (`cat/001.jpg`), or with a `metadata.jsonl` (or `metadata.csv`)
@@ -164,6 +165,11 @@ class DataSpec(_message.Message):
     """Manifest column naming the media file (relative to the archive root); default `file`."""
     transcript_column: _builtins.str
     """Manifest column holding the transcript (speech recognition); default `transcript`."""
+    shots_per_class: _builtins.int
+    """Few-shot mode: train on this many examples per class, drawn stratified with the job's seed (0: all). Unless
+    set by hand, the adaptation becomes FROZEN_BACKBONE, augmentation turns on, epochs grow and early stopping
+    guards them; a nearest-class-mean (prototype) baseline is measured on the same validation data.
+    """
     @_builtins.property
     def augmentation(self) -> Global___Augmentation:
         """Train-time augmentation (never applied in evaluation)."""
@@ -182,10 +188,11 @@ class DataSpec(_message.Message):
         clip_seconds: _builtins.float = ...,
         file_column: _builtins.str = ...,
         transcript_column: _builtins.str = ...,
+        shots_per_class: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation", "clip_seconds", b"clip_seconds", "file_column", b"file_column", "label_column", b"label_column", "max_sequence_length", b"max_sequence_length", "text_column", b"text_column", "text_pair_column", b"text_pair_column", "training_file", b"training_file", "transcript_column", b"transcript_column", "validation_file", b"validation_file", "validation_fraction", b"validation_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation", "clip_seconds", b"clip_seconds", "file_column", b"file_column", "label_column", b"label_column", "max_sequence_length", b"max_sequence_length", "shots_per_class", b"shots_per_class", "text_column", b"text_column", "text_pair_column", b"text_pair_column", "training_file", b"training_file", "transcript_column", b"transcript_column", "validation_file", b"validation_file", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,6 +544,7 @@ class Hyperparameters(_message.Message):
     CLASS_BALANCE_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     MAX_SKIPPED_NON_FINITE_STEPS_FIELD_NUMBER: _builtins.int
+    AUTO_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """Passes over the training data; default 3."""
     batch_size: _builtins.int
@@ -580,6 +588,10 @@ class Hyperparameters(_message.Message):
     def schedule(self) -> Global___Schedule:
         """The learning-rate schedule."""
 
+    @_builtins.property
+    def auto(self) -> Global___AutoHyperparameters:
+        """Values the job chooses for itself before training; each choice is reported with its evidence."""
+
     def __init__(
         self,
         *,
@@ -601,10 +613,11 @@ class Hyperparameters(_message.Message):
         class_balance: Global___Hyperparameters.ClassBalance.ValueType = ...,
         precision: Global___Hyperparameters.Precision.ValueType = ...,
         max_skipped_non_finite_steps: _builtins.int = ...,
+        auto: Global___AutoHyperparameters | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "max_grad_norm", b"max_grad_norm", "momentum", b"momentum", "schedule", b"schedule", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "auto", b"auto", "max_grad_norm", b"max_grad_norm", "momentum", b"momentum", "schedule", b"schedule", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "class_balance", b"class_balance", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "head_learning_rate", b"head_learning_rate", "label_smoothing", b"label_smoothing", "layer_decay", b"layer_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_skipped_non_finite_steps", b"max_skipped_non_finite_steps", "max_steps", b"max_steps", "momentum", b"momentum", "nesterov", b"nesterov", "optimizer", b"optimizer", "precision", b"precision", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "auto", b"auto", "batch_size", b"batch_size", "class_balance", b"class_balance", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "head_learning_rate", b"head_learning_rate", "label_smoothing", b"label_smoothing", "layer_decay", b"layer_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_skipped_non_finite_steps", b"max_skipped_non_finite_steps", "max_steps", b"max_steps", "momentum", b"momentum", "nesterov", b"nesterov", "optimizer", b"optimizer", "precision", b"precision", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
@@ -620,6 +633,52 @@ class Hyperparameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
 
 Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
+
+@_typing.final
+class AutoHyperparameters(_message.Message):
+    """Hyperparameters a job chooses for itself. A value chosen automatically must not also be set by hand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    RANGE_TEST_MIN_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    RANGE_TEST_MAX_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    RANGE_TEST_STEPS_FIELD_NUMBER: _builtins.int
+    learning_rate: _builtins.bool
+    """Choose learning_rate with a range test: a short run on the job's own model and data with an exponentially
+    rising learning rate; a tenth of the rate at the lowest smoothed loss is taken.
+    """
+    micro_batch_size: _builtins.bool
+    """Choose the micro-batch: the largest power of two up to batch_size that fits in memory (probed with back-off);
+    gradient accumulation keeps the effective batch at batch_size.
+    """
+    epochs: _builtins.bool
+    """Choose epochs from the number of training examples (more for small data), with early stopping as the guard."""
+    range_test_min_learning_rate: _builtins.float
+    """Range test: lowest and highest learning rate; defaults 1e-7 and 1."""
+    range_test_max_learning_rate: _builtins.float
+    """Range test: highest learning rate; default 1."""
+    range_test_steps: _builtins.int
+    """Range test: steps; default 100."""
+    def __init__(
+        self,
+        *,
+        learning_rate: _builtins.bool = ...,
+        micro_batch_size: _builtins.bool = ...,
+        epochs: _builtins.bool = ...,
+        range_test_min_learning_rate: _builtins.float = ...,
+        range_test_max_learning_rate: _builtins.float = ...,
+        range_test_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs", b"epochs", "learning_rate", b"learning_rate", "micro_batch_size", b"micro_batch_size", "range_test_max_learning_rate", b"range_test_max_learning_rate", "range_test_min_learning_rate", b"range_test_min_learning_rate", "range_test_steps", b"range_test_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoHyperparameters: _TypeAlias = AutoHyperparameters  # noqa: Y015
 
 @_typing.final
 class Schedule(_message.Message):

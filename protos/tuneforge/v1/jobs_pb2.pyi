@@ -113,6 +113,26 @@ class Job(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class AutoChoicesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
@@ -133,6 +153,7 @@ class Job(_message.Message):
     RUN_DURATION_FIELD_NUMBER: _builtins.int
     SWEEP_FIELD_NUMBER: _builtins.int
     TRIAL_NUMBER_FIELD_NUMBER: _builtins.int
+    AUTO_CHOICES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `jobs/{job}`."""
     display_name: _builtins.str
@@ -195,6 +216,10 @@ class Job(_message.Message):
     def run_duration(self) -> _duration_pb2.Duration:
         """Time spent running, over every attempt that ended (`resources.max_runtime` bounds it)."""
 
+    @_builtins.property
+    def auto_choices(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Values the job chose for itself (`hyperparameters.auto`), by spec field; the events hold the evidence."""
+
     def __init__(
         self,
         *,
@@ -218,10 +243,11 @@ class Job(_message.Message):
         run_duration: _duration_pb2.Duration | None = ...,
         sweep: _builtins.str = ...,
         trial_number: _builtins.int = ...,
+        auto_choices: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "best_metrics", b"best_metrics", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "latest_metrics", b"latest_metrics", "name", b"name", "progress", b"progress", "restart_count", b"restart_count", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "state", b"state", "sweep", b"sweep", "trial_number", b"trial_number", "update_time", b"update_time", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "auto_choices", b"auto_choices", "best_metrics", b"best_metrics", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "latest_metrics", b"latest_metrics", "name", b"name", "progress", b"progress", "restart_count", b"restart_count", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "state", b"state", "sweep", b"sweep", "trial_number", b"trial_number", "update_time", b"update_time", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -354,6 +380,7 @@ class JobEvent(_message.Message):
     LOG_FIELD_NUMBER: _builtins.int
     CHECKPOINT_SAVED_FIELD_NUMBER: _builtins.int
     ARTIFACT_READY_FIELD_NUMBER: _builtins.int
+    AUTO_CHOICE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in the job's stream, from 1, without gaps."""
     attempt: _builtins.int
@@ -374,6 +401,8 @@ class JobEvent(_message.Message):
     def checkpoint_saved(self) -> Global___CheckpointSaved: ...
     @_builtins.property
     def artifact_ready(self) -> Global___ArtifactReady: ...
+    @_builtins.property
+    def auto_choice(self) -> Global___AutoChoice: ...
     def __init__(
         self,
         *,
@@ -386,16 +415,79 @@ class JobEvent(_message.Message):
         log: Global___LogLine | None = ...,
         checkpoint_saved: Global___CheckpointSaved | None = ...,
         artifact_ready: Global___ArtifactReady | None = ...,
+        auto_choice: Global___AutoChoice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact_ready", b"artifact_ready", "checkpoint_saved", b"checkpoint_saved", "evaluation_metrics", b"evaluation_metrics", "log", b"log", "payload", b"payload", "state_change", b"state_change", "time", b"time", "training_metrics", b"training_metrics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact_ready", b"artifact_ready", "auto_choice", b"auto_choice", "checkpoint_saved", b"checkpoint_saved", "evaluation_metrics", b"evaluation_metrics", "log", b"log", "payload", b"payload", "state_change", b"state_change", "time", b"time", "training_metrics", b"training_metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ready", b"artifact_ready", "attempt", b"attempt", "checkpoint_saved", b"checkpoint_saved", "evaluation_metrics", b"evaluation_metrics", "log", b"log", "payload", b"payload", "sequence", b"sequence", "state_change", b"state_change", "time", b"time", "training_metrics", b"training_metrics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_ready", b"artifact_ready", "attempt", b"attempt", "auto_choice", b"auto_choice", "checkpoint_saved", b"checkpoint_saved", "evaluation_metrics", b"evaluation_metrics", "log", b"log", "payload", b"payload", "sequence", b"sequence", "state_change", b"state_change", "time", b"time", "training_metrics", b"training_metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["state_change", "training_metrics", "evaluation_metrics", "log", "checkpoint_saved", "artifact_ready"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["state_change", "training_metrics", "evaluation_metrics", "log", "checkpoint_saved", "artifact_ready", "auto_choice"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class AutoChoice(_message.Message):
+    """A value the job chose for itself, with the evidence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """The spec field, e.g. `hyperparameters.learning_rate`."""
+    value: _builtins.float
+    """The value chosen."""
+    reason: _builtins.str
+    """Why, for a person."""
+    @_builtins.property
+    def evidence(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvidencePoint]:
+        """The measurements behind it, e.g. (learning rate, smoothed loss) or (micro-batch size, 1 if it fit)."""
+
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        value: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        evidence: _abc.Iterable[Global___EvidencePoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "field", b"field", "reason", b"reason", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoChoice: _TypeAlias = AutoChoice  # noqa: Y015
+
+@_typing.final
+class EvidencePoint(_message.Message):
+    """One measurement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    X_FIELD_NUMBER: _builtins.int
+    Y_FIELD_NUMBER: _builtins.int
+    x: _builtins.float
+    """What was tried."""
+    y: _builtins.float
+    """What came of it."""
+    def __init__(
+        self,
+        *,
+        x: _builtins.float = ...,
+        y: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["x", b"x", "y", b"y"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvidencePoint: _TypeAlias = EvidencePoint  # noqa: Y015
 
 @_typing.final
 class StateChange(_message.Message):
