@@ -553,8 +553,9 @@ def _task_rules(check: _Checker, spec: TrainingSpec, raw: pb.DataSpec) -> None:
 
 
 def _needs_validation(check: _Checker, spec: TrainingSpec) -> None:
-    """Options driven by evaluation results need validation data to evaluate on."""
-    if spec.data.validation_file or spec.data.validation_fraction:
+    """Options driven by evaluation results need validation data to evaluate on (few-shot jobs validate on the
+    examples not drawn as shots)."""
+    if spec.data.validation_file or spec.data.validation_fraction or spec.data.shots_per_class:
         return
     if spec.hyperparameters.schedule.kind is ScheduleKind.REDUCE_ON_PLATEAU:
         check.bad(

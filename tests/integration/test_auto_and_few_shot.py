@@ -47,3 +47,21 @@ def test_a_value_cannot_be_automatic_and_set_by_hand(
         "job.spec.hyperparameters.learning_rate",
         "job.spec.hyperparameters.epochs",
     }
+
+
+def test_few_shot_defaults_and_the_prototype_baseline(
+    client: TuneforgeClient, dataset_file: str, tiny_bert: Path
+) -> None:
+    spec = pb.JobSpec(
+        task=pb.TEXT_CLASSIFICATION,
+        base_model=str(tiny_bert),
+        data=pb.DataSpec(training_file=dataset_file, shots_per_class=4),
+        hyperparameters=pb.Hyperparameters(batch_size=4, learning_rate=3e-3, seed=1),
+    )
+    final = wait_for_end(client, client.create_job(spec).name)
+    assert final.state == STATE.SUCCEEDED, final.error
+    assert final.progress.total_epochs == 30, "few-shot runs longer by default"
+    assert {"eval_accuracy", "prototype_accuracy"} <= set(final.artifact.metrics), "both figures on the job"
+    notes = [e.log.message for e in client.list_job_events(final.name) if e.WhichOneof("payload") == "log"]
+    assert any(n.startswith("adaptation frozen_backbone") for n in notes), "a frozen backbone unless told otherwise"
+    assert "few-shot: training on 12 examples (4 per class at most)" in notes

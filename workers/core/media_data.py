@@ -12,7 +12,7 @@ from pathlib import Path
 
 from workers.core.archives import extract_archive, is_hidden
 from workers.core.errors import InvalidDataset
-from workers.core.splits import stratified_split
+from workers.core.splits import training_split
 from workers.core.text_data import label_text, raw_records, sorted_labels
 from workers.messages import DataFile
 from workers.spec import DataSettings
@@ -111,16 +111,16 @@ def load_media_dataset(
     names = {item.target for item in train_items}
     if len(names) < 2:
         raise InvalidDataset(f"{training.filename}: needs at least 2 distinct labels, found {sorted(names)}")
+    given: list[MediaItem] | None = None
     if validation is not None:
         val_root = extract_archive(validation, work_dir / "data" / "validation")
-        val_items = find_items(val_root, validation.filename, settings, extensions, settings.label_column)
-        unknown = next((item for item in val_items if item.target not in names), None)
+        given = find_items(val_root, validation.filename, settings, extensions, settings.label_column)
+        unknown = next((item for item in given if item.target not in names), None)
         if unknown is not None:
             raise InvalidDataset(f"{unknown.source}: label {unknown.target!r} does not occur in the training data")
-    elif settings.validation_fraction > 0:
-        train_items, val_items = stratified_split(train_items, lambda i: i.target, settings.validation_fraction, seed)
-    else:
-        val_items = []
+    train_items, val_items = training_split(
+        train_items, given, lambda i: i.target, settings.validation_fraction, settings.shots_per_class, seed
+    )
     for item in (*train_items, *val_items):
         check(item)
     labels = sorted_labels(names)

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -24,17 +25,18 @@ from workers.core.adaptation import (
     replace_head,
     summarize,
 )
-from workers.core.adapters import adapter_for
+from workers.core.adapters import PreparedTask, adapter_for
 from workers.core.artifact import write_artifact
 from workers.core.auto_tuning import apply_choices, choose_all, chosen_micro_batch, load_choices, save_choices
 from workers.core.errors import JobFailure, TrainingCancelled
 from workers.core.faults import check_job_start
 from workers.core.lora import apply_lora
 from workers.core.optimization import plan_steps
+from workers.core.prototypes import prototype_accuracy
 from workers.core.reporting import Reporter
 from workers.core.trainer import Trainer
 from workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
-from workers.spec import AdaptationMethod
+from workers.spec import AdaptationMethod, TrainingSpec
 
 
 def run_job(
@@ -78,6 +80,24 @@ def run_job(
 
 
 MEMORY_PLAN = "memory.json"
+
+
+def _few_shot_baseline(
+    task: PreparedTask, spec: TrainingSpec, device: torch.device, reporter: Reporter
+) -> float | None:
+    shots = spec.data.shots_per_class
+    reporter.log(f"few-shot: training on {len(task.train_set)} examples ({shots} per class at most)")
+    accuracy = prototype_accuracy(task, device)
+    if accuracy is None:
+        reporter.log(
+            "few-shot: no examples left to validate on; early stopping and the baseline are off", Severity.WARNING
+        )
+        return None
+    reporter.log(
+        f"few-shot baseline: the nearest class mean of the pretrained embeddings scores accuracy {accuracy:.4f} "
+        f"on {len(task.validation_set)} validation examples"
+    )
+    return accuracy
 
 
 def _train_within_memory(job: RunJob, device: torch.device, reporter: Reporter, deadline: float | None) -> None:
@@ -125,6 +145,7 @@ def _train_and_save(
     reporter.log(f"preparing {spec.task.value} on {device} from {spec.base_model}")
     task = adapter_for(spec.task).prepare(job, reporter.log)
     reporter.check_cancelled()
+    baseline = _few_shot_baseline(task, spec, device, reporter) if spec.data.shots_per_class else None
     if spec.head is not None:
         replaced = replace_head(task.model, len(task.labels), spec.head)
         reporter.log(f"replaced {replaced} with a head of hidden sizes {list(spec.head.hidden_sizes)}")
@@ -163,7 +184,7 @@ def _train_and_save(
     best_step = trainer.restore_best()
     if best_step is not None and best_step != result.steps:
         reporter.log(f"the artifact holds the best model, from step {best_step} ({spec.evaluation.best_metric})")
-    metrics = {
+    metrics: dict[str, Any] = {
         "final": result.final_metrics,
         "best": result.best_metrics,
         "best_step": best_step,
@@ -173,7 +194,10 @@ def _train_and_save(
         "steps": result.steps,
         "labels": task.labels,
     }
-    saved_metrics = result.best_metrics or result.final_metrics
+    saved_metrics = dict(result.best_metrics or result.final_metrics)
+    if baseline is not None:
+        metrics["prototype_accuracy"] = baseline
+        saved_metrics["prototype_accuracy"] = baseline  # beside the fine-tuned accuracy on the job
     size, sha256 = write_artifact(trainer.model.cpu(), task.processor, spec, metrics, work_dir, Path(job.artifact_path))
     reporter.artifact(size, sha256, saved_metrics)
     reporter.log(f"artifact written: {size} bytes, sha256 {sha256[:12]}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.core.errors import InvalidDataset
-from workers.core.splits import stratified_split
+from workers.core.splits import training_split
 from workers.messages import DataFile
 from workers.spec import DataSettings
 
@@ -153,18 +153,18 @@ def load_text_dataset(
     names = {row.label for row in train_rows}
     if len(names) < 2:
         raise InvalidDataset(f"{training.filename}: needs at least 2 distinct labels, found {sorted(names)}")
+    given: list[TextRow] | None = None
     if validation is not None:
-        val_rows = read_rows(validation, settings)
-        unknown = [row for row in val_rows if row.label not in names]
+        given = read_rows(validation, settings)
+        unknown = [row for row in given if row.label not in names]
         if unknown:
             first = unknown[0]
             raise InvalidDataset(
                 f"{validation.filename} line {first.line}: label {first.label!r} does not occur in the training data"
             )
-    elif settings.validation_fraction > 0:
-        train_rows, val_rows = stratified_split(train_rows, lambda row: row.label, settings.validation_fraction, seed)
-    else:
-        val_rows = []
+    train_rows, val_rows = training_split(
+        train_rows, given, lambda row: row.label, settings.validation_fraction, settings.shots_per_class, seed
+    )
     labels = sorted_labels(names)
     index = {name: i for i, name in enumerate(labels)}
 
