@@ -63,5 +63,5 @@ def test_few_shot_defaults_and_the_prototype_baseline(
     assert final.progress.total_epochs == 30, "few-shot runs longer by default"
     assert {"eval_accuracy", "prototype_accuracy"} <= set(final.artifact.metrics), "both figures on the job"
     notes = [e.log.message for e in client.list_job_events(final.name) if e.WhichOneof("payload") == "log"]
-    assert any(n.startswith("adaptation frozen_backbone") for n in notes), "a frozen backbone unless told otherwise"
+    assert any(n.startswith("adaptation lora") for n in notes), "LoRA unless told otherwise"
     assert "few-shot: training on 12 examples (4 per class at most)" in notes

@@ -167,8 +167,9 @@ class DataSpec(_message.Message):
     """Manifest column holding the transcript (speech recognition); default `transcript`."""
     shots_per_class: _builtins.int
     """Few-shot mode: train on this many examples per class, drawn stratified with the job's seed (0: all). Unless
-    set by hand, the adaptation becomes FROZEN_BACKBONE, augmentation turns on, epochs grow and early stopping
-    guards them; a nearest-class-mean (prototype) baseline is measured on the same validation data.
+    set by hand, the adaptation becomes LORA, augmentation turns on, epochs grow and early stopping guards them;
+    without other validation data the examples not drawn are held out; a nearest-class-mean (prototype) baseline
+    is measured on the same validation data.
     """
     @_builtins.property
     def augmentation(self) -> Global___Augmentation:
