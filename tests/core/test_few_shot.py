@@ -10,10 +10,11 @@ from pathlib import Path
 
 from tests.core.test_audio_task import audio_spec, tiny_wav2vec2  # noqa: F401  (fixture)
 from tests.core.test_image_task import image_spec, tiny_vit  # noqa: F401  (fixture)
-from tests.core.test_training_core import make_spec, of_type, run
+from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import write_shapes_zip, write_tones_zip
+from tests.tiny import keyword_rows, write_jsonl
 from workers.core.splits import FEW_SHOT_VALIDATION_CAP, sample_shots, training_split
-from workers.messages import ArtifactWritten, JobStarted, LogEmitted, Outcome
+from workers.messages import ArtifactWritten, AutoChosen, EvaluationDone, JobStarted, LogEmitted, Outcome
 from workers.spec import AdaptationMethod, AdaptationSettings, DataSettings
 
 
@@ -75,3 +76,34 @@ def test_the_baseline_works_for_images_and_audio(
         assert finished.outcome is Outcome.SUCCEEDED, finished.message
         [artifact] = of_type(events, ArtifactWritten)
         assert 0.0 <= artifact.metrics["prototype_accuracy"] <= 1.0, spec.task
+
+
+def test_with_nothing_left_to_hold_out_k_fold_chooses_the_epochs(tiny_bert: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "tiny.jsonl", keyword_rows(12))  # 4 per class: all of them are shots
+    spec = make_spec(tiny_bert, hyperparameters=dataclasses.replace(FAST, epochs=6))
+    spec = dataclasses.replace(spec, data=DataSettings(training_file="files/t", shots_per_class=4))
+    finished, events = run(spec, data, tmp_path / "work")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    [choice] = of_type(events, AutoChosen)
+    assert choice.field == "hyperparameters.epochs" and "4-fold cross-validation" in choice.reason
+    assert [x for x, _ in choice.evidence] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "the mean curve over the folds"
+    assert of_type(events, JobStarted)[0].total_epochs == choice.value
+    notes = [e.message for e in of_type(events, LogEmitted)]
+    assert sum(n.startswith("k-fold ") for n in notes) == 4
+    [artifact] = of_type(events, ArtifactWritten)
+    assert {"cross_validated_eval_accuracy", "prototype_accuracy"} <= set(artifact.metrics)
+    assert not of_type(events, EvaluationDone), "the final model trains on every shot, with nothing to evaluate"
+
+
+def test_a_class_with_one_example_leaves_nothing_to_cross_validate(tiny_bert: Path, tmp_path: Path) -> None:
+    rows = keyword_rows(12)
+    single = next(row for row in rows if row["label"] == rows[0]["label"])
+    rows = [row for row in rows if row["label"] != rows[0]["label"]] + [single]
+    data = write_jsonl(tmp_path / "lonely.jsonl", rows)
+    spec = make_spec(tiny_bert, hyperparameters=dataclasses.replace(FAST, epochs=2))
+    spec = dataclasses.replace(spec, data=DataSettings(training_file="files/t", shots_per_class=4))
+    finished, events = run(spec, data, tmp_path / "work")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    assert "few-shot: a class has a single example, so nothing can be held out" in [
+        e.message for e in of_type(events, LogEmitted)
+    ]

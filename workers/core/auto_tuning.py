@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from workers.core.adaptation import TrainableParameter
+from workers.core.checkpoints import write_json_atomically
 from workers.core.errors import JobFailure
 from workers.core.optimization import build_optimizer
 from workers.core.trainer import Trainer
@@ -69,10 +70,7 @@ def chosen_micro_batch(choices: list[Choice]) -> int:
 
 
 def save_choices(directory: Path, choices: list[Choice]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".{CHOICES_FILE}.tmp"
-    temporary.write_text(json.dumps([asdict(c) for c in choices]))
-    temporary.replace(directory / CHOICES_FILE)
+    write_json_atomically(directory / CHOICES_FILE, [asdict(c) for c in choices])
 
 
 def load_choices(directory: Path) -> list[Choice] | None:

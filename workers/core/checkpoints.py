@@ -124,3 +124,11 @@ def restore_best(model: nn.Module, directory: Path) -> int | None:
         return None
     load_model(model, str(best / WEIGHTS))
     return int(json.loads((best / POSITION).read_text())["step"])
+
+
+def write_json_atomically(path: Path, value: object) -> None:
+    """A small JSON file beside the checkpoints (memory plan, automatic choices), replaced atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value))
+    temporary.replace(path)

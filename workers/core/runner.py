@@ -18,25 +18,18 @@ from typing import Any
 import torch
 import transformers
 
-from workers.core.adaptation import (
-    GradualUnfreezer,
-    apply_adaptation,
-    plan_parameters,
-    replace_head,
-    summarize,
-)
-from workers.core.adapters import PreparedTask, adapter_for
+from workers.core.adapters import adapter_for
 from workers.core.artifact import write_artifact
 from workers.core.auto_tuning import apply_choices, choose_all, chosen_micro_batch, load_choices, save_choices
+from workers.core.checkpoints import write_json_atomically
 from workers.core.errors import JobFailure, TrainingCancelled
 from workers.core.faults import check_job_start
-from workers.core.lora import apply_lora
+from workers.core.few_shot import prepare_few_shot
+from workers.core.model_setup import adapt_model
 from workers.core.optimization import plan_steps
-from workers.core.prototypes import prototype_accuracy
 from workers.core.reporting import Reporter
 from workers.core.trainer import Trainer
 from workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
-from workers.spec import AdaptationMethod, TrainingSpec
 
 
 def run_job(
@@ -80,24 +73,6 @@ def run_job(
 
 
 MEMORY_PLAN = "memory.json"
-
-
-def _few_shot_baseline(
-    task: PreparedTask, spec: TrainingSpec, device: torch.device, reporter: Reporter
-) -> float | None:
-    shots = spec.data.shots_per_class
-    reporter.log(f"few-shot: training on {len(task.train_set)} examples ({shots} per class at most)")
-    accuracy = prototype_accuracy(task, device)
-    if accuracy is None:
-        reporter.log(
-            "few-shot: no examples left to validate on; early stopping and the baseline are off", Severity.WARNING
-        )
-        return None
-    reporter.log(
-        f"few-shot baseline: the nearest class mean of the pretrained embeddings scores accuracy {accuracy:.4f} "
-        f"on {len(task.validation_set)} validation examples"
-    )
-    return accuracy
 
 
 def _train_within_memory(job: RunJob, device: torch.device, reporter: Reporter, deadline: float | None) -> None:
@@ -145,19 +120,10 @@ def _train_and_save(
     reporter.log(f"preparing {spec.task.value} on {device} from {spec.base_model}")
     task = adapter_for(spec.task).prepare(job, reporter.log)
     reporter.check_cancelled()
-    baseline = _few_shot_baseline(task, spec, device, reporter) if spec.data.shots_per_class else None
-    if spec.head is not None:
-        replaced = replace_head(task.model, len(task.labels), spec.head)
-        reporter.log(f"replaced {replaced} with a head of hidden sizes {list(spec.head.hidden_sizes)}")
-    summary = apply_adaptation(task.model, spec.adaptation)
-    unfreezer = None
-    if spec.adaptation.method is AdaptationMethod.GRADUAL_UNFREEZING:
-        unfreezer = GradualUnfreezer(task.model, spec.adaptation.unfreeze_every_epochs)
-    if spec.adaptation.method is AdaptationMethod.LORA and spec.adaptation.lora is not None:
-        task.model = apply_lora(task.model, spec.adaptation.lora)
-        summary = summarize(task.model)
-    reporter.log(f"adaptation {spec.adaptation.method.value}: {summary.describe()}")
-    parameters = plan_parameters(task.model, spec.hyperparameters.layer_decay != 1.0, unfreezer)
+    extra_metrics: dict[str, float] = {}
+    if spec.data.shots_per_class:
+        spec, extra_metrics = prepare_few_shot(job, spec, device, reporter, task)
+    parameters, unfreezer = adapt_model(task, spec, reporter.log)
     checkpoint_dir = Path(job.checkpoint_dir)
     choices = load_choices(checkpoint_dir)
     if choices is None and spec.hyperparameters.auto.any:
@@ -194,10 +160,8 @@ def _train_and_save(
         "steps": result.steps,
         "labels": task.labels,
     }
-    saved_metrics = dict(result.best_metrics or result.final_metrics)
-    if baseline is not None:
-        metrics["prototype_accuracy"] = baseline
-        saved_metrics["prototype_accuracy"] = baseline  # beside the fine-tuned accuracy on the job
+    metrics.update(extra_metrics)
+    saved_metrics = {**(result.best_metrics or result.final_metrics), **extra_metrics}  # baseline beside the result
     size, sha256 = write_artifact(trainer.model.cpu(), task.processor, spec, metrics, work_dir, Path(job.artifact_path))
     reporter.artifact(size, sha256, saved_metrics)
     reporter.log(f"artifact written: {size} bytes, sha256 {sha256[:12]}")
@@ -213,10 +177,3 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
-
-
-def write_json_atomically(path: Path, value: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value))
-    temporary.replace(path)

@@ -94,6 +94,8 @@ class Trainer:
         self.plan = plan_steps(len(task.train_set), self.hp, micro_batch_size)
         self.deadline = deadline
         self.skipped_non_finite = 0
+        self.keeps_state = True
+        """False for throwaway runs (cross-validation folds): no checkpoints, no best weights on disk."""
         self.model = task.model.to(device)
         self.optimizer = build_optimizer(parameters, self.hp, device)
         ev = spec.evaluation
@@ -162,7 +164,8 @@ class Trainer:
         if gain > ev.early_stopping_min_delta:
             self.result.best_metrics, self.result.best_step, self.result.best_details = metrics, step, details
             self.evaluations_without_improvement = 0
-            save_best(self.model, self.checkpoint_dir, step, ev.best_metric, value)
+            if self.keeps_state:
+                save_best(self.model, self.checkpoint_dir, step, ev.best_metric, value)
         else:
             self.evaluations_without_improvement += 1
 
@@ -172,6 +175,8 @@ class Trainer:
 
     def _checkpoint(self, step: int, epoch: int, step_in_epoch: int, epoch_complete: bool) -> None:
         """Everything an exact resume needs: weights, optimizer, schedule, scaler, RNG, position, bookkeeping."""
+        if not self.keeps_state:
+            return
         training = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),

@@ -168,8 +168,9 @@ class DataSpec(_message.Message):
     shots_per_class: _builtins.int
     """Few-shot mode: train on this many examples per class, drawn stratified with the job's seed (0: all). Unless
     set by hand, the adaptation becomes LORA, augmentation turns on, epochs grow and early stopping guards them;
-    without other validation data the examples not drawn are held out; a nearest-class-mean (prototype) baseline
-    is measured on the same validation data.
+    without other validation data the examples not drawn are held out, and when none are left, k-fold
+    cross-validation over the shots chooses the epochs; a nearest-class-mean (prototype) baseline is measured on
+    the same validation data.
     """
     @_builtins.property
     def augmentation(self) -> Global___Augmentation:

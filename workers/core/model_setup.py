@@ -1,0 +1,36 @@
+"""Turns a prepared task's pretrained model into the model to train: the head, the freeze policy, LoRA, and the
+parameters the optimizer gets. Shared by the run itself and by cross-validation folds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from workers.core.adaptation import (
+    GradualUnfreezer,
+    TrainableParameter,
+    apply_adaptation,
+    plan_parameters,
+    replace_head,
+    summarize,
+)
+from workers.core.adapters import PreparedTask
+from workers.core.lora import apply_lora
+from workers.spec import AdaptationMethod, TrainingSpec
+
+
+def adapt_model(
+    task: PreparedTask, spec: TrainingSpec, log: Callable[[str], None]
+) -> tuple[list[TrainableParameter], GradualUnfreezer | None]:
+    """Applies the spec's head and adaptation to task.model (LoRA replaces it); returns what to train."""
+    if spec.head is not None:
+        replaced = replace_head(task.model, len(task.labels), spec.head)
+        log(f"replaced {replaced} with a head of hidden sizes {list(spec.head.hidden_sizes)}")
+    summary = apply_adaptation(task.model, spec.adaptation)
+    unfreezer = None
+    if spec.adaptation.method is AdaptationMethod.GRADUAL_UNFREEZING:
+        unfreezer = GradualUnfreezer(task.model, spec.adaptation.unfreeze_every_epochs)
+    if spec.adaptation.method is AdaptationMethod.LORA and spec.adaptation.lora is not None:
+        task.model = apply_lora(task.model, spec.adaptation.lora)
+        summary = summarize(task.model)
+    log(f"adaptation {spec.adaptation.method.value}: {summary.describe()}")
+    return plan_parameters(task.model, spec.hyperparameters.layer_decay != 1.0, unfreezer), unfreezer
