@@ -49,8 +49,8 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 class IllegalTransition(Exception):
     """A move the table does not allow (FAILED_PRECONDITION at the API edge)."""
 
-    def __init__(self, current: JobState, target: JobState):
-        super().__init__(f"a job in state {current.value} cannot become {target.value}")
+    def __init__(self, current: StrEnum, target: StrEnum, kind: str = "job"):
+        super().__init__(f"a {kind} in state {current.value} cannot become {target.value}")
         self.current = current
         self.target = target
 

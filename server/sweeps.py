@@ -115,7 +115,7 @@ class SweepController:
             if record is None:
                 return None
             if record.state in SWEEP_TERMINAL:
-                raise IllegalTransition(record.state, SweepState.CANCELLED)  # type: ignore[arg-type]
+                raise IllegalTransition(record.state, SweepState.CANCELLED, "sweep")
             self._live.pop(sweep_id, None)
 
             def change(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]]:
