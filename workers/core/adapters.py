@@ -37,6 +37,8 @@ class PreparedTask:
     """The training loss, when it is not classification cross-entropy (CTC computes its own)."""
     evaluate: Callable[..., Any] | None = None
     """evaluate(model, loader, to_device) -> Evaluation, when it is not classification's."""
+    lengths: list[int] | None = None
+    """Each training example's size (tokens), when known: training batches are then grouped by length."""
 
 
 class TaskAdapter(Protocol):

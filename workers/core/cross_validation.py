@@ -113,6 +113,7 @@ def _run_fold(
     kept = [i for i in range(len(task.train_set)) if i not in held]
     task.validation_set = Subset(task.train_set, held_out)  # type: ignore[arg-type,assignment]
     task.train_labels = [task.train_labels[i] for i in kept]
+    task.lengths = [task.lengths[i] for i in kept] if task.lengths is not None else None
     task.train_set = Subset(task.train_set, kept)  # type: ignore[arg-type,assignment]
     prototype = prototype_accuracy(task, device)
     parameters, unfreezer = adapt_model(task, spec, lambda message: None)

@@ -29,14 +29,16 @@ class TextClassificationAdapter:
         tokenizer = load_pretrained(AutoTokenizer, spec.base_model)
         model = load_classifier(AutoModelForSequenceClassification, spec.base_model, data.labels)
         max_length = self._max_length(spec.data.max_sequence_length, tokenizer, model)
+        train_set = self._encode(data.train, tokenizer, max_length)
         return PreparedTask(
             model=model,
             processor=tokenizer,
-            train_set=self._encode(data.train, tokenizer, max_length),
+            train_set=train_set,
             validation_set=self._encode(data.validation, tokenizer, max_length),
             collate=self._collate(tokenizer),
             labels=data.labels,
             train_labels=[example.label for example in data.train],
+            lengths=[len(item["input_ids"]) for item in train_set],
         )
 
     @staticmethod

@@ -32,6 +32,7 @@ from workers.core.device import autocast, autocast_dtype
 from workers.core.errors import JobFailure
 from workers.core.evaluation import evaluate
 from workers.core.faults import check_micro_batch, corrupt_loss
+from workers.core.length_grouping import LengthGroupedBatchSampler
 from workers.core.optimization import balanced_sampler, build_optimizer, classification_loss, plan_steps
 from workers.core.reporting import Reporter
 from workers.core.schedules import PlateauScale, lr_multiplier
@@ -122,8 +123,19 @@ class Trainer:
     # ------------------------------------------------------------ data
 
     def loader(self, dataset: Any, train: bool, batch_size: int, seed: int) -> DataLoader[Any]:
+        """Batches in a seeded order: grouped by length for the training set when lengths are known, class-balanced
+        when asked, shuffled otherwise; in order for evaluation."""
         generator = torch.Generator().manual_seed(seed)
         balanced = train and self.hp.class_balance is ClassBalance.BALANCED_SAMPLING
+        lengths = self.task.lengths
+        grouped = train and not balanced and id(dataset) == id(self.task.train_set)
+        if grouped and lengths is not None:
+            return DataLoader(
+                dataset,
+                batch_sampler=LengthGroupedBatchSampler(lengths, batch_size, generator),
+                collate_fn=self.task.collate,
+                pin_memory=self.device.type == "cuda",
+            )
         return DataLoader(
             dataset,
             batch_size=batch_size,
