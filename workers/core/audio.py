@@ -29,8 +29,9 @@ def declared_wav_frames(path: Any) -> int | None:
         return None
 
 
-def check_audio(item: MediaItem, max_seconds: float | None = None) -> None:
-    """Decodes the whole file once: unreadable, truncated, empty, too long or oddly sampled audio fails here."""
+def check_audio(item: MediaItem, max_seconds: float | None = None) -> float:
+    """Decodes the whole file once: unreadable, truncated, empty, too long or oddly sampled audio fails here.
+    Returns its duration in seconds."""
     try:
         info = soundfile.info(str(item.path))
         frames = soundfile.read(str(item.path), dtype="float32", always_2d=True)[0].shape[0]
@@ -51,6 +52,7 @@ def check_audio(item: MediaItem, max_seconds: float | None = None) -> None:
         raise InvalidDataset(
             f"{item.source}: {frames / info.samplerate:.1f} s is longer than data.clip_seconds ({max_seconds:g} s)"
         )
+    return float(frames / info.samplerate)
 
 
 def load_mono(path: Any, source: str, sample_rate: int) -> torch.Tensor:

@@ -103,7 +103,7 @@ def load_media_dataset(
     seed: int,
     work_dir: Path,
     extensions: tuple[str, ...],
-    check: Callable[[MediaItem], None],
+    check: Callable[[MediaItem], object],
 ) -> MediaDataset:
     """Unpacks the archives, finds and checks every example, maps labels and applies the validation split."""
     train_root = extract_archive(training, work_dir / "data" / "train")
