@@ -1,17 +1,19 @@
 """The same fine-tuning run three ways, each in its own process: (a) transformers' Trainer, (b) a minimal hand-written
 PyTorch loop over batches tensorised in advance (the practical limit), (c) Tuneforge's training core. Prints training
-samples/s, the ratios c/a and c/b, and peak memory.
+samples/s, the ratios c/a and c/b, and peak memory, for a small BERT, a small ViT and a small wav2vec2.
 
-    .venv/bin/python bench/core_vs_trainer.py [--examples 2000] [--epochs 2]
+    .venv/bin/python bench/core_vs_trainer.py [--workloads text,image,audio] [--epochs 2]
 
-A small BERT from a config (random weights, fixed seed) on synthetic sentences of varied length; the same
-hyperparameters everywhere (batch 32, AdamW 5e-5, weight decay 0.01, constant rate, clipping at 1.0, seed 0).
-Training time is what each spends in its training loop: the core's includes its per-epoch checkpoints.
+Models come from configs (random weights, fixed seed); the data is synthetic: sentences of varied length, coloured
+squares on noise, tones. The same hyperparameters everywhere (batch 32, AdamW 5e-5, weight decay 0.01, constant
+rate, clipping at 1.0, seed 0). Training time is what each spends in its training loop: the core's includes its
+per-epoch checkpoints and, for images and audio, decoding the files each epoch (the others get tensors made once).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -21,6 +23,9 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +36,41 @@ TOPICS = {"alpha": ["apple", "apricot"], "beta": ["banana", "berry"], "gamma": [
 BATCH, LEARNING_RATE, WEIGHT_DECAY, SEED = 32, 5e-5, 0.01, 0
 
 
-def sentences(count: int) -> list[dict[str, str]]:
+@dataclass(frozen=True)
+class Workload:
+    """One model and its data, as each contender needs them."""
+
+    description: str
+    examples: int
+    build: Callable[[Path], None]
+    """Writes the model folder (weights and processor)."""
+    write_data: Callable[[Path], Path]
+    """Writes the training file the core reads (JSONL or a zip archive) into a folder."""
+    items: Callable[[Path, Path], list[dict[str, Any]]]
+    """items(model, data file): one dict of tensors or lists per example, made once (what Trainer scripts do)."""
+    collate: Callable[[Path], Callable[[list[dict[str, Any]]], dict[str, Any]]]
+    model_class: str
+    task: str
+    clip_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- text: a small BERT on sentences of varied length
+
+
+def write_sentences(folder: Path) -> Path:
     rng = random.Random(SEED)
     rows = []
-    for _ in range(count):
+    for _ in range(2000):
         label = rng.choice(sorted(TOPICS))
         words = [*rng.choices(WORDS, k=rng.randint(4, 100)), rng.choice(TOPICS[label])]
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
-    return rows
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
-def make_model(folder: Path) -> None:
+def build_bert(folder: Path) -> None:
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
@@ -61,28 +89,144 @@ def make_model(folder: Path) -> None:
     BertForSequenceClassification(config).save_pretrained(folder)
 
 
-# ---------------------------------------------------------------- the three contenders (each in a child process)
-
-
-def tokenized(model: Path, rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+def sentence_items(model: Path, data: Path) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     labels = {name: i for i, name in enumerate(sorted(TOPICS))}
-    return [{**tokenizer(row["text"], truncation=True, max_length=128), "labels": labels[row["label"]]} for row in rows]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    return [{**tokenizer(r["text"], truncation=True, max_length=128), "labels": labels[r["label"]]} for r in rows]
 
 
-def run_trainer(model: Path, rows: list[dict[str, str]], epochs: int) -> float:
+def pad_collate(model: Path) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = DataCollatorWithPadding(
+        AutoTokenizer.from_pretrained(model)
+    )
+    return collate
+
+
+# ---------------------------------------------------------------- images and audio: folders of files in a zip
+
+
+def build_vit(folder: Path) -> None:
     import torch
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(SEED)
+    config = ViTConfig(
+        image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+        intermediate_size=768, num_labels=3,
+    )  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+
+
+def build_wav2vec2(folder: Path) -> None:
+    from tests.media import save_tiny_wav2vec2
+
+    save_tiny_wav2vec2(
+        folder,
+        "Wav2Vec2ForSequenceClassification",
+        SEED,
+        False,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=512,
+        conv_dim=(64, 64, 64),
+        num_labels=3,
     )
 
-    data = tokenized(model, rows)
+
+def write_images(folder: Path) -> Path:
+    from tests.media import write_shapes_zip
+
+    return write_shapes_zip(folder / "shapes.zip", per_class=300)
+
+
+def write_tones(folder: Path) -> Path:
+    from tests.media import write_tones_zip
+
+    return write_tones_zip(folder / "tones.zip", per_class=200)
+
+
+def archive_members(data: Path) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(data) as archive:
+        return [(name.split("/")[-2], archive.read(name)) for name in sorted(archive.namelist()) if "." in name]
+
+
+def image_items(model: Path, data: Path) -> list[dict[str, Any]]:
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model)
+    members = archive_members(data)
+    names = sorted({label for label, _ in members})
+    return [
+        {
+            "pixel_values": processor(Image.open(io.BytesIO(raw)).convert("RGB"), return_tensors="pt")["pixel_values"][
+                0
+            ],
+            "labels": names.index(label),
+        }
+        for label, raw in members
+    ]
+
+
+def tone_items(model: Path, data: Path) -> list[dict[str, Any]]:
+    import soundfile
+    from transformers import AutoFeatureExtractor
+
+    extractor = AutoFeatureExtractor.from_pretrained(model)
+    members = archive_members(data)
+    names = sorted({label for label, _ in members})
+    items = []
+    for label, raw in members:
+        wave, rate = soundfile.read(io.BytesIO(raw), dtype="float32")
+        values = extractor(wave, sampling_rate=rate, return_tensors="pt")["input_values"][0]
+        items.append({"input_values": values, "labels": names.index(label)})
+    return items
+
+
+def stack_collate(model: Path) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    import torch
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {key: torch.stack([item[key] for item in items]) if key != "labels" else
+                torch.tensor([item[key] for item in items]) for key in items[0]}  # fmt: skip
+
+    return collate
+
+
+WORKLOADS = {
+    "text": Workload(
+        "BERT (4 layers, hidden 256), 2000 sentences of 5-101 words",
+        2000, build_bert, write_sentences, sentence_items, pad_collate, "AutoModelForSequenceClassification",
+        "TEXT_CLASSIFICATION",
+    ),
+    "image": Workload(
+        "ViT (4 layers, hidden 192, 64x64 images), 900 PNGs",
+        900, build_vit, write_images, image_items, stack_collate, "AutoModelForImageClassification",
+        "IMAGE_CLASSIFICATION",
+    ),
+    "audio": Workload(
+        "wav2vec2 (4 layers, hidden 128), 600 clips of 0.5 s at 16 kHz",
+        600, build_wav2vec2, write_tones, tone_items, stack_collate, "AutoModelForAudioClassification",
+        "AUDIO_CLASSIFICATION", clip_seconds=0.5,
+    ),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the three contenders (each in a child process)
+
+
+def run_trainer(workload: Workload, model: Path, data: Path, epochs: int) -> float:
+    import torch
+    import transformers
+    from transformers import Trainer, TrainingArguments
+
     arguments = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=BATCH,
@@ -100,27 +244,27 @@ def run_trainer(model: Path, rows: list[dict[str, str]], epochs: int) -> float:
         bf16=torch.cuda.is_available(),
     )
     trainer = Trainer(
-        model=AutoModelForSequenceClassification.from_pretrained(model),
+        model=getattr(transformers, workload.model_class).from_pretrained(model),
         args=arguments,
-        train_dataset=data,  # type: ignore[arg-type]
-        data_collator=DataCollatorWithPadding(AutoTokenizer.from_pretrained(model)),
+        train_dataset=workload.items(model, data),  # type: ignore[arg-type]
+        data_collator=workload.collate(model),
     )
     started = time.perf_counter()
     trainer.train()
     return time.perf_counter() - started
 
 
-def run_hand_loop(model: Path, rows: list[dict[str, str]], epochs: int) -> float:
+def run_hand_loop(workload: Workload, model: Path, data: Path, epochs: int) -> float:
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+    import transformers
 
     torch.manual_seed(SEED)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    collate = DataCollatorWithPadding(AutoTokenizer.from_pretrained(model))
-    data = tokenized(model, rows)
-    random.Random(SEED).shuffle(data)
-    batches = [{k: v.to(device) for k, v in collate(data[i : i + BATCH]).items()} for i in range(0, len(data), BATCH)]
-    network = AutoModelForSequenceClassification.from_pretrained(model).to(device)
+    collate = workload.collate(model)
+    items = workload.items(model, data)
+    random.Random(SEED).shuffle(items)
+    batches = [{k: v.to(device) for k, v in collate(items[i : i + BATCH]).items()} for i in range(0, len(items), BATCH)]
+    network = getattr(transformers, workload.model_class).from_pretrained(model).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     network.train()
     started = time.perf_counter()
@@ -137,7 +281,7 @@ def run_hand_loop(model: Path, rows: list[dict[str, str]], epochs: int) -> float
     return time.perf_counter() - started
 
 
-def run_core(model: Path, rows: list[dict[str, str]], epochs: int) -> float:
+def run_core(workload: Workload, model: Path, data: Path, epochs: int) -> float:
     import torch
 
     from workers.core.runner import run_job
@@ -153,12 +297,10 @@ def run_core(model: Path, rows: list[dict[str, str]], epochs: int) -> float:
     )
 
     work = Path(tempfile.mkdtemp())
-    data = work / "train.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     spec = TrainingSpec(
-        task=TaskKind.TEXT_CLASSIFICATION,
+        task=TaskKind[workload.task],
         base_model=str(model),
-        data=DataSettings(training_file="files/train", max_sequence_length=128),
+        data=DataSettings(training_file="files/train", max_sequence_length=128, clip_seconds=workload.clip_seconds),
         hyperparameters=Hyperparameters(
             epochs=epochs,
             batch_size=BATCH,
@@ -189,47 +331,55 @@ def run_core(model: Path, rows: list[dict[str, str]], epochs: int) -> float:
 CONTENDERS = {"trainer": run_trainer, "hand_loop": run_hand_loop, "core": run_core}
 
 
-def child(name: str, model: Path, examples: int, epochs: int) -> None:
+def child(name: str, workload: Workload, model: Path, data: Path, epochs: int) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    seconds = CONTENDERS[name](model, sentences(examples), epochs)
+    seconds = CONTENDERS[name](workload, model, data, epochs)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "cuda_peak_mb": cuda_mb}))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--child", choices=sorted(CONTENDERS))
-    parser.add_argument("--model", type=Path)
-    args = parser.parse_args()
-    if args.child:
-        child(args.child, args.model, args.examples, args.epochs)
-        return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    model = Path(tempfile.mkdtemp()) / "bench-bert"
-    make_model(model)
+def compare(name: str, workload: Workload, epochs: int) -> None:
+    scratch = Path(tempfile.mkdtemp())
+    model = scratch / "model"
+    workload.build(model)
+    data = workload.write_data(scratch)
     results = {}
-    for name in CONTENDERS:
-        command = [sys.executable, __file__, "--child", name, "--model", str(model)]
-        command += ["--examples", str(args.examples), "--epochs", str(args.epochs)]
+    for contender in CONTENDERS:
+        command = [sys.executable, __file__, "--child", contender, "--workloads", name]
+        command += ["--model", str(model), "--data", str(data), "--epochs", str(epochs)]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results[name] = json.loads(output)
-        results[name]["samples_per_s"] = args.examples * args.epochs / results[name]["seconds"]
-    print(f"BERT (4 layers, hidden 256), {args.examples} sentences of 5-101 words, {args.epochs} epochs, batch {BATCH}")
+        results[contender] = json.loads(output)
+        results[contender]["samples_per_s"] = workload.examples * epochs / results[contender]["seconds"]
+    print(f"{workload.description}, {epochs} epochs, batch {BATCH}")
     print(f"{'':>10} {'samples/s':>10} {'train s':>8} {'peak RSS MB':>12} {'CUDA peak MB':>13}")
-    for name, row in results.items():
+    for contender, row in results.items():
         print(
-            f"{name:>10} {row['samples_per_s']:>10.1f} {row['seconds']:>8.1f} {row['peak_rss_mb']:>12.0f} "
+            f"{contender:>10} {row['samples_per_s']:>10.1f} {row['seconds']:>8.1f} {row['peak_rss_mb']:>12.0f} "
             f"{row['cuda_peak_mb']:>13.0f}"
         )
     core = results["core"]["samples_per_s"]
     print(f"core / trainer {core / results['trainer']['samples_per_s']:.3f}")
-    print(f"core / hand loop {core / results['hand_loop']['samples_per_s']:.3f}")
+    print(f"core / hand loop {core / results['hand_loop']['samples_per_s']:.3f}\n", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="text,image,audio")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--child", choices=sorted(CONTENDERS))
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--data", type=Path)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.child:
+        child(args.child, WORKLOADS[args.workloads], args.model, args.data, args.epochs)
+        return 0
+    for name in args.workloads.split(","):
+        compare(name, WORKLOADS[name], args.epochs)
     return 0
 
 
