@@ -117,3 +117,23 @@ def test_bombs_and_floods_are_refused_before_unpacking(tiny_vit: Path, tmp_path:
     not_archive = tmp_path / "plain.zip"
     not_archive.write_bytes(b"hello")
     assert "not a zip or tar archive" in failure_of(tiny_vit, not_archive, tmp_path)
+
+
+def test_processed_pixels_are_kept_only_when_nothing_is_random(tiny_vit: Path, tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor
+
+    from workers.core.image_adapter import ImageDataset, image_augmentation
+    from workers.core.media_data import MediaExample
+    from workers.spec import AugmentationSettings
+
+    archive = write_shapes_zip(tmp_path / "shapes.zip", per_class=2)
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(tmp_path / "images")
+    examples = [MediaExample(p, 0, p.name) for p in sorted((tmp_path / "images").rglob("*.png"))]
+    processor = AutoImageProcessor.from_pretrained(tiny_vit)
+    plain = ImageDataset(examples, processor, None)
+    first = plain[0]["pixel_values"]
+    examples[0].path.unlink()  # a second read could not decode it: it must come from memory
+    assert plain[0]["pixel_values"] is first
+    augmented = ImageDataset(examples[1:], processor, image_augmentation(AugmentationSettings(), (32, 32)))
+    assert augmented[0]["pixel_values"] is not augmented[0]["pixel_values"], "augmented pixels are never reused"

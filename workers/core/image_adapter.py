@@ -75,23 +75,36 @@ def image_augmentation(settings: AugmentationSettings | None, size: tuple[int, i
     return v2.Compose(steps) if steps else None
 
 
+PIXEL_CACHE_BYTES = 1 << 30
+"""Processed pixels kept per dataset when nothing is random about them (no augmentation)."""
+
+
 class ImageDataset(torch.utils.data.Dataset[dict[str, Any]]):
-    """Decodes lazily: only one batch of images is in memory at a time."""
+    """Decodes lazily. Without augmentation the processed pixels are the same every epoch, so they are kept (up to
+    PIXEL_CACHE_BYTES) and later epochs skip decoding and resizing."""
 
     def __init__(self, examples: list[MediaExample], processor: Any, augment: Callable[[Any], Any] | None):
         self.examples = examples
         self.processor = processor
         self.augment = augment
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
-        image = open_rgb(example)
-        if self.augment is not None:
-            image = self.augment(image)
-        pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        pixels = self._cache.get(index)
+        if pixels is None:
+            image = open_rgb(example)
+            if self.augment is not None:
+                image = self.augment(image)
+            pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+            size = pixels.element_size() * pixels.nelement()
+            if self.augment is None and self._cached_bytes + size <= PIXEL_CACHE_BYTES:
+                self._cache[index] = pixels
+                self._cached_bytes += size
         return {"pixel_values": pixels, "labels": example.label}
 
 
