@@ -67,15 +67,3 @@ def test_bad_transcripts_and_long_clips_fail_precisely(tiny_ctc: Path, tmp_path:
     finished, _ = run(speech_spec(tiny_ctc, epochs=1, clip_seconds=1.0), rebuilt, tmp_path / "work")
     assert (finished.outcome, finished.reason) == (Outcome.FAILED, "INVALID_DATASET")
     assert "long.zip:metadata.jsonl line 7 (long.wav): 2.2 s is longer than data.clip_seconds (1 s)" in finished.message
-
-
-def test_utterances_are_batched_by_length(tiny_ctc: Path, tmp_path: Path) -> None:
-    from workers.core.speech_adapter import SpeechRecognitionAdapter
-    from workers.messages import DataFile, RunJob
-
-    archive = write_words_zip(tmp_path / "words.zip", 24)
-    spec = speech_spec(tiny_ctc)
-    job = RunJob("j", 1, spec, DataFile(str(archive), archive.name), None, str(tmp_path), str(tmp_path / "c"), "")
-    task = SpeechRecognitionAdapter().prepare(job, lambda message: None)
-    assert task.lengths is not None and len(task.lengths) == len(task.train_set)
-    assert all(length > 0 for length in task.lengths), "durations in milliseconds, from the decoded audio"

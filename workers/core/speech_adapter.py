@@ -136,11 +136,10 @@ class SpeechRecognitionAdapter:
             )
         else:
             validation = []
-        seconds: dict[int, float] = {}
         for item in (*train, *validation):
             if not item.target:
                 raise InvalidDataset(f"{item.source}: the transcript is empty")
-            seconds[id(item)] = check_audio(item, max_seconds)
+            check_audio(item, max_seconds)
         extractor = load_pretrained(AutoFeatureExtractor, spec.base_model)
         tokenizer = self._tokenizer(spec.base_model, [i.target for i in train], work_dir / "vocabulary", log)
         processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
@@ -169,7 +168,6 @@ class SpeechRecognitionAdapter:
             train_labels=[],
             compute_loss=ctc_loss,
             evaluate=evaluate_ctc(tokenizer),
-            lengths=[round(seconds[id(item)] * 1000) for item in train],  # utterances vary: batch them by length
         )
 
     @staticmethod
