@@ -20,7 +20,13 @@ from tuneforge.v1 import jobs_pb2
 
 from clients.archive import extract_archive
 from clients.client import TuneforgeClient, TuneforgeError
-from clients.spec_flags import add_spec_arguments, load_spec_file, spec_from_arguments
+from clients.spec_flags import (
+    add_spec_arguments,
+    add_spec_file_arguments,
+    load_spec_file,
+    set_data_files,
+    spec_from_arguments,
+)
 from clients.sweep_cli import add_sweep_commands
 from clients.watch_view import render_watch
 
@@ -52,10 +58,7 @@ def cmd_submit(client: TuneforgeClient, args: argparse.Namespace) -> int:
 def cmd_create(client: TuneforgeClient, args: argparse.Namespace) -> int:
     """A job from a JobSpec JSON file (see examples/), with the data files given on the command line."""
     spec = load_spec_file(Path(args.spec))
-    spec.data.training_file = args.train
-    if args.validation:
-        spec.data.validation_file = args.validation
-        spec.data.validation_fraction = 0.0
+    set_data_files(spec.data, args)
     job = client.create_job(spec, display_name=args.name, request_id=args.request_id)
     _print_json(job) if args.json else print(job.name)
     return cmd_watch(client, argparse.Namespace(job=job.name, json=args.json)) if args.watch else 0
@@ -187,12 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--request-id", help="idempotency key (a UUID); default: a new one")
     submit.add_argument("--watch", action="store_true", help="watch the job after creating it")
     create = command("create", cmd_create, "create a job from a JobSpec JSON file (see examples/)")
-    create.add_argument("--spec", required=True, help="JobSpec in protobuf JSON")
-    create.add_argument("--train", required=True, help="training file name (files/ID)")
-    create.add_argument("--validation", help="validation file name (files/ID); replaces the spec's fraction")
-    create.add_argument("--name", default="", help="display name")
-    create.add_argument("--request-id", help="idempotency key (a UUID); default: a new one")
-    create.add_argument("--watch", action="store_true", help="watch the job after creating it")
+    add_spec_file_arguments(create, "JobSpec", "examples/")
     command("watch", cmd_watch, "follow a job live; exit 0 when it SUCCEEDED").add_argument("job")
     jobs = command("jobs", cmd_jobs, "list jobs, newest first")
     jobs.add_argument("--state", action="append", default=[], help="only jobs in this state (repeatable)")

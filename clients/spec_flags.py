@@ -133,3 +133,21 @@ def load_spec_file(path: Path) -> pb.JobSpec:
 def load_sweep_file(path: Path) -> sweeps_pb2.SweepSpec:
     """A SweepSpec from its protobuf JSON form (see examples/sweeps/)."""
     return json_format.Parse(path.read_text(), sweeps_pb2.SweepSpec())
+
+
+def add_spec_file_arguments(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """The flags of a create-from-file command: the spec file, its data files, name, idempotency key, watch."""
+    parser.add_argument("--spec", required=True, help=f"{what} in protobuf JSON (see {example})")
+    parser.add_argument("--train", required=True, help="training file name (files/ID)")
+    parser.add_argument("--validation", help="validation file name (files/ID); replaces the spec's fraction")
+    parser.add_argument("--name", default="", help="display name")
+    parser.add_argument("--request-id", help="idempotency key (a UUID); default: a new one")
+    parser.add_argument("--watch", action="store_true", help="watch it after creating it")
+
+
+def set_data_files(data: pb.DataSpec, args: argparse.Namespace) -> None:
+    """Writes --train and --validation into a spec read from a file (a validation file replaces its fraction)."""
+    data.training_file = args.train
+    if args.validation:
+        data.validation_file = args.validation
+        data.validation_fraction = 0.0

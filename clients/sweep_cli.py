@@ -13,7 +13,7 @@ from rich.table import Table
 from tuneforge.v1 import sweeps_pb2
 
 from clients.client import TuneforgeClient
-from clients.spec_flags import load_sweep_file
+from clients.spec_flags import add_spec_file_arguments, load_sweep_file, set_data_files
 
 SWEEP = sweeps_pb2.Sweep.State
 TRIAL = sweeps_pb2.Trial.State
@@ -24,10 +24,7 @@ console = Console(stderr=True)
 
 def cmd_create(client: TuneforgeClient, args: argparse.Namespace) -> int:
     spec = load_sweep_file(Path(args.spec))
-    spec.base.data.training_file = args.train
-    if args.validation:
-        spec.base.data.validation_file = args.validation
-        spec.base.data.validation_fraction = 0.0
+    set_data_files(spec.base.data, args)
     sweep = client.create_sweep(spec, display_name=args.name, request_id=args.request_id)
     print(json.dumps(MessageToDict(sweep), indent=2)) if args.json else print(sweep.name)
     return cmd_watch(client, argparse.Namespace(sweep=sweep.name, json=args.json)) if args.watch else 0
@@ -102,12 +99,7 @@ def cmd_cancel(client: TuneforgeClient, args: argparse.Namespace) -> int:
 def add_sweep_commands(command: Command) -> None:
     """Registers the sweep commands on the CLI's sub-command factory."""
     created = command("sweep-create", cmd_create, "create a sweep from a SweepSpec JSON file (see examples/sweeps/)")
-    created.add_argument("--spec", required=True, help="SweepSpec in protobuf JSON")
-    created.add_argument("--train", required=True, help="training file name (files/ID)")
-    created.add_argument("--validation", help="validation file name (files/ID); replaces the spec's fraction")
-    created.add_argument("--name", default="", help="display name")
-    created.add_argument("--request-id", help="idempotency key (a UUID); default: a new one")
-    created.add_argument("--watch", action="store_true", help="watch the sweep after creating it")
+    add_spec_file_arguments(created, "SweepSpec", "examples/sweeps/")
     command("sweeps", cmd_list, "list sweeps, newest first")
     command("sweep", cmd_show, "show a sweep's trials").add_argument("sweep")
     command(

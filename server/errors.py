@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from dataclasses import dataclass, field
 
 import grpc
@@ -32,6 +34,13 @@ class ApiError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code.name} {self.reason}: {self.message}"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT from a file write, or SQLite's own 'database or disk is full'."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def invalid_argument(violations: list[FieldViolation], reason: str = "INVALID_ARGUMENT") -> ApiError:

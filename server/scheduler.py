@@ -8,7 +8,6 @@ report from an attempt that no longer holds its job is ignored.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from tuneforge.v1 import job_spec_pb2
 
 from server import convert
 from server.db import StoreRunner
+from server.errors import is_disk_full
 from server.event_hub import EventHub
 from server.job_changes import cancel as cancel_change
 from server.job_changes import claim, held_by, lose_attempt, pause, paused, requeue, resume, transition
@@ -248,7 +248,7 @@ class Scheduler:
             try:
                 folders = await asyncio.to_thread(self._make_folders, record)
             except OSError as exc:  # a full disk must fail the job, not the scheduler
-                reason = "DISK_FULL" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "INTERNAL"
+                reason = "DISK_FULL" if is_disk_full(exc) else "INTERNAL"
                 problem = f"could not create the job's folders on the server: {exc}"
         if problem or spec is None or folders is None:
             await self._apply(
@@ -329,8 +329,7 @@ class Scheduler:
                 try:  # only the holding attempt's artifact becomes the job's; a stale one is dropped with its dir
                     await asyncio.to_thread(self._storage.promote_artifact, event.job, event.attempt)
                 except OSError as exc:
-                    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                    succeeded, reason = False, "DISK_FULL" if full else "INTERNAL"
+                    succeeded, reason = False, "DISK_FULL" if is_disk_full(exc) else "INTERNAL"
                     message = f"could not store the artifact on the server: {exc}"
         await asyncio.to_thread(self._storage.delete_work_dir, event.job, event.attempt)  # the attempt is over
         change: ChangeFn = (

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from server.errors import ApiError, failed_precondition, to_status
+from server.errors import ApiError, failed_precondition, is_disk_full, to_status
 from server.job_states import IllegalTransition
 
 log = logging.getLogger(__name__)
@@ -23,20 +21,13 @@ def _as_api_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, IllegalTransition):
         return failed_precondition("ILLEGAL_STATE", str(exc), state=exc.current.value)
-    if _is_disk_full(exc):
+    if is_disk_full(exc):
         log.error("the server's disk is full: %s", exc)
         return ApiError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "STORAGE_FULL", "the server's disk is full; retry once space is freed"
         )
     log.exception("unexpected error in a handler")
     return ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the server log has the details")
-
-
-def _is_disk_full(exc: Exception) -> bool:
-    """ENOSPC from a file write, or SQLite's own 'database or disk is full'."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def unary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:

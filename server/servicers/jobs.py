@@ -4,7 +4,7 @@ download."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -97,24 +97,21 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @unary
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
-        job_id = parse_name(request.name, "jobs")
-        record = await self._scheduler.cancel(job_id)
-        if record is None:
-            raise not_found(request.name)
-        return convert.job_to_proto(record)
+        return await self._control(self._scheduler.cancel, request.name)
 
     @unary
     async def PauseJob(self, request: jobs_pb2.PauseJobRequest, context: Context) -> jobs_pb2.Job:
-        record = await self._scheduler.pause(parse_name(request.name, "jobs"))
-        if record is None:
-            raise not_found(request.name)
-        return convert.job_to_proto(record)
+        return await self._control(self._scheduler.pause, request.name)
 
     @unary
     async def ResumeJob(self, request: jobs_pb2.ResumeJobRequest, context: Context) -> jobs_pb2.Job:
-        record = await self._scheduler.resume(parse_name(request.name, "jobs"))
+        return await self._control(self._scheduler.resume, request.name)
+
+    async def _control(self, action: Callable[[str], Awaitable[JobRecord | None]], name: str) -> jobs_pb2.Job:
+        """Cancel, pause, resume: one scheduler action on one job (IllegalTransition -> FAILED_PRECONDITION)."""
+        record = await action(parse_name(name, "jobs"))
         if record is None:
-            raise not_found(request.name)
+            raise not_found(name)
         return convert.job_to_proto(record)
 
     @unary
@@ -131,14 +128,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @streaming
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: Context) -> AsyncIterator[jobs_pb2.JobEvent]:
         record = await self._get(request.name)
-        if request.after_sequence < 0:
-            raise invalid_argument([FieldViolation("after_sequence", "must not be negative")])
-
-        async def finished(last: int) -> bool:
-            current = await self._db.call(self._store.get_job, record.id)
-            return current is None or (current.state in TERMINAL and current.last_event_sequence <= last)
-
-        async for event in follow_events(self._store, self._db, self._hub, record.id, request.after_sequence, finished):
+        events = follow_events(
+            self._store, self._db, self._hub, record.id, request.after_sequence, self._store.get_job, TERMINAL
+        )
+        async for event in events:
             yield convert.event_to_proto(event)
 
     @unary

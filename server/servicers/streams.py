@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from enum import StrEnum
+from typing import Any, Protocol
 
 import grpc
 
 from server.db import StoreRunner
-from server.errors import ApiError
+from server.errors import ApiError, FieldViolation, invalid_argument
 from server.event_hub import EventHub
 from server.records import EventRecord
 from server.store.base import JobStore
@@ -19,16 +21,30 @@ WATCH_RECHECK_S = 30.0
 """A woken watcher reads the store; this only bounds how long a missed wake-up could delay it."""
 
 
+class Streamed(Protocol):
+    """A job or a sweep: what following its events needs to know about it."""
+
+    @property
+    def state(self) -> StrEnum: ...
+
+    @property
+    def last_event_sequence(self) -> int: ...
+
+
 async def follow_events(
     store: JobStore,
     db: StoreRunner,
     hub: EventHub,
     key: str,
     after_sequence: int,
-    finished: Callable[[int], Awaitable[bool]],
+    current: Callable[[str], Streamed | None],
+    terminal: frozenset[Any],
 ) -> AsyncIterator[EventRecord]:
-    """Every stored event after after_sequence, then new ones as they are stored, until `finished(last)` says the
-    resource ended and nothing newer remains. Ends with UNAVAILABLE when the server shuts down."""
+    """Every stored event after after_sequence, then new ones as they are stored, until the resource (read with the
+    store's `current`) is in a terminal state and nothing newer remains. INVALID_ARGUMENT for a negative
+    after_sequence; ends with UNAVAILABLE when the server shuts down."""
+    if after_sequence < 0:
+        raise invalid_argument([FieldViolation("after_sequence", "must not be negative")])
     last = after_sequence
     with hub.subscribe(key) as woken:
         while True:
@@ -45,7 +61,8 @@ async def follow_events(
                     "SERVER_SHUTTING_DOWN",
                     "the server is restarting; watch again from the last sequence you saw",
                 )
-            if await finished(last):
+            resource = await db.call(current, key)
+            if resource is None or (resource.state in terminal and resource.last_event_sequence <= last):
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), WATCH_RECHECK_S)

@@ -70,14 +70,10 @@ class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
         self, request: sweeps_pb2.WatchSweepRequest, context: Context
     ) -> AsyncIterator[sweeps_pb2.SweepEvent]:
         record = await self._get(request.name)
-        if request.after_sequence < 0:
-            raise invalid_argument([FieldViolation("after_sequence", "must not be negative")])
-
-        async def finished(last: int) -> bool:
-            current = await self._db.call(self._store.get_sweep, record.id)
-            return current is None or (current.state in SWEEP_TERMINAL and current.last_event_sequence <= last)
-
-        async for event in follow_events(self._store, self._db, self._hub, record.id, request.after_sequence, finished):
+        events = follow_events(
+            self._store, self._db, self._hub, record.id, request.after_sequence, self._store.get_sweep, SWEEP_TERMINAL
+        )
+        async for event in events:
             yield sweep_event_to_proto(event)
 
     async def _get(self, name: str) -> SweepRecord:

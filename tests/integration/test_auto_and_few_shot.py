@@ -11,7 +11,7 @@ import pytest
 from tuneforge.v1 import job_spec_pb2 as pb
 
 from clients.client import TuneforgeClient, TuneforgeError
-from tests.integration.helpers import STATE, text_spec, wait_for_end
+from tests.integration.helpers import STATE, log_lines, text_spec, wait_for_end
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +62,6 @@ def test_few_shot_defaults_and_the_prototype_baseline(
     assert final.state == STATE.SUCCEEDED, final.error
     assert final.progress.total_epochs == 30, "few-shot runs longer by default"
     assert {"eval_accuracy", "prototype_accuracy"} <= set(final.artifact.metrics), "both figures on the job"
-    notes = [e.log.message for e in client.list_job_events(final.name) if e.WhichOneof("payload") == "log"]
+    notes = log_lines(client.list_job_events(final.name))
     assert any(n.startswith("adaptation lora") for n in notes), "LoRA unless told otherwise"
     assert "few-shot: training on 12 examples (4 per class at most)" in notes

@@ -15,7 +15,16 @@ from tuneforge.v1 import jobs_pb2
 from clients.client import TuneforgeClient
 from clients.local_server import start_local_server
 from tests.integration.conftest import SERVER_ARGS
-from tests.integration.helpers import STATE, long_spec, text_spec, wait_for_end, watch_until
+from tests.integration.helpers import (
+    STATE,
+    log_lines,
+    long_spec,
+    state_changes,
+    text_spec,
+    wait_for_end,
+    watch_until,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -90,35 +99,17 @@ def test_a_job_running_at_shutdown_checkpoints_and_resumes(
                 if event.attempt == 2 and event.WhichOneof("payload") == "training_metrics":
                     break
             events = client.list_job_events(job.name)
-            notes = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
+            notes = log_lines(events)
             assert any("server restarted during attempt 1" in n for n in notes)
             resumed = [n for n in notes if n.startswith("resumed from the checkpoint at step")]
             assert resumed, "the worker checkpointed on SIGTERM and the new attempt resumed from it"
             assert int(resumed[0].split("step ")[1].split(" ")[0]) >= seen
-            states = [e.state_change.to_state for e in events if e.WhichOneof("payload") == "state_change"]
-            assert states == [STATE.QUEUED, STATE.RUNNING, STATE.QUEUED, STATE.RUNNING]
+            assert state_changes(events) == [STATE.QUEUED, STATE.RUNNING, STATE.QUEUED, STATE.RUNNING]
             assert client.get_job(job.name).attempt == 2
             client.cancel_job(job.name)
             assert wait_for_end(client, job.name).state == STATE.CANCELLED
     finally:
         assert second.stop() == 0
-
-
-def spawned_workers(parent_pid: int) -> list[int]:
-    """PIDs of the server's spawned worker processes (not the resource tracker)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent_pid and "spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def test_a_killed_worker_fails_its_job_when_no_restarts_are_allowed(
@@ -133,7 +124,7 @@ def test_a_killed_worker_fails_its_job_when_no_restarts_are_allowed(
             file = client.upload_file(keyword_dataset)
             job = client.create_job(long_spec(tiny_bert, file.name))
             watch_until(client, job.name, "training_metrics")
-            [worker_pid] = spawned_workers(server.process.pid)
+            [worker_pid] = worker_pids(server.process.pid).values()
             os.kill(worker_pid, signal.SIGKILL)
             final = wait_for_end(client, job.name)
             assert final.state == STATE.FAILED and final.error.reason == "WORKER_LOST"
@@ -141,7 +132,7 @@ def test_a_killed_worker_fails_its_job_when_no_restarts_are_allowed(
             # The pool started a replacement: the next job runs to the end.
             after = client.create_job(text_spec(tiny_bert, file.name, epochs=1))
             assert wait_for_end(client, after.name).state == STATE.SUCCEEDED
-            assert spawned_workers(server.process.pid) != [worker_pid]
+            assert list(worker_pids(server.process.pid).values()) != [worker_pid]
     finally:
         assert server.stop() == 0
 
@@ -158,13 +149,13 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint(
             spec.evaluation.checkpoint_every_steps = 20
             job = client.create_job(spec)
             saved = watch_until(client, job.name, "checkpoint_saved")
-            [worker_pid] = spawned_workers(server.process.pid)
+            [worker_pid] = worker_pids(server.process.pid).values()
             os.kill(worker_pid, signal.SIGKILL)
             final = wait_for_end(client, job.name, timeout_s=180)
             assert final.state == STATE.SUCCEEDED and final.attempt == 2, final.error
             events = client.list_job_events(job.name)
             assert [e.sequence for e in events] == list(range(1, len(events) + 1))
-            notes = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
+            notes = log_lines(events)
             assert any("queued again to resume from the newest checkpoint in 5 s (restart 1 of 3)" in n for n in notes)
             resumed = [n for n in notes if n.startswith("resumed from the checkpoint at step")]
             assert resumed and int(resumed[0].split("step ")[1].split(" ")[0]) >= saved.checkpoint_saved.step
