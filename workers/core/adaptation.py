@@ -80,6 +80,18 @@ def backbone_of(model: nn.Module) -> nn.Module:
     raise JobFailure("UNSUPPORTED_MODEL", f"{type(model).__name__} has no separate backbone to freeze")
 
 
+def frozen_backbone(model: nn.Module, unfreezer: GradualUnfreezer | None) -> nn.Module | None:
+    """The backbone when none of it trains, now or later (FROZEN_BACKBONE); None otherwise."""
+    if unfreezer is not None or getattr(model, "peft_config", None) is not None:
+        return None
+    try:
+        backbone = backbone_of(model)
+    except JobFailure:
+        return None
+    parameters = list(backbone.parameters())
+    return backbone if parameters and not any(p.requires_grad for p in parameters) else None
+
+
 def blocks_of(backbone: nn.Module) -> nn.ModuleList:
     """The backbone's repeated blocks, looked up by the architecture family's attribute path."""
     for path in BLOCK_PATHS:

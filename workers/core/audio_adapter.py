@@ -38,13 +38,21 @@ class AudioDataset(torch.utils.data.Dataset[dict[str, Any]]):
         self.length = int(clip_seconds * self.rate)
         self.augmentation = augmentation
         self.train = train
+        self.cropped_at_random = False
+        """Set once a training clip longer than the clip length was cut at a random offset."""
+
+    @property
+    def varies_per_epoch(self) -> bool:
+        return self.augmentation is not None or self.cropped_at_random
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
-        wave = crop_or_pad(load_mono(example.path, example.source, self.rate), self.length, self.train, None)
+        wave = load_mono(example.path, example.source, self.rate)
+        self.cropped_at_random |= self.train and wave.shape[0] > self.length
+        wave = crop_or_pad(wave, self.length, self.train, None)
         if self.augmentation is not None:
             wave = augment_wave(wave, self.augmentation, self.rate)
         features = self.extractor(wave.numpy(), sampling_rate=self.rate, return_tensors="pt")

@@ -87,6 +87,7 @@ class ImageDataset(torch.utils.data.Dataset[dict[str, Any]]):
         self.examples = examples
         self.processor = processor
         self.augment = augment
+        self.varies_per_epoch = augment is not None
         self._cache: dict[int, torch.Tensor] = {}
         self._cached_bytes = 0
 

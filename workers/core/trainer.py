@@ -18,7 +18,7 @@ from torch import nn
 from torch.amp.grad_scaler import GradScaler
 from torch.utils.data import DataLoader
 
-from workers.core.adaptation import GradualUnfreezer, TrainableParameter, summarize
+from workers.core.adaptation import GradualUnfreezer, TrainableParameter, frozen_backbone, summarize
 from workers.core.adapters import Batch, PreparedTask
 from workers.core.checkpoints import (
     latest_checkpoint,
@@ -32,6 +32,14 @@ from workers.core.device import autocast, autocast_dtype
 from workers.core.errors import JobFailure
 from workers.core.evaluation import evaluate
 from workers.core.faults import check_micro_batch, corrupt_loss
+from workers.core.feature_cache import (
+    FrozenBackboneModel,
+    KeptFeatures,
+    budget_bytes,
+    collate_kept,
+    keep_features,
+    varies_per_epoch,
+)
 from workers.core.length_grouping import LengthGroupedBatchSampler
 from workers.core.optimization import balanced_sampler, build_optimizer, classification_loss, plan_steps
 from workers.core.reporting import Reporter
@@ -98,6 +106,11 @@ class Trainer:
         self.keeps_state = True
         """False for throwaway runs (cross-validation folds): no checkpoints, no best weights on disk."""
         self.model = task.model.to(device)
+        backbone = frozen_backbone(self.model, unfreezer)
+        self.forward_model: nn.Module = self.model if backbone is None else FrozenBackboneModel(self.model, backbone)
+        """What batches go through: the model, or the model with its frozen backbone held in eval mode."""
+        self.train_set: Any = task.train_set
+        self.validation_set: Any = task.validation_set
         self.optimizer = build_optimizer(parameters, self.hp, device)
         ev = spec.evaluation
         self.plateau = (
@@ -128,12 +141,13 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed)
         balanced = train and self.hp.class_balance is ClassBalance.BALANCED_SAMPLING
         lengths = self.task.lengths
-        grouped = train and not balanced and id(dataset) == id(self.task.train_set)
+        grouped = train and not balanced and dataset is self.train_set
+        collate = collate_kept if isinstance(dataset, KeptFeatures) else self.task.collate
         if grouped and lengths is not None:
             return DataLoader(
                 dataset,
                 batch_sampler=LengthGroupedBatchSampler(lengths, batch_size, generator),
-                collate_fn=self.task.collate,
+                collate_fn=collate,
                 pin_memory=self.device.type == "cuda",
             )
         return DataLoader(
@@ -141,7 +155,7 @@ class Trainer:
             batch_size=batch_size,
             shuffle=train and not balanced,
             sampler=balanced_sampler(self.task.train_labels, generator) if balanced else None,
-            collate_fn=self.task.collate,
+            collate_fn=collate,
             generator=generator,
             pin_memory=self.device.type == "cuda",
         )
@@ -149,15 +163,16 @@ class Trainer:
     # ------------------------------------------------------------ evaluation, best checkpoint, early stopping
 
     def _evaluate(self, step: int, epoch: int) -> None:
-        if not self.task.validation_set:
+        if not self.validation_set:
             return
-        loader = self.loader(self.task.validation_set, False, self.plan.micro_batch_size * 2, 0)
+        loader = self.loader(self.validation_set, False, self.plan.micro_batch_size * 2, 0)
         to_device = lambda batch: _to_device(batch, self.device)  # noqa: E731
+        model, labels = self.forward_model, self.task.labels
         with autocast(self.device, self.dtype):
             if self.task.evaluate is not None:
-                evaluation = self.task.evaluate(self.model, loader, to_device)
+                evaluation = self.task.evaluate(model, loader, to_device)
             else:
-                evaluation = evaluate(self.model, loader, self.device, self.eval_loss_fn, self.task.labels, to_device)
+                evaluation = evaluate(model, loader, self.device, self.eval_loss_fn, labels, to_device)
         metrics = evaluation.metrics
         self.reporter.evaluation(step, epoch, metrics)
         self.result.final_metrics = metrics
@@ -242,6 +257,35 @@ class Trainer:
         self.pending_rng = training["rng"]  # restored after the consumed batches are skipped
         return int(position["step"])
 
+    # ------------------------------------------------------------ frozen backbone: its output once, not every epoch
+
+    def _keep_frozen_features(self) -> None:
+        """With a frozen backbone and inputs that stay the same every epoch, computes the backbone's output once
+        for the training and validation sets; the epochs then run only the head (see feature_cache)."""
+        model = self.forward_model
+        if not isinstance(model, FrozenBackboneModel) or self.task.compute_loss or self.task.evaluate:
+            return
+        if varies_per_epoch(self.task.train_set) or budget_bytes() <= 0:
+            return
+        started = time.perf_counter()
+        to_device = lambda batch: _to_device(batch, self.device)  # noqa: E731
+        size = self.plan.micro_batch_size * 2
+        with autocast(self.device, self.dtype):
+            kept = keep_features(model, self.task.train_set, self.task.collate, to_device, size, budget_bytes())
+            if kept is None or varies_per_epoch(self.task.train_set):  # random crops show up while decoding
+                self.reporter.log("the frozen backbone's output is recomputed every step (it does not fit or varies)")
+                return
+            left = budget_bytes() - kept.nbytes
+            validation = keep_features(model, self.task.validation_set, self.task.collate, to_device, size, left)
+        self.train_set = kept
+        self.validation_set = validation or self.task.validation_set
+        kept_bytes = kept.nbytes + (validation.nbytes if validation else 0)
+        self.reporter.log(
+            f"the backbone is frozen and its inputs do not change: kept its output for {len(kept)} training and "
+            f"{len(validation) if validation else 0} validation examples ({kept_bytes / 2**20:.1f} MiB, "
+            f"{time.perf_counter() - started:.1f} s); training runs only the head"
+        )
+
     # ------------------------------------------------------------ one step
 
     def _optimizer_step(self, step: int, group: list[Batch], window: LogWindow) -> None:
@@ -316,10 +360,10 @@ class Trainer:
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         if self.task.compute_loss is not None:
-            return self.task.compute_loss(self.model, batch)
+            return self.task.compute_loss(self.forward_model, batch)
         assert self.loss_fn is not None
         labels = batch.pop("labels")
-        loss: torch.Tensor = self.loss_fn(self.model(**batch).logits, labels)
+        loss: torch.Tensor = self.loss_fn(self.forward_model(**batch).logits, labels)
         return loss
 
     def _report(self, step: int, epoch: int, window: LogWindow) -> None:
@@ -354,7 +398,7 @@ class Trainer:
 
     def _micro_batches(self, epoch: int, skip_steps: int) -> Any:
         """The epoch's micro-batches in their seeded order, past the first `skip_steps` optimizer steps (resume)."""
-        loader = self.loader(self.task.train_set, True, self.plan.micro_batch_size, self.hp.seed * 1000 + epoch)
+        loader = self.loader(self.train_set, True, self.plan.micro_batch_size, self.hp.seed * 1000 + epoch)
         micro_batches = iter(loader)
         for _ in range(skip_steps * self.plan.accumulation):
             next(micro_batches, None)
@@ -368,9 +412,10 @@ class Trainer:
         plan, ev = self.plan, self.spec.evaluation
         self.reporter.started(plan.total_steps, plan.epochs)
         step, first_epoch, skip = self.position["step"], self.position["epoch"], self.position["step_in_epoch"]
+        self._keep_frozen_features()
         if ev.evaluate_before_training and step == 0:
             self._evaluate(0, 0)
-        self.model.train()
+        self.forward_model.train()
         window = LogWindow(torch.zeros((), device=self.device))
         for epoch in range(first_epoch, plan.epochs + 1):
             self._start_epoch(epoch)
