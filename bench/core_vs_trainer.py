@@ -288,6 +288,23 @@ def run_hand_loop(workload: Workload, model: Path, data: Path, epochs: int, froz
     return time.perf_counter() - started
 
 
+def training_flops(workload: Workload, model: Path, data: Path) -> float:
+    """Floating-point operations of one training epoch: 3x the forward pass's (backward costs about twice the
+    forward), counted by torch's FlopCounterMode over every batch. The same work for every contender."""
+    import torch
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    collate = workload.collate(model)
+    items = workload.items(model, data)
+    network = getattr(transformers, workload.model_class).from_pretrained(model)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        for i in range(0, len(items), BATCH):
+            network(**collate(items[i : i + BATCH]))
+    return 3.0 * counter.get_total_flops()
+
+
 def run_core(workload: Workload, model: Path, data: Path, epochs: int, frozen: bool) -> float:
     import torch
 
@@ -363,7 +380,9 @@ def child(name: str, workload: Workload, model: Path, data: Path, epochs: int, f
     end_to_end = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-    print(json.dumps({"seconds": seconds, "end_to_end": end_to_end, "peak_rss_mb": peak_mb, "cuda_peak_mb": cuda_mb}))
+    flops = training_flops(workload, model, data) if name == "hand_loop" and not frozen else 0.0
+    row = {"seconds": seconds, "end_to_end": end_to_end, "peak_rss_mb": peak_mb, "cuda_peak_mb": cuda_mb}
+    print(json.dumps({**row, "epoch_flops": flops}))
 
 
 def measure(
@@ -385,19 +404,25 @@ def measure(
     return results
 
 
-def print_rows(results: dict[str, dict[str, float]]) -> None:
-    print(f"{'':>10} {'samples/s':>10} {'train s':>8} {'total s':>8} {'peak RSS MB':>12} {'CUDA peak MB':>13}")
+def print_rows(results: dict[str, dict[str, float]], epochs: int) -> None:
+    """One row per contender; TFLOP/s from the epoch's counted operations (full fine-tuning only)."""
+    epoch_flops = max(row.get("epoch_flops", 0.0) for row in results.values())
+    print(
+        f"{'':>10} {'samples/s':>10} {'train s':>8} {'total s':>8} {'TFLOP/s':>8} {'peak RSS MB':>12} "
+        f"{'CUDA peak MB':>13}"
+    )
     for contender, row in results.items():
+        tflops = f"{epoch_flops * epochs / row['seconds'] / 1e12:8.3f}" if epoch_flops else f"{'-':>8}"
         print(
             f"{contender:>10} {row['samples_per_s']:>10.1f} {row['seconds']:>8.1f} {row['end_to_end']:>8.1f} "
-            f"{row['peak_rss_mb']:>12.0f} {row['cuda_peak_mb']:>13.0f}"
+            f"{tflops} {row['peak_rss_mb']:>12.0f} {row['cuda_peak_mb']:>13.0f}"
         )
 
 
 def compare(name: str, workload: Workload, epochs: int) -> None:
     results = measure(name, workload, epochs, list(CONTENDERS), frozen=False)
     print(f"{workload.description}, {epochs} epochs, batch {BATCH}, full fine-tuning")
-    print_rows(results)
+    print_rows(results, epochs)
     core = results["core"]["samples_per_s"]
     print(f"core / trainer {core / results['trainer']['samples_per_s']:.3f}")
     print(f"core / hand loop {core / results['hand_loop']['samples_per_s']:.3f}\n", flush=True)
@@ -407,7 +432,7 @@ def compare_frozen(name: str, workload: Workload, epochs: int) -> None:
     """Frozen backbone: the core computes the backbone's output once; Trainer runs it every step."""
     results = measure(name, workload, epochs, ["trainer", "core"], frozen=True)
     print(f"{workload.description}, {epochs} epochs, batch {BATCH}, frozen backbone")
-    print_rows(results)
+    print_rows(results, epochs)
     ratio = results["trainer"]["end_to_end"] / results["core"]["end_to_end"]
     print(f"frozen backbone, end to end: core {ratio:.2f}x faster than trainer\n", flush=True)
 

@@ -68,6 +68,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-every", type=int, default=0)
     add("--checkpoint-every", type=int, default=0)
     add("--eval-before", action="store_true", help="evaluate the untuned model first")
+    add("--compile", action="store_true", help="torch.compile the model (faster steps on GPUs, slower start)")
     add("--gpus", type=int, default=0)
     add("--priority", type=int, default=0)
 
@@ -93,6 +94,7 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
     for name in ("weight_decay", "momentum", "max_grad_norm"):
         if getattr(args, name) is not None:
             setattr(hp, name, getattr(args, name))
+    hp.compile = args.compile
     spec = pb.JobSpec(
         task=TASKS[args.task],
         base_model=args.model,

@@ -71,6 +71,8 @@ def make_pool(settings: ServerSettings) -> WorkerPool:
         device=settings.device,
         torch_threads=settings.threads_per_worker(),
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        model_cache_mb=settings.model_cache_mb,
+        nice=settings.worker_nice,
     )
     return LocalProcessPool(settings.workers, worker_settings)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from google.protobuf import timestamp_pb2
 from tuneforge.v1 import files_pb2, jobs_pb2
 
@@ -81,6 +83,12 @@ def _artifact(record: JobRecord) -> jobs_pb2.Artifact:
     return jobs_pb2.Artifact(
         size_bytes=record.artifact_size, sha256=record.artifact_sha256, metrics=record.artifact_metrics
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def shared_event_proto(record: EventRecord) -> jobs_pb2.JobEvent:
+    """event_to_proto, made once for all the streams that send the same event (callers must not change it)."""
+    return event_to_proto(record)
 
 
 def event_to_proto(record: EventRecord) -> jobs_pb2.JobEvent:

@@ -47,6 +47,6 @@ class JobFactory:
         first = convert.created_event(record)
         stored, created = await self._db.call(self._store.create_job, record, [first], request_id)
         if created:
-            self._hub.notify(stored.id)
+            self._hub.publish(stored.id, [], ended=False)
             self._scheduler.wake()
         return stored

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: time for in-flight calls")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     parser.add_argument("--torch-threads", type=int, default=0, help="CPU threads per worker (0: share cores)")
+    parser.add_argument(
+        "--model-cache-mb", type=int, default=2048, help="memory per worker for recently used base models (0: none)"
+    )
+    parser.add_argument(
+        "--worker-nice", type=int, default=10, help="CPU niceness added to workers, so the API answers first (0: none)"
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -67,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         heartbeat_interval_s=args.heartbeat_interval_s,
         kill_grace_s=args.kill_grace_s,
         torch_threads=args.torch_threads,
+        model_cache_mb=args.model_cache_mb,
+        worker_nice=args.worker_nice,
     )
     asyncio.run(serve(settings))
     return 0

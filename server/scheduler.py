@@ -207,7 +207,7 @@ class Scheduler:
                 if claimed is None:
                     return
                 record, events = claimed
-                self._publish(record.id, events)
+                self._publish(record, events)
                 await self._start_on(worker, record)
 
     async def _start_on(self, worker: str, record: JobRecord) -> None:
@@ -405,7 +405,7 @@ class Scheduler:
         if result is None:
             return None
         record, events = result
-        self._publish(job_id, events)
+        self._publish(record, events)
         if events:
             for listener in self._listeners:
                 listener(record, events)
@@ -420,9 +420,9 @@ class Scheduler:
 
         await self._apply(job_id, fenced)
 
-    def _publish(self, job_id: str, events: list[EventRecord]) -> None:
+    def _publish(self, record: JobRecord, events: list[EventRecord]) -> None:
         if events:
-            self._hub.notify(job_id)
+            self._hub.publish(record.id, events, record.state in TERMINAL)
 
     def _send(self, worker: str, command: CancelJob) -> None:
         try:

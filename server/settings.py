@@ -47,6 +47,10 @@ class ServerSettings:
     """If set, the bound port is written here once the server listens (useful with port 0)."""
     torch_threads: int = field(default=0)
     """CPU threads per worker; 0 divides the machine's cores among the workers."""
+    model_cache_mb: int = 2048
+    """Memory each worker may keep recently used base models in (warm starts); 0 keeps none."""
+    worker_nice: int = 10
+    """CPU niceness added to workers: where training and the API share cores, the API answers first."""
 
     def threads_per_worker(self) -> int:
         if self.torch_threads:

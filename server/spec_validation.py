@@ -376,6 +376,7 @@ def _hyperparameters(check: _Checker, hp: pb.Hyperparameters, method: Adaptation
             f"{path}.max_skipped_non_finite_steps", hp.max_skipped_non_finite_steps, 0, 1_000_000
         ),
         auto=_auto(check, hp),
+        compile=hp.compile,
         **_optimizer(check, hp),
     )
 

@@ -105,7 +105,7 @@ class SweepController:
             async with self._lock:
                 self._live[stored.id] = self._new_live(sweep.spec, plan)
                 await self._fill(stored.id)
-            self._hub.notify(stored.id)
+            self._hub.publish(stored.id, [], ended=False)
         return await self._get(stored.id)
 
     async def cancel(self, sweep_id: str) -> SweepRecord | None:
@@ -341,7 +341,7 @@ class SweepController:
         assert result is not None, sweep_id
         record, events = result
         if events:
-            self._hub.notify(sweep_id)
+            self._hub.publish(sweep_id, events, record.state in SWEEP_TERMINAL)
         return record
 
 

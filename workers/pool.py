@@ -57,6 +57,10 @@ class WorkerSettings:
     heartbeat_interval_s: float = 2.0
     torch_threads: int = 0
     """Intra-op threads for torch on CPU; 0 keeps torch's default."""
+    model_cache_mb: int = 0
+    """Memory for recently used base models, kept between jobs (warm starts); 0 keeps none."""
+    nice: int = 0
+    """Added to the worker's CPU niceness: with cores shared, the control plane answers first."""
 
 
 def _bootstrap(entry: str, worker: str, conn: Connection, settings: WorkerSettings) -> None:

@@ -126,12 +126,18 @@ def _name_process(worker: str) -> None:
 def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     """Entry point of a spawned worker process."""
     _name_process(worker)
+    if settings.nice:
+        os.nice(settings.nice)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker} %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Imported here, in the child: loading torch and transformers once per worker is the warm-up.
+    # Imported here, in the child: loading torch, transformers and every adapter once per worker is the warm-up.
+    from workers.core.adapters import import_all_adapters
     from workers.core.device import configure_torch, select_device
+    from workers.core.model_cache import configure
     from workers.core.runner import run_job
 
+    import_all_adapters()
+    configure(settings.model_cache_mb * 2**20)
     configure_torch(settings.torch_threads)
     device = select_device(settings.device)
     outbox = Outbox(conn)

@@ -208,6 +208,8 @@ class Hyperparameters:
     max_steps: int = 0
     """0 means no limit."""
     nesterov: bool = False
+    compile: bool = False
+    """torch.compile the model before training."""
     head_learning_rate: float = 0.0
     """0 means learning_rate."""
     layer_decay: float = 1.0

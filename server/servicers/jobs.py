@@ -122,6 +122,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 "JOB_NOT_FINISHED", f"{request.name} is {record.state.value}; cancel it first", state=record.state.value
             )
         await self._db.call(self._store.delete_job, record.id)
+        self._hub.forget(record.id)
         await asyncio.to_thread(self._storage.delete_job_data, record.id)
         return empty_pb2.Empty()
 
@@ -132,7 +133,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             self._store, self._db, self._hub, record.id, request.after_sequence, self._store.get_job, TERMINAL
         )
         async for event in events:
-            yield convert.event_to_proto(event)
+            yield convert.shared_event_proto(event)
 
     @unary
     async def ListJobEvents(

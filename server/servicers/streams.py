@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from enum import StrEnum
 from typing import Any, Protocol
@@ -46,10 +45,13 @@ async def follow_events(
     if after_sequence < 0:
         raise invalid_argument([FieldViolation("after_sequence", "must not be negative")])
     last = after_sequence
+    timed_out = False
     with hub.subscribe(key) as woken:
         while True:
             woken.clear()  # before reading: a notification during the read wakes the next wait
-            events = await db.call(store.list_events, key, last, WATCH_BATCH)
+            events = hub.events_after(key, last)
+            if events is None:  # the hub's recent events do not reach back to `last`
+                events = await db.call(store.list_events, key, last, WATCH_BATCH)
             for event in events:
                 yield event
                 last = event.sequence
@@ -61,8 +63,14 @@ async def follow_events(
                     "SERVER_SHUTTING_DOWN",
                     "the server is restarting; watch again from the last sequence you saw",
                 )
-            resource = await db.call(current, key)
-            if resource is None or (resource.state in terminal and resource.last_event_sequence <= last):
+            ended = None if timed_out else hub.ended_by(key, last)
+            if ended is None:
+                resource = await db.call(current, key)
+                ended = resource is None or (resource.state in terminal and resource.last_event_sequence <= last)
+            if ended:
                 return
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(woken.wait(), WATCH_RECHECK_S)
+                timed_out = False
+            except TimeoutError:
+                timed_out = True  # the store, not memory, decides whether it ended

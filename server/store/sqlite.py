@@ -7,7 +7,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -228,6 +228,14 @@ class SqliteJobStore:
             record, _ = self._append(db, record, events)
             self._save(db, record)
         return record, True
+
+    def import_jobs(self, records: Iterable[JobRecord]) -> int:
+        """Writes job records (without events) in one transaction: migrations, restores and load benchmarks.
+        Returns how many were written."""
+        rows = ((r.id, r.state.value, r.priority, _job_body(r), r.spec) for r in records)
+        with self._write() as db:
+            cursor = db.executemany("INSERT INTO jobs (id, state, priority, body, spec) VALUES (?, ?, ?, ?, ?)", rows)
+        return cursor.rowcount
 
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -47,6 +47,29 @@ class TaskAdapter(Protocol):
     def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask: ...
 
 
+def import_all_adapters() -> None:
+    """Imports every adapter and the model classes they use (a worker does this at start, not at its first job)."""
+    for task in TaskKind:
+        adapter_for(task)
+    import peft  # noqa: F401  # LoRA
+    import transformers
+    import transformers.trainer_utils  # set_seed
+
+    for name in MODEL_CLASSES:
+        getattr(transformers, name)
+
+
+MODEL_CLASSES = (
+    "AutoModelForSequenceClassification",
+    "AutoModelForImageClassification",
+    "AutoModelForAudioClassification",
+    "AutoModelForCTC",
+    "AutoTokenizer",
+    "AutoImageProcessor",
+    "AutoFeatureExtractor",
+)
+
+
 def adapter_for(task: TaskKind) -> TaskAdapter:
     """The adapter for a task; tasks without one fail the job as UNIMPLEMENTED."""
     if task is TaskKind.TEXT_CLASSIFICATION:

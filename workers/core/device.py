@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from workers.core.errors import JobFailure
 from workers.spec import Precision
@@ -41,6 +42,22 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
                 raise JobFailure("INVALID_SPEC", "hyperparameters.precision FP16 needs a CUDA worker; use BF16 or AUTO")
             return torch.float16
     raise ValueError(f"unknown precision {precision}")
+
+
+def wants_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Convolutional nets (ResNet, ConvNeXt, EfficientNet...) run faster on CUDA with channels-last (NHWC) tensors,
+    cuDNN's native layout under mixed precision. A single convolution (a ViT's patch embedding) does not count."""
+    return device.type == "cuda" and sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+
+def to_channels_last(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Image batches (4-d floating-point tensors) in channels-last layout; everything else as it is."""
+    return {
+        key: value.contiguous(memory_format=torch.channels_last)
+        if value.dim() == 4 and value.is_floating_point()
+        else value
+        for key, value in batch.items()
+    }
 
 
 @contextlib.contextmanager

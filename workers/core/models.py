@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from workers.core.errors import JobFailure
+from workers.core.model_cache import CACHE
 
 
 def load_pretrained(loader: Any, base_model: str, **kwargs: Any) -> Any:
-    """Calls `loader.from_pretrained` with the safe options; any failure becomes MODEL_LOAD_FAILED."""
+    """Calls `loader.from_pretrained` with the safe options (or takes it from the worker's kept models); any failure
+    becomes MODEL_LOAD_FAILED."""
     try:
-        return loader.from_pretrained(base_model, trust_remote_code=False, **kwargs)
+        load = lambda: loader.from_pretrained(base_model, trust_remote_code=False, **kwargs)  # noqa: E731
+        return CACHE.load(loader, base_model, load, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise JobFailure(

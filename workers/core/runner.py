@@ -25,6 +25,7 @@ from workers.core.checkpoints import write_json_atomically
 from workers.core.errors import JobFailure, TrainingCancelled
 from workers.core.faults import check_job_start
 from workers.core.few_shot import prepare_few_shot
+from workers.core.model_cache import CACHE
 from workers.core.model_setup import adapt_model
 from workers.core.optimization import plan_steps
 from workers.core.reporting import Reporter
@@ -118,7 +119,10 @@ def _train_and_save(
     transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # the job log reports what matters
     transformers.set_seed(spec.hyperparameters.seed)  # before loading: the new head's init depends on it
     reporter.log(f"preparing {spec.task.value} on {device} from {spec.base_model}")
+    hits = CACHE.model_hits
     task = adapter_for(spec.task).prepare(job, reporter.log)
+    if CACHE.model_hits > hits:
+        reporter.log(f"warm start: {spec.base_model} was still in this worker's memory")
     reporter.check_cancelled()
     extra_metrics: dict[str, float] = {}
     if spec.data.shots_per_class:

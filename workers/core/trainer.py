@@ -28,7 +28,7 @@ from workers.core.checkpoints import (
     save_best,
     save_checkpoint,
 )
-from workers.core.device import autocast, autocast_dtype
+from workers.core.device import autocast, autocast_dtype, to_channels_last, wants_channels_last
 from workers.core.errors import JobFailure
 from workers.core.evaluation import evaluate
 from workers.core.faults import check_micro_batch, corrupt_loss
@@ -76,8 +76,9 @@ class LogWindow:
         self.steps, self.samples, self.start = 0, 0, time.perf_counter()
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+def _to_device(batch: Batch, device: torch.device, channels_last: bool = False) -> Batch:
+    moved = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    return to_channels_last(moved) if channels_last else moved
 
 
 class Trainer:
@@ -106,9 +107,18 @@ class Trainer:
         self.keeps_state = True
         """False for throwaway runs (cross-validation folds): no checkpoints, no best weights on disk."""
         self.model = task.model.to(device)
+        self.channels_last = wants_channels_last(self.model, device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         backbone = frozen_backbone(self.model, unfreezer)
         self.forward_model: nn.Module = self.model if backbone is None else FrozenBackboneModel(self.model, backbone)
-        """What batches go through: the model, or the model with its frozen backbone held in eval mode."""
+        """What batches go through: the model, or the model with its frozen backbone held in eval mode (compiled
+        when asked)."""
+        if self.hp.compile:
+            import torch._inductor.config as inductor
+
+            inductor.fallback_random = True  # dropout draws as eager does: the same seed gives the same run
+            self.forward_model = torch.compile(self.forward_model, dynamic=True)  # type: ignore[assignment]
         self.train_set: Any = task.train_set
         self.validation_set: Any = task.validation_set
         self.optimizer = build_optimizer(parameters, self.hp, device)
@@ -166,7 +176,7 @@ class Trainer:
         if not self.validation_set:
             return
         loader = self.loader(self.validation_set, False, self.plan.micro_batch_size * 2, 0)
-        to_device = lambda batch: _to_device(batch, self.device)  # noqa: E731
+        to_device = lambda batch: _to_device(batch, self.device, self.channels_last)  # noqa: E731
         model, labels = self.forward_model, self.task.labels
         with autocast(self.device, self.dtype):
             if self.task.evaluate is not None:
@@ -268,7 +278,7 @@ class Trainer:
         if varies_per_epoch(self.task.train_set) or budget_bytes() <= 0:
             return
         started = time.perf_counter()
-        to_device = lambda batch: _to_device(batch, self.device)  # noqa: E731
+        to_device = lambda batch: _to_device(batch, self.device, self.channels_last)  # noqa: E731
         size = self.plan.micro_batch_size * 2
         with autocast(self.device, self.dtype):
             kept = keep_features(model, self.task.train_set, self.task.collate, to_device, size, budget_bytes())
@@ -353,7 +363,7 @@ class Trainer:
 
     def loss_on(self, batch: Batch) -> torch.Tensor:
         """The training loss of one micro-batch (moved to the device, under autocast), ready for backward."""
-        batch = _to_device(batch, self.device)
+        batch = _to_device(batch, self.device, self.channels_last)
         check_micro_batch(batch["labels"].shape[0])
         with autocast(self.device, self.dtype):
             return self._loss(batch)
@@ -411,6 +421,10 @@ class Trainer:
         """The loop, top to bottom. After `resume()` it continues exactly where the checkpoint left off."""
         plan, ev = self.plan, self.spec.evaluation
         self.reporter.started(plan.total_steps, plan.epochs)
+        self.reporter.log(
+            f"training: {plan.total_steps} steps over {plan.epochs} epochs, micro-batches of {plan.micro_batch_size} "
+            f"x {plan.accumulation} accumulation on {self.device}"
+        )
         step, first_epoch, skip = self.position["step"], self.position["epoch"], self.position["step_in_epoch"]
         self._keep_frozen_features()
         if ev.evaluate_before_training and step == 0:

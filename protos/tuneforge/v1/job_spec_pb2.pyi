@@ -547,6 +547,7 @@ class Hyperparameters(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     MAX_SKIPPED_NON_FINITE_STEPS_FIELD_NUMBER: _builtins.int
     AUTO_FIELD_NUMBER: _builtins.int
+    COMPILE_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """Passes over the training data; default 3."""
     batch_size: _builtins.int
@@ -586,6 +587,10 @@ class Hyperparameters(_message.Message):
     """Optimizer steps whose loss is NaN or infinite that are skipped (no update) before the job fails with
     NON_FINITE_LOSS; default 0: the first one fails it.
     """
+    compile: _builtins.bool
+    """Compile the model with torch.compile (dynamic shapes) before training: faster steps on GPUs after a compile
+    of tens of seconds at the start of each attempt; worth it for long jobs. Off by default.
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The learning-rate schedule."""
@@ -616,10 +621,11 @@ class Hyperparameters(_message.Message):
         precision: Global___Hyperparameters.Precision.ValueType = ...,
         max_skipped_non_finite_steps: _builtins.int = ...,
         auto: Global___AutoHyperparameters | None = ...,
+        compile: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "auto", b"auto", "max_grad_norm", b"max_grad_norm", "momentum", b"momentum", "schedule", b"schedule", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "auto", b"auto", "batch_size", b"batch_size", "class_balance", b"class_balance", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "head_learning_rate", b"head_learning_rate", "label_smoothing", b"label_smoothing", "layer_decay", b"layer_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_skipped_non_finite_steps", b"max_skipped_non_finite_steps", "max_steps", b"max_steps", "momentum", b"momentum", "nesterov", b"nesterov", "optimizer", b"optimizer", "precision", b"precision", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "auto", b"auto", "batch_size", b"batch_size", "class_balance", b"class_balance", "compile", b"compile", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "head_learning_rate", b"head_learning_rate", "label_smoothing", b"label_smoothing", "layer_decay", b"layer_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_skipped_non_finite_steps", b"max_skipped_non_finite_steps", "max_steps", b"max_steps", "momentum", b"momentum", "nesterov", b"nesterov", "optimizer", b"optimizer", "precision", b"precision", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
