@@ -137,3 +137,28 @@ def test_processed_pixels_are_kept_only_when_nothing_is_random(tiny_vit: Path, t
     assert plain[0]["pixel_values"] is first
     augmented = ImageDataset(examples[1:], processor, image_augmentation(AugmentationSettings(), (32, 32)))
     assert augmented[0]["pixel_values"] is not augmented[0]["pixel_values"], "augmented pixels are never reused"
+    assert augmented.process_ahead(2) == 0
+
+
+def test_images_are_processed_ahead_in_parallel_as_they_would_be_one_by_one(
+    tiny_vit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoImageProcessor
+
+    from workers.core import image_adapter
+    from workers.core.image_adapter import ImageDataset
+    from workers.core.media_data import MediaExample
+
+    archive = write_shapes_zip(tmp_path / "shapes.zip", per_class=5)
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(tmp_path / "images")
+    examples = [MediaExample(p, 0, p.name) for p in sorted((tmp_path / "images").rglob("*.png"))]
+    processor = AutoImageProcessor.from_pretrained(tiny_vit)
+    ahead = ImageDataset(examples, processor, None)
+    assert ahead.process_ahead(threads=3) == len(examples)
+    one_by_one = ImageDataset(examples, processor, None)
+    for index in range(len(examples)):
+        assert torch.equal(ahead[index]["pixel_values"], one_by_one[index]["pixel_values"])
+    size = one_by_one[0]["pixel_values"].nelement() * 4
+    monkeypatch.setattr(image_adapter, "PIXEL_CACHE_BYTES", size * 4)  # room for four
+    assert ImageDataset(examples, processor, None).process_ahead(threads=2) == 4

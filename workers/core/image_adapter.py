@@ -6,8 +6,10 @@ every backbone keeps its exact preprocessing; evaluation never augments.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +100,41 @@ class ImageDataset(torch.utils.data.Dataset[dict[str, Any]]):
         example = self.examples[index]
         pixels = self._cache.get(index)
         if pixels is None:
-            image = open_rgb(example)
-            if self.augment is not None:
-                image = self.augment(image)
-            pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
-            size = pixels.element_size() * pixels.nelement()
-            if self.augment is None and self._cached_bytes + size <= PIXEL_CACHE_BYTES:
-                self._cache[index] = pixels
-                self._cached_bytes += size
+            pixels = self._process(example)
+            self._keep(index, pixels)
         return {"pixel_values": pixels, "labels": example.label}
+
+    def _process(self, example: MediaExample) -> torch.Tensor:
+        image = open_rgb(example)
+        if self.augment is not None:
+            image = self.augment(image)
+        pixels: torch.Tensor = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return pixels
+
+    def _keep(self, index: int, pixels: torch.Tensor) -> bool:
+        size = pixels.element_size() * pixels.nelement()
+        if self.augment is not None or self._cached_bytes + size > PIXEL_CACHE_BYTES:
+            return False
+        self._cache[index] = pixels
+        self._cached_bytes += size
+        return True
+
+    def process_ahead(self, threads: int) -> int:
+        """Without augmentation: decodes and processes examples in parallel threads (decoding releases the GIL)
+        until the cache is full, so the first epoch does not wait on them either. Returns how many were kept."""
+        if self.augment is not None:
+            return 0
+        kept, batch = 0, max(1, threads) * 8
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
+            for start in range(0, len(self.examples), batch):
+                indices = [i for i in range(start, min(start + batch, len(self.examples))) if i not in self._cache]
+                for index, pixels in zip(
+                    indices, pool.map(lambda i: self._process(self.examples[i]), indices), strict=True
+                ):
+                    if not self._keep(index, pixels):
+                        return kept
+                    kept += 1
+        return kept
 
 
 def collate_images(items: list[dict[str, Any]]) -> Batch:
@@ -137,11 +165,17 @@ class ImageClassificationAdapter:
         processor = load_pretrained(AutoImageProcessor, spec.base_model)
         model = load_classifier(AutoModelForImageClassification, spec.base_model, data.labels)
         augment = image_augmentation(spec.data.augmentation, input_size(processor))
+        train_set = ImageDataset(data.train, processor, augment)
+        validation_set = ImageDataset(data.validation, processor, None)
+        threads = os.cpu_count() or 1
+        kept = train_set.process_ahead(threads) + validation_set.process_ahead(threads)
+        if kept:
+            log(f"decoded {kept} images ahead, on {threads} threads (kept in memory for every epoch)")
         return PreparedTask(
             model=model,
             processor=processor,
-            train_set=ImageDataset(data.train, processor, augment),  # type: ignore[arg-type]
-            validation_set=ImageDataset(data.validation, processor, None),  # type: ignore[arg-type]
+            train_set=train_set,  # type: ignore[arg-type]
+            validation_set=validation_set,  # type: ignore[arg-type]
             collate=collate_images,
             labels=data.labels,
             train_labels=[example.label for example in data.train],
