@@ -306,11 +306,11 @@ def training_flops(workload: Workload, model: Path, data: Path) -> float:
     return 3.0 * counter.get_total_flops()
 
 
-def run_core(workload: Workload, model: Path, data: Path, epochs: int, frozen: bool) -> float:
-    import torch
-
-    from workers.core.runner import run_job
-    from workers.messages import DataFile, JobFinished, JobStarted, Outcome, RunJob, TrainingProgress, WorkerEvent
+def core_spec(
+    task: str, model: Path, epochs: int, clip_seconds: float = 0.0, frozen: bool = False, max_steps: int = 0
+) -> Any:
+    """The resolved spec the core gets for these benchmarks' shared hyperparameters (every step logged when
+    `max_steps` is set, for first-step timings)."""
     from workers.spec import (
         AdaptationMethod,
         AdaptationSettings,
@@ -323,11 +323,10 @@ def run_core(workload: Workload, model: Path, data: Path, epochs: int, frozen: b
         TrainingSpec,
     )
 
-    work = Path(tempfile.mkdtemp())
-    spec = TrainingSpec(
-        task=TaskKind[workload.task],
+    return TrainingSpec(
+        task=TaskKind[task],
         base_model=str(model),
-        data=DataSettings(training_file="files/train", max_sequence_length=128, clip_seconds=workload.clip_seconds),
+        data=DataSettings(training_file="files/train", max_sequence_length=128, clip_seconds=clip_seconds),
         hyperparameters=Hyperparameters(
             epochs=epochs,
             batch_size=BATCH,
@@ -335,10 +334,32 @@ def run_core(workload: Workload, model: Path, data: Path, epochs: int, frozen: b
             weight_decay=WEIGHT_DECAY,
             seed=SEED,
             schedule=ScheduleSettings(kind=ScheduleKind.CONSTANT),
+            max_steps=max_steps,
         ),
-        evaluation=EvaluationSettings(log_every_steps=50),
+        evaluation=EvaluationSettings(log_every_steps=1 if max_steps else 50),
         adaptation=AdaptationSettings(AdaptationMethod.FROZEN_BACKBONE if frozen else AdaptationMethod.FULL),
     )
+
+
+def run_core_job(spec: Any, data: Path, send: Callable[[Any], None]) -> None:
+    """`run_job` in this process, on CUDA when present; the job must succeed."""
+    import torch
+
+    from workers.core.runner import run_job
+    from workers.messages import DataFile, Outcome, RunJob
+
+    work = Path(tempfile.mkdtemp())
+    job = RunJob(
+        "bench", 1, spec, DataFile(str(data), data.name), None, str(work), str(work / "ckpt"), str(work / "a.tar")
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    finished = run_job(job, "bench", device, send, threading.Event())
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+
+
+def run_core(workload: Workload, model: Path, data: Path, epochs: int, frozen: bool) -> float:
+    from workers.messages import JobStarted, TrainingProgress, WorkerEvent
+
     marks: dict[str, float] = {}
 
     def send(event: WorkerEvent) -> None:
@@ -347,12 +368,7 @@ def run_core(workload: Workload, model: Path, data: Path, epochs: int, frozen: b
         elif isinstance(event, TrainingProgress):
             marks["end"] = time.perf_counter()
 
-    job = RunJob(
-        "bench", 1, spec, DataFile(str(data), data.name), None, str(work), str(work / "ckpt"), str(work / "a.tar")
-    )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    finished: JobFinished = run_job(job, "bench", device, send, threading.Event())
-    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    run_core_job(core_spec(workload.task, model, epochs, workload.clip_seconds, frozen), data, send)
     return marks["end"] - marks["start"]
 
 

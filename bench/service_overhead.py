@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from core_vs_trainer import BATCH, LEARNING_RATE, SEED, WEIGHT_DECAY, build_bert, write_sentences
+from core_vs_trainer import (
+    BATCH,
+    LEARNING_RATE,
+    SEED,
+    WEIGHT_DECAY,
+    build_bert,
+    core_spec,
+    run_core_job,
+    write_sentences,
+)
 
 TRAINING_LINE = "training: "
 """How the core's log line at the start of the training loop begins."""
@@ -37,38 +45,11 @@ TRAINING_LINE = "training: "
 
 def in_process(model: Path, data: Path, epochs: int, max_steps: int) -> dict[str, float]:
     """The core called directly: seconds from run_job to its end and to the first training step."""
-    import torch
-
     from workers.core.adapters import import_all_adapters
-    from workers.core.runner import run_job
-    from workers.messages import DataFile, JobFinished, LogEmitted, Outcome, RunJob, TrainingProgress, WorkerEvent
-    from workers.spec import (
-        DataSettings,
-        EvaluationSettings,
-        Hyperparameters,
-        ScheduleKind,
-        ScheduleSettings,
-        TaskKind,
-        TrainingSpec,
-    )
+    from workers.messages import LogEmitted, TrainingProgress, WorkerEvent
 
     import_all_adapters()  # before the clock, as a worker does when it starts
-    spec = TrainingSpec(
-        task=TaskKind.TEXT_CLASSIFICATION,
-        base_model=str(model),
-        data=DataSettings(training_file="files/train", max_sequence_length=128),
-        hyperparameters=Hyperparameters(
-            epochs=epochs,
-            batch_size=BATCH,
-            learning_rate=LEARNING_RATE,
-            weight_decay=WEIGHT_DECAY,
-            seed=SEED,
-            schedule=ScheduleSettings(kind=ScheduleKind.CONSTANT),
-            max_steps=max_steps,
-        ),
-        evaluation=EvaluationSettings(log_every_steps=1 if max_steps else 50),
-    )
-    work = Path(tempfile.mkdtemp())
+    spec = core_spec("TEXT_CLASSIFICATION", model, epochs, max_steps=max_steps)
     marks: dict[str, float] = {}
 
     def send(event: WorkerEvent) -> None:
@@ -77,11 +58,8 @@ def in_process(model: Path, data: Path, epochs: int, max_steps: int) -> dict[str
         if isinstance(event, TrainingProgress):
             marks.setdefault("first_metrics", time.perf_counter())
 
-    job = RunJob("bench", 1, spec, DataFile(str(data), data.name), None, str(work), str(work / "c"), str(work / "a"))
     started = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    finished: JobFinished = run_job(job, "bench", device, send, threading.Event())
-    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    run_core_job(spec, data, send)
     return {
         "seconds": time.perf_counter() - started,
         "first_step": marks["first_step"] - started,

@@ -6,6 +6,7 @@ import dataclasses
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,18 +120,24 @@ def test_bombs_and_floods_are_refused_before_unpacking(tiny_vit: Path, tmp_path:
     assert "not a zip or tar archive" in failure_of(tiny_vit, not_archive, tmp_path)
 
 
-def test_processed_pixels_are_kept_only_when_nothing_is_random(tiny_vit: Path, tmp_path: Path) -> None:
+def unpacked_shapes(tiny_vit: Path, tmp_path: Path, per_class: int) -> tuple[list[Any], Any]:
+    """Shape images unpacked as examples, and the tiny ViT's image processor."""
     from transformers import AutoImageProcessor
 
-    from workers.core.image_adapter import ImageDataset, image_augmentation
     from workers.core.media_data import MediaExample
-    from workers.spec import AugmentationSettings
 
-    archive = write_shapes_zip(tmp_path / "shapes.zip", per_class=2)
+    archive = write_shapes_zip(tmp_path / "shapes.zip", per_class=per_class)
     with zipfile.ZipFile(archive) as zipped:
         zipped.extractall(tmp_path / "images")
     examples = [MediaExample(p, 0, p.name) for p in sorted((tmp_path / "images").rglob("*.png"))]
-    processor = AutoImageProcessor.from_pretrained(tiny_vit)
+    return examples, AutoImageProcessor.from_pretrained(tiny_vit)
+
+
+def test_processed_pixels_are_kept_only_when_nothing_is_random(tiny_vit: Path, tmp_path: Path) -> None:
+    from workers.core.image_adapter import ImageDataset, image_augmentation
+    from workers.spec import AugmentationSettings
+
+    examples, processor = unpacked_shapes(tiny_vit, tmp_path, per_class=2)
     plain = ImageDataset(examples, processor, None)
     first = plain[0]["pixel_values"]
     examples[0].path.unlink()  # a second read could not decode it: it must come from memory
@@ -143,17 +150,10 @@ def test_processed_pixels_are_kept_only_when_nothing_is_random(tiny_vit: Path, t
 def test_images_are_processed_ahead_in_parallel_as_they_would_be_one_by_one(
     tiny_vit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from transformers import AutoImageProcessor
-
     from workers.core import image_adapter
     from workers.core.image_adapter import ImageDataset
-    from workers.core.media_data import MediaExample
 
-    archive = write_shapes_zip(tmp_path / "shapes.zip", per_class=5)
-    with zipfile.ZipFile(archive) as zipped:
-        zipped.extractall(tmp_path / "images")
-    examples = [MediaExample(p, 0, p.name) for p in sorted((tmp_path / "images").rglob("*.png"))]
-    processor = AutoImageProcessor.from_pretrained(tiny_vit)
+    examples, processor = unpacked_shapes(tiny_vit, tmp_path, per_class=5)
     ahead = ImageDataset(examples, processor, None)
     assert ahead.process_ahead(threads=3) == len(examples)
     one_by_one = ImageDataset(examples, processor, None)

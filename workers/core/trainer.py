@@ -76,11 +76,6 @@ class LogWindow:
         self.steps, self.samples, self.start = 0, 0, time.perf_counter()
 
 
-def _to_device(batch: Batch, device: torch.device, channels_last: bool = False) -> Batch:
-    moved = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    return to_channels_last(moved) if channels_last else moved
-
-
 class Trainer:
     """Trains a PreparedTask as the spec says, reporting as it goes."""
 
@@ -145,6 +140,11 @@ class Trainer:
 
     # ------------------------------------------------------------ data
 
+    def on_device(self, batch: Batch) -> Batch:
+        """A batch moved to the training device (channels-last images for convolutional nets on CUDA)."""
+        moved = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        return to_channels_last(moved) if self.channels_last else moved
+
     def loader(self, dataset: Any, train: bool, batch_size: int, seed: int) -> DataLoader[Any]:
         """Batches in a seeded order: grouped by length for the training set when lengths are known, class-balanced
         when asked, shuffled otherwise; in order for evaluation."""
@@ -176,13 +176,12 @@ class Trainer:
         if not self.validation_set:
             return
         loader = self.loader(self.validation_set, False, self.plan.micro_batch_size * 2, 0)
-        to_device = lambda batch: _to_device(batch, self.device, self.channels_last)  # noqa: E731
         model, labels = self.forward_model, self.task.labels
         with autocast(self.device, self.dtype):
             if self.task.evaluate is not None:
-                evaluation = self.task.evaluate(model, loader, to_device)
+                evaluation = self.task.evaluate(model, loader, self.on_device)
             else:
-                evaluation = evaluate(model, loader, self.device, self.eval_loss_fn, labels, to_device)
+                evaluation = evaluate(model, loader, self.device, self.eval_loss_fn, labels, self.on_device)
         metrics = evaluation.metrics
         self.reporter.evaluation(step, epoch, metrics)
         self.result.final_metrics = metrics
@@ -275,18 +274,18 @@ class Trainer:
         model = self.forward_model
         if not isinstance(model, FrozenBackboneModel) or self.task.compute_loss or self.task.evaluate:
             return
-        if varies_per_epoch(self.task.train_set) or budget_bytes() <= 0:
+        budget = budget_bytes()
+        if varies_per_epoch(self.task.train_set) or budget <= 0:
             return
         started = time.perf_counter()
-        to_device = lambda batch: _to_device(batch, self.device, self.channels_last)  # noqa: E731
         size = self.plan.micro_batch_size * 2
         with autocast(self.device, self.dtype):
-            kept = keep_features(model, self.task.train_set, self.task.collate, to_device, size, budget_bytes())
+            kept = keep_features(model, self.task.train_set, self.task.collate, self.on_device, size, budget)
             if kept is None or varies_per_epoch(self.task.train_set):  # random crops show up while decoding
                 self.reporter.log("the frozen backbone's output is recomputed every step (it does not fit or varies)")
                 return
-            left = budget_bytes() - kept.nbytes
-            validation = keep_features(model, self.task.validation_set, self.task.collate, to_device, size, left)
+            left = budget - kept.nbytes
+            validation = keep_features(model, self.task.validation_set, self.task.collate, self.on_device, size, left)
         self.train_set = kept
         self.validation_set = validation or self.task.validation_set
         kept_bytes = kept.nbytes + (validation.nbytes if validation else 0)
@@ -363,7 +362,7 @@ class Trainer:
 
     def loss_on(self, batch: Batch) -> torch.Tensor:
         """The training loss of one micro-batch (moved to the device, under autocast), ready for backward."""
-        batch = _to_device(batch, self.device, self.channels_last)
+        batch = self.on_device(batch)
         check_micro_batch(batch["labels"].shape[0])
         with autocast(self.device, self.dtype):
             return self._loss(batch)
