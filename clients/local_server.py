@@ -1,7 +1,8 @@
 """Starts a `tuneforge serve` subprocess on a free loopback port and stops it cleanly: for the demo and the tests.
 
-The server prints one `tuneforge listening on HOST:PORT` line to stdout once it listens; this reads that line
-(with a deadline) instead of guessing a port.
+The server prints one `tuneforge listening on HOST:PORT` line to stdout once it listens (after a `tuneforge metrics
+on URL` line when /metrics is on); this reads those lines (with a deadline) instead of guessing ports. The metrics
+endpoint gets a free port too, unless the caller chose one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_PREFIX = "tuneforge listening on "
+METRICS_PREFIX = "tuneforge metrics on "
 
 
 @dataclass
@@ -27,6 +29,8 @@ class LocalServer:
     process: subprocess.Popen[str]
     target: str
     data_dir: Path
+    metrics_url: str = ""
+    """The /metrics URL; empty when the server runs without it."""
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, then SIGKILL after timeout_s; returns the exit code."""
@@ -42,8 +46,10 @@ class LocalServer:
         return self.process.returncode
 
 
-def _read_ready_line(process: subprocess.Popen[str], timeout_s: float) -> str:
+def _read_ready_lines(process: subprocess.Popen[str], timeout_s: float) -> tuple[str, str]:
+    """(gRPC target, metrics URL or "")."""
     assert process.stdout is not None
+    metrics_url = ""
     deadline = time.monotonic() + timeout_s
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
@@ -53,8 +59,10 @@ def _read_ready_line(process: subprocess.Popen[str], timeout_s: float) -> str:
             line = process.stdout.readline()
             if not line:
                 raise RuntimeError(f"the server exited (code {process.wait()}) before listening; see its log")
+            if line.startswith(METRICS_PREFIX):
+                metrics_url = line.removeprefix(METRICS_PREFIX).strip()
             if line.startswith(READY_PREFIX):
-                return line.removeprefix(READY_PREFIX).strip()
+                return line.removeprefix(READY_PREFIX).strip(), metrics_url
     raise TimeoutError(f"the server did not listen within {timeout_s:.0f} s")
 
 
@@ -82,17 +90,19 @@ def start_local_server(
         str(workers),
         *extra_args,
     ]
+    if "--metrics-port" not in extra_args:
+        command += ["--metrics-port", "0"]
     for root in model_roots:
         command += ["--model-root", str(root)]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
     try:
-        target = _read_ready_line(process, timeout_s)
+        target, metrics_url = _read_ready_lines(process, timeout_s)
     except BaseException:
         process.kill()
         process.wait()
         raise
-    return LocalServer(process, target, data_dir)
+    return LocalServer(process, target, data_dir, metrics_url)
 
 
 @contextlib.contextmanager

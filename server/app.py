@@ -20,6 +20,11 @@ from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc, swe
 from server.db import StoreRunner
 from server.event_hub import EventHub
 from server.job_factory import JobFactory
+from server.metrics.exposition import MetricsEndpoint
+from server.metrics.gpus import GpuSampler
+from server.metrics.grpc_metrics import GrpcMetrics
+from server.metrics.service_metrics import ServiceMetrics
+from server.metrics.snapshots import JobsCollector, PoolCollector, StorageCollector
 from server.scheduler import Scheduler, SchedulerPolicy
 from server.servicers.files import FileServicer
 from server.servicers.jobs import JobServicer
@@ -31,11 +36,12 @@ from server.sweeps import SweepController
 from workers.pool import LocalProcessPool, WorkerPool, WorkerSettings
 
 log = logging.getLogger(__name__)
-SERVICE_NAMES = (
-    files_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
-    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
-    sweeps_pb2.DESCRIPTOR.services_by_name["SweepService"].full_name,
+SERVICES = (
+    files_pb2.DESCRIPTOR.services_by_name["FileService"],
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"],
+    sweeps_pb2.DESCRIPTOR.services_by_name["SweepService"],
 )
+SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 
 
 @dataclass
@@ -52,6 +58,9 @@ class RunningServer:
     settings: ServerSettings
     readiness: asyncio.Task[None]
     hub: EventHub
+    metrics: ServiceMetrics
+    metrics_endpoint: MetricsEndpoint | None
+    gpus: GpuSampler
 
     async def stop(self) -> None:
         self.readiness.cancel()
@@ -62,6 +71,9 @@ class RunningServer:
         await stopping
         await self.sweeps.stop()
         await self.scheduler.stop(self.settings.worker_stop_s)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
+        self.gpus.close()
         self.db.close()
         self.store.close()
 
@@ -84,8 +96,9 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     dropped = storage.discard_partial_uploads()
     if dropped:
         log.warning("discarded %d half-written uploads", dropped)
-    store = SqliteJobStore(settings.data_dir / "tuneforge.db")
-    db = StoreRunner()
+    metrics = ServiceMetrics()
+    store = SqliteJobStore(settings.data_dir / "tuneforge.db", on_busy_retry=metrics.store_busy_retries.inc)
+    db = StoreRunner(observe=lambda operation, seconds: metrics.store_latency.labels(operation).observe(seconds))
     hub = EventHub()
     roots = list(settings.model_roots)
     policy = SchedulerPolicy(
@@ -94,9 +107,15 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         lease_timeout_s=settings.lease_timeout_s,
         kill_grace_s=settings.kill_grace_s,
     )
-    scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy)
+    scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy, metrics)
+    gpus = GpuSampler()
+    grpc_metrics = GrpcMetrics(metrics.registry, (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"]))
+    metrics.registry.register(JobsCollector(lambda: db.call_blocking(store.count_jobs_by_state)))
+    metrics.registry.register(PoolCollector(scheduler.worker_views, gpus))
+    metrics.registry.register(StorageCollector(settings.data_dir))
 
     server = grpc.aio.server(
+        interceptors=[grpc_metrics],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -107,9 +126,9 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         ],
     )
     files_pb2_grpc.add_FileServiceServicer_to_server(
-        FileServicer(store, db, storage, settings.max_upload_bytes), server
+        FileServicer(store, db, storage, settings.max_upload_bytes, metrics), server
     )
-    jobs = JobFactory(store, db, hub, scheduler)
+    jobs = JobFactory(store, db, hub, scheduler, metrics)
     sweeps = SweepController(store, db, scheduler, jobs, hub, roots)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(store, db, storage, scheduler, hub, roots, jobs), server)
     sweeps_pb2_grpc.add_SweepServiceServicer_to_server(SweepServicer(store, db, hub, sweeps), server)
@@ -121,6 +140,11 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    endpoint = None
+    if settings.metrics_port >= 0:
+        metrics_host = settings.metrics_host or settings.host
+        endpoint = MetricsEndpoint.start(metrics.registry, metrics_host, settings.metrics_port)
+        print(f"tuneforge metrics on {endpoint.url}", flush=True)  # read by scripts and tests
     await server.start()
     await scheduler.start()
     await sweeps.start()
@@ -129,7 +153,9 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         settings.port_file.write_text(str(port))
     print(f"tuneforge listening on {settings.host}:{port}", flush=True)  # read by scripts and tests
     log.info("tuneforge listening on %s:%d with %d workers", settings.host, port, settings.workers)
-    return RunningServer(server, port, scheduler, sweeps, health_servicer, store, db, settings, readiness, hub)
+    return RunningServer(
+        server, port, scheduler, sweeps, health_servicer, store, db, settings, readiness, hub, metrics, endpoint, gpus
+    )
 
 
 async def _serve_when_ready(scheduler: Scheduler, health_servicer: health.aio.HealthServicer) -> None:

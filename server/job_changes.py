@@ -22,6 +22,8 @@ def transition(record: JobRecord, target: JobState, extra: list[NewEvent] | None
     now = time.time()
     if record.state in ACTIVE and target not in ACTIVE and record.start_time is not None:
         fields.setdefault("run_seconds", record.run_seconds + max(0.0, now - record.start_time))
+    if target is JobState.QUEUED:
+        fields.setdefault("queued_time", now)
     if target in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
         fields.setdefault("end_time", now)
         fields.setdefault("worker", None)

@@ -10,6 +10,7 @@ from server import convert
 from server.db import StoreRunner
 from server.event_hub import EventHub
 from server.job_states import JobState
+from server.metrics.service_metrics import ServiceMetrics
 from server.names import new_id
 from server.records import JobRecord
 from server.scheduler import Scheduler
@@ -19,8 +20,16 @@ from server.store.base import JobStore
 class JobFactory:
     """Stores a new QUEUED job (idempotently with a request_id) and tells the scheduler."""
 
-    def __init__(self, store: JobStore, db: StoreRunner, hub: EventHub, scheduler: Scheduler):
+    def __init__(
+        self,
+        store: JobStore,
+        db: StoreRunner,
+        hub: EventHub,
+        scheduler: Scheduler,
+        metrics: ServiceMetrics | None = None,
+    ):
         self._store, self._db, self._hub, self._scheduler = store, db, hub, scheduler
+        self._metrics = metrics or ServiceMetrics()
 
     async def create(
         self,
@@ -41,12 +50,14 @@ class JobFactory:
             state=JobState.QUEUED,
             create_time=now,
             update_time=now,
+            queued_time=now,
             sweep_id=sweep_id,
             trial_number=trial_number,
         )
         first = convert.created_event(record)
         stored, created = await self._db.call(self._store.create_job, record, [first], request_id)
         if created:
+            self._metrics.job_submitted("sweep" if sweep_id else "api")
             self._hub.publish(stored.id, [], ended=False)
             self._scheduler.wake()
         return stored

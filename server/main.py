@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-nice", type=int, default=10, help="CPU niceness added to workers, so the API answers first (0: none)"
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
+    parser.add_argument("--metrics-host", help="address of the /metrics endpoint (default: --host)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: a free one, -1: off)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         model_cache_mb=args.model_cache_mb,
         worker_nice=args.worker_nice,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        log_format=args.log_format,
     )
     asyncio.run(serve(settings))
     return 0

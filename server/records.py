@@ -55,6 +55,8 @@ class JobRecord:
     """Time spent in ended attempts (max_runtime counts all of them)."""
     auto_choices: dict[str, float] = field(default_factory=dict)
     """Hyperparameters the job chose for itself."""
+    queued_time: float | None = None
+    """When the job last entered QUEUED (its queue wait runs from here)."""
     sweep_id: str = ""
     """The sweep that created this job as a trial; empty otherwise."""
     trial_number: int = 0

@@ -24,6 +24,8 @@ from server.job_changes import cancel as cancel_change
 from server.job_changes import claim, held_by, lose_attempt, pause, paused, requeue, resume, transition
 from server.job_changes import finish as finish_change
 from server.job_states import ACTIVE, TERMINAL, JobState
+from server.metrics.service_metrics import RetryReason, ServiceMetrics
+from server.metrics.snapshots import WorkerView
 from server.records import EventRecord, JobChange, JobRecord, NewEvent
 from server.spec_validation import validate_spec
 from server.storage import LocalStorage
@@ -85,6 +87,14 @@ class WorkerSlot:
     """The job was taken from this worker; whatever it still reports about it is ignored."""
     kill_at: float | None = None
     """Monotonic time at which a worker that has not let go of its job is killed."""
+    killed: bool = False
+    """The scheduler had the process killed: its death is no surprise."""
+    dispatched_at: float = 0.0
+    """Monotonic time the current job was sent (its start-up time runs from here)."""
+    loop_started: bool = False
+    """The current attempt reported that its training loop began."""
+    gpu_uuid: str = ""
+    gpu_name: str = ""
 
 
 class Scheduler:
@@ -99,6 +109,7 @@ class Scheduler:
         hub: EventHub,
         model_roots: list[Path],
         policy: SchedulerPolicy | None = None,
+        metrics: ServiceMetrics | None = None,
     ):
         self._store = store
         self._db = db
@@ -107,6 +118,7 @@ class Scheduler:
         self._hub = hub
         self._model_roots = model_roots
         self._policy = policy or SchedulerPolicy()
+        self._metrics = metrics or ServiceMetrics()
         self._slots: dict[str, WorkerSlot] = {}
         self._inbox: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         self._dispatch_lock = asyncio.Lock()
@@ -116,6 +128,14 @@ class Scheduler:
         self._stopping = False
         self._listeners: list[JobListener] = []
         self.all_ready = asyncio.Event()
+
+    def worker_views(self) -> list[WorkerView]:
+        """The pool as it is now, for metrics (safe to call from any thread: it copies the slots first)."""
+        wall_offset = time.time() - time.monotonic()
+        return [
+            WorkerView(name, slot.state, slot.last_heard + wall_offset, slot.device, slot.gpu_uuid, slot.gpu_name)
+            for name, slot in sorted(dict(self._slots).items())
+        ]
 
     def add_listener(self, listener: JobListener) -> None:
         """listener(record, events) runs on the loop after every job change the scheduler applies; it must not
@@ -154,7 +174,7 @@ class Scheduler:
                 f"the server restarted during attempt {record.attempt}; the job is queued again",
                 record.attempt,
             )
-            await self._apply(record.id, _requeue_if_active(note))
+            await self._apply(record.id, _requeue_if_active(note), RetryReason.SERVER_RESTARTED)
 
     # ------------------------------------------------------------ API-facing actions
 
@@ -207,12 +227,14 @@ class Scheduler:
                 if claimed is None:
                     return
                 record, events = claimed
+                self._metrics.job_changed(JobState.QUEUED, record, time.time())
                 self._publish(record, events)
                 await self._start_on(worker, record)
 
     async def _start_on(self, worker: str, record: JobRecord) -> None:
         slot = self._slots[worker]
         slot.state, slot.job, slot.attempt, slot.last_heard = "busy", record.id, record.attempt, time.monotonic()
+        slot.dispatched_at, slot.loop_started = slot.last_heard, False
         command = await self._run_command(record)
         if command is None:
             slot.state, slot.job = "idle", None
@@ -222,7 +244,9 @@ class Scheduler:
         except KeyError as exc:
             slot.state, slot.job = "starting", None
             message = f"could not reach {worker}: {exc}"
-            await self._apply_fenced(record.id, worker, record.attempt, self._lose(message))
+            await self._apply_fenced(
+                record.id, worker, record.attempt, self._lose(message), RetryReason.WORKER_UNREACHABLE
+            )
 
     async def _run_command(self, record: JobRecord) -> RunJob | None:
         """Builds the worker's command; a job whose inputs vanished fails here with the reason."""
@@ -292,9 +316,12 @@ class Scheduler:
         slot = self._slots.get(event.worker)
         if slot is not None:
             slot.last_heard = time.monotonic()
+            self._observe(event, slot)
         match event:
             case WorkerReady():
-                self._slots[event.worker] = WorkerSlot(state="idle", device=event.device)
+                self._slots[event.worker] = WorkerSlot(
+                    state="idle", device=event.device, gpu_uuid=event.gpu_uuid, gpu_name=event.gpu_name
+                )
                 log.info("%s ready on %s (pid %s)", event.worker, event.device, event.pid)
                 if all(slot.state != "starting" for slot in self._slots.values()):
                     self.all_ready.set()
@@ -306,6 +333,21 @@ class Scheduler:
             case _:
                 await self._job_report(event)
 
+    def _observe(self, event: WorkerEvent, slot: WorkerSlot) -> None:
+        """What a worker's event says about throughput and start-up, for metrics."""
+        match event:
+            case TrainingProgress():
+                self._metrics.training_window(
+                    event.worker, event.window_steps, event.window_samples, event.window_seconds
+                )
+            case CheckpointWritten():
+                self._metrics.checkpoint_saved(event.seconds, event.size_bytes)
+            case JobStarted() if (slot.job, slot.attempt) == (event.job, event.attempt) and not slot.loop_started:
+                slot.loop_started = True
+                self._metrics.startup.observe(time.monotonic() - slot.dispatched_at)
+            case WorkerDied():
+                self._metrics.worker_restarts.labels(_death_reason(event, slot)).inc()
+
     async def _worker_died(self, event: WorkerDied) -> None:
         slot = self._slots.get(event.worker, WorkerSlot())
         self._slots[event.worker] = WorkerSlot()
@@ -313,10 +355,7 @@ class Scheduler:
             await asyncio.to_thread(self._storage.delete_work_dir, slot.job, slot.attempt)
             message = f"{event.worker} exited (code {event.exitcode}) during the job"
             await self._apply_fenced(
-                slot.job,
-                event.worker,
-                slot.attempt,
-                self._lose(message),
+                slot.job, event.worker, slot.attempt, self._lose(message), RetryReason.WORKER_EXITED
             )
             await self._prune_if_ended(slot.job)
             await self.dispatch()  # a requeued job can go to an idle worker at once
@@ -368,7 +407,7 @@ class Scheduler:
             if slot.job is None:
                 continue
             if slot.kill_at is not None and now >= slot.kill_at:
-                slot.kill_at = None
+                slot.kill_at, slot.killed = None, True
                 log.warning("%s still holds %s attempt %s: killing it", worker, slot.job, slot.attempt)
                 self._pool.kill(worker)  # its death comes back as WorkerDied
             elif not slot.lease_expired and now - slot.last_heard > self._policy.lease_timeout_s:
@@ -383,7 +422,7 @@ class Scheduler:
         slot.kill_at = time.monotonic() + self._policy.kill_grace_s
         message = f"{worker} sent nothing for {silent_s:.0f} s (hung, stopped or cut off): its lease expired"
         log.warning("%s on %s attempt %s", message, job, attempt)
-        await self._apply_fenced(job, worker, attempt, self._lose(message))
+        await self._apply_fenced(job, worker, attempt, self._lose(message), RetryReason.LEASE_EXPIRED)
         self._send(worker, CancelJob(job=job, attempt=attempt))
         await self._prune_if_ended(job)
         await self.dispatch()
@@ -400,25 +439,39 @@ class Scheduler:
         if record is not None and record.state in TERMINAL:
             await asyncio.to_thread(self._storage.delete_work, job_id)
 
-    async def _apply(self, job_id: str, change: ChangeFn) -> JobRecord | None:
-        result = await self._db.call(self._store.update_job, job_id, change)
+    async def _apply(self, job_id: str, change: ChangeFn, retry_reason: RetryReason | None = None) -> JobRecord | None:
+        """Applies a change in the store, then tells metrics, watchers and listeners. retry_reason: why a lost
+        attempt's job, if this queues it again, is retried."""
+        before: list[JobState] = []
+
+        def observed(record: JobRecord) -> JobChange | None:
+            before[:] = [record.state]  # the last call counts: the store may run it again
+            return change(record)
+
+        result = await self._db.call(self._store.update_job, job_id, observed)
         if result is None:
             return None
         record, events = result
+        if before and before[0] is not record.state:
+            self._metrics.job_changed(before[0], record, time.time())
+            if retry_reason is not None and before[0] in ACTIVE and record.state is JobState.QUEUED:
+                self._metrics.job_retried(retry_reason)
         self._publish(record, events)
         if events:
             for listener in self._listeners:
                 listener(record, events)
         return record
 
-    async def _apply_fenced(self, job_id: str, worker: str, attempt: int, change: ChangeFn) -> None:
+    async def _apply_fenced(
+        self, job_id: str, worker: str, attempt: int, change: ChangeFn, retry_reason: RetryReason | None = None
+    ) -> None:
         def fenced(record: JobRecord) -> JobChange | None:
             if not held_by(record, worker, attempt):
                 log.info("ignoring a report from %s for %s attempt %s", worker, job_id, attempt)
                 return None
             return change(record)
 
-        await self._apply(job_id, fenced)
+        await self._apply(job_id, fenced, retry_reason)
 
     def _publish(self, record: JobRecord, events: list[EventRecord]) -> None:
         if events:
@@ -429,6 +482,15 @@ class Scheduler:
             self._pool.send(worker, command)
         except KeyError:
             log.warning("could not deliver %r to %s", command, worker)
+
+
+def _death_reason(event: WorkerDied, slot: WorkerSlot) -> str:
+    """The `reason` label of a worker restart."""
+    if slot.killed:
+        return "killed_by_server"
+    if event.exitcode is None or event.exitcode < 0:
+        return "signal"
+    return "error_exit" if event.exitcode else "clean_exit"
 
 
 def _requeue_if_active(note: NewEvent) -> ChangeFn:

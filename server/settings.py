@@ -51,6 +51,12 @@ class ServerSettings:
     """Memory each worker may keep recently used base models in (warm starts); 0 keeps none."""
     worker_nice: int = 10
     """CPU niceness added to workers: where training and the API share cores, the API answers first."""
+    metrics_host: str | None = None
+    """Address of the /metrics endpoint; None: the same as host."""
+    metrics_port: int = 9464
+    """Port of the /metrics endpoint; 0 picks a free one, -1 turns it off."""
+    log_format: str = "text"
+    """`text` or `json` (one object per line, with job and attempt on every job line)."""
 
     def threads_per_worker(self) -> int:
         if self.torch_threads:

@@ -88,6 +88,9 @@ class WorkerReady:
     worker: str
     pid: int
     device: str
+    gpu_uuid: str = ""
+    """NVML's UUID of the worker's GPU (`GPU-...`); empty on the CPU."""
+    gpu_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,10 @@ class TrainingProgress(JobEventBase):
     learning_rate: float = 0.0
     samples_per_second: float = 0.0
     grad_norm: float = 0.0
+    window_steps: int = 0
+    """Optimizer steps since the previous report (the window these figures cover)."""
+    window_samples: int = 0
+    window_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,8 @@ class CheckpointWritten(JobEventBase):
     step: int = 0
     size_bytes: int = 0
     path: str = ""
+    seconds: float = 0.0
+    """Time the checkpoint took to write."""
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Imported here, in the child: loading torch, transformers and every adapter once per worker is the warm-up.
     from workers.core.adapters import import_all_adapters
-    from workers.core.device import configure_torch, select_device
+    from workers.core.device import configure_torch, gpu_identity, select_device
     from workers.core.model_cache import configure
     from workers.core.runner import run_job
 
@@ -144,7 +144,8 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     inbox: queue.Queue[WorkerCommand] = queue.Queue()
     stops = StopRegistry()
     threading.Thread(target=_read_commands, args=(conn, inbox, stops), daemon=True, name="commands").start()
-    outbox.send(WorkerReady(worker=worker, pid=os.getpid(), device=str(device)))
+    gpu_uuid, gpu_name = gpu_identity(device)
+    outbox.send(WorkerReady(worker=worker, pid=os.getpid(), device=str(device), gpu_uuid=gpu_uuid, gpu_name=gpu_name))
 
     while True:
         command = inbox.get()

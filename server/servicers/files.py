@@ -14,7 +14,8 @@ from tuneforge.v1 import files_pb2, files_pb2_grpc
 
 from server import convert
 from server.db import StoreRunner
-from server.errors import ApiError, FieldViolation, invalid_argument, not_found
+from server.errors import ApiError, FieldViolation, invalid_argument, is_disk_full, not_found
+from server.metrics.service_metrics import ServiceMetrics
 from server.names import new_id, parse_name
 from server.pagination import make_token, parse_page
 from server.records import FileRecord
@@ -30,16 +31,38 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs
 class FileServicer(files_pb2_grpc.FileServiceServicer):
     """Thin: checks requests, moves bytes between the stream and storage, records metadata in the store."""
 
-    def __init__(self, store: JobStore, db: StoreRunner, storage: LocalStorage, max_upload_bytes: int):
+    def __init__(
+        self,
+        store: JobStore,
+        db: StoreRunner,
+        storage: LocalStorage,
+        max_upload_bytes: int,
+        metrics: ServiceMetrics | None = None,
+    ):
         self._store = store
         self._db = db
         self._storage = storage
         self._max_upload_bytes = max_upload_bytes
+        self._metrics = metrics or ServiceMetrics()
 
     @unary
     async def UploadFile(
         self, request_iterator: AsyncIterator[files_pb2.UploadFileRequest], context: Context
     ) -> files_pb2.File:
+        try:
+            stored = await self._upload(request_iterator)
+        except ApiError as exc:
+            self._metrics.uploads_rejected.labels(exc.reason.lower()).inc()
+            raise
+        except OSError as exc:
+            self._metrics.uploads_rejected.labels("storage_full" if is_disk_full(exc) else "storage_error").inc()
+            raise
+        except asyncio.CancelledError:
+            self._metrics.uploads_rejected.labels("cancelled").inc()
+            raise
+        return stored
+
+    async def _upload(self, request_iterator: AsyncIterator[files_pb2.UploadFileRequest]) -> files_pb2.File:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("content") != "metadata":
             raise invalid_argument([FieldViolation("metadata", "the first message must carry the metadata")])
@@ -66,6 +89,8 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             stored = await self._db.call(self._store.create_file, record, metadata.request_id or None)
             if stored.id != file_id:  # a concurrent repeat of the same request_id won
                 self._storage.delete_file(file_id)
+            else:
+                self._metrics.uploaded_bytes.inc(upload.size_bytes)
             return convert.file_to_proto(stored)
         finally:
             upload.discard()  # no-op once committed

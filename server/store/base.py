@@ -55,6 +55,9 @@ class JobStore(Protocol):
 
     def jobs_in_states(self, states: Sequence[JobState]) -> list[JobRecord]: ...
 
+    def count_jobs_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (states without jobs may be missing)."""
+
     def delete_job(self, job_id: str) -> bool: ...
 
     def create_sweep(

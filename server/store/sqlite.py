@@ -7,7 +7,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,12 +112,23 @@ def _sweep_from_row(row: sqlite3.Row) -> SweepRecord:
     )
 
 
+BUSY_WAIT_S = 0.05
+"""How long SQLite itself waits for a lock before the store counts a busy retry and asks again."""
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # extended codes too
+
+
 class SqliteJobStore:
     """JobStore on one SQLite file. Safe to call from many threads of one process."""
 
-    def __init__(self, path: Path, busy_timeout_s: float = 10.0):
+    def __init__(self, path: Path, busy_timeout_s: float = 10.0, on_busy_retry: Callable[[], None] | None = None):
+        """A write waits up to busy_timeout_s for the database lock; on_busy_retry is called each time it found
+        the lock taken and tries again (contention made visible)."""
         self._path = path
         self._busy_timeout_s = busy_timeout_s
+        self._on_busy_retry = on_busy_retry
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
@@ -134,7 +145,7 @@ class SqliteJobStore:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_WAIT_S * 1000)}")  # writes retry in _begin_immediate
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
             with self._all_lock:
@@ -145,13 +156,26 @@ class SqliteJobStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE: take the write lock up front, so the busy timeout applies instead of failing later."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin_immediate(conn)
         try:
             yield conn
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
+        """Takes the write lock, asking again every BUSY_WAIT_S until busy_timeout_s has passed."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            if self._on_busy_retry is not None:
+                self._on_busy_retry()
 
     def close(self) -> None:
         with self._all_lock:
@@ -263,6 +287,10 @@ class SqliteJobStore:
             .fetchall()
         )
         return [_job_from_row(r) for r in rows]
+
+    def count_jobs_by_state(self) -> dict[JobState, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {JobState(state): count for state, count in rows}
 
     def update_job(self, job_id: str, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
         with self._write() as db:

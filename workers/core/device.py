@@ -19,6 +19,14 @@ def select_device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
+def gpu_identity(device: torch.device) -> tuple[str, str]:
+    """The GPU's NVML UUID (`GPU-...`, as DCGM and nvidia-smi show it) and its name; empty strings on the CPU."""
+    if device.type != "cuda":
+        return "", ""
+    properties = torch.cuda.get_device_properties(device)
+    return f"GPU-{properties.uuid}", str(properties.name)
+
+
 def configure_torch(num_threads: int) -> None:
     """Process-wide settings: CPU thread count, and TF32 matmuls on CUDA (free speed on Ampere and later)."""
     if num_threads > 0:

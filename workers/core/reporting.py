@@ -56,8 +56,12 @@ class Reporter:
     def evaluation(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         self.send(EvaluationDone(self.worker, self.job, self.attempt, step=step, epoch=epoch, metrics=metrics))
 
-    def checkpoint(self, step: int, size_bytes: int, path: str) -> None:
-        self.send(CheckpointWritten(self.worker, self.job, self.attempt, step=step, size_bytes=size_bytes, path=path))
+    def checkpoint(self, step: int, size_bytes: int, path: str, seconds: float = 0.0) -> None:
+        self.send(
+            CheckpointWritten(
+                self.worker, self.job, self.attempt, step=step, size_bytes=size_bytes, path=path, seconds=seconds
+            )
+        )
 
     def artifact(self, size_bytes: int, sha256: str, metrics: dict[str, float]) -> None:
         self.send(

@@ -234,8 +234,9 @@ class Trainer:
             "skipped_non_finite": self.skipped_non_finite,
         }
         keep = self.spec.evaluation.keep_checkpoints
+        began = time.perf_counter()
         path, size = save_checkpoint(self.checkpoint_dir, self.model, training, position, keep)
-        self.reporter.checkpoint(step, size, str(path))
+        self.reporter.checkpoint(step, size, str(path), time.perf_counter() - began)
 
     def resume(self) -> int | None:
         """Continues from the newest checkpoint, if there is one; returns the step it resumes from."""
@@ -394,6 +395,9 @@ class Trainer:
             learning_rate=float(self.scheduler.get_last_lr()[0]),
             samples_per_second=window.samples / max(elapsed, 1e-9),
             grad_norm=float(window.grad_norm),
+            window_steps=window.steps,
+            window_samples=window.samples,
+            window_seconds=elapsed,
         )
         window.reset()
 
