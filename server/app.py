@@ -85,6 +85,8 @@ def make_pool(settings: ServerSettings) -> WorkerPool:
         heartbeat_interval_s=settings.heartbeat_interval_s,
         model_cache_mb=settings.model_cache_mb,
         nice=settings.worker_nice,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
     )
     return LocalProcessPool(settings.workers, worker_settings)
 

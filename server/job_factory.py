@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from tuneforge.v1 import job_spec_pb2
@@ -15,6 +16,9 @@ from server.names import new_id
 from server.records import JobRecord
 from server.scheduler import Scheduler
 from server.store.base import JobStore
+from workers.logs import job_fields
+
+log = logging.getLogger(__name__)
 
 
 class JobFactory:
@@ -58,6 +62,8 @@ class JobFactory:
         stored, created = await self._db.call(self._store.create_job, record, [first], request_id)
         if created:
             self._metrics.job_submitted("sweep" if sweep_id else "api")
+            origin = f"as trial {trial_number} of {sweep_id}" if sweep_id else "through the API"
+            log.info("created %s (priority %d)", origin, spec.priority, extra=job_fields(stored.id, 0))
             self._hub.publish(stored.id, [], ended=False)
             self._scheduler.wake()
         return stored

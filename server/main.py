@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 from pathlib import Path
 
 from server.app import serve
 from server.settings import ServerSettings
+from workers.logs import configure_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format, "server")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     settings = ServerSettings(
         data_dir=args.data_dir,
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         worker_nice=args.worker_nice,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        log_level=args.log_level.upper(),
         log_format=args.log_format,
     )
     asyncio.run(serve(settings))

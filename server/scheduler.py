@@ -30,6 +30,7 @@ from server.records import EventRecord, JobChange, JobRecord, NewEvent
 from server.spec_validation import validate_spec
 from server.storage import LocalStorage
 from server.store.base import ChangeFn, JobStore
+from workers.logs import job_context, job_fields
 from workers.messages import (
     ArtifactWritten,
     AutoChosen,
@@ -227,7 +228,7 @@ class Scheduler:
                 if claimed is None:
                     return
                 record, events = claimed
-                self._metrics.job_changed(JobState.QUEUED, record, time.time())
+                self._changed(JobState.QUEUED, record)
                 self._publish(record, events)
                 await self._start_on(worker, record)
 
@@ -308,7 +309,11 @@ class Scheduler:
             if self._stopping:
                 continue
             try:
-                await self._handle(event)
+                if isinstance(event, JobEventBase):
+                    with job_context(event.job, event.attempt):
+                        await self._handle(event)
+                else:
+                    await self._handle(event)
             except Exception:  # one bad event must not stop the scheduler
                 log.exception("failed to apply %r", event)
 
@@ -453,7 +458,7 @@ class Scheduler:
             return None
         record, events = result
         if before and before[0] is not record.state:
-            self._metrics.job_changed(before[0], record, time.time())
+            self._changed(before[0], record)
             if retry_reason is not None and before[0] in ACTIVE and record.state is JobState.QUEUED:
                 self._metrics.job_retried(retry_reason)
         self._publish(record, events)
@@ -461,6 +466,16 @@ class Scheduler:
             for listener in self._listeners:
                 listener(record, events)
         return record
+
+    def _changed(self, before: JobState, record: JobRecord) -> None:
+        """A committed change of state: counted, and logged as a job line."""
+        self._metrics.job_changed(before, record, time.time())
+        detail = f" on {record.worker}" if record.state is JobState.RUNNING else ""
+        if record.state is JobState.FAILED:
+            detail = f": {record.error_reason}: {record.error_message}"
+        level = logging.WARNING if record.state is JobState.FAILED else logging.INFO
+        fields = job_fields(record.id, record.attempt)
+        log.log(level, "%s -> %s%s", before.value, record.state.value, detail, extra=fields)
 
     async def _apply_fenced(
         self, job_id: str, worker: str, attempt: int, change: ChangeFn, retry_reason: RetryReason | None = None

@@ -55,6 +55,7 @@ class ServerSettings:
     """Address of the /metrics endpoint; None: the same as host."""
     metrics_port: int = 9464
     """Port of the /metrics endpoint; 0 picks a free one, -1 turns it off."""
+    log_level: str = "INFO"
     log_format: str = "text"
     """`text` or `json` (one object per line, with job and attempt on every job line)."""
 

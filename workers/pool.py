@@ -61,6 +61,9 @@ class WorkerSettings:
     """Memory for recently used base models, kept between jobs (warm starts); 0 keeps none."""
     nice: int = 0
     """Added to the worker's CPU niceness: with cores shared, the control plane answers first."""
+    log_level: str = "INFO"
+    log_format: str = "text"
+    """`text` or `json`, as the server's."""
 
 
 def _bootstrap(entry: str, worker: str, conn: Connection, settings: WorkerSettings) -> None:

@@ -15,6 +15,7 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+from workers.logs import INTERNAL_MARK, configure_logging, current_job, job_context
 from workers.messages import (
     CancelJob,
     Heartbeat,
@@ -30,6 +31,8 @@ from workers.messages import (
 )
 from workers.pool import WorkerSettings
 
+SEVERITIES = ((logging.ERROR, Severity.ERROR), (logging.WARNING, Severity.WARNING), (logging.INFO, Severity.INFO))
+
 
 class Outbox:
     """Thread-safe sender of events to the server."""
@@ -41,6 +44,28 @@ class Outbox:
     def send(self, event: WorkerEvent) -> None:
         with self._lock:
             self._conn.send(event)
+
+
+class JobLogForwarder(logging.Handler):
+    """Lines logged in the worker while a job runs (by any library) also become the job's log events, so
+    `tuneforge watch` shows them; the core's own lines are already events and are not sent twice."""
+
+    def __init__(self, outbox: Outbox, worker: str):
+        super().__init__(logging.INFO)
+        self._outbox = outbox
+        self._worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        context = current_job()
+        if context is None or getattr(record, INTERNAL_MARK, False):
+            return
+        severity = next(severity for level, severity in (*SEVERITIES, (0, Severity.DEBUG)) if record.levelno >= level)
+        job, attempt = context
+        try:
+            message = f"{record.name}: {record.getMessage()}"
+            self._outbox.send(LogEmitted(self._worker, job, attempt, severity=severity, message=message))
+        except Exception:
+            self.handleError(record)
 
 
 @dataclass(frozen=True)
@@ -128,7 +153,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     _name_process(worker)
     if settings.nice:
         os.nice(settings.nice)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker} %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format, worker)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Imported here, in the child: loading torch, transformers and every adapter once per worker is the warm-up.
     from workers.core.adapters import import_all_adapters
@@ -141,6 +166,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     configure_torch(settings.torch_threads)
     device = select_device(settings.device)
     outbox = Outbox(conn)
+    logging.getLogger().addHandler(JobLogForwarder(outbox, worker))
     inbox: queue.Queue[WorkerCommand] = queue.Queue()
     stops = StopRegistry()
     threading.Thread(target=_read_commands, args=(conn, inbox, stops), daemon=True, name="commands").start()
@@ -163,10 +189,12 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
         )
         beat.start()
         try:
-            finished = run_job(command, worker, device, outbox.send, flags.stop, flags.checkpoint_first)
+            with job_context(command.job, command.attempt):
+                finished = run_job(command, worker, device, outbox.send, flags.stop, flags.checkpoint_first)
         except Exception:  # last resort: the per-job boundary
             text = traceback.format_exc()
-            logging.getLogger(__name__).error("job %s crashed:\n%s", command.job, text)
+            extra = {"job": command.job, "attempt": command.attempt, INTERNAL_MARK: True}
+            logging.getLogger(__name__).error("the job crashed:\n%s", text, extra=extra)
             outbox.send(
                 LogEmitted(
                     worker=worker, job=command.job, attempt=command.attempt, severity=Severity.ERROR, message=text

@@ -5,11 +5,13 @@ The core knows nothing about how events travel (a pipe today, an actor call late
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.core.errors import TrainingCancelled
+from workers.logs import INTERNAL_MARK
 from workers.messages import (
     ArtifactWritten,
     AutoChosen,
@@ -21,6 +23,14 @@ from workers.messages import (
     TrainingProgress,
     WorkerEvent,
 )
+
+log = logging.getLogger("workers.job")
+LEVELS = {
+    Severity.DEBUG: logging.DEBUG,
+    Severity.INFO: logging.INFO,
+    Severity.WARNING: logging.WARNING,
+    Severity.ERROR: logging.ERROR,
+}
 
 
 @dataclass
@@ -45,7 +55,10 @@ class Reporter:
             raise TrainingCancelled()
 
     def log(self, message: str, severity: Severity = Severity.INFO) -> None:
+        """A line of the job's log: an event for watchers, and a line in the process's own log."""
         self.send(LogEmitted(self.worker, self.job, self.attempt, severity=severity, message=message))
+        extra = {"job": self.job, "attempt": self.attempt, INTERNAL_MARK: True}
+        log.log(LEVELS[severity], message, extra=extra)
 
     def started(self, total_steps: int, total_epochs: int) -> None:
         self.send(JobStarted(self.worker, self.job, self.attempt, total_steps=total_steps, total_epochs=total_epochs))
