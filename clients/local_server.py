@@ -74,8 +74,10 @@ def start_local_server(
     port: int = 0,
     timeout_s: float = 60.0,
     env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
 ) -> LocalServer:
-    """Starts the server on 127.0.0.1 (port 0: a free one) and returns once it listens. `env` adds variables."""
+    """Starts the server on 127.0.0.1 (port 0: a free one) and returns once it listens. `env` adds variables;
+    `log_path` receives the server's and its workers' log (stderr) instead of this process's stderr."""
     command = [
         sys.executable,
         "-m",
@@ -95,7 +97,9 @@ def start_local_server(
     for root in model_roots:
         command += ["--model-root", str(root)]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(open(log_path, "ab")) if log_path is not None else None
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=environment)
     try:
         target, metrics_url = _read_ready_lines(process, timeout_s)
     except BaseException:

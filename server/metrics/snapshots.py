@@ -118,17 +118,19 @@ class PoolCollector(Collector):
 class StorageCollector(Collector):
     """Bytes under the data dir by kind, and the free space left on its filesystem.
 
-    Walking the tree costs time on a big data dir, so its sizes are kept for `max_age_s`; free space is always live.
+    Walking a big data dir takes time, so its sizes are kept for `reuse_factor` times as long as the last walk took:
+    a small dir is measured at every scrape, a huge one at most a tenth of the time. Free space is always live.
     """
 
     KINDS = ("files", "artifacts", "work")
 
-    def __init__(self, data_dir: Path, max_age_s: float = 30.0):
+    def __init__(self, data_dir: Path, reuse_factor: float = 10.0):
         self._data_dir = data_dir
-        self._max_age_s = max_age_s
+        self._reuse_factor = reuse_factor
         self._lock = threading.Lock()
         self._sizes: dict[str, int] = {}
         self._measured = float("-inf")
+        self._walk_s = 0.0
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield from self._families(measure=False)
@@ -154,9 +156,11 @@ class StorageCollector(Collector):
 
     def _kind_sizes(self) -> dict[str, int]:
         with self._lock:
-            if time.monotonic() - self._measured > self._max_age_s:
+            began = time.monotonic()
+            if began - self._measured > self._walk_s * self._reuse_factor:
                 self._sizes = {kind: _tree_bytes(self._data_dir / kind) for kind in self.KINDS}
                 self._measured = time.monotonic()
+                self._walk_s = self._measured - began
             return dict(self._sizes)
 
 

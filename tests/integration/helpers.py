@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import select
+import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
 
@@ -84,3 +86,22 @@ def state_changes(events: list[jobs_pb2.JobEvent]) -> list[int]:
 
 def log_lines(events: list[jobs_pb2.JobEvent]) -> list[str]:
     return [e.log.message for e in events if e.WhichOneof("payload") == "log"]
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> tuple[str, Samples]:
+    """The exposition text at url and its samples by (name, labels)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return text, samples
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when the series does not exist yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
