@@ -1,4 +1,4 @@
-"""The `tuneforge` command: upload, submit, watch, jobs, get, cancel, pause, resume, download, demo, serve."""
+"""The `tuneforge` command: upload, submit, watch, jobs, get, cancel, pause, resume, download, health, demo, serve."""
 
 from __future__ import annotations
 
@@ -144,6 +144,13 @@ def cmd_download(client: TuneforgeClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    """Exit 0 only when SERVING: usable as a container HEALTHCHECK or a probe."""
+    status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def cmd_files(client: TuneforgeClient, args: argparse.Namespace) -> int:
     files = client.list_files()
     if args.json:
@@ -203,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("job")
     download.add_argument("-o", "--output", required=True, help="folder to unpack into")
     command("files", cmd_files, "list uploaded files")
+    health = command("health", cmd_health, "print the server's health; exit 0 only when SERVING")
+    health.add_argument("--service", default="", help="one service, e.g. tuneforge.v1.JobService (default: all)")
     add_sweep_commands(command)
 
     serve = sub.add_parser("serve", help="run the server (needs tuneforge[server])")

@@ -144,6 +144,20 @@ class TuneforgeClient:
 
     # ------------------------------------------------------------ health
 
+    def health(self, service: str = "") -> str:
+        """The gRPC health status of the server ("") or one service: SERVING, NOT_SERVING, SERVICE_UNKNOWN, or
+        UNREACHABLE when nothing answered within the deadline."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = self._health.Check(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return "UNREACHABLE"
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise TuneforgeError.from_rpc_error(error) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
     def wait_until_serving(self, timeout_s: float = 120.0) -> None:
         """Blocks until the server's health says SERVING (its workers are up), waiting for it to start listening."""
         request = health_pb2.HealthCheckRequest()

@@ -172,3 +172,19 @@ def test_a_sweep_from_the_command_line(
     assert json.loads(tuneforge(server, "--json", "sweep", sweep_name).stdout)["bestTrial"]["job"] == best_job
     refused = tuneforge(server, "sweep-cancel", sweep_name, check=False)
     assert refused.returncode != 0 and "FAILED_PRECONDITION" in refused.stderr + refused.stdout
+
+
+def test_health_exits_zero_only_when_serving(server: LocalServer) -> None:
+    serving = tuneforge(server, "health")
+    assert serving.stdout.strip() == "SERVING"
+    job_service = tuneforge(server, "health", "--service", "tuneforge.v1.JobService")
+    assert job_service.stdout.strip() == "SERVING"
+    unknown = tuneforge(server, "health", "--service", "no.such.Service", check=False)
+    assert (unknown.returncode, unknown.stdout.strip()) == (1, "SERVICE_UNKNOWN")
+    nobody = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "--server", "127.0.0.1:1", "--timeout", "2", "health"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (nobody.returncode, nobody.stdout.strip()) == (1, "UNREACHABLE")
