@@ -1,12 +1,23 @@
-# Tuneforge server image. The torch wheels bring their own CUDA 13 runtime libraries, so the image needs only the
-# host's NVIDIA driver (NVIDIA Container Toolkit, `--gpus all`); on a machine without a GPU it trains on the CPU.
-# Build: docker build -t tuneforge .   Run: docker run -p 50051:50051 -v tuneforge-data:/data tuneforge
+# Tuneforge server image, on NVIDIA's CUDA 13.0 runtime: the CUDA that torch 2.11's default wheels are built for
+# (torch.version.cuda == "13.0"). The host needs only NVIDIA's driver and container toolkit (`--gpus all`, or the
+# Kubernetes device plugin); without a GPU the same image trains on the CPU.
+#
+# Build:  docker build -t tuneforge .
+# Run:    docker run --gpus all -p 50051:50051 -p 9464:9464 -v tuneforge-data:/data -v /srv/models:/models:ro tuneforge
+# gRPC on 50051, Prometheus /metrics on 9464, health via `tuneforge health`. Logs are JSON lines on stderr.
 
-# ---- build stage: a virtual environment with the server extra
-FROM python:3.11.11-slim-bookworm AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+
+# ---- build stage: a virtual environment with the server extra (compilers and pip stay behind)
+FROM ${CUDA_IMAGE} AS build
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Ubuntu's Python is patched by the distribution's security updates; its version is not pinned here on purpose.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-RUN python -m venv /opt/tuneforge
+RUN python3 -m venv /opt/tuneforge
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY server ./server
@@ -14,22 +25,33 @@ COPY workers ./workers
 COPY clients ./clients
 RUN /opt/tuneforge/bin/pip install '.[server]'
 
-# ---- runtime stage: the environment, a non-root user and the data volume
-FROM python:3.11.11-slim-bookworm
+# ---- runtime stage: Python, the environment, a non-root user and the data volume
+FROM ${CUDA_IMAGE}
 LABEL org.opencontainers.image.title="tuneforge" \
       org.opencontainers.image.description="gRPC model-adaptation service"
-RUN groupadd --system --gid 10001 tuneforge \
+ENV DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 tuneforge \
     && useradd --system --uid 10001 --gid tuneforge --home-dir /data --shell /usr/sbin/nologin tuneforge \
     && mkdir -p /data /models \
     && chown tuneforge:tuneforge /data
 COPY --from=build /opt/tuneforge /opt/tuneforge
 ENV PATH=/opt/tuneforge/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    HF_HOME=/data/hf-cache
+    HF_HOME=/data/hf-cache \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
-EXPOSE 50051
-# Inside a container the server must listen on all interfaces; publish the port only where callers should reach it.
-ENTRYPOINT ["tuneforge", "serve", "--host", "0.0.0.0", "--port", "50051", "--data-dir", "/data", "--model-root", "/models"]
-CMD ["--workers", "1"]
+EXPOSE 50051 9464
+# The gRPC health service says SERVING once every worker is ready; `tuneforge health` exits 0 only then.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
+    CMD ["tuneforge", "--server", "127.0.0.1:50051", "--timeout", "5", "health"]
+# Inside a container the server must listen on all interfaces; publish the ports only where callers should reach them.
+ENTRYPOINT ["tuneforge", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", \
+            "--data-dir", "/data", "--model-root", "/models"]
+CMD ["--workers", "1", "--log-format", "json"]

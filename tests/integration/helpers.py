@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import select
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -105,3 +107,12 @@ def scrape(url: str) -> tuple[str, Samples]:
 def sample(samples: Samples, name: str, **labels: str) -> float:
     """One sample's value (0 when the series does not exist yet)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def scrape_until(url: str, done: Callable[[Samples], bool], timeout_s: float) -> tuple[str, Samples]:
+    """Scrapes until done(samples) holds; the last scrape, whatever it says, once timeout_s has passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text, samples = scrape(url)
+        if done(samples) or time.monotonic() > deadline:
+            return text, samples

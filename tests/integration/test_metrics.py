@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,12 +15,22 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2
 
 from clients.client import TuneforgeClient, TuneforgeError
 from clients.local_server import LocalServer, start_local_server
 from tests.integration.conftest import SERVER_ARGS
-from tests.integration.helpers import STATE, Samples, sample, scrape, text_spec, wait_for_exit, worker_pids
+from tests.integration.helpers import (
+    STATE,
+    Samples,
+    sample,
+    scrape,
+    scrape_until,
+    text_spec,
+    wait_for_exit,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -97,10 +108,20 @@ def run(server: LocalServer, tiny_bert: Path, keyword_dataset: Path) -> Run:
             requests = iter([files_pb2.UploadFileRequest(metadata=bad), files_pb2.UploadFileRequest(chunk=b"abc")])
             files_pb2_grpc.FileServiceStub(channel).UploadFile(requests, timeout=30)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    text, after = scrape(server.metrics_url)
+    # grpc.aio sends an aborted call's status before the handler unwinds, so the client can see the error a moment
+    # before the interceptor counts it: scrape until both refused calls are in (or the deadline passes).
+    text, after = scrape_until(server.metrics_url, lambda s: _refused_calls_counted(s) == 2, timeout_s=10)
     texts.append(text)
     assert during and after_restart, "the job never reported, or never resumed after its worker was killed"
     return Run(final, before, during, after_restart, after, texts)
+
+
+def _refused_calls_counted(samples: Samples) -> float:
+    not_found = {"grpc_service": "tuneforge.v1.JobService", "grpc_method": "GetJob", "grpc_type": "unary"}
+    invalid = {"grpc_service": "tuneforge.v1.FileService", "grpc_method": "UploadFile", "grpc_type": "client_stream"}
+    return sample(samples, "grpc_server_handled_total", **not_found, grpc_code="NOT_FOUND") + sample(
+        samples, "grpc_server_handled_total", **invalid, grpc_code="INVALID_ARGUMENT"
+    )
 
 
 def test_job_series_follow_the_job(run: Run) -> None:
@@ -181,3 +202,67 @@ def test_json_log_lines_name_their_job(run: Run, server: LocalServer) -> None:
     assert {line["attempt"] for line in worker_lines} == {1, 2}
     assert any(line["message"].startswith("training: ") for line in worker_lines)
     assert all("job_event_sent" not in line for line in lines)
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+METRIC_NAME = re.compile(r"\b((?:tuneforge|grpc_server)_[a-z0-9_]+)\b")
+
+
+def exported_names(expositions: list[str]) -> set[str]:
+    """Every series name the server can export: families from `# TYPE` lines (a GPU family exists without GPUs,
+    with no samples) with their histogram and counter suffixes."""
+    names = set()
+    for text in expositions:
+        for match in re.finditer(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE):
+            name, kind = match.groups()
+            names.add(name)
+            if kind == "histogram":
+                names.update(f"{name}_{suffix}" for suffix in ("bucket", "count", "sum"))
+    return names
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/tuneforge.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def alert_queries() -> list[str]:
+    groups = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
+    return [rule["expr"] for group in groups for rule in group["rules"]]
+
+
+def test_the_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/tuneforge.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
+    datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    uid = datasources["datasources"][0]["uid"]
+    panels = dashboard["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    titles = " ".join(panel["title"].lower() for panel in panels)
+    for topic in ("queue", "jobs by state", "utilisation", "step time", "gpu memory", "rpc rate", "errors"):
+        assert topic in titles, f"no panel on {topic}"
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert {"h", "w", "x", "y"} <= grid.keys() and grid["x"] + grid["w"] <= 24
+        assert panel["type"] in {"timeseries", "stat", "gauge", "table", "bargauge"}
+        assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"])
+        assert panel["datasource"]["uid"] == uid and all(t["datasource"]["uid"] == uid for t in panel["targets"])
+
+
+def test_every_series_the_dashboard_and_alerts_query_exists(run: Run) -> None:
+    exported = exported_names(run.texts)
+    for query in dashboard_queries() + alert_queries():
+        used = set(METRIC_NAME.findall(query))
+        assert used or query.startswith("up{"), f"no Tuneforge series in {query!r}"  # `up` is Prometheus's own
+        assert used <= exported, f"{query!r} queries {sorted(used - exported)}, which the server does not export"
+
+
+def test_the_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each query (as a recording rule)."""
+    rules = [{"record": f"tuneforge:dashboard_query_{i}", "expr": q} for i, q in enumerate(dashboard_queries())]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install Debian's prometheus package (.ci/run does)"
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
