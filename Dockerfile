@@ -54,4 +54,7 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
 # Inside a container the server must listen on all interfaces; publish the ports only where callers should reach them.
 ENTRYPOINT ["tuneforge", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", \
             "--data-dir", "/data", "--model-root", "/models"]
-CMD ["--workers", "1", "--log-format", "json"]
+# Off loopback the server refuses plaintext unless asked: serve TLS with `--tls-cert /certs/tls.crt --tls-key
+# /certs/tls.key` (add `--tls-client-ca` for mutual TLS) or, where a proxy or mesh terminates TLS, keep
+# --allow-plaintext. `--access-file` turns on bearer-token authentication and tenant quotas.
+CMD ["--workers", "1", "--log-format", "json", "--allow-plaintext"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
+import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -20,6 +22,7 @@ from tuneforge.v1 import jobs_pb2
 
 from clients.archive import extract_archive
 from clients.client import TuneforgeClient, TuneforgeError
+from clients.credentials import Credentials
 from clients.spec_flags import (
     add_spec_arguments,
     add_spec_file_arguments,
@@ -151,6 +154,17 @@ def cmd_health(client: TuneforgeClient, args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def cmd_new_token(args: argparse.Namespace) -> int:
+    """The token goes to the caller, only its SHA-256 to the server."""
+    token = secrets.token_urlsafe(32)
+    name = args.name or f"{args.tenant}-{token[:6]}"
+    print(f"token: {token}")
+    print("\n# add to the server's access file:")
+    print(f'[[tokens]]\nname = "{name}"\nsha256 = "{hashlib.sha256(token.encode()).hexdigest()}"')
+    print(f'tenant = "{args.tenant}"\nrole = "{args.role}"')
+    return 0
+
+
 def cmd_files(client: TuneforgeClient, args: argparse.Namespace) -> int:
     files = client.list_files()
     if args.json:
@@ -183,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the Tuneforge server")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline for each call, seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--token", help="bearer token (default: $TUNEFORGE_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's CAs")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate (implies --tls)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
@@ -217,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server (needs tuneforge[server])")
     serve.set_defaults(local=_delegate("server.main"))
     _add_serve_arguments(serve)
+    new_token = sub.add_parser("new-token", help="make a bearer token and its line for the server's access file")
+    new_token.set_defaults(local=cmd_new_token)
+    new_token.add_argument("--tenant", required=True)
+    new_token.add_argument("--role", choices=["user", "admin"], default="user")
+    new_token.add_argument("--name", default="", help="shown in the server's audit log")
     demo = sub.add_parser("demo", help="fine-tune MiniLM on BBC News through a fresh local server")
     demo.set_defaults(local=_delegate("clients.demo"))
     demo.add_argument("--examples-per-class", type=int, default=120, help="training subset size per topic")
@@ -237,13 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "local"):
         return int(args.local(args))
-    with TuneforgeClient(args.server, timeout_s=args.timeout) as client:
+    credentials = Credentials.from_environment(
+        token=args.token, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    )
+    with TuneforgeClient(args.server, timeout_s=args.timeout, credentials=credentials) as client:
         try:
             return int(args.handler(client, args))
         except TuneforgeError as error:
             console.print(f"[red]error:[/red] {error}")
             for field, description in error.field_violations.items():
                 console.print(f"  {field}: {description}")
+            for subject, description in error.quota_violations.items():
+                console.print(f"  quota of {subject}: {description}")
             return 1
 
 

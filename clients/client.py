@@ -28,6 +28,8 @@ from tuneforge.v1 import (
     sweeps_pb2_grpc,
 )
 
+from clients.credentials import Credentials, open_channel
+
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 4 << 20
 TERMINAL_STATES = frozenset({jobs_pb2.Job.SUCCEEDED, jobs_pb2.Job.FAILED, jobs_pb2.Job.CANCELLED})
@@ -68,6 +70,8 @@ class TuneforgeError(Exception):
     message: str
     reason: str = ""
     field_violations: dict[str, str] = field(default_factory=dict)
+    quota_violations: dict[str, str] = field(default_factory=dict)
+    """For RESOURCE_EXHAUSTED by a quota: whose quota (`tenants/NAME`) and which limit."""
 
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.message}"
@@ -77,7 +81,7 @@ class TuneforgeError(Exception):
     def from_rpc_error(cls, error: grpc.RpcError) -> TuneforgeError:
         call: Any = error
         status = rpc_status.from_call(call)
-        reason, violations = "", {}
+        reason, violations, quotas = "", {}, {}
         for detail in status.details if status else []:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
@@ -87,7 +91,11 @@ class TuneforgeError(Exception):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = {v.field: v.description for v in bad.field_violations}
-        return cls(call.code(), call.details() or "", reason, violations)
+            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                failure = error_details_pb2.QuotaFailure()
+                detail.Unpack(failure)
+                quotas = {v.subject: v.description for v in failure.violations}
+        return cls(call.code(), call.details() or "", reason, violations, quotas)
 
 
 def _calls(fn: Callable[..., T]) -> Callable[..., T]:
@@ -115,12 +123,14 @@ def sha256_of(path: Path) -> str:
 class TuneforgeClient:
     """One channel to one server. Every call has a deadline (`timeout_s`); streams have none."""
 
-    def __init__(self, target: str, timeout_s: float = 30.0):
+    def __init__(self, target: str, timeout_s: float = 30.0, credentials: Credentials | None = None):
+        """`credentials`: TLS and a bearer token; by default none, with the token from $TUNEFORGE_TOKEN."""
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
+        self._channel = open_channel(
             target,
-            options=[
+            credentials or Credentials.from_environment(),
+            [
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.service_config", json.dumps(_RETRY_CONFIG)),

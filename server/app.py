@@ -17,6 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc, sweeps_pb2, sweeps_pb2_grpc
 
+from server.auth.access import AccessFile, quotas_of
+from server.auth.interceptor import AuthInterceptor
 from server.db import StoreRunner
 from server.event_hub import EventHub
 from server.job_factory import JobFactory
@@ -33,6 +35,7 @@ from server.settings import ServerSettings
 from server.storage import LocalStorage
 from server.store.sqlite import SqliteJobStore
 from server.sweeps import SweepController
+from server.transport import server_credentials
 from workers.pool import LocalProcessPool, WorkerPool, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,11 @@ def make_pool(settings: ServerSettings) -> WorkerPool:
 
 
 async def start_server(settings: ServerSettings, pool: WorkerPool | None = None) -> RunningServer:
-    """Opens everything, binds the port and starts the workers; returns once the port listens."""
+    """Opens everything, binds the port and starts the workers; returns once the port listens. TransportError or
+    AccessFileError for settings that cannot be used (before anything starts)."""
+    credentials = server_credentials(settings)
+    access = AccessFile(settings.access_file) if settings.access_file is not None else None
+    quotas = quotas_of(access)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     storage = LocalStorage(settings.data_dir)
     dropped = storage.discard_partial_uploads()
@@ -109,7 +116,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         lease_timeout_s=settings.lease_timeout_s,
         kill_grace_s=settings.kill_grace_s,
     )
-    scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy, metrics)
+    scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy, metrics, quotas)
     gpus = GpuSampler()
     grpc_metrics = GrpcMetrics(metrics.registry, (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"]))
     metrics.registry.register(JobsCollector(lambda: db.call_blocking(store.count_jobs_by_state)))
@@ -117,7 +124,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     metrics.registry.register(StorageCollector(settings.data_dir))
 
     server = grpc.aio.server(
-        interceptors=[grpc_metrics],
+        interceptors=[grpc_metrics, AuthInterceptor(access, quotas)],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -128,12 +135,14 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         ],
     )
     files_pb2_grpc.add_FileServiceServicer_to_server(
-        FileServicer(store, db, storage, settings.max_upload_bytes, metrics), server
+        FileServicer(store, db, storage, settings.max_upload_bytes, metrics, quotas), server
     )
     jobs = JobFactory(store, db, hub, scheduler, metrics)
     sweeps = SweepController(store, db, scheduler, jobs, hub, roots)
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(store, db, storage, scheduler, hub, roots, jobs), server)
-    sweeps_pb2_grpc.add_SweepServiceServicer_to_server(SweepServicer(store, db, hub, sweeps), server)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(
+        JobServicer(store, db, storage, scheduler, hub, roots, jobs, quotas), server
+    )
+    sweeps_pb2_grpc.add_SweepServiceServicer_to_server(SweepServicer(store, db, hub, sweeps, scheduler, quotas), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -141,7 +150,8 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     endpoint = None
     if settings.metrics_port >= 0:
         metrics_host = settings.metrics_host or settings.host

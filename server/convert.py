@@ -45,6 +45,7 @@ def file_to_proto(record: FileRecord) -> files_pb2.File:
         size_bytes=record.size_bytes,
         sha256=record.sha256,
         create_time=timestamp(record.create_time),
+        tenant=record.tenant,
     )
 
 
@@ -52,6 +53,7 @@ def job_to_proto(record: JobRecord) -> jobs_pb2.Job:
     job = jobs_pb2.Job(
         name=job_name(record.id),
         display_name=record.display_name,
+        tenant=record.tenant,
         state=state_to_proto(record.state),
         create_time=timestamp(record.create_time),
         start_time=timestamp(record.start_time),

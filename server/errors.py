@@ -22,6 +22,14 @@ class FieldViolation:
     description: str
 
 
+@dataclass(frozen=True)
+class QuotaViolation:
+    """A quota a request would break: whose (`tenants/team-a`) and which limit, in words."""
+
+    subject: str
+    description: str
+
+
 @dataclass
 class ApiError(Exception):
     """An error the API reports as is: a status code, an UPPER_SNAKE reason and a message for a person."""
@@ -31,6 +39,8 @@ class ApiError(Exception):
     message: str
     metadata: dict[str, str] = field(default_factory=dict)
     violations: list[FieldViolation] = field(default_factory=list)
+    quota: QuotaViolation | None = None
+    """For RESOURCE_EXHAUSTED by a quota: which limit (sent as a google.rpc.QuotaFailure)."""
 
     def __str__(self) -> str:
         return f"{self.code.name} {self.reason}: {self.message}"
@@ -54,6 +64,17 @@ def not_found(name: str) -> ApiError:
     return ApiError(grpc.StatusCode.NOT_FOUND, f"{kind}_NOT_FOUND", f"{name} does not exist", {"name": name})
 
 
+def quota_exceeded(tenant: str, limit: str, value: int, message: str) -> ApiError:
+    """RESOURCE_EXHAUSTED naming the tenant's quota that the request would break."""
+    return ApiError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "QUOTA_EXCEEDED",
+        message,
+        {"tenant": tenant, "limit": limit, "value": str(value)},
+        quota=QuotaViolation(f"tenants/{tenant}", f"{limit} = {value}: {message}"),
+    )
+
+
 def failed_precondition(reason: str, message: str, **metadata: str) -> ApiError:
     return ApiError(grpc.StatusCode.FAILED_PRECONDITION, reason, message, dict(metadata))
 
@@ -74,6 +95,17 @@ def to_status(error: ApiError) -> grpc.Status:
         )
         packed = any_pb2.Any()
         packed.Pack(bad_request)
+        details.append(packed)
+    if error.quota is not None:
+        failure = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject=error.quota.subject, description=error.quota.description
+                )
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(failure)
         details.append(packed)
     code: int = error.code.value[0]
     message = status_pb2.Status(code=code, message=error.message, details=details)

@@ -13,7 +13,7 @@ from server.event_hub import EventHub
 from server.job_states import JobState
 from server.metrics.service_metrics import ServiceMetrics
 from server.names import new_id
-from server.records import JobRecord
+from server.records import DEFAULT_TENANT, JobRecord
 from server.scheduler import Scheduler
 from server.store.base import JobStore
 from workers.logs import job_fields
@@ -43,6 +43,7 @@ class JobFactory:
         job_id: str | None = None,
         sweep_id: str = "",
         trial_number: int = 0,
+        tenant: str = DEFAULT_TENANT,
     ) -> JobRecord:
         """The spec must already be valid. Returns the stored job (the first one for a repeated request_id)."""
         now = time.time()
@@ -57,13 +58,14 @@ class JobFactory:
             queued_time=now,
             sweep_id=sweep_id,
             trial_number=trial_number,
+            tenant=tenant,
         )
         first = convert.created_event(record)
         stored, created = await self._db.call(self._store.create_job, record, [first], request_id)
         if created:
             self._metrics.job_submitted("sweep" if sweep_id else "api")
             origin = f"as trial {trial_number} of {sweep_id}" if sweep_id else "through the API"
-            log.info("created %s (priority %d)", origin, spec.priority, extra=job_fields(stored.id, 0))
+            log.info("created %s for %s (priority %d)", origin, tenant, spec.priority, extra=job_fields(stored.id, 0))
             self._hub.publish(stored.id, [], ended=False)
             self._scheduler.wake()
         return stored

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 from server.app import serve
+from server.auth.access import AccessFileError
 from server.settings import ServerSettings
+from server.transport import TransportError
 from workers.logs import configure_logging
 
 
@@ -51,6 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worker-nice", type=int, default=10, help="CPU niceness added to workers, so the API answers first (0: none)"
     )
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS only (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mTLS)")
+    parser.add_argument(
+        "--allow-plaintext", action="store_true", help="serve without TLS on an address other than loopback"
+    )
+    parser.add_argument(
+        "--access-file", type=Path, help="TOML: hashed bearer tokens, certificate names, tenant quotas (auth on)"
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
     parser.add_argument("--metrics-host", help="address of the /metrics endpoint (default: --host)")
@@ -82,8 +94,17 @@ def run(args: argparse.Namespace) -> int:
         worker_nice=args.worker_nice,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        allow_plaintext=args.allow_plaintext,
+        access_file=args.access_file,
         log_level=args.log_level.upper(),
         log_format=args.log_format,
     )
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except (TransportError, AccessFileError) as exc:
+        print(f"tuneforge serve: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from server.job_states import JobState
 
+DEFAULT_TENANT = "default"
+"""The tenant of every caller when authentication is off, and of data stored before tenants existed."""
+
 
 @dataclass(frozen=True)
 class FileRecord:
@@ -17,6 +20,7 @@ class FileRecord:
     size_bytes: int
     sha256: str
     create_time: float
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class JobRecord:
     last_event_sequence: int = 0
     order: int = 0
     """Insertion order (newest-first listing and FIFO within a priority)."""
+    tenant: str = DEFAULT_TENANT
+    """Who owns the job: only that tenant (and admins) can see or change it."""
 
 
 @dataclass(frozen=True)

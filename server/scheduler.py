@@ -1,6 +1,8 @@
 """The scheduler: places queued jobs on idle workers and turns worker events into stored job changes.
 
-Priority then FIFO (the store's claim order). Events arrive from the pool's thread and are applied one at a time on
+A free worker goes to the tenant with the fewest running jobs for its weight (weighted fair share), among tenants
+under their running-jobs quota; within a tenant, priority then FIFO (the store's claim order). A tenant alone can
+use the whole pool. Events arrive from the pool's thread and are applied one at a time on
 the event loop, in the order each worker sent them. The server decides every state; a worker only reports, and a
 report from an attempt that no longer holds its job is ignored.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from tuneforge.v1 import job_spec_pb2
 
 from server import convert
+from server.auth.access import QuotaLookup, no_quotas
 from server.db import StoreRunner
 from server.errors import is_disk_full
 from server.event_hub import EventHub
@@ -111,6 +114,7 @@ class Scheduler:
         model_roots: list[Path],
         policy: SchedulerPolicy | None = None,
         metrics: ServiceMetrics | None = None,
+        quotas: QuotaLookup = no_quotas,
     ):
         self._store = store
         self._db = db
@@ -120,6 +124,7 @@ class Scheduler:
         self._model_roots = model_roots
         self._policy = policy or SchedulerPolicy()
         self._metrics = metrics or ServiceMetrics()
+        self._quotas = quotas
         self._slots: dict[str, WorkerSlot] = {}
         self._inbox: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         self._dispatch_lock = asyncio.Lock()
@@ -219,18 +224,57 @@ class Scheduler:
             task.add_done_callback(self._background.discard)
 
     async def dispatch(self) -> None:
-        """Gives each idle worker the next queued job."""
+        """Gives each idle worker the next queued job of the tenant whose turn it is."""
         async with self._dispatch_lock:
             for worker in list(self._slots):
                 if self._slots[worker].state != "idle" or self._stopping:
                     continue
-                claimed = await self._db.call(self._store.claim_next_job, claim(worker))
+                tenant = await self._next_tenant()
+                if tenant is None:
+                    return
+                claimed = await self._db.call(self._store.claim_next_job, claim(worker), tenant)
                 if claimed is None:
                     return
                 record, events = claimed
                 self._changed(JobState.QUEUED, record)
                 self._publish(record, events)
                 await self._start_on(worker, record)
+
+    async def _next_tenant(self) -> str | None:
+        """Weighted fair share: the tenant with the fewest running jobs per unit of weight, among those with a
+        claimable job and under their running-jobs quota; ties go to the higher priority, then the older job."""
+        heads = await self._db.call(self._store.queue_heads)
+        if not heads:
+            return None
+        running = await self._db.call(self._store.active_jobs_by_tenant, list(ACTIVE))
+        turns = []
+        for head in heads:
+            quota = self._quotas(head.tenant)
+            active = running.get(head.tenant, 0)
+            if active < quota.max_running_jobs:
+                turns.append((active / quota.weight, -head.priority, head.order, head.tenant))
+        return min(turns)[3] if turns else None
+
+    def gpus_per_worker(self) -> int | None:
+        """The most GPUs one worker has; None until every worker has said which device it has."""
+        slots = list(dict(self._slots).values())
+        if not slots or any(slot.state == "starting" for slot in slots):
+            return None
+        return 1 if any(slot.device.startswith("cuda") for slot in slots) else 0
+
+    async def wait_reason(self, record: JobRecord, position: int) -> str:
+        """Why a QUEUED job has not started yet, in words."""
+        now = time.time()
+        if record.not_before is not None and record.not_before > now:
+            return f"restart back-off: its next attempt may start in {record.not_before - now:.0f} s"
+        quota = self._quotas(record.tenant)
+        running = (await self._db.call(self._store.active_jobs_by_tenant, list(ACTIVE))).get(record.tenant, 0)
+        if running >= quota.max_running_jobs:
+            return f"tenant {record.tenant} has {running} running jobs, its max_running_jobs quota"
+        ahead = f"; {position - 1} of the tenant's jobs are ahead of it" if position > 1 else ""
+        if not any(slot.state == "idle" for slot in dict(self._slots).values()):
+            return f"every worker is busy ({len(self._slots)} in the pool){ahead}"
+        return f"a worker is free: starting{ahead}"
 
     async def _start_on(self, worker: str, record: JobRecord) -> None:
         slot = self._slots[worker]

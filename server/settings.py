@@ -55,6 +55,15 @@ class ServerSettings:
     """Address of the /metrics endpoint; None: the same as host."""
     metrics_port: int = 9464
     """Port of the /metrics endpoint; 0 picks a free one, -1 turns it off."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: with tls_key, the server speaks only TLS."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: with it, every client must present a certificate it signed (mutual TLS)."""
+    allow_plaintext: bool = False
+    """Plaintext on an address other than loopback (behind a proxy or mesh that terminates TLS)."""
+    access_file: Path | None = None
+    """TOML file of hashed tokens, certificate names and quotas; None turns authentication off."""
     log_level: str = "INFO"
     log_format: str = "text"
     """`text` or `json` (one object per line, with job and attempt on every job line)."""

@@ -29,6 +29,7 @@ def sweep_to_proto(record: SweepRecord) -> sweeps_pb2.Sweep:
     sweep = sweeps_pb2.Sweep(
         name=f"sweeps/{record.id}",
         display_name=record.display_name,
+        tenant=record.tenant,
         state=sweeps_pb2.Sweep.State.Value(record.state.value),
         create_time=timestamp(record.create_time),
         end_time=timestamp(record.end_time),

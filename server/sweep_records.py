@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from server.records import DEFAULT_TENANT
+
 
 class SweepState(StrEnum):
     """Where a sweep is in its life (values match the API's names)."""
@@ -65,3 +67,5 @@ class SweepRecord:
     error_message: str = ""
     last_event_sequence: int = 0
     order: int = 0
+    tenant: str = DEFAULT_TENANT
+    """Who owns the sweep (and its trials' jobs)."""

@@ -27,7 +27,7 @@ from server.event_hub import EventHub
 from server.job_factory import JobFactory
 from server.job_states import TERMINAL, IllegalTransition, JobState
 from server.names import new_id
-from server.records import EventRecord, JobRecord, NewEvent
+from server.records import DEFAULT_TENANT, EventRecord, JobRecord, NewEvent
 from server.scheduler import Scheduler
 from server.search_space import SearchPlan, make_pruner, make_sampler, plan_search, trial_spec
 from server.spec_validation import validate_spec
@@ -88,7 +88,9 @@ class SweepController:
     def plan(self, spec: sweeps_pb2.SweepSpec) -> tuple[SearchPlan | None, list[Any]]:
         return plan_search(spec, self._model_roots)
 
-    async def create(self, sweep: sweeps_pb2.Sweep, plan: SearchPlan, request_id: str | None) -> SweepRecord:
+    async def create(
+        self, sweep: sweeps_pb2.Sweep, plan: SearchPlan, request_id: str | None, tenant: str = DEFAULT_TENANT
+    ) -> SweepRecord:
         now = time.time()
         record = SweepRecord(
             id=new_id("sw"),
@@ -97,6 +99,7 @@ class SweepController:
             state=SweepState.RUNNING,
             create_time=now,
             update_time=now,
+            tenant=tenant,
         )
         stored, created = await self._db.call(
             self._store.create_sweep, record, [sweep_convert.state_event(None, SweepState.RUNNING)], request_id
@@ -243,7 +246,7 @@ class SweepController:
     async def _create_job(self, sweep: SweepRecord, trial: TrialRecord, spec: job_spec_pb2.JobSpec) -> None:
         name = f"{sweep.display_name or sweep.id} trial {trial.number}"
         request_id = f"{sweep.id}/trial-{trial.number}"
-        await self._jobs.create(spec, name[:200], request_id, trial.job_id, sweep.id, trial.number)
+        await self._jobs.create(spec, name[:200], request_id, trial.job_id, sweep.id, trial.number, sweep.tenant)
 
     async def _budget_spent(self, sweep: SweepRecord, plan: SearchPlan) -> bool:
         if not plan.budget_s:

@@ -7,49 +7,18 @@ at zero, so rates and ratios exist before the first call.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from server.handler_wrapping import Behaviour, MethodKind, rewrap, split_method, status_name
+
 HANDLING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0)
-
-
-@dataclass(frozen=True)
-class MethodLabels:
-    grpc_type: str
-    grpc_service: str
-    grpc_method: str
-
-
-def _grpc_type(client_streaming: bool, server_streaming: bool) -> str:
-    if client_streaming and server_streaming:
-        return "bidi_stream"
-    if client_streaming:
-        return "client_stream"
-    return "server_stream" if server_streaming else "unary"
-
-
-def _split(full_method: str) -> tuple[str, str]:
-    service, _, method = full_method.lstrip("/").rpartition("/")
-    return service, method
-
-
-def _code_name(context: Any, error: BaseException | None) -> str:
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return str(code.name)
-    if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"
-    if error is not None and not isinstance(error, grpc.aio.AbortError):
-        return "UNKNOWN"
-    return "OK"
 
 
 class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio ships no stubs
@@ -83,7 +52,7 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio s
         )  # fmt: skip
         for service in services:
             for method in service.methods:
-                kind = _grpc_type(method.client_streaming, method.server_streaming)
+                kind = MethodKind(method.client_streaming, method.server_streaming).grpc_type
                 values = (kind, service.full_name, method.name)
                 self.started.labels(*values)
                 self.handled.labels(*values, "OK")
@@ -97,35 +66,19 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio s
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, method = _split(handler_call_details.method)
-        kind = _grpc_type(handler.request_streaming, handler.response_streaming)
-        labels = MethodLabels(kind, service, method)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap(handler.unary_unary, labels), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap(handler.unary_stream, labels), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap(handler.stream_unary, labels), handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap(handler.stream_stream, labels), handler.request_deserializer, handler.response_serializer
-        )
+        service, method = split_method(handler_call_details.method)
+        return rewrap(handler, lambda behaviour, kind: self._wrap(behaviour, kind, service, method))
 
-    def _wrap(self, behaviour: Callable[..., Any], labels: MethodLabels) -> Callable[..., Any]:
-        values = (labels.grpc_type, labels.grpc_service, labels.grpc_method)
+    def _wrap(self, behaviour: Behaviour, kind: MethodKind, service: str, method: str) -> Behaviour:
+        values = (kind.grpc_type, service, method)
         started, handling = self.started.labels(*values), self.handling.labels(*values)
         received, sent = self.received.labels(*values), self.sent.labels(*values)
-        request_streaming = labels.grpc_type in ("client_stream", "bidi_stream")
+        request_streaming = kind.request_streaming
         handled = self.handled
 
         def finish(context: Any, began: float, error: BaseException | None) -> None:
             handling.observe(time.perf_counter() - began)
-            handled.labels(*values, _code_name(context, error)).inc()
+            handled.labels(*values, status_name(context, error)).inc()
 
         def requests_in(request: Any) -> Any:
             if not request_streaming:

@@ -13,13 +13,16 @@ from google.protobuf import empty_pb2
 from tuneforge.v1 import files_pb2, files_pb2_grpc
 
 from server import convert
+from server.auth.access import QuotaLookup, no_quotas
+from server.auth.caller import current_caller
 from server.db import StoreRunner
-from server.errors import ApiError, FieldViolation, invalid_argument, is_disk_full, not_found
+from server.errors import ApiError, FieldViolation, invalid_argument, is_disk_full, quota_exceeded
 from server.metrics.service_metrics import ServiceMetrics
 from server.names import new_id, parse_name
 from server.pagination import make_token, parse_page
 from server.records import FileRecord
 from server.servicers.errors import streaming, unary
+from server.servicers.tenancy import scoped_request_id, visible
 from server.storage import CHUNK_BYTES, LocalStorage, Upload
 from server.store.base import JobStore
 
@@ -38,12 +41,14 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         storage: LocalStorage,
         max_upload_bytes: int,
         metrics: ServiceMetrics | None = None,
+        quotas: QuotaLookup = no_quotas,
     ):
         self._store = store
         self._db = db
         self._storage = storage
         self._max_upload_bytes = max_upload_bytes
         self._metrics = metrics or ServiceMetrics()
+        self._quotas = quotas
 
     @unary
     async def UploadFile(
@@ -68,10 +73,13 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             raise invalid_argument([FieldViolation("metadata", "the first message must carry the metadata")])
         metadata = first.metadata
         self._check_metadata(metadata)
-        if metadata.request_id:
-            existing = await self._db.call(self._store.file_for_request, metadata.request_id)
+        tenant = current_caller().tenant
+        request_id = scoped_request_id(metadata.request_id)
+        if request_id:
+            existing = await self._db.call(self._store.file_for_request, request_id)
             if existing is not None:
                 return convert.file_to_proto(existing)
+        await self._check_quota(tenant, metadata.size_bytes)
         upload = self._storage.begin_upload()
         try:
             await self._receive(request_iterator, upload, metadata.size_bytes)
@@ -85,8 +93,9 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
                 upload.size_bytes,
                 upload.sha256,
                 time.time(),
+                tenant,
             )
-            stored = await self._db.call(self._store.create_file, record, metadata.request_id or None)
+            stored = await self._db.call(self._store.create_file, record, request_id)
             if stored.id != file_id:  # a concurrent repeat of the same request_id won
                 self._storage.delete_file(file_id)
             else:
@@ -114,6 +123,20 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
                 f"{metadata.size_bytes} bytes is over the {self._max_upload_bytes}-byte upload limit",
                 {"limit_bytes": str(self._max_upload_bytes)},
             )
+
+    async def _check_quota(self, tenant: str, size_bytes: int) -> None:
+        """The tenant's largest upload, and its stored bytes with this upload added."""
+        quota = self._quotas(tenant)
+        if size_bytes > quota.max_upload_bytes:
+            limit = quota.max_upload_bytes
+            message = f"{size_bytes} bytes is over tenant {tenant}'s {limit}-byte upload limit"
+            raise quota_exceeded(tenant, "max_upload_bytes", limit, message)
+        if quota.max_stored_bytes < 2**62:
+            stored = await self._db.call(self._store.stored_bytes, tenant)
+            if stored + size_bytes > quota.max_stored_bytes:
+                limit = quota.max_stored_bytes
+                message = f"tenant {tenant} stores {stored} bytes; {size_bytes} more would pass its {limit}-byte quota"
+                raise quota_exceeded(tenant, "max_stored_bytes", limit, message)
 
     @staticmethod
     async def _receive(
@@ -148,7 +171,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
     @unary
     async def ListFiles(self, request: files_pb2.ListFilesRequest, context: Context) -> files_pb2.ListFilesResponse:
         page = parse_page(request.page_size, request.page_token)
-        records, cursor = await self._db.call(self._store.list_files, page.size, page.cursor)
+        records, cursor = await self._db.call(self._store.list_files, page.size, page.cursor, current_caller().scope)
         return files_pb2.ListFilesResponse(
             files=[convert.file_to_proto(r) for r in records], next_page_token=make_token(cursor)
         )
@@ -170,10 +193,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             yield files_pb2.DownloadFileResponse(chunk=chunk)
 
     async def _get(self, name: str) -> FileRecord:
-        record = await self._db.call(self._store.get_file, parse_name(name, "files"))
-        if record is None:
-            raise not_found(name)
-        return record
+        return visible(await self._db.call(self._store.get_file, parse_name(name, "files")), name)
 
 
 def _size_mismatch(declared: int, received: int, how: str) -> ApiError:

@@ -13,8 +13,10 @@ from google.protobuf import empty_pb2
 from tuneforge.v1 import job_spec_pb2, jobs_pb2, jobs_pb2_grpc
 
 from server import convert
+from server.auth.access import QuotaLookup, no_quotas
+from server.auth.caller import current_caller
 from server.db import StoreRunner
-from server.errors import ApiError, FieldViolation, failed_precondition, invalid_argument, not_found
+from server.errors import ApiError, FieldViolation, failed_precondition, invalid_argument, quota_exceeded
 from server.event_hub import EventHub
 from server.job_factory import JobFactory
 from server.job_states import TERMINAL, JobState
@@ -24,6 +26,7 @@ from server.records import JobRecord
 from server.scheduler import Scheduler
 from server.servicers.errors import streaming, unary
 from server.servicers.streams import follow_events
+from server.servicers.tenancy import scoped_request_id, visible
 from server.spec_validation import validate_spec
 from server.storage import LocalStorage
 from server.store.base import JobStore
@@ -43,8 +46,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         hub: EventHub,
         model_roots: list[Path],
         jobs: JobFactory,
+        quotas: QuotaLookup = no_quotas,
     ):
         self._jobs = jobs
+        self._quotas = quotas
         self._store = store
         self._db = db
         self._storage = storage
@@ -61,7 +66,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         violations = result.violations if result else [FieldViolation("job.spec", "required")]
         if len(job.display_name) > 200:
             violations.append(FieldViolation("job.display_name", "at most 200 characters"))
-        violations += await missing_files(self._store, self._db, job.spec, "job.spec")
+        tenant = current_caller().tenant
+        violations += await missing_files(self._store, self._db, job.spec, "job.spec", tenant)
         if violations:
             raise invalid_argument(violations)
         assert result is not None
@@ -74,12 +80,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 {"fields": ",".join(v.field for v in result.unimplemented)},
                 result.unimplemented,
             )
-        stored = await self._jobs.create(job.spec, job.display_name, request.request_id or None)
+        await check_job_admission(self._store, self._db, self._scheduler, self._quotas, tenant, job.spec)
+        stored = await self._jobs.create(
+            job.spec, job.display_name, scoped_request_id(request.request_id), tenant=tenant
+        )
         return convert.job_to_proto(stored)
 
     @unary
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:
-        return convert.job_to_proto(await self._get(request.name))
+        record = await self._get(request.name)
+        job = convert.job_to_proto(record)
+        if record.state is JobState.QUEUED:
+            job.queue_position = await self._db.call(self._store.queue_position, record)
+            job.wait_reason = await self._scheduler.wait_reason(record, job.queue_position)
+        return job
 
     @unary
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Context) -> jobs_pb2.ListJobsResponse:
@@ -90,7 +104,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             states.append(convert.state_from_proto(value))
         query = ",".join(sorted(s.value for s in states))
         page = parse_page(request.page_size, request.page_token, query)
-        records, cursor = await self._db.call(self._store.list_jobs, states, page.size, page.cursor)
+        scope = current_caller().scope
+        records, cursor = await self._db.call(self._store.list_jobs, states, page.size, page.cursor, scope)
         return jobs_pb2.ListJobsResponse(
             jobs=[convert.job_to_proto(r) for r in records], next_page_token=make_token(cursor, query)
         )
@@ -109,10 +124,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def _control(self, action: Callable[[str], Awaitable[JobRecord | None]], name: str) -> jobs_pb2.Job:
         """Cancel, pause, resume: one scheduler action on one job (IllegalTransition -> FAILED_PRECONDITION)."""
-        record = await action(parse_name(name, "jobs"))
-        if record is None:
-            raise not_found(name)
-        return convert.job_to_proto(record)
+        record = await action((await self._get(name)).id)
+        return convert.job_to_proto(visible(record, name))
 
     @unary
     async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest, context: Context) -> empty_pb2.Empty:
@@ -166,16 +179,47 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             yield jobs_pb2.DownloadArtifactResponse(chunk=chunk)
 
     async def _get(self, name: str, field: str = "name") -> JobRecord:
-        record = await self._db.call(self._store.get_job, parse_name(name, "jobs", field))
-        if record is None:
-            raise not_found(name)
-        return record
+        return visible(await self._db.call(self._store.get_job, parse_name(name, "jobs", field)), name)
+
+
+async def check_job_admission(
+    store: JobStore,
+    db: StoreRunner,
+    scheduler: Scheduler,
+    quotas: QuotaLookup,
+    tenant: str,
+    spec: job_spec_pb2.JobSpec,
+    queued_jobs: int = 1,
+) -> None:
+    """Refuses at creation what could never run, or would break the tenant's quotas: `queued_jobs` more queued
+    jobs, GPUs per job, and GPUs no worker of the pool has."""
+    quota = quotas(tenant)
+    gpus = spec.resources.gpus
+    if gpus > quota.max_gpus_per_job:
+        limit = quota.max_gpus_per_job
+        message = f"the job asks for {gpus} GPUs; tenant {tenant} may use at most {limit} per job"
+        raise quota_exceeded(tenant, "max_gpus_per_job", limit, message)
+    capacity = scheduler.gpus_per_worker()
+    if capacity is not None and gpus > capacity:
+        raise failed_precondition(
+            "NEVER_FITS",
+            f"the job asks for {gpus} GPUs but no worker of this server has more than {capacity}; it could never start",
+            gpus=str(gpus),
+            capacity=str(capacity),
+        )
+    if quota.max_queued_jobs < 2**62:
+        queued = await db.call(store.count_jobs, tenant, [JobState.QUEUED])
+        if queued + queued_jobs > quota.max_queued_jobs:
+            limit = quota.max_queued_jobs
+            message = f"tenant {tenant} has {queued} queued jobs, its quota is {limit}; wait for some to start"
+            raise quota_exceeded(tenant, "max_queued_jobs", limit, message)
 
 
 async def missing_files(
-    store: JobStore, db: StoreRunner, spec: job_spec_pb2.JobSpec, prefix: str
+    store: JobStore, db: StoreRunner, spec: job_spec_pb2.JobSpec, prefix: str, tenant: str
 ) -> list[FieldViolation]:
-    """The spec's data files that do not exist, as field violations under prefix."""
+    """The spec's data files that do not exist for this tenant (another tenant's file is as good as missing), as
+    field violations under prefix."""
     problems = []
     for path, name in (
         ("data.training_file", spec.data.training_file),
@@ -184,7 +228,7 @@ async def missing_files(
         if not name.startswith("files/"):
             continue
         record = await db.call(store.get_file, name.removeprefix("files/"))
-        if record is None:
+        if record is None or record.tenant != tenant:
             problems.append(FieldViolation(f"{prefix}.{path}", f"{name} does not exist"))
     return problems
 

@@ -7,14 +7,18 @@ from typing import Any, TypeAlias
 
 from tuneforge.v1 import sweeps_pb2, sweeps_pb2_grpc
 
+from server.auth.access import QuotaLookup, no_quotas
+from server.auth.caller import current_caller
 from server.db import StoreRunner
-from server.errors import FieldViolation, invalid_argument, not_found
+from server.errors import FieldViolation, invalid_argument
 from server.event_hub import EventHub
 from server.names import parse_name
 from server.pagination import make_token, parse_page
+from server.scheduler import Scheduler
 from server.servicers.errors import streaming, unary
-from server.servicers.jobs import check_request_id, missing_files
+from server.servicers.jobs import check_job_admission, check_request_id, missing_files
 from server.servicers.streams import follow_events
+from server.servicers.tenancy import scoped_request_id, visible
 from server.store.base import JobStore
 from server.sweep_convert import sweep_event_to_proto, sweep_to_proto
 from server.sweep_records import SWEEP_TERMINAL, SweepRecord
@@ -26,8 +30,17 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs
 class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
     """Thin: validates, reads the store, and asks the controller to act."""
 
-    def __init__(self, store: JobStore, db: StoreRunner, hub: EventHub, controller: SweepController):
+    def __init__(
+        self,
+        store: JobStore,
+        db: StoreRunner,
+        hub: EventHub,
+        controller: SweepController,
+        scheduler: Scheduler,
+        quotas: QuotaLookup = no_quotas,
+    ):
         self._store, self._db, self._hub, self._controller = store, db, hub, controller
+        self._scheduler, self._quotas = scheduler, quotas
 
     @unary
     async def CreateSweep(self, request: sweeps_pb2.CreateSweepRequest, context: Context) -> sweeps_pb2.Sweep:
@@ -39,10 +52,14 @@ class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
         plan, violations = self._controller.plan(sweep.spec)
         if len(sweep.display_name) > 200:
             violations.append(FieldViolation("sweep.display_name", "at most 200 characters"))
-        violations += await missing_files(self._store, self._db, sweep.spec.base, "sweep.spec.base")
+        tenant = current_caller().tenant
+        violations += await missing_files(self._store, self._db, sweep.spec.base, "sweep.spec.base", tenant)
         if violations or plan is None:
             raise invalid_argument(violations)
-        return sweep_to_proto(await self._controller.create(sweep, plan, request.request_id or None))
+        admission = (self._store, self._db, self._scheduler, self._quotas, tenant, sweep.spec.base)
+        await check_job_admission(*admission)
+        created = await self._controller.create(sweep, plan, scoped_request_id(request.request_id), tenant)
+        return sweep_to_proto(created)
 
     @unary
     async def GetSweep(self, request: sweeps_pb2.GetSweepRequest, context: Context) -> sweeps_pb2.Sweep:
@@ -53,17 +70,16 @@ class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
         self, request: sweeps_pb2.ListSweepsRequest, context: Context
     ) -> sweeps_pb2.ListSweepsResponse:
         page = parse_page(request.page_size, request.page_token, "sweeps")
-        records, cursor = await self._db.call(self._store.list_sweeps, page.size, page.cursor)
+        scope = current_caller().scope
+        records, cursor = await self._db.call(self._store.list_sweeps, page.size, page.cursor, scope)
         return sweeps_pb2.ListSweepsResponse(
             sweeps=[sweep_to_proto(r) for r in records], next_page_token=make_token(cursor, "sweeps")
         )
 
     @unary
     async def CancelSweep(self, request: sweeps_pb2.CancelSweepRequest, context: Context) -> sweeps_pb2.Sweep:
-        record = await self._controller.cancel(parse_name(request.name, "sweeps"))
-        if record is None:
-            raise not_found(request.name)
-        return sweep_to_proto(record)
+        record = await self._controller.cancel((await self._get(request.name)).id)
+        return sweep_to_proto(visible(record, request.name))
 
     @streaming
     async def WatchSweep(
@@ -77,7 +93,4 @@ class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
             yield sweep_event_to_proto(event)
 
     async def _get(self, name: str) -> SweepRecord:
-        record = await self._db.call(self._store.get_sweep, parse_name(name, "sweeps"))
-        if record is None:
-            raise not_found(name)
-        return record
+        return visible(await self._db.call(self._store.get_sweep, parse_name(name, "sweeps")), name)

@@ -7,6 +7,7 @@ state machine lives in Python and the store only guarantees atomicity and gap-fr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from server.job_states import JobState
@@ -19,6 +20,16 @@ SweepChangeFn = Callable[[SweepRecord], tuple[SweepRecord, list[NewEvent]] | Non
 """The same for a sweep."""
 
 
+@dataclass(frozen=True)
+class QueueHead:
+    """A tenant's next claimable job."""
+
+    tenant: str
+    priority: int
+    order: int
+    job_id: str
+
+
 class JobStore(Protocol):
     """Durable files, jobs and events."""
 
@@ -27,8 +38,11 @@ class JobStore(Protocol):
 
     def get_file(self, file_id: str) -> FileRecord | None: ...
 
-    def list_files(self, limit: int, before_order: int | None) -> tuple[list[FileRecord], int | None]:
-        """Newest first; returns the page and the cursor of the next page (None at the end)."""
+    def list_files(
+        self, limit: int, before_order: int | None, tenant: str | None = None
+    ) -> tuple[list[FileRecord], int | None]:
+        """Newest first, one tenant's or (None) every tenant's; returns the page and the next page's cursor (None
+        at the end)."""
 
     def delete_file(self, file_id: str) -> bool: ...
 
@@ -42,16 +56,29 @@ class JobStore(Protocol):
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
     def list_jobs(
-        self, states: Sequence[JobState], limit: int, before_order: int | None
+        self, states: Sequence[JobState], limit: int, before_order: int | None, tenant: str | None = None
     ) -> tuple[list[JobRecord], int | None]:
-        """Newest first, optionally only in the given states."""
+        """Newest first, optionally only in the given states and of one tenant."""
 
     def update_job(self, job_id: str, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
         """Applies change atomically; None when the job does not exist."""
 
-    def claim_next_job(self, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
-        """Applies change to the first QUEUED job (highest priority, then oldest) whose `not_before` has passed;
-        None when none waits."""
+    def claim_next_job(self, change: ChangeFn, tenant: str | None = None) -> tuple[JobRecord, list[EventRecord]] | None:
+        """Applies change to the first QUEUED job (highest priority, then oldest; of one tenant unless None) whose
+        `not_before` has passed; None when none waits."""
+
+    def queue_heads(self) -> list[QueueHead]:
+        """Each tenant's next claimable job."""
+
+    def count_jobs(self, tenant: str, states: Sequence[JobState]) -> int: ...
+
+    def active_jobs_by_tenant(self, states: Sequence[JobState]) -> dict[str, int]: ...
+
+    def queue_position(self, record: JobRecord) -> int:
+        """1 for the tenant's next queued job, 2 for the one after, and so on."""
+
+    def stored_bytes(self, tenant: str) -> int:
+        """Bytes of the tenant's files and artifacts."""
 
     def jobs_in_states(self, states: Sequence[JobState]) -> list[JobRecord]: ...
 
@@ -67,7 +94,9 @@ class JobStore(Protocol):
 
     def get_sweep(self, sweep_id: str) -> SweepRecord | None: ...
 
-    def list_sweeps(self, limit: int, before_order: int | None) -> tuple[list[SweepRecord], int | None]: ...
+    def list_sweeps(
+        self, limit: int, before_order: int | None, tenant: str | None = None
+    ) -> tuple[list[SweepRecord], int | None]: ...
 
     def sweeps_in_states(self, states: Sequence[SweepState]) -> list[SweepRecord]: ...
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from server.job_states import JobState
 from server.records import EventRecord, FileRecord, JobRecord, NewEvent
-from server.store.base import ChangeFn, SweepChangeFn
+from server.store.base import ChangeFn, QueueHead, SweepChangeFn
 from server.sweep_records import SweepRecord, SweepState, TrialRecord, TrialState
 
 Sequenced = TypeVar("Sequenced", JobRecord, SweepRecord)
@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS files (
     size_bytes INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     create_time REAL NOT NULL,
-    request_id TEXT UNIQUE
+    request_id TEXT UNIQUE,
+    tenant TEXT NOT NULL DEFAULT 'default'
 );
 CREATE TABLE IF NOT EXISTS jobs (
     ord INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -37,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority INTEGER NOT NULL,
     request_id TEXT UNIQUE,
     body TEXT NOT NULL,
-    spec BLOB NOT NULL
+    spec BLOB NOT NULL,
+    tenant TEXT NOT NULL DEFAULT 'default'
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, ord);
 CREATE TABLE IF NOT EXISTS sweeps (
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS sweeps (
     state TEXT NOT NULL,
     request_id TEXT UNIQUE,
     body TEXT NOT NULL,
-    spec BLOB NOT NULL
+    spec BLOB NOT NULL,
+    tenant TEXT NOT NULL DEFAULT 'default'
 );
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
@@ -59,8 +62,20 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 """
 
+# Stores made before tenants existed gain the column; their data belongs to the default tenant.
+MIGRATIONS = [
+    ("files", "tenant", "ALTER TABLE files ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'"),
+    ("jobs", "tenant", "ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'"),
+    ("sweeps", "tenant", "ALTER TABLE sweeps ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'"),
+]
+INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_tenant_queue ON jobs (tenant, state, priority DESC, ord);
+CREATE INDEX IF NOT EXISTS files_tenant ON files (tenant, ord);
+CREATE INDEX IF NOT EXISTS sweeps_tenant ON sweeps (tenant, ord);
+"""
+
 # Job columns queried directly; everything else of a JobRecord lives in the JSON `body`.
-_COLUMNS = {"id", "state", "priority", "spec", "order"}
+_COLUMNS = {"id", "state", "priority", "spec", "order", "tenant"}
 
 
 def _job_body(record: JobRecord) -> str:
@@ -76,19 +91,22 @@ def _job_from_row(row: sqlite3.Row) -> JobRecord:
         priority=row["priority"],
         spec=bytes(row["spec"]),
         order=row["ord"],
+        tenant=row["tenant"],
         **{k: v for k, v in body.items() if k in known},
     )
 
 
 def _file_from_row(row: sqlite3.Row) -> FileRecord:
-    return FileRecord(row["id"], row["filename"], row["purpose"], row["size_bytes"], row["sha256"], row["create_time"])
+    return FileRecord(
+        row["id"], row["filename"], row["purpose"], row["size_bytes"], row["sha256"], row["create_time"], row["tenant"]
+    )
 
 
 def _event_from_row(row: sqlite3.Row) -> EventRecord:
     return EventRecord(row["job_id"], row["sequence"], row["time"], row["attempt"], row["kind"], bytes(row["payload"]))
 
 
-_SWEEP_COLUMNS = {"id", "state", "spec", "order"}
+_SWEEP_COLUMNS = {"id", "state", "spec", "order", "tenant"}
 
 
 def _sweep_body(record: SweepRecord) -> str:
@@ -107,6 +125,7 @@ def _sweep_from_row(row: sqlite3.Row) -> SweepRecord:
         state=SweepState(row["state"]),
         spec=bytes(row["spec"]),
         order=row["ord"],
+        tenant=row["tenant"],
         trials=trials,
         **{k: v for k, v in body.items() if k in known},
     )
@@ -118,6 +137,21 @@ BUSY_WAIT_S = 0.05
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # extended codes too
+
+
+_READY = "state = ? AND COALESCE(json_extract(body, '$.not_before'), 0) <= ?"
+"""A queued job whose restart back-off has passed."""
+
+
+def _cursor(before_order: int | None) -> int:
+    return before_order if before_order is not None else 2**62
+
+
+def _owned(query: str, params: list[Any], tenant: str | None) -> tuple[str, list[Any]]:
+    """Adds `AND tenant = ?` unless tenant is None (an admin's view of every tenant)."""
+    if tenant is None:
+        return query, params
+    return query + " AND tenant = ?", [*params, tenant]
 
 
 class SqliteJobStore:
@@ -132,7 +166,16 @@ class SqliteJobStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        self._conn().executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+        with self._write() as db:
+            for table, column, statement in MIGRATIONS:
+                if column not in {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(statement)
+        conn.executescript(INDEXES)
 
     # ------------------------------------------------------------ connections and transactions
 
@@ -196,8 +239,8 @@ class SqliteJobStore:
                 if row is not None:
                     return _file_from_row(row)
             db.execute(
-                "INSERT INTO files (id, filename, purpose, size_bytes, sha256, create_time, request_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO files (id, filename, purpose, size_bytes, sha256, create_time, request_id, tenant) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.filename,
@@ -206,6 +249,7 @@ class SqliteJobStore:
                     record.sha256,
                     record.create_time,
                     request_id or None,
+                    record.tenant,
                 ),
             )
         return record
@@ -218,15 +262,11 @@ class SqliteJobStore:
         row = self._conn().execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
         return _file_from_row(row) if row else None
 
-    def list_files(self, limit: int, before_order: int | None) -> tuple[list[FileRecord], int | None]:
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT * FROM files WHERE ord < ? ORDER BY ord DESC LIMIT ?",
-                (before_order if before_order is not None else 2**62, limit + 1),
-            )
-            .fetchall()
-        )
+    def list_files(
+        self, limit: int, before_order: int | None, tenant: str | None = None
+    ) -> tuple[list[FileRecord], int | None]:
+        query, params = _owned("SELECT * FROM files WHERE ord < ?", [_cursor(before_order)], tenant)
+        rows = self._conn().execute(query + " ORDER BY ord DESC LIMIT ?", (*params, limit + 1)).fetchall()
         page = rows[:limit]
         return [_file_from_row(r) for r in page], (page[-1]["ord"] if len(rows) > limit else None)
 
@@ -245,8 +285,16 @@ class SqliteJobStore:
                 if row is not None:
                     return _job_from_row(row), False
             cursor = db.execute(
-                "INSERT INTO jobs (id, state, priority, request_id, body, spec) VALUES (?, ?, ?, ?, ?, ?)",
-                (record.id, record.state.value, record.priority, request_id or None, _job_body(record), record.spec),
+                "INSERT INTO jobs (id, state, priority, request_id, body, spec, tenant) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.state.value,
+                    record.priority,
+                    request_id or None,
+                    _job_body(record),
+                    record.spec,
+                    record.tenant,
+                ),
             )
             record = replace(record, order=int(cursor.lastrowid or 0))
             record, _ = self._append(db, record, events)
@@ -256,9 +304,11 @@ class SqliteJobStore:
     def import_jobs(self, records: Iterable[JobRecord]) -> int:
         """Writes job records (without events) in one transaction: migrations, restores and load benchmarks.
         Returns how many were written."""
-        rows = ((r.id, r.state.value, r.priority, _job_body(r), r.spec) for r in records)
+        rows = ((r.id, r.state.value, r.priority, _job_body(r), r.spec, r.tenant) for r in records)
         with self._write() as db:
-            cursor = db.executemany("INSERT INTO jobs (id, state, priority, body, spec) VALUES (?, ?, ?, ?, ?)", rows)
+            cursor = db.executemany(
+                "INSERT INTO jobs (id, state, priority, body, spec, tenant) VALUES (?, ?, ?, ?, ?, ?)", rows
+            )
         return cursor.rowcount
 
     def get_job(self, job_id: str) -> JobRecord | None:
@@ -266,10 +316,9 @@ class SqliteJobStore:
         return _job_from_row(row) if row else None
 
     def list_jobs(
-        self, states: Sequence[JobState], limit: int, before_order: int | None
+        self, states: Sequence[JobState], limit: int, before_order: int | None, tenant: str | None = None
     ) -> tuple[list[JobRecord], int | None]:
-        query = "SELECT * FROM jobs WHERE ord < ?"
-        params: list[Any] = [before_order if before_order is not None else 2**62]
+        query, params = _owned("SELECT * FROM jobs WHERE ord < ?", [_cursor(before_order)], tenant)
         if states:
             query += f" AND state IN ({','.join('?' * len(states))})"
             params += [s.value for s in states]
@@ -297,14 +346,61 @@ class SqliteJobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return self._apply(db, _job_from_row(row), change) if row else None
 
-    def claim_next_job(self, change: ChangeFn) -> tuple[JobRecord, list[EventRecord]] | None:
+    def claim_next_job(self, change: ChangeFn, tenant: str | None = None) -> tuple[JobRecord, list[EventRecord]] | None:
+        query, params = _owned(f"SELECT * FROM jobs WHERE {_READY}", [JobState.QUEUED.value, time.time()], tenant)
         with self._write() as db:
-            row = db.execute(
-                "SELECT * FROM jobs WHERE state = ? AND COALESCE(json_extract(body, '$.not_before'), 0) <= ?"
-                " ORDER BY priority DESC, ord LIMIT 1",
-                (JobState.QUEUED.value, time.time()),
-            ).fetchone()
+            row = db.execute(query + " ORDER BY priority DESC, ord LIMIT 1", params).fetchone()
             return self._apply(db, _job_from_row(row), change) if row else None
+
+    def queue_heads(self) -> list[QueueHead]:
+        """Each tenant's next claimable job (highest priority, then oldest), for fair-share placement."""
+        rows = self._conn().execute(
+            "SELECT tenant, priority, ord, id FROM (SELECT tenant, priority, ord, id, ROW_NUMBER() OVER "
+            f"(PARTITION BY tenant ORDER BY priority DESC, ord) AS position FROM jobs WHERE {_READY}) "
+            "WHERE position = 1",
+            (JobState.QUEUED.value, time.time()),
+        )
+        return [QueueHead(row["tenant"], row["priority"], row["ord"], row["id"]) for row in rows]
+
+    def count_jobs(self, tenant: str, states: Sequence[JobState]) -> int:
+        marks = ",".join("?" * len(states))
+        row = (
+            self._conn()
+            .execute(
+                f"SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN ({marks})",
+                (tenant, *[s.value for s in states]),
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
+    def active_jobs_by_tenant(self, states: Sequence[JobState]) -> dict[str, int]:
+        marks = ",".join("?" * len(states))
+        rows = self._conn().execute(
+            f"SELECT tenant, COUNT(*) FROM jobs WHERE state IN ({marks}) GROUP BY tenant", [s.value for s in states]
+        )
+        return {tenant: count for tenant, count in rows}
+
+    def queue_position(self, record: JobRecord) -> int:
+        """How many of its tenant's queued jobs come before this one, plus one."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state = ?"
+                " AND (priority > ? OR (priority = ? AND ord < ?))",
+                (record.tenant, JobState.QUEUED.value, record.priority, record.priority, record.order),
+            )
+            .fetchone()
+        )
+        return int(row[0]) + 1
+
+    def stored_bytes(self, tenant: str) -> int:
+        """The tenant's uploaded files and artifacts."""
+        files = self._conn().execute("SELECT COALESCE(SUM(size_bytes), 0) FROM files WHERE tenant = ?", (tenant,))
+        artifacts = self._conn().execute(
+            "SELECT COALESCE(SUM(json_extract(body, '$.artifact_size')), 0) FROM jobs WHERE tenant = ?", (tenant,)
+        )
+        return int(files.fetchone()[0]) + int(artifacts.fetchone()[0])
 
     def delete_job(self, job_id: str) -> bool:
         with self._write() as db:
@@ -357,8 +453,8 @@ class SqliteJobStore:
                 if row is not None:
                     return _sweep_from_row(row), False
             cursor = db.execute(
-                "INSERT INTO sweeps (id, state, request_id, body, spec) VALUES (?, ?, ?, ?, ?)",
-                (record.id, record.state.value, request_id or None, _sweep_body(record), record.spec),
+                "INSERT INTO sweeps (id, state, request_id, body, spec, tenant) VALUES (?, ?, ?, ?, ?, ?)",
+                (record.id, record.state.value, request_id or None, _sweep_body(record), record.spec, record.tenant),
             )
             record = replace(record, order=int(cursor.lastrowid or 0))
             record, _ = self._append(db, record, events)
@@ -369,15 +465,11 @@ class SqliteJobStore:
         row = self._conn().execute("SELECT * FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
         return _sweep_from_row(row) if row else None
 
-    def list_sweeps(self, limit: int, before_order: int | None) -> tuple[list[SweepRecord], int | None]:
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT * FROM sweeps WHERE ord < ? ORDER BY ord DESC LIMIT ?",
-                (before_order if before_order is not None else 2**62, limit + 1),
-            )
-            .fetchall()
-        )
+    def list_sweeps(
+        self, limit: int, before_order: int | None, tenant: str | None = None
+    ) -> tuple[list[SweepRecord], int | None]:
+        query, params = _owned("SELECT * FROM sweeps WHERE ord < ?", [_cursor(before_order)], tenant)
+        rows = self._conn().execute(query + " ORDER BY ord DESC LIMIT ?", (*params, limit + 1)).fetchall()
         page = rows[:limit]
         return [_sweep_from_row(r) for r in page], (page[-1]["ord"] if len(rows) > limit else None)
 

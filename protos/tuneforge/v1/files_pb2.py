@@ -27,7 +27,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tuneforge/v1/files.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfd\x01\n\x04\x46ile\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66ilename\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x07purpose\x18\x03 \x01(\x0e\x32\x1a.tuneforge.v1.File.PurposeB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"/\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x44\x41TASET\x10\x01\"\xa3\x01\n\x12UploadFileMetadata\x12\x16\n\x08\x66ilename\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x07purpose\x18\x02 \x01(\x0e\x32\x1a.tuneforge.v1.File.PurposeB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x14\n\x06sha256\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"e\n\x11UploadFileRequest\x12\x34\n\x08metadata\x18\x01 \x01(\x0b\x32 .tuneforge.v1.UploadFileMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"$\n\x0eGetFileRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"9\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListFilesResponse\x12!\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x12.tuneforge.v1.File\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11\x44\x65leteFileRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\")\n\x13\x44ownloadFileRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"V\n\x14\x44ownloadFileResponse\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.tuneforge.v1.FileH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent2\xfd\x02\n\x0b\x46ileService\x12\x43\n\nUploadFile\x12\x1f.tuneforge.v1.UploadFileRequest\x1a\x12.tuneforge.v1.File(\x01\x12;\n\x07GetFile\x12\x1c.tuneforge.v1.GetFileRequest\x1a\x12.tuneforge.v1.File\x12L\n\tListFiles\x12\x1e.tuneforge.v1.ListFilesRequest\x1a\x1f.tuneforge.v1.ListFilesResponse\x12\x45\n\nDeleteFile\x12\x1f.tuneforge.v1.DeleteFileRequest\x1a\x16.google.protobuf.Empty\x12W\n\x0c\x44ownloadFile\x12!.tuneforge.v1.DownloadFileRequest\x1a\".tuneforge.v1.DownloadFileResponse0\x01\x42@\n\x10\x64\x65v.tuneforge.v1P\x01Z*tuneforge.dev/api/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tuneforge/v1/files.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x02\n\x04\x46ile\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66ilename\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x07purpose\x18\x03 \x01(\x0e\x32\x1a.tuneforge.v1.File.PurposeB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06tenant\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\"/\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x44\x41TASET\x10\x01\"\xa3\x01\n\x12UploadFileMetadata\x12\x16\n\x08\x66ilename\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x07purpose\x18\x02 \x01(\x0e\x32\x1a.tuneforge.v1.File.PurposeB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x14\n\x06sha256\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"e\n\x11UploadFileRequest\x12\x34\n\x08metadata\x18\x01 \x01(\x0b\x32 .tuneforge.v1.UploadFileMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"$\n\x0eGetFileRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"9\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListFilesResponse\x12!\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x12.tuneforge.v1.File\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11\x44\x65leteFileRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\")\n\x13\x44ownloadFileRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"V\n\x14\x44ownloadFileResponse\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.tuneforge.v1.FileH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent2\xfd\x02\n\x0b\x46ileService\x12\x43\n\nUploadFile\x12\x1f.tuneforge.v1.UploadFileRequest\x1a\x12.tuneforge.v1.File(\x01\x12;\n\x07GetFile\x12\x1c.tuneforge.v1.GetFileRequest\x1a\x12.tuneforge.v1.File\x12L\n\tListFiles\x12\x1e.tuneforge.v1.ListFilesRequest\x1a\x1f.tuneforge.v1.ListFilesResponse\x12\x45\n\nDeleteFile\x12\x1f.tuneforge.v1.DeleteFileRequest\x1a\x16.google.protobuf.Empty\x12W\n\x0c\x44ownloadFile\x12!.tuneforge.v1.DownloadFileRequest\x1a\".tuneforge.v1.DownloadFileResponse0\x01\x42@\n\x10\x64\x65v.tuneforge.v1P\x01Z*tuneforge.dev/api/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,6 +47,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILE'].fields_by_name['sha256']._serialized_options = b'\342A\001\003'
   _globals['_FILE'].fields_by_name['create_time']._loaded_options = None
   _globals['_FILE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_FILE'].fields_by_name['tenant']._loaded_options = None
+  _globals['_FILE'].fields_by_name['tenant']._serialized_options = b'\342A\001\003'
   _globals['_UPLOADFILEMETADATA'].fields_by_name['filename']._loaded_options = None
   _globals['_UPLOADFILEMETADATA'].fields_by_name['filename']._serialized_options = b'\342A\001\002'
   _globals['_UPLOADFILEMETADATA'].fields_by_name['purpose']._loaded_options = None
@@ -62,25 +64,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOWNLOADFILEREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DOWNLOADFILEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_FILE']._serialized_start=138
-  _globals['_FILE']._serialized_end=391
-  _globals['_FILE_PURPOSE']._serialized_start=344
-  _globals['_FILE_PURPOSE']._serialized_end=391
-  _globals['_UPLOADFILEMETADATA']._serialized_start=394
-  _globals['_UPLOADFILEMETADATA']._serialized_end=557
-  _globals['_UPLOADFILEREQUEST']._serialized_start=559
-  _globals['_UPLOADFILEREQUEST']._serialized_end=660
-  _globals['_GETFILEREQUEST']._serialized_start=662
-  _globals['_GETFILEREQUEST']._serialized_end=698
-  _globals['_LISTFILESREQUEST']._serialized_start=700
-  _globals['_LISTFILESREQUEST']._serialized_end=757
-  _globals['_LISTFILESRESPONSE']._serialized_start=759
-  _globals['_LISTFILESRESPONSE']._serialized_end=838
-  _globals['_DELETEFILEREQUEST']._serialized_start=840
-  _globals['_DELETEFILEREQUEST']._serialized_end=879
-  _globals['_DOWNLOADFILEREQUEST']._serialized_start=881
-  _globals['_DOWNLOADFILEREQUEST']._serialized_end=922
-  _globals['_DOWNLOADFILERESPONSE']._serialized_start=924
-  _globals['_DOWNLOADFILERESPONSE']._serialized_end=1010
-  _globals['_FILESERVICE']._serialized_start=1013
-  _globals['_FILESERVICE']._serialized_end=1394
+  _globals['_FILE']._serialized_end=413
+  _globals['_FILE_PURPOSE']._serialized_start=366
+  _globals['_FILE_PURPOSE']._serialized_end=413
+  _globals['_UPLOADFILEMETADATA']._serialized_start=416
+  _globals['_UPLOADFILEMETADATA']._serialized_end=579
+  _globals['_UPLOADFILEREQUEST']._serialized_start=581
+  _globals['_UPLOADFILEREQUEST']._serialized_end=682
+  _globals['_GETFILEREQUEST']._serialized_start=684
+  _globals['_GETFILEREQUEST']._serialized_end=720
+  _globals['_LISTFILESREQUEST']._serialized_start=722
+  _globals['_LISTFILESREQUEST']._serialized_end=779
+  _globals['_LISTFILESRESPONSE']._serialized_start=781
+  _globals['_LISTFILESRESPONSE']._serialized_end=860
+  _globals['_DELETEFILEREQUEST']._serialized_start=862
+  _globals['_DELETEFILEREQUEST']._serialized_end=901
+  _globals['_DOWNLOADFILEREQUEST']._serialized_start=903
+  _globals['_DOWNLOADFILEREQUEST']._serialized_end=944
+  _globals['_DOWNLOADFILERESPONSE']._serialized_start=946
+  _globals['_DOWNLOADFILERESPONSE']._serialized_end=1032
+  _globals['_FILESERVICE']._serialized_start=1035
+  _globals['_FILESERVICE']._serialized_end=1416
 # @@protoc_insertion_point(module_scope)

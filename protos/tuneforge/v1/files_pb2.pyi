@@ -49,6 +49,7 @@ class File(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `files/{file}`."""
     filename: _builtins.str
@@ -59,6 +60,8 @@ class File(_message.Message):
     """Size in bytes."""
     sha256: _builtins.str
     """Lower-case hex SHA-256 of the content."""
+    tenant: _builtins.str
+    """The tenant that owns the file."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the upload completed."""
@@ -72,10 +75,11 @@ class File(_message.Message):
         size_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "filename", b"filename", "name", b"name", "purpose", b"purpose", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "filename", b"filename", "name", b"name", "purpose", b"purpose", "sha256", b"sha256", "size_bytes", b"size_bytes", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -154,6 +154,9 @@ class Job(_message.Message):
     SWEEP_FIELD_NUMBER: _builtins.int
     TRIAL_NUMBER_FIELD_NUMBER: _builtins.int
     AUTO_CHOICES_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    WAIT_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `jobs/{job}`."""
     display_name: _builtins.str
@@ -172,6 +175,12 @@ class Job(_message.Message):
     """The sweep that created this job as one of its trials, `sweeps/{sweep}`; empty otherwise."""
     trial_number: _builtins.int
     """Its trial number within that sweep."""
+    tenant: _builtins.str
+    """The tenant that owns the job (the authenticated caller that created it)."""
+    queue_position: _builtins.int
+    """While QUEUED: 1 for the tenant's next job to start, 2 for the one after, and so on; 0 otherwise."""
+    wait_reason: _builtins.str
+    """While QUEUED: why the job is still waiting, e.g. every worker busy, the tenant over its running-jobs quota."""
     @_builtins.property
     def spec(self) -> _job_spec_pb2.JobSpec:
         """What to run."""
@@ -244,10 +253,13 @@ class Job(_message.Message):
         sweep: _builtins.str = ...,
         trial_number: _builtins.int = ...,
         auto_choices: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        tenant: _builtins.str = ...,
+        queue_position: _builtins.int = ...,
+        wait_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "auto_choices", b"auto_choices", "best_metrics", b"best_metrics", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "latest_metrics", b"latest_metrics", "name", b"name", "progress", b"progress", "restart_count", b"restart_count", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "state", b"state", "sweep", b"sweep", "trial_number", b"trial_number", "update_time", b"update_time", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "auto_choices", b"auto_choices", "best_metrics", b"best_metrics", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "latest_metrics", b"latest_metrics", "name", b"name", "progress", b"progress", "queue_position", b"queue_position", "restart_count", b"restart_count", "run_duration", b"run_duration", "spec", b"spec", "start_time", b"start_time", "state", b"state", "sweep", b"sweep", "tenant", b"tenant", "trial_number", b"trial_number", "update_time", b"update_time", "wait_reason", b"wait_reason", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,7 @@ class Sweep(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     WORKER_TIME_USED_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `sweeps/{sweep}`."""
     display_name: _builtins.str
@@ -78,6 +79,8 @@ class Sweep(_message.Message):
     """Current state."""
     last_event_sequence: _builtins.int
     """Sequence number of the sweep's newest event."""
+    tenant: _builtins.str
+    """The tenant that owns the sweep and its trials' jobs."""
     @_builtins.property
     def spec(self) -> Global___SweepSpec:
         """What to search."""
@@ -120,10 +123,11 @@ class Sweep(_message.Message):
         error: _jobs_pb2.JobError | None = ...,
         worker_time_used: _duration_pb2.Duration | None = ...,
         last_event_sequence: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "spec", b"spec", "worker_time_used", b"worker_time_used"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "name", b"name", "spec", b"spec", "state", b"state", "trials", b"trials", "worker_time_used", b"worker_time_used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_trial", b"best_trial", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "last_event_sequence", b"last_event_sequence", "name", b"name", "spec", b"spec", "state", b"state", "tenant", b"tenant", "trials", b"trials", "worker_time_used", b"worker_time_used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

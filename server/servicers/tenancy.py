@@ -1,0 +1,29 @@
+"""What the caller may see: another tenant's resource is NOT_FOUND, exactly as one that does not exist, so names
+and existence do not leak across tenants."""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+from server.auth.caller import current_caller
+from server.errors import not_found
+
+
+class Owned(Protocol):
+    @property
+    def tenant(self) -> str: ...
+
+
+R = TypeVar("R", bound=Owned)
+
+
+def visible(record: R | None, name: str) -> R:
+    """The record if the caller may see it; NOT_FOUND (the same as for a missing one) otherwise."""
+    if record is None or not current_caller().sees(record.tenant):
+        raise not_found(name)
+    return record
+
+
+def scoped_request_id(request_id: str) -> str | None:
+    """Idempotency keys are per tenant: another tenant's key never returns (or blocks) this tenant's create."""
+    return f"{current_caller().tenant}:{request_id}" if request_id else None
