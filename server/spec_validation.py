@@ -6,6 +6,7 @@ options the server cannot run yet are listed separately so the caller gets UNIMP
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -219,6 +220,35 @@ def _local_model(check: _Checker, base_model: str, model_roots: list[Path]) -> N
         check.bad("base_model", f"{base_model} is not under a model root; allowed roots: {allowed}")
     elif not (resolved / "config.json").is_file():
         check.bad("base_model", f"{base_model} is not a model folder (no config.json)")
+    else:
+        problem = unsafe_model_folder(resolved, roots)
+        if problem:
+            check.bad("base_model", f"{base_model} {problem}")
+
+
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def unsafe_model_folder(folder: Path, roots: list[Path]) -> str | None:
+    """Why loading this folder could run code or read outside the model roots; None when it is safe."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "has a config.json that is not valid JSON"
+    if isinstance(config, dict) and "auto_map" in config:
+        return "needs remote code (`auto_map` in config.json), which this server never runs"
+    names = []
+    for entry in folder.rglob("*"):
+        if entry.is_symlink() and not any(entry.resolve().is_relative_to(root) for root in roots):
+            return f"links outside the model roots ({entry.relative_to(folder)})"
+        names.append(entry.name)
+    pickled = sorted(n for n in names if n.endswith(PICKLED_WEIGHTS))
+    if pickled and not any(n.endswith(".safetensors") for n in names):
+        return (
+            f"has only pickled weights ({', '.join(pickled[:3])}), which can run code when loaded; only safetensors "
+            "weights are loaded: convert them (transformers `save_pretrained(safe_serialization=True)`)"
+        )
+    return None
 
 
 def _data(check: _Checker, data: pb.DataSpec) -> DataSettings:

@@ -16,6 +16,16 @@ def load_pretrained(loader: Any, base_model: str, **kwargs: Any) -> Any:
         return CACHE.load(loader, base_model, load, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "trust_remote_code" in str(exc):
+            raise JobFailure(
+                "UNSAFE_MODEL", f"base model {base_model!r} needs remote code, which Tuneforge never runs"
+            ) from exc
+        if "safetensors" in str(exc).lower() and kwargs.get("use_safetensors"):
+            raise JobFailure(
+                "UNSAFE_MODEL",
+                f"base model {base_model!r} has no safetensors weights; pickled weights (.bin) can run code when "
+                "loaded, so only safetensors are",
+            ) from exc
         raise JobFailure(
             "MODEL_LOAD_FAILED",
             f"could not load base model {base_model!r}: {first_line}. Give a hub id the server can reach or a "
