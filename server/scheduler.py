@@ -1,8 +1,9 @@
 """The scheduler: places queued jobs on idle workers and turns worker events into stored job changes.
 
 A free worker goes to the tenant with the fewest running jobs for its weight (weighted fair share), among tenants
-under their running-jobs quota; within a tenant, priority then FIFO (the store's claim order). A tenant alone can
-use the whole pool. Events arrive from the pool's thread and are applied one at a time on
+under their running-jobs quota; on a tie, to the tenant served least recently (so one worker alternates between
+two tenants instead of draining the older queue first), then by priority and age. Within a tenant, priority then
+FIFO (the store's claim order). A tenant alone can use the whole pool. Events arrive from the pool's thread and are applied one at a time on
 the event loop, in the order each worker sent them. The server decides every state; a worker only reports, and a
 report from an attempt that no longer holds its job is ignored.
 """
@@ -125,6 +126,8 @@ class Scheduler:
         self._policy = policy or SchedulerPolicy()
         self._metrics = metrics or ServiceMetrics()
         self._quotas = quotas
+        self._last_served: dict[str, float] = {}
+        """When each tenant last had a job started (monotonic): the fair-share tie-break."""
         self._slots: dict[str, WorkerSlot] = {}
         self._inbox: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         self._dispatch_lock = asyncio.Lock()
@@ -235,6 +238,7 @@ class Scheduler:
                 claimed = await self._db.call(self._store.claim_next_job, claim(worker), tenant)
                 if claimed is None:
                     return
+                self._last_served[tenant] = time.monotonic()
                 record, events = claimed
                 self._changed(JobState.QUEUED, record)
                 self._publish(record, events)
@@ -242,7 +246,8 @@ class Scheduler:
 
     async def _next_tenant(self) -> str | None:
         """Weighted fair share: the tenant with the fewest running jobs per unit of weight, among those with a
-        claimable job and under their running-jobs quota; ties go to the higher priority, then the older job."""
+        claimable job and under their running-jobs quota; ties go to the tenant served least recently, then to the
+        higher priority, then to the older job."""
         heads = await self._db.call(self._store.queue_heads)
         if not heads:
             return None
@@ -252,8 +257,9 @@ class Scheduler:
             quota = self._quotas(head.tenant)
             active = running.get(head.tenant, 0)
             if active < quota.max_running_jobs:
-                turns.append((active / quota.weight, -head.priority, head.order, head.tenant))
-        return min(turns)[3] if turns else None
+                served = self._last_served.get(head.tenant, float("-inf"))
+                turns.append((active / quota.weight, served, -head.priority, head.order, head.tenant))
+        return min(turns)[-1] if turns else None
 
     def gpus_per_worker(self) -> int | None:
         """The most GPUs one worker has; None until every worker has said which device it has."""
