@@ -4,6 +4,8 @@ stops when cancelled, and fails with actionable reasons."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import tarfile
 import threading
 from pathlib import Path
@@ -242,6 +244,28 @@ def test_an_unloadable_model_fails_with_model_load_failed(keyword_dataset: Path,
     finished, _ = run(make_spec(Path("no-such-org/no-such-model")), keyword_dataset, tmp_path)
     assert (finished.outcome, finished.reason) == (Outcome.FAILED, "MODEL_LOAD_FAILED")
     assert "no-such-org/no-such-model" in finished.message
+
+
+def test_models_that_could_run_code_fail_as_unsafe(tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:
+    """As a hub model would arrive (the server checks local folders before a job starts): pickled weights only, or
+    code of its own. Neither is ever loaded."""
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny_bert / "config.json", pickled / "config.json")
+    for name in ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if (tiny_bert / name).exists():
+            shutil.copy(tiny_bert / name, pickled / name)
+    torch.save(load_file(tiny_bert / "model.safetensors"), pickled / "pytorch_model.bin")
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_bert, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="tuneforge-remote-test", auto_map={"AutoConfig": "configuration_x.XConfig"})
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "configuration_x.py").write_text("raise SystemExit('remote code ran')\n")
+    for folder, words in ((pickled, "no safetensors weights"), (remote, "needs remote code")):
+        finished, _ = run(make_spec(folder), keyword_dataset, tmp_path / f"work-{folder.name}")
+        assert (finished.outcome, finished.reason) == (Outcome.FAILED, "UNSAFE_MODEL"), finished.message
+        assert words in finished.message
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

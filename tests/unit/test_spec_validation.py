@@ -118,6 +118,34 @@ def test_local_models_must_lie_under_a_model_root(tmp_path: Path) -> None:
     assert "without `..`" in fields_of(minimal(f"{root}/good/../good"), [root])["job.spec.base_model"]
 
 
+def test_model_folders_that_could_run_code_or_read_outside_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+
+    def folder(name: str, config: str = "{}", files: tuple[str, ...] = ()) -> Path:
+        path = root / name
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(config)
+        for file in files:
+            (path / file).write_bytes(b"weights")
+        return path
+
+    safe = folder("safe", files=("model.safetensors", "training_args.bin"))  # a stray .bin beside safetensors is fine
+    pickled = folder("pickled", files=("pytorch_model.bin",))
+    remote = folder("remote", config='{"model_type": "x", "auto_map": {"AutoModel": "modeling_x.XModel"}}')
+    linked = folder("linked", files=("model.safetensors",))
+    (tmp_path / "secret.txt").write_text("outside")
+    (linked / "tokenizer.json").symlink_to(tmp_path / "secret.txt")
+    broken = folder("broken", config="{not json")
+    assert validate_spec(minimal(str(safe)), [root]).spec is not None
+    for path, message in [
+        (pickled, "only pickled weights (pytorch_model.bin)"),
+        (remote, "needs remote code"),
+        (linked, "links outside the model roots (tokenizer.json)"),
+        (broken, "not valid JSON"),
+    ]:
+        assert message in fields_of(minimal(str(path)), [root])["job.spec.base_model"]
+
+
 def test_toolbox_fields_convert_with_defaults() -> None:
     spec = minimal()
     spec.data.validation_fraction = 0.2
