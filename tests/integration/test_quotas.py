@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tuneforge.v1 import jobs_pb2
+from tuneforge.v1 import jobs_pb2, jobs_pb2_grpc
 
 from clients.client import TuneforgeClient, TuneforgeError
 from clients.credentials import Credentials
@@ -175,3 +175,46 @@ def test_a_second_tenant_gets_the_next_free_worker(tmp_path: Path, model_root: P
         assert order.index(b_jobs[1]) <= before_b + 2, order
     finally:
         assert server.stop() == 0
+
+
+def test_message_size_and_deadlines_are_enforced(server: LocalServer, tiny_bert: Path) -> None:
+    """A message over the server's 4 MiB limit is RESOURCE_EXHAUSTED; a watch whose deadline passes ends with
+    DEADLINE_EXCEEDED and gives its stream back to the tenant."""
+    metadata = [("authorization", "Bearer q-user")]
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        request = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(display_name="x" * (5 << 20)))
+        with pytest.raises(grpc.RpcError) as too_big:
+            jobs_pb2_grpc.JobServiceStub(channel).CreateJob(request, timeout=30, metadata=metadata)
+        assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with as_user(server, "q-user") as client:
+        file = next(f.name for f in client.list_files())
+        job = client.create_job(long_spec(tiny_bert, file))
+        watch_until(client, job.name, "training_metrics")
+        request_watch = jobs_pb2.WatchJobRequest(name=job.name)
+        streams = [client.jobs.WatchJob(request_watch, timeout=1.5) for _ in range(2)]  # the tenant's two
+        for stream in streams:
+            with pytest.raises(grpc.RpcError) as expired:
+                for _ in stream:
+                    pass
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert streams_open(client, request_watch, 2), "expired watches kept their streams"
+        client.cancel_job(job.name)
+
+
+def streams_open(client: TuneforgeClient, request: jobs_pb2.WatchJobRequest, count: int, timeout_s: float = 10) -> bool:
+    """Whether `count` watches can be open at once (tried until the deadline: the server frees a place a moment
+    after a stream ends)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        streams = [client.jobs.WatchJob(request, timeout=30) for _ in range(count)]
+        try:
+            for stream in streams:
+                next(stream)
+            return True
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+        finally:
+            for stream in streams:
+                stream.cancel()
+    return False
