@@ -3,8 +3,10 @@
 A free worker goes to the tenant with the fewest running jobs for its weight (weighted fair share), among tenants
 under their running-jobs quota; on a tie, to the tenant served least recently (so one worker alternates between
 two tenants instead of draining the older queue first), then by priority and age. Within a tenant, priority then
-FIFO (the store's claim order). A tenant alone can use the whole pool. Events arrive from the pool's thread and are applied one at a time on
-the event loop, in the order each worker sent them. The server decides every state; a worker only reports, and a
+FIFO (the store's claim order). A tenant alone can use the whole pool.
+
+Events arrive from the pool's thread and are applied one at a time on the event loop, in the order each worker sent
+them. The server decides every state; a worker only reports, and a
 report from an attempt that no longer holds its job is ignored.
 """
 
