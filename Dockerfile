@@ -48,7 +48,9 @@ USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 50051 9464
-# The gRPC health service says SERVING once every worker is ready; `tuneforge health` exits 0 only then.
+# The gRPC health service says SERVING once every worker is ready; `tuneforge health` exits 0 only then. With TLS,
+# set TUNEFORGE_TLS_CA (and TUNEFORGE_TLS_CERT/KEY for mutual TLS): every `tuneforge` command, this check included,
+# reads them; the server's certificate must then name 127.0.0.1 or localhost.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["tuneforge", "--server", "127.0.0.1:50051", "--timeout", "5", "health"]
 # Inside a container the server must listen on all interfaces; publish the ports only where callers should reach them.

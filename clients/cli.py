@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import importlib
 import json
+import os
 import secrets
 import sys
 import tempfile
@@ -192,6 +193,12 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _env_path(name: str) -> Path | None:
+    """A default from the environment (containers set TLS files once for every command, health checks included)."""
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
     parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the Tuneforge server")
@@ -199,9 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--token", help="bearer token (default: $TUNEFORGE_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's CAs")
-    parser.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate (implies --tls)")
-    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate for mutual TLS")
-    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-ca", type=Path, default=_env_path("TUNEFORGE_TLS_CA"), help="PEM CA of the server (implies --tls)"
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=_env_path("TUNEFORGE_TLS_CERT"), help="PEM client certificate (mutual TLS)"
+    )
+    parser.add_argument("--tls-key", type=Path, default=_env_path("TUNEFORGE_TLS_KEY"), help="its PEM private key")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ unless asked for."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -98,6 +99,10 @@ def test_tls_without_client_certificates(tmp_path: Path, pki: Pki) -> None:
     try:
         assert health(server, Credentials(tls_ca=pki.ca.cert)) == "SERVING"
         assert health(server, Credentials()) == "UNREACHABLE"
+        command = [sys.executable, "-m", "clients.cli", "--server", server.target, "--timeout", "5", "health"]
+        environment = {**os.environ, "TUNEFORGE_TLS_CA": str(pki.ca.cert)}  # as a container's health check runs
+        checked = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environment)
+        assert (checked.returncode, checked.stdout.strip()) == (0, "SERVING"), checked.stderr
     finally:
         assert server.stop() == 0
 
