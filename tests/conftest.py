@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -11,6 +13,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +35,15 @@ def tiny_bert(model_root: Path) -> Path:
 def keyword_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """120 labelled sentences in three topics, as JSONL."""
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", keyword_rows(120))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for the whole session (started on first use)."""
+    from tests.postgres import start_postgres
+
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -64,6 +64,9 @@ class SqlJobStore:
         """SQL for a number in the JSON `body` column (NULL when missing)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        raise NotImplementedError
+
     @property
     def _ready(self) -> str:
         """A queued job whose restart back-off has passed (parameters: state, now)."""
@@ -77,9 +80,9 @@ class SqlJobStore:
                 row = db.one("SELECT * FROM files WHERE request_id = ?", (request_id,))
                 if row is not None:
                     return file_from_row(row)
-            db.run(
+            inserted = db.run(
                 "INSERT INTO files (id, filename, purpose, size_bytes, sha256, create_time, request_id, tenant) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                 (
                     record.id,
                     record.filename,
@@ -91,6 +94,10 @@ class SqlJobStore:
                     record.tenant,
                 ),
             )
+            if not inserted:  # a concurrent create with the same request_id committed first
+                row = db.one("SELECT * FROM files WHERE request_id = ?", (request_id,))
+                assert row is not None
+                return file_from_row(row)
         return record
 
     def file_for_request(self, request_id: str) -> FileRecord | None:
@@ -125,7 +132,7 @@ class SqlJobStore:
                     return job_from_row(row), False
             inserted = db.one(
                 "INSERT INTO jobs (id, state, priority, request_id, body, spec, tenant) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "RETURNING ord",
+                "ON CONFLICT (request_id) DO NOTHING RETURNING ord",
                 (
                     record.id,
                     record.state.value,
@@ -136,7 +143,10 @@ class SqlJobStore:
                     record.tenant,
                 ),
             )
-            assert inserted is not None
+            if inserted is None:  # a concurrent create with the same request_id committed first
+                row = db.one("SELECT * FROM jobs WHERE request_id = ?", (request_id,))
+                assert row is not None
+                return job_from_row(row), False
             record = replace(record, order=int(inserted["ord"]))
             record, _ = self._append(db, record, events)
             self._save(db, record)
@@ -278,10 +288,13 @@ class SqlJobStore:
                     return sweep_from_row(row), False
             inserted = db.one(
                 "INSERT INTO sweeps (id, state, request_id, body, spec, tenant) VALUES (?, ?, ?, ?, ?, ?) "
-                "RETURNING ord",
+                "ON CONFLICT (request_id) DO NOTHING RETURNING ord",
                 (record.id, record.state.value, request_id or None, sweep_body(record), record.spec, record.tenant),
             )
-            assert inserted is not None
+            if inserted is None:  # a concurrent create with the same request_id committed first
+                row = db.one("SELECT * FROM sweeps WHERE request_id = ?", (request_id,))
+                assert row is not None
+                return sweep_from_row(row), False
             record = replace(record, order=int(inserted["ord"]))
             record, _ = self._append(db, record, events)
             self._save_sweep(db, record)
