@@ -17,7 +17,7 @@ from server.job_states import TERMINAL, JobState
 from server.records import EventRecord, JobChange, JobRecord
 from server.servicers.streams import follow_events
 from server.store.sqlite import SqliteJobStore
-from tests.unit.test_sqlite_store import job, note
+from tests.unit.test_store import job, note
 
 
 class CountingStore(SqliteJobStore):
