@@ -103,7 +103,8 @@ def make_pool(settings: ServerSettings) -> WorkerPool:
         log_level=settings.log_level,
         log_format=settings.log_format,
     )
-    return LocalProcessPool(settings.workers, worker_settings)
+    prefix = f"{settings.replica}-" if settings.replica else ""
+    return LocalProcessPool(settings.workers, worker_settings, name_prefix=prefix)
 
 
 async def start_server(settings: ServerSettings, pool: WorkerPool | None = None) -> RunningServer:
@@ -120,9 +121,12 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     metrics = ServiceMetrics()
     store = open_store(settings, metrics)
     db = StoreRunner(observe=lambda operation, seconds: metrics.store_latency.labels(operation).observe(seconds))
-    hub = EventHub()
+    hub = EventHub(keep_tails=not settings.replica, recheck_s=1.0 if settings.replica else 30.0)
     roots = list(settings.model_roots)
+    if settings.replica and not settings.store:
+        raise TransportError("--replica needs a shared --store postgresql://...: SQLite serves one server")
     policy = SchedulerPolicy(
+        replica=settings.replica,
         max_restarts=settings.max_restarts,
         restart_backoff_s=settings.restart_backoff_s,
         lease_timeout_s=settings.lease_timeout_s,

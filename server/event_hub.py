@@ -49,9 +49,13 @@ class _Tail:
 class EventHub:
     """Per-key wake-ups and recent events for WatchJob and WatchSweep streams (one event loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_tails: bool = True, recheck_s: float = 30.0) -> None:
+        """Replicas sharing a store see only their own publications: they keep no tails (every read goes to the
+        store) and recheck often (`recheck_s`), since another replica's events wake nobody here."""
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._tails: OrderedDict[str, _Tail] = OrderedDict()
+        self._keep_tails = keep_tails
+        self.recheck_s = recheck_s
         self.closing = False
 
     def close(self) -> None:
@@ -63,7 +67,7 @@ class EventHub:
 
     def publish(self, key: str, events: Sequence[EventRecord], ended: bool) -> None:
         """Committed events of `key`, and whether it has now ended; wakes its watchers."""
-        if events:
+        if events and self._keep_tails:
             tail = self._tails.get(key) or _Tail()
             tail.add(events)
             if ended:

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store", default="", help="job store: SQLite in the data dir (default) or a postgresql://USER@HOST/DB URL"
     )
+    parser.add_argument(
+        "--replica", default="", help="this server's name among replicas sharing one PostgreSQL store and data dir"
+    )
     parser.add_argument("--max-upload-bytes", type=int, default=2 << 30)
     parser.add_argument(
         "--max-restarts",
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         model_roots=tuple(args.model_root),
         store=args.store,
+        replica=args.replica,
         max_upload_bytes=args.max_upload_bytes,
         grace_s=args.grace_s,
         port_file=args.port_file,

@@ -71,6 +71,8 @@ class SchedulerPolicy:
 
     max_restarts: int = 3
     """Times a job whose worker died or hung is queued again to resume from its checkpoint before it fails."""
+    replica: str = ""
+    """This server's name among replicas sharing a store (its workers are `NAME-worker-N`); empty: the only one."""
     restart_backoff_s: float = 5.0
     """Wait before a lost job's next attempt, doubling with each restart (a poison job cannot hog the pool)."""
     lease_timeout_s: float = 30.0
@@ -178,14 +180,36 @@ class Scheduler:
         await asyncio.to_thread(self._pool.stop, timeout_s)
 
     async def _recover(self) -> None:
-        """Jobs a previous server process left running get a new attempt."""
+        """Jobs a previous run of this server left running get a new attempt. With replicas, only this replica's
+        own; another's are left to it, or to the lease check should that replica be gone."""
         for record in await self._db.call(self._store.jobs_in_states, list(ACTIVE)):
+            if self._policy.replica and not self._owns(record.worker):
+                continue
             note = convert.log_event(
                 Severity.WARNING,
                 f"the server restarted during attempt {record.attempt}; the job is queued again",
                 record.attempt,
             )
             await self._apply(record.id, _requeue_if_active(note), RetryReason.SERVER_RESTARTED)
+
+    def _owns(self, worker: str | None) -> bool:
+        return worker is not None and worker.startswith(f"{self._policy.replica}-worker-")
+
+    async def _expire_remote_leases(self) -> None:
+        """Replicas: a job held by another replica's worker that has not reported for a lease is that replica's
+        loss (it died or was cut off): the job is queued again, fenced on the holder and attempt read here."""
+        cutoff = time.time() - self._policy.lease_timeout_s
+        for record in await self._db.call(self._store.jobs_in_states, list(ACTIVE)):
+            heard = record.heartbeat_time or record.start_time or 0.0
+            if self._owns(record.worker) or heard >= cutoff or record.worker is None:
+                continue
+            message = (
+                f"{record.worker} (another replica) sent nothing for {time.time() - heard:.0f} s: its lease expired"
+            )
+            log.warning("%s", message, extra=job_fields(record.id, record.attempt))
+            await self._apply_fenced(
+                record.id, record.worker, record.attempt, self._lose(message), RetryReason.LEASE_EXPIRED
+            )
 
     # ------------------------------------------------------------ API-facing actions
 
@@ -454,6 +478,8 @@ class Scheduler:
             await asyncio.sleep(period_s)  # a timer, not synchronisation: leases are checked on a clock
             try:
                 await self._check_leases()
+                if self._policy.replica:
+                    await self._expire_remote_leases()
                 await self.dispatch()
             except Exception:
                 log.exception("lease check failed")

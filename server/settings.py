@@ -25,6 +25,8 @@ class ServerSettings:
     """Folders under which local base models may be read."""
     store: str = ""
     """Where jobs live: empty for SQLite in the data dir, or a `postgresql://` URL (replicas may share it)."""
+    replica: str = ""
+    """This server's name among replicas sharing one store; empty when it is the only server."""
     max_upload_bytes: int = 2 << 30
     """Largest accepted upload."""
     max_message_bytes: int = 4 << 20

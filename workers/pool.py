@@ -89,8 +89,16 @@ MAX_RESPAWN_DELAY_S = 60.0
 class LocalProcessPool:
     """N spawned worker processes on this machine; a worker that dies is reported and replaced."""
 
-    def __init__(self, num_workers: int, settings: WorkerSettings | None = None, entry: str = DEFAULT_ENTRY):
+    def __init__(
+        self,
+        num_workers: int,
+        settings: WorkerSettings | None = None,
+        entry: str = DEFAULT_ENTRY,
+        name_prefix: str = "",
+    ):
+        """`name_prefix` makes worker names unique among server replicas that share one store (`r1-worker-0`)."""
         self._num_workers = num_workers
+        self._name_prefix = name_prefix
         self._settings = settings or WorkerSettings()
         self._entry = entry
         self._ctx = multiprocessing.get_context("spawn")
@@ -110,7 +118,7 @@ class LocalProcessPool:
     def start(self, sink: EventSink) -> None:
         self._sink = sink
         for index in range(self._num_workers):
-            self._spawn(f"worker-{index}")
+            self._spawn(f"{self._name_prefix}worker-{index}")
         self._monitor = threading.Thread(target=self._watch, name="pool-monitor", daemon=True)
         self._monitor.start()
 

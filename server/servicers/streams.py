@@ -16,8 +16,6 @@ from server.records import EventRecord
 from server.store.base import JobStore
 
 WATCH_BATCH = 500
-WATCH_RECHECK_S = 30.0
-"""A woken watcher reads the store; this only bounds how long a missed wake-up could delay it."""
 
 
 class Streamed(Protocol):
@@ -70,7 +68,7 @@ async def follow_events(
             if ended:
                 return
             try:
-                await asyncio.wait_for(woken.wait(), WATCH_RECHECK_S)
+                await asyncio.wait_for(woken.wait(), hub.recheck_s)  # bounds a missed (or remote) wake-up
                 timed_out = False
             except TimeoutError:
                 timed_out = True  # the store, not memory, decides whether it ended
