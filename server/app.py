@@ -19,6 +19,7 @@ from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc, swe
 
 from server.auth.access import AccessFile, quotas_of
 from server.auth.interceptor import AuthInterceptor
+from server.change_feed import ChangeFeed
 from server.db import StoreRunner
 from server.event_hub import EventHub
 from server.job_factory import JobFactory
@@ -65,6 +66,7 @@ class RunningServer:
     metrics: ServiceMetrics
     metrics_endpoint: MetricsEndpoint | None
     gpus: GpuSampler
+    change_feed: ChangeFeed | None = None
 
     async def stop(self) -> None:
         self.readiness.cancel()
@@ -75,6 +77,8 @@ class RunningServer:
         await stopping
         await self.sweeps.stop()
         await self.scheduler.stop(self.settings.worker_stop_s)
+        if self.change_feed is not None:
+            self.change_feed.stop()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         self.gpus.close()
@@ -122,6 +126,12 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     store = open_store(settings, metrics)
     db = StoreRunner(observe=lambda operation, seconds: metrics.store_latency.labels(operation).observe(seconds))
     hub = EventHub(keep_tails=not settings.replica, recheck_s=1.0 if settings.replica else 30.0)
+    feed = None
+    listen = getattr(store, "listen", None)
+    if settings.replica and listen is not None:
+        feed = ChangeFeed(listen, hub, asyncio.get_running_loop())
+        if feed.start():
+            hub.recheck_s = 5.0  # other replicas' events now wake watchers; the timer is only a safety net
     roots = list(settings.model_roots)
     if settings.replica and not settings.store:
         raise TransportError("--replica needs a shared --store postgresql://...: SQLite serves one server")
@@ -182,8 +192,9 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     print(f"tuneforge listening on {settings.host}:{port}", flush=True)  # read by scripts and tests
     log.info("tuneforge listening on %s:%d with %d workers", settings.host, port, settings.workers)
     return RunningServer(
-        server, port, scheduler, sweeps, health_servicer, store, db, settings, readiness, hub, metrics, endpoint, gpus
-    )
+        server, port, scheduler, sweeps, health_servicer, store, db, settings, readiness, hub, metrics, endpoint, gpus,
+        feed,
+    )  # fmt: skip
 
 
 async def _serve_when_ready(scheduler: Scheduler, health_servicer: health.aio.HealthServicer) -> None:

@@ -8,15 +8,18 @@ shared with SQLite (server/store/sql.py); only connections, the schema and a JSO
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
 from server.store.rows import Row
-from server.store.sql import SqlJobStore
+from server.store.sql import Session, SqlJobStore
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -64,6 +67,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 SCHEMA_LOCK = 7_465_307  # any constant: replicas starting together create the schema one at a time
+CHANNEL = "tuneforge_events"
+"""NOTIFY channel: the payload is the id of a job or sweep with new events (sent when its transaction commits)."""
 
 
 def _dialect(query: str) -> str:
@@ -127,6 +132,24 @@ class PostgresJobStore(SqlJobStore):
 
     def _json_number(self, key: str) -> str:
         return f"((body::jsonb) ->> '{key}')::double precision"
+
+    def _announce(self, db: Session, key: str) -> None:
+        db.run("SELECT pg_notify(?, ?)", (CHANNEL, key))
+
+    def listen(self, on_change: Callable[[str], None], stop: threading.Event, ready: threading.Event) -> None:
+        """Blocks, calling on_change(key) for every commit with new events, from any server on this database,
+        until stop is set (checked every second). Sets ready once listening. Reconnects after a lost connection."""
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    ready.set()
+                    while not stop.is_set():
+                        for notice in conn.notifies(timeout=1.0):
+                            on_change(notice.payload)
+            except psycopg.OperationalError as exc:
+                log.warning("lost the change feed (%s); listening again", exc)
+                stop.wait(1.0)
 
     def close(self) -> None:
         with self._all_lock:

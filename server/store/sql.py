@@ -261,8 +261,12 @@ class SqlJobStore:
             (record.state.value, record.priority, job_body(record), record.id),
         )
 
-    @staticmethod
-    def _append(db: Session, record: Sequenced, events: Sequence[NewEvent]) -> tuple[Sequenced, list[EventRecord]]:
+    def _announce(self, db: Session, key: str) -> None:
+        """Tells other servers sharing the database that `key` has new events (on commit); a no-op by default."""
+
+    def _append(
+        self, db: Session, record: Sequenced, events: Sequence[NewEvent]
+    ) -> tuple[Sequenced, list[EventRecord]]:
         """Numbers the events after the job's or sweep's last one (gap-free: same transaction as its row)."""
         stored = []
         sequence = record.last_event_sequence
@@ -274,6 +278,8 @@ class SqlJobStore:
                 (record.id, sequence, now, event.attempt, event.kind, event.payload),
             )
             stored.append(EventRecord(record.id, sequence, now, event.attempt, event.kind, event.payload))
+        if stored:
+            self._announce(db, record.id)
         return replace(record, last_event_sequence=sequence), stored
 
     # ------------------------------------------------------------ sweeps

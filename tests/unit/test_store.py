@@ -207,3 +207,35 @@ def test_two_replicas_claiming_at_once_never_take_the_same_job(postgres: Any) ->
     running = store.jobs_in_states([JobState.RUNNING])
     assert len(running) == 300 and {r.attempt for r in running} == {1}
     store.close()
+
+
+def test_postgresql_announces_committed_events_to_every_listener(postgres: Any) -> None:
+    """What wakes one replica's watchers when another replica stores a job's events (LISTEN/NOTIFY on commit)."""
+    dsn = postgres.new_database()
+    listener, writer = PostgresJobStore(dsn), PostgresJobStore(dsn)
+    heard: list[str] = []
+    got = threading.Event()
+    stop, ready = threading.Event(), threading.Event()
+
+    def on_change(key: str) -> None:
+        heard.append(key)
+        got.set()
+
+    thread = threading.Thread(target=listener.listen, args=(on_change, stop, ready))
+    thread.start()
+    try:
+        assert ready.wait(30)
+        writer.create_job(job("quiet"), [], None)  # no events: nothing to announce
+        writer.create_job(job("a"), [note("created")], None)
+        assert got.wait(30)
+        assert heard == ["a"]
+        got.clear()
+        with pytest.raises(IllegalTransition):  # a change that fails commits nothing, so announces nothing
+            writer.update_job("a", lambda r: transition(r, JobState.SUCCEEDED, [note("never")]))
+        writer.update_job("a", lambda r: JobChange(r, [note("one"), note("two")]))
+        assert got.wait(30) and heard == ["a", "a"]
+    finally:
+        stop.set()
+        thread.join(10)
+        listener.close()
+        writer.close()
