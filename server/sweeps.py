@@ -170,7 +170,7 @@ class SweepController:
             return
         index = len(trial.reports) + 1
         optuna_trial.report(value, index)
-        prune = optuna_trial.should_prune()
+        prune = bool(optuna_trial.should_prune())  # pruners may answer with a numpy bool, which JSON refuses
         updated = replace(trial, reports=[*trial.reports, (index, value)], pruning=prune)
         await self._update(job.sweep_id, _replace_trial(updated, []))
         if prune:

@@ -56,7 +56,15 @@ def test_a_sweep_prunes_weak_trials_survives_a_restart_and_keeps_the_best_model(
     try:
         client.wait_until_serving(120)
         file = client.upload_file(keyword_dataset)
-        sweep = client.create_sweep(sweep_spec(tiny_bert, file.name), display_name="lr and freezing")
+        spec = sweep_spec(tiny_bert, file.name)
+        # What this test checks (pruned trials are cancelled and free their workers, across a restart) must not hang
+        # on timing. Seeded random points do not depend on which trials finished first, as TPE's guided ones do;
+        # and the median pruner compares each trial with the trials already completed, where successive halving
+        # compares trials that race each other to each rung (on this easy data many tie at full accuracy).
+        spec.algorithm = sw.SweepSpec.RANDOM
+        spec.pruner = sw.SweepSpec.MEDIAN
+        spec.base.hyperparameters.epochs = 16  # a pruned trial still has most of its run ahead when the cancel lands
+        sweep = client.create_sweep(spec, display_name="lr and freezing")
         assert sweep.state == sw.Sweep.RUNNING and len(sweep.trials) == 2, "parallelism 2 starts two trials"
 
         events = []
@@ -78,9 +86,10 @@ def test_a_sweep_prunes_weak_trials_survives_a_restart_and_keeps_the_best_model(
         assert all(job.sweep == sweep.name for job in jobs.values())
 
         pruned = [t for t in final.trials if t.state == TRIAL.PRUNED]
-        assert pruned, "successive halving stopped some trials"
+        assert pruned, f"the pruner stopped no trial: {[(t.number, t.state, t.value) for t in final.trials]}"
         for trial in pruned:
-            assert jobs[trial.job].state == STATE.CANCELLED and trial.evaluations < 6, "pruned early, worker freed"
+            # At which evaluation depends on which trials had completed by then; that its job stops does not.
+            assert jobs[trial.job].state == STATE.CANCELLED, "pruned: its job was cancelled, its worker freed"
         completed = [t for t in final.trials if t.state == TRIAL.COMPLETE]
         assert completed and final.best_trial.value == max(t.value for t in completed)
         assert final.best_trial.number in {t.number for t in completed}
