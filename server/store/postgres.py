@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from server.store.connections import ThreadConnections
 from server.store.rows import Row
 from server.store.sql import Session, SqlJobStore
 
@@ -104,22 +105,16 @@ class PostgresJobStore(SqlJobStore):
 
     def __init__(self, dsn: str):
         self._dsn = dsn
-        self._local = threading.local()
-        self._all: list[psycopg.Connection[Any]] = []
-        self._all_lock = threading.Lock()
+        self._connections: ThreadConnections[psycopg.Connection[Any]] = ThreadConnections(
+            lambda: psycopg.connect(dsn, autocommit=True, row_factory=dict_row), usable=lambda conn: not conn.closed
+        )
         with self._writing() as db:
             db.run(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.run(statement)
 
     def _conn(self) -> psycopg.Connection[Any]:
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn = psycopg.connect(self._dsn, autocommit=True, row_factory=dict_row)
-            self._local.conn = conn
-            with self._all_lock:
-                self._all.append(conn)
-        return conn
+        return self._connections.get()
 
     def _reading(self) -> _Session:
         return _Session(self._conn())
@@ -152,8 +147,4 @@ class PostgresJobStore(SqlJobStore):
                 stop.wait(1.0)
 
     def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
+        self._connections.close_all()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from server.store.connections import ThreadConnections
 from server.store.rows import Row
 from server.store.sql import SqlJobStore
 
@@ -106,9 +106,7 @@ class SqliteJobStore(SqlJobStore):
         self._path = path
         self._busy_timeout_s = busy_timeout_s
         self._on_busy_retry = on_busy_retry
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
+        self._connections = ThreadConnections(self._open)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -122,21 +120,17 @@ class SqliteJobStore(SqlJobStore):
 
     # ------------------------------------------------------------ connections and transactions
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self._path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA busy_timeout={int(BUSY_WAIT_S * 1000)}")  # writes retry in _begin_immediate
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._all_lock:
-                self._all.append(conn)
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_WAIT_S * 1000)}")  # writes retry in _begin_immediate
+        conn.execute("PRAGMA foreign_keys=ON")
         return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        return self._connections.get()
 
     def _reading(self) -> _Session:
         return _Session(self._conn())
@@ -170,11 +164,7 @@ class SqliteJobStore(SqlJobStore):
         return f"json_extract(body, '$.{key}')"
 
     def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
+        self._connections.close_all()
 
     def integrity_check(self) -> str:
         return str(self._conn().execute("PRAGMA integrity_check").fetchone()[0])
