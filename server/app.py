@@ -32,12 +32,12 @@ from server.scheduler import Scheduler, SchedulerPolicy
 from server.servicers.files import FileServicer
 from server.servicers.jobs import JobServicer
 from server.servicers.sweeps import SweepServicer
-from server.settings import ServerSettings
+from server.settings import ServerSettings, SettingsError
 from server.storage import LocalStorage
 from server.store.sql import SqlJobStore
 from server.store.sqlite import SqliteJobStore
 from server.sweeps import SweepController
-from server.transport import TransportError, server_credentials
+from server.transport import server_credentials
 from workers.pool import LocalProcessPool, WorkerPool, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def open_store(settings: ServerSettings, metrics: ServiceMetrics) -> SqlJobStore
 
         return PostgresJobStore(settings.store)
     if settings.store:
-        raise TransportError(f"--store must be empty (SQLite) or a postgresql:// URL, not {settings.store!r}")
+        raise SettingsError(f"--store must be empty (SQLite) or a postgresql:// URL, not {settings.store!r}")
     return SqliteJobStore(settings.data_dir / "tuneforge.db", on_busy_retry=metrics.store_busy_retries.inc)
 
 
@@ -112,8 +112,8 @@ def make_pool(settings: ServerSettings) -> WorkerPool:
 
 
 async def start_server(settings: ServerSettings, pool: WorkerPool | None = None) -> RunningServer:
-    """Opens everything, binds the port and starts the workers; returns once the port listens. TransportError or
-    AccessFileError for settings that cannot be used (before anything starts)."""
+    """Opens everything, binds the port and starts the workers; returns once the port listens. SettingsError for
+    settings that cannot be used (before anything starts)."""
     credentials = server_credentials(settings)
     access = AccessFile(settings.access_file) if settings.access_file is not None else None
     quotas = quotas_of(access)
@@ -134,7 +134,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
             hub.recheck_s = 5.0  # other replicas' events now wake watchers; the timer is only a safety net
     roots = list(settings.model_roots)
     if settings.replica and not settings.store:
-        raise TransportError("--replica needs a shared --store postgresql://...: SQLite serves one server")
+        raise SettingsError("--replica needs a shared --store postgresql://...: SQLite serves one server")
     policy = SchedulerPolicy(
         replica=settings.replica,
         max_restarts=settings.max_restarts,

@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 from server.app import serve
-from server.auth.access import AccessFileError
-from server.settings import ServerSettings
-from server.transport import TransportError
+from server.settings import ServerSettings, SettingsError
 from workers.logs import configure_logging
 
 
@@ -112,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(serve(settings))
-    except (TransportError, AccessFileError) as exc:
+    except SettingsError as exc:
         print(f"tuneforge serve: {exc}", file=sys.stderr)
         return 2
     return 0

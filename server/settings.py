@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class SettingsError(ValueError):
+    """Settings the server cannot start with; the message says what to change (`serve` exits 2 with it)."""
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Everything `tuneforge serve` can be told."""

@@ -6,10 +6,10 @@ import ipaddress
 
 import grpc
 
-from server.settings import ServerSettings
+from server.settings import ServerSettings, SettingsError
 
 
-class TransportError(ValueError):
+class TransportError(SettingsError):
     """The transport settings cannot be used; the message says what to change."""
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from server.auth.caller import Caller, Role
+from server.settings import SettingsError
 
 log = logging.getLogger(__name__)
 UNLIMITED = 2**62
@@ -79,7 +80,7 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class AccessFileError(ValueError):
+class AccessFileError(SettingsError):
     """The access file says something that cannot be used; the message names where."""
 
 

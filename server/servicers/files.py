@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2
 from tuneforge.v1 import files_pb2, files_pb2_grpc
 
 from server import convert
-from server.auth.access import QuotaLookup, no_quotas
+from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
 from server.auth.caller import current_caller
 from server.db import StoreRunner
 from server.errors import ApiError, FieldViolation, invalid_argument, is_disk_full, quota_exceeded
@@ -131,7 +131,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             limit = quota.max_upload_bytes
             message = f"{size_bytes} bytes is over tenant {tenant}'s {limit}-byte upload limit"
             raise quota_exceeded(tenant, "max_upload_bytes", limit, message)
-        if quota.max_stored_bytes < 2**62:
+        if quota.max_stored_bytes < UNLIMITED:
             stored = await self._db.call(self._store.stored_bytes, tenant)
             if stored + size_bytes > quota.max_stored_bytes:
                 limit = quota.max_stored_bytes

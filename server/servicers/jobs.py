@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2
 from tuneforge.v1 import job_spec_pb2, jobs_pb2, jobs_pb2_grpc
 
 from server import convert
-from server.auth.access import QuotaLookup, no_quotas
+from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
 from server.auth.caller import current_caller
 from server.db import StoreRunner
 from server.errors import ApiError, FieldViolation, failed_precondition, invalid_argument, quota_exceeded
@@ -207,7 +207,7 @@ async def check_job_admission(
             gpus=str(gpus),
             capacity=str(capacity),
         )
-    if quota.max_queued_jobs < 2**62:
+    if quota.max_queued_jobs < UNLIMITED:
         queued = await db.call(store.count_jobs, tenant, [JobState.QUEUED])
         if queued + queued_jobs > quota.max_queued_jobs:
             limit = quota.max_queued_jobs
