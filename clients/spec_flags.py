@@ -69,7 +69,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     add("--checkpoint-every", type=int, default=0)
     add("--eval-before", action="store_true", help="evaluate the untuned model first")
     add("--compile", action="store_true", help="torch.compile the model (faster steps on GPUs, slower start)")
-    add("--gpus", type=int, default=0)
+    add("--gpus", type=int, default=0, help="GPUs for the job; more than one trains data-parallel, one rank per GPU")
+    add("--ranks", type=int, default=0, help="data-parallel ranks (default: one per GPU, or one; on CPU: gloo)")
     add("--priority", type=int, default=0)
 
 
@@ -115,7 +116,7 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
             checkpoint_every_steps=args.checkpoint_every,
             evaluate_before_training=args.eval_before,
         ),
-        resources=pb.Resources(gpus=args.gpus),
+        resources=pb.Resources(gpus=args.gpus, ranks=args.ranks),
         priority=args.priority,
     )
     if args.head_hidden is not None:

@@ -104,6 +104,8 @@ class WorkerSlot:
     """The current attempt reported that its training loop began."""
     gpu_uuid: str = ""
     gpu_name: str = ""
+    gpus: int = 0
+    host: str = ""
 
 
 class Scheduler:
@@ -292,7 +294,7 @@ class Scheduler:
         slots = list(dict(self._slots).values())
         if not slots or any(slot.state == "starting" for slot in slots):
             return None
-        return 1 if any(slot.device.startswith("cuda") for slot in slots) else 0
+        return max(slot.gpus for slot in slots)
 
     async def wait_reason(self, record: JobRecord, position: int) -> str:
         """Why a QUEUED job has not started yet, in words."""
@@ -401,9 +403,14 @@ class Scheduler:
         match event:
             case WorkerReady():
                 self._slots[event.worker] = WorkerSlot(
-                    state="idle", device=event.device, gpu_uuid=event.gpu_uuid, gpu_name=event.gpu_name
+                    state="idle",
+                    device=event.device,
+                    gpu_uuid=event.gpu_uuid,
+                    gpu_name=event.gpu_name,
+                    gpus=event.gpus,
+                    host=event.host,
                 )
-                log.info("%s ready on %s (pid %s)", event.worker, event.device, event.pid)
+                log.info("%s ready on %s, %s (pid %s)", event.worker, event.host, event.device, event.pid)
                 if all(slot.state != "starting" for slot in self._slots.values()):
                     self.all_ready.set()
                 await self.dispatch()
@@ -459,7 +466,15 @@ class Scheduler:
         await self._prune_if_ended(event.job)
         slot = self._slots.get(event.worker)
         if slot is not None and slot.job == event.job:
-            self._slots[event.worker] = WorkerSlot(state="idle", device=slot.device)
+            fresh = WorkerSlot(state="idle")  # the job's bookkeeping goes, what the worker is stays
+            self._slots[event.worker] = replace(
+                fresh,
+                device=slot.device,
+                gpu_uuid=slot.gpu_uuid,
+                gpu_name=slot.gpu_name,
+                gpus=slot.gpus,
+                host=slot.host,
+            )
         await self.dispatch()
 
     async def _job_report(self, event: JobEventBase) -> None:

@@ -158,8 +158,9 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
     hyperparameters = _hyperparameters(check, spec.hyperparameters, adaptation.method)
     evaluation = _evaluation(check, spec.evaluation)
     gpus = check.int_range("resources.gpus", spec.resources.gpus, 0, 64)
-    if gpus > 1:
-        check.not_built("resources.gpus", f"multi-GPU jobs ({gpus} GPUs) are not available on this server yet")
+    ranks = check.int_range("resources.ranks", spec.resources.ranks, 0, 64) or max(1, gpus)
+    if gpus and ranks != gpus:
+        check.bad("resources.ranks", f"a job with {gpus} GPUs trains on {gpus} ranks (one per GPU), not {ranks}")
     priority = check.int_range("priority", spec.priority, -100, 100)
     max_runtime_s = spec.resources.max_runtime.ToTimedelta().total_seconds()
     if max_runtime_s < 0 or spec.resources.max_runtime.nanos < 0:
@@ -175,6 +176,7 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
             hyperparameters=hyperparameters,
             evaluation=evaluation,
             gpus=gpus,
+            ranks=ranks,
             priority=priority,
             max_runtime_s=max(0.0, max_runtime_s),
         )

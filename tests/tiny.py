@@ -32,7 +32,7 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def make_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
+def make_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
     """A 2-layer BERT (hidden 32) with a word-level vocabulary of the test sentences, saved as a model folder.
     The seed fixes its random weights, so every test session starts from the same model."""
     import torch
@@ -51,6 +51,8 @@ def make_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
         intermediate_size=64,
         max_position_embeddings=64,
         num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         initializer_range=0.2,  # ~1/sqrt(hidden): with BERT's 0.02 a model this narrow barely mixes tokens at first
     )
     BertForSequenceClassification(config).save_pretrained(folder)

@@ -91,6 +91,10 @@ class WorkerReady:
     gpu_uuid: str = ""
     """NVML's UUID of the worker's GPU (`GPU-...`); empty on the CPU."""
     gpu_name: str = ""
+    gpus: int = 0
+    """GPUs this worker can give one job (its data-parallel ranks train one per GPU)."""
+    host: str = ""
+    """The machine the worker runs on (Ray pools spread workers over nodes)."""
 
 
 @dataclass(frozen=True)

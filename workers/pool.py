@@ -170,7 +170,7 @@ class LocalProcessPool:
             target=_bootstrap,
             args=(self._entry, worker, child_conn, self._settings),
             name=f"tuneforge-{worker}",
-            daemon=True,
+            daemon=False,  # a worker spawns its job's helper ranks; it ends itself when the server's pipe closes
         )
         process.start()
         child_conn.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -156,6 +157,8 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     configure_logging(settings.log_level, settings.log_format, worker)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Imported here, in the child: loading torch, transformers and every adapter once per worker is the warm-up.
+    import torch
+
     from workers.core.adapters import import_all_adapters
     from workers.core.device import configure_torch, gpu_identity, select_device
     from workers.core.model_cache import configure
@@ -171,7 +174,9 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     stops = StopRegistry()
     threading.Thread(target=_read_commands, args=(conn, inbox, stops), daemon=True, name="commands").start()
     gpu_uuid, gpu_name = gpu_identity(device)
-    outbox.send(WorkerReady(worker=worker, pid=os.getpid(), device=str(device), gpu_uuid=gpu_uuid, gpu_name=gpu_name))
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    ready = WorkerReady(worker, os.getpid(), str(device), gpu_uuid, gpu_name, gpus, socket.gethostname())
+    outbox.send(ready)
 
     while True:
         command = inbox.get()

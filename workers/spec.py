@@ -256,6 +256,8 @@ class TrainingSpec:
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     gpus: int = 0
+    ranks: int = 1
+    """Data-parallel training processes (one per GPU; on a CPU worker, gloo processes)."""
     priority: int = 0
     max_runtime_s: float = 0.0
     """Running time allowed over all attempts; 0 means no limit."""

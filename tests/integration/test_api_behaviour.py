@@ -87,13 +87,13 @@ def test_a_model_outside_the_model_roots_is_rejected(
     assert "not under a model root" in raised.value.field_violations["job.spec.base_model"]
 
 
-def test_unbuilt_options_are_unimplemented(client: TuneforgeClient, dataset_file: str, tiny_bert: Path) -> None:
+def test_ranks_other_than_one_per_gpu_are_invalid(client: TuneforgeClient, dataset_file: str, tiny_bert: Path) -> None:
     spec = text_spec(tiny_bert, dataset_file)
-    spec.resources.gpus = 2
+    spec.resources.gpus, spec.resources.ranks = 2, 3
     with pytest.raises(TuneforgeError) as raised:
         client.create_job(spec)
-    assert raised.value.code == grpc.StatusCode.UNIMPLEMENTED
-    assert set(raised.value.field_violations) == {"job.spec.resources.gpus"}
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "one per GPU" in raised.value.field_violations["job.spec.resources.ranks"]
 
 
 @pytest.mark.parametrize(

@@ -93,12 +93,17 @@ def test_options_meant_for_another_setting_are_not_ignored() -> None:
     }
 
 
-def test_unbuilt_tasks_and_options_are_unimplemented_not_ignored() -> None:
+def test_ranks_default_to_one_per_gpu_and_must_match_them() -> None:
     spec = minimal()
+    assert validate_spec(spec, []).spec.ranks == 1  # type: ignore[union-attr]
     spec.resources.gpus = 4
-    result = validate_spec(spec, [])
-    assert result.spec is None and not result.violations
-    assert {v.field for v in result.unimplemented} == {"job.spec.resources.gpus"}
+    assert validate_spec(spec, []).spec.ranks == 4  # type: ignore[union-attr]
+    spec.resources.gpus, spec.resources.ranks = 0, 3
+    assert validate_spec(spec, []).spec.ranks == 3  # type: ignore[union-attr]  # gloo ranks on CPU workers
+    spec.resources.gpus = 2
+    assert set(fields_of(spec)) == {"job.spec.resources.ranks"}
+    spec.resources.gpus, spec.resources.ranks = 0, -1
+    assert set(fields_of(spec)) == {"job.spec.resources.ranks"}
 
 
 def test_local_models_must_lie_under_a_model_root(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import gc
 import json
+import os
 import shutil
 import threading
 import time
@@ -22,15 +23,18 @@ from workers.core.adapters import adapter_for
 from workers.core.artifact import write_artifact
 from workers.core.auto_tuning import apply_choices, choose_all, chosen_micro_batch, load_choices, save_choices
 from workers.core.checkpoints import write_json_atomically
+from workers.core.distributed import SINGLE, Ranks, join, leave, rank_device, share_object
 from workers.core.errors import JobFailure, TrainingCancelled
 from workers.core.faults import check_job_start
 from workers.core.few_shot import prepare_few_shot
 from workers.core.model_cache import CACHE
 from workers.core.model_setup import adapt_model
 from workers.core.optimization import plan_steps
+from workers.core.rank_group import RankGroup
 from workers.core.reporting import Reporter
-from workers.core.trainer import Trainer
+from workers.core.trainer import Trainer, TrainResult
 from workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
+from workers.spec import TrainingSpec
 
 
 def run_job(
@@ -50,9 +54,16 @@ def run_job(
         return JobFinished(worker, job.job, job.attempt, outcome=outcome, reason=reason, message=message)
 
     deadline = time.monotonic() + job.time_limit_s if job.time_limit_s > 0 else None
+    ranks: RankGroup | None = None
+    succeeded = False
     try:
         check_job_start(job.training_data.filename)
-        _train_within_memory(job, device, reporter, deadline)
+        if job.spec.ranks > 1:
+            ranks = _start_ranks(job, device, reporter)
+            _train_and_save(job, rank_device(device, 0), reporter, 0, deadline, ranks.ranks)
+        else:
+            _train_within_memory(job, device, reporter, deadline)
+        succeeded = True
     except TrainingCancelled:
         if pausing.is_set():
             reporter.log("stopped at the server's request; the next attempt resumes here", Severity.WARNING)
@@ -69,8 +80,33 @@ def run_job(
         reporter.log(message, Severity.ERROR)
         return finished(Outcome.FAILED, "DISK_FULL", message)
     finally:
+        if ranks is not None:
+            leave()
+            ranks.close(finished=succeeded)
+            torch.set_num_threads(ranks.threads_before)
         shutil.rmtree(Path(job.work_dir) / "artifact", ignore_errors=True)
     return finished(Outcome.SUCCEEDED)
+
+
+def _start_ranks(job: RunJob, device: torch.device, reporter: Reporter) -> RankGroup:
+    """Spawns the helper ranks and joins their process group as rank 0. On the CPU the ranks share the worker's
+    threads. A helper that dies ends this worker: the server resumes the job from its checkpoint."""
+    world = job.spec.ranks
+    threads_before = torch.get_num_threads()
+    threads = max(1, threads_before // world) if device.type == "cpu" else threads_before
+
+    def helper_died(message: str) -> None:
+        reporter.log(f"{message}: the attempt is lost; the job resumes from its checkpoint", Severity.ERROR)
+        os._exit(75)  # rank 0 may be blocked in a collective that will never complete
+
+    group = RankGroup(job, str(device), world, threads, helper_died, threads_before)
+    torch.set_num_threads(threads)
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    reporter.log(f"data-parallel over {world} ranks ({backend}); each takes its share of every micro-batch")
+    if device.type == "cuda":
+        torch.cuda.set_device(rank_device(device, 0))
+    join(group.ranks, rank_device(device, 0))
+    return group
 
 
 MEMORY_PLAN = "memory.json"
@@ -84,7 +120,7 @@ def _train_within_memory(job: RunJob, device: torch.device, reporter: Reporter, 
     micro = json.loads(plan_file.read_text())["micro_batch_size"] if plan_file.exists() else 0
     while True:
         try:
-            _train_and_save(job, device, reporter, micro, deadline)
+            _train_and_save(job, device, reporter, micro, deadline, SINGLE)
             return
         except torch.OutOfMemoryError as exc:
             message = str(exc).splitlines()[0] if str(exc) else "out of memory"
@@ -111,46 +147,10 @@ def _train_within_memory(job: RunJob, device: torch.device, reporter: Reporter, 
 
 
 def _train_and_save(
-    job: RunJob, device: torch.device, reporter: Reporter, micro_batch_size: int, deadline: float | None
+    job: RunJob, device: torch.device, reporter: Reporter, micro_batch_size: int, deadline: float | None, ranks: Ranks
 ) -> None:
-    spec = job.spec
-    work_dir = Path(job.work_dir)
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # the job log reports what matters
-    transformers.set_seed(spec.hyperparameters.seed)  # before loading: the new head's init depends on it
-    reporter.log(f"preparing {spec.task.value} on {device} from {spec.base_model}")
-    hits = CACHE.model_hits
-    task = adapter_for(spec.task).prepare(job, reporter.log)
-    if CACHE.model_hits > hits:
-        reporter.log(f"warm start: {spec.base_model} was still in this worker's memory")
-    reporter.check_cancelled()
-    extra_metrics: dict[str, float] = {}
-    if spec.data.shots_per_class:
-        spec, extra_metrics = prepare_few_shot(job, spec, device, reporter, task)
-    parameters, unfreezer = adapt_model(task, spec, reporter.log)
-    checkpoint_dir = Path(job.checkpoint_dir)
-    choices = load_choices(checkpoint_dir)
-    if choices is None and spec.hyperparameters.auto.any:
-        prober = Trainer(
-            task, spec, device, reporter, checkpoint_dir, parameters, unfreezer, micro_batch_size, deadline
-        )
-        choices = choose_all(prober, parameters)
-        for choice in choices:
-            reporter.auto_chosen(choice.field, choice.value, choice.reason, choice.evidence)
-            reporter.log(f"chose {choice.field}: {choice.reason}")
-        save_choices(checkpoint_dir, choices)
-        transformers.set_seed(spec.hyperparameters.seed)  # training then draws as it would have without the probes
-    elif choices:
-        reporter.log("using the automatic choices of an earlier attempt")
-    if choices:
-        spec = apply_choices(spec, choices, bool(task.validation_set))
-        micro_batch_size = micro_batch_size or chosen_micro_batch(choices)
-    trainer = Trainer(task, spec, device, reporter, checkpoint_dir, parameters, unfreezer, micro_batch_size, deadline)
-    resumed_from = trainer.resume()
-    if resumed_from is not None:
-        reporter.log(f"resumed from the checkpoint at step {resumed_from} (attempt {job.attempt})", Severity.WARNING)
-    result = trainer.train()
-    reporter.check_cancelled()
+    trainer, result, spec, extra_metrics = train_rank(job, device, reporter, ranks, micro_batch_size, deadline)
+    task = trainer.task
     best_step = trainer.restore_best()
     if best_step is not None and best_step != result.steps:
         reporter.log(f"the artifact holds the best model, from step {best_step} ({spec.evaluation.best_metric})")
@@ -166,9 +166,64 @@ def _train_and_save(
     }
     metrics.update(extra_metrics)
     saved_metrics = {**(result.best_metrics or result.final_metrics), **extra_metrics}  # baseline beside the result
+    work_dir = Path(job.work_dir)
     size, sha256 = write_artifact(trainer.model.cpu(), task.processor, spec, metrics, work_dir, Path(job.artifact_path))
     reporter.artifact(size, sha256, saved_metrics)
     reporter.log(f"artifact written: {size} bytes, sha256 {sha256[:12]}")
+
+
+def train_rank(
+    job: RunJob,
+    device: torch.device,
+    reporter: Reporter,
+    ranks: Ranks,
+    micro_batch_size: int = 0,
+    deadline: float | None = None,
+) -> tuple[Trainer, TrainResult, TrainingSpec, dict[str, float]]:
+    """Prepares the task, makes the automatic choices (rank 0 probes, every rank uses its answer), resumes and
+    trains. Every rank of a data-parallel job runs this in step."""
+    spec = job.spec
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # the job log reports what matters
+    transformers.set_seed(spec.hyperparameters.seed)  # before loading: the new head's init depends on it
+    reporter.log(f"preparing {spec.task.value} on {device} from {spec.base_model}")
+    hits = CACHE.model_hits
+    task = adapter_for(spec.task).prepare(job, reporter.log)
+    if CACHE.model_hits > hits:
+        reporter.log(f"warm start: {spec.base_model} was still in this worker's memory")
+    reporter.check_cancelled()
+    extra_metrics: dict[str, float] = {}
+    if spec.data.shots_per_class:
+        spec, extra_metrics = prepare_few_shot(job, spec, device, reporter, task)
+    parameters, unfreezer = adapt_model(task, spec, reporter.log)
+    checkpoint_dir = Path(job.checkpoint_dir)
+    choices = load_choices(checkpoint_dir)
+    if choices is None and spec.hyperparameters.auto.any and ranks.is_main:
+        prober = Trainer(
+            task, spec, device, reporter, checkpoint_dir, parameters, unfreezer, micro_batch_size, deadline
+        )
+        choices = choose_all(prober, parameters)
+        for choice in choices:
+            reporter.auto_chosen(choice.field, choice.value, choice.reason, choice.evidence)
+            reporter.log(f"chose {choice.field}: {choice.reason}")
+        save_choices(checkpoint_dir, choices)
+        transformers.set_seed(spec.hyperparameters.seed)  # training then draws as it would have without the probes
+    elif choices:
+        reporter.log("using the automatic choices of an earlier attempt")
+    if ranks.distributed:
+        choices = share_object(choices)
+    if choices:
+        spec = apply_choices(spec, choices, bool(task.validation_set))
+        micro_batch_size = micro_batch_size or chosen_micro_batch(choices)
+    trainer = Trainer(
+        task, spec, device, reporter, checkpoint_dir, parameters, unfreezer, micro_batch_size, deadline, ranks
+    )
+    resumed_from = trainer.resume()
+    if resumed_from is not None:
+        reporter.log(f"resumed from the checkpoint at step {resumed_from} (attempt {job.attempt})", Severity.WARNING)
+    result = trainer.train()
+    reporter.check_cancelled()
+    return trainer, result, spec, extra_metrics
 
 
 def is_disk_full(exc: BaseException) -> bool:

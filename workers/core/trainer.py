@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.amp.grad_scaler import GradScaler
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from workers.core.adaptation import GradualUnfreezer, TrainableParameter, frozen_backbone, summarize
 from workers.core.adapters import Batch, PreparedTask
@@ -29,7 +29,18 @@ from workers.core.checkpoints import (
     save_checkpoint,
 )
 from workers.core.device import autocast, autocast_dtype, to_channels_last, wants_channels_last
-from workers.core.errors import JobFailure
+from workers.core.distributed import (
+    SINGLE,
+    Ranks,
+    ShardedBatches,
+    WeightedRows,
+    agree,
+    all_reduce_step,
+    counting_collate,
+    share_object,
+    share_weight,
+)
+from workers.core.errors import JobFailure, TrainingCancelled
 from workers.core.evaluation import evaluate
 from workers.core.faults import check_micro_batch, corrupt_loss
 from workers.core.feature_cache import (
@@ -90,9 +101,11 @@ class Trainer:
         unfreezer: GradualUnfreezer | None = None,
         micro_batch_size: int = 0,
         deadline: float | None = None,
+        ranks: Ranks = SINGLE,
     ):
         """`micro_batch_size` overrides the spec's split (after running out of memory); `deadline` (monotonic) is
-        when max_runtime runs out."""
+        when max_runtime runs out; `ranks` places this trainer among a job's data-parallel ranks."""
+        self.ranks = ranks
         self.task, self.spec, self.hp, self.device, self.reporter = task, spec, spec.hyperparameters, device, reporter
         self.checkpoint_dir = checkpoint_dir
         self.unfreezer = unfreezer
@@ -153,6 +166,23 @@ class Trainer:
         lengths = self.task.lengths
         grouped = train and not balanced and dataset is self.train_set
         collate = collate_kept if isinstance(dataset, KeptFeatures) else self.task.collate
+        if train and self.ranks.distributed:  # the same global micro-batches as one rank, each rank taking its share
+            batches: Any
+            if grouped and lengths is not None:
+                batches = LengthGroupedBatchSampler(lengths, batch_size, generator)
+            else:
+                order: Any = (
+                    balanced_sampler(self.task.train_labels, generator)
+                    if balanced
+                    else RandomSampler(dataset, generator=generator)
+                )
+                batches = BatchSampler(order, batch_size, drop_last=False)
+            return DataLoader(
+                WeightedRows(dataset),
+                batch_sampler=ShardedBatches(batches, self.ranks),
+                collate_fn=counting_collate(collate),
+                pin_memory=self.device.type == "cuda",
+            )
         if grouped and lengths is not None:
             return DataLoader(
                 dataset,
@@ -173,16 +203,23 @@ class Trainer:
     # ------------------------------------------------------------ evaluation, best checkpoint, early stopping
 
     def _evaluate(self, step: int, epoch: int) -> None:
+        """With several ranks, rank 0 evaluates and every rank applies its metrics (plateau, early stopping), so
+        their decisions cannot drift apart."""
         if not self.validation_set:
             return
-        loader = self.loader(self.validation_set, False, self.plan.micro_batch_size * 2, 0)
-        model, labels = self.forward_model, self.task.labels
-        with autocast(self.device, self.dtype):
-            if self.task.evaluate is not None:
-                evaluation = self.task.evaluate(model, loader, self.on_device)
-            else:
-                evaluation = evaluate(model, loader, self.device, self.eval_loss_fn, labels, self.on_device)
-        metrics = evaluation.metrics
+        metrics: dict[str, float] = {}
+        details: dict[str, Any] = {}
+        if self.ranks.is_main:
+            loader = self.loader(self.validation_set, False, self.plan.micro_batch_size * 2, 0)
+            model, labels = self.forward_model, self.task.labels
+            with autocast(self.device, self.dtype):
+                if self.task.evaluate is not None:
+                    evaluation = self.task.evaluate(model, loader, self.on_device)
+                else:
+                    evaluation = evaluate(model, loader, self.device, self.eval_loss_fn, labels, self.on_device)
+            metrics, details = evaluation.metrics, evaluation.details
+        if self.ranks.distributed:
+            metrics = share_object(metrics)
         self.reporter.evaluation(step, epoch, metrics)
         self.result.final_metrics = metrics
         self.result.history.append({"step": float(step), "epoch": float(epoch), **metrics})
@@ -191,7 +228,7 @@ class Trainer:
                 f"{self.spec.evaluation.best_metric} stopped improving: learning rate x{self.plateau.gamma}"
             )
         if step > 0:
-            self._track_best(step, metrics, evaluation.details)
+            self._track_best(step, metrics, details)
 
     def _track_best(self, step: int, metrics: dict[str, float], details: dict[str, Any]) -> None:
         ev = self.spec.evaluation
@@ -200,7 +237,7 @@ class Trainer:
         if gain > ev.early_stopping_min_delta:
             self.result.best_metrics, self.result.best_step, self.result.best_details = metrics, step, details
             self.evaluations_without_improvement = 0
-            if self.keeps_state:
+            if self.keeps_state and self.ranks.is_main:
                 save_best(self.model, self.checkpoint_dir, step, ev.best_metric, value)
         else:
             self.evaluations_without_improvement += 1
@@ -211,7 +248,7 @@ class Trainer:
 
     def _checkpoint(self, step: int, epoch: int, step_in_epoch: int, epoch_complete: bool) -> None:
         """Everything an exact resume needs: weights, optimizer, schedule, scaler, RNG, position, bookkeeping."""
-        if not self.keeps_state:
+        if not self.keeps_state or not self.ranks.is_main:
             return
         training = {
             "optimizer": self.optimizer.state_dict(),
@@ -303,11 +340,16 @@ class Trainer:
         step_loss = torch.zeros((), device=self.device)
         samples = 0
         for batch in group:
-            samples += batch["labels"].shape[0]
-            loss = self.loss_on(batch) / len(group)
+            rows, weight = share_weight(batch, len(group)) if self.ranks.distributed else (0, 1 / len(group))
+            samples += rows if self.ranks.distributed else batch["labels"].shape[0]
+            loss = self.loss_on(batch) * weight
             scaled: torch.Tensor = self.scaler.scale(loss) if self.scaler else loss
             scaled.backward()  # type: ignore[no-untyped-call]
             step_loss += loss.detach()
+        if self.ranks.distributed:  # every rank now holds the gradient of the step's loss over all its rows
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            samples, mean_loss = all_reduce_step(trainable, samples, step_loss)
+            step_loss = torch.tensor(mean_loss, device=self.device)
         step_loss = corrupt_loss(step + 1, step_loss)
         if self.hp.max_skipped_non_finite_steps and not torch.isfinite(step_loss).item():  # a sync, only when asked
             self._skip_non_finite(step, float(step_loss))
@@ -346,7 +388,10 @@ class Trainer:
 
     def _stop_if_asked(self, step: int, epoch: int, in_epoch: int) -> None:
         """Between optimizer steps: a cancel stops at once; a pause or shutdown first saves a checkpoint; so does
-        running out of max_runtime, which then fails the job."""
+        running out of max_runtime, which then fails the job. With several ranks, rank 0's view decides for all."""
+        if self.ranks.distributed:
+            self._stop_as_rank_zero_says(step, epoch, in_epoch)
+            return
         if self.deadline is not None and time.monotonic() >= self.deadline:
             if step > 0:
                 self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
@@ -360,6 +405,22 @@ class Trainer:
             self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
             self.reporter.log(f"stopping: checkpointed at step {step} to resume from")
         self.reporter.check_cancelled()
+
+    def _stop_as_rank_zero_says(self, step: int, epoch: int, in_epoch: int) -> None:
+        out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
+        reporter = self.reporter
+        out_of_time, stop, pause = agree([out_of_time, reporter.stop_requested, reporter.checkpoint_flag.is_set()])
+        if (out_of_time or (stop and pause)) and step > 0:
+            self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
+        if out_of_time:
+            raise JobFailure(
+                "DEADLINE_EXCEEDED",
+                f"max_runtime ran out at step {step} of {self.plan.total_steps}; a checkpoint was saved",
+            )
+        if stop:
+            if pause and step > 0:
+                reporter.log(f"stopping: checkpointed at step {step} to resume from")
+            raise TrainingCancelled()
 
     def loss_on(self, batch: Batch) -> torch.Tensor:
         """The training loss of one micro-batch (moved to the device, under autocast), ready for backward."""

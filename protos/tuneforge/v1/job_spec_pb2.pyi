@@ -864,8 +864,15 @@ class Resources(_message.Message):
 
     GPUS_FIELD_NUMBER: _builtins.int
     MAX_RUNTIME_FIELD_NUMBER: _builtins.int
+    RANKS_FIELD_NUMBER: _builtins.int
     gpus: _builtins.int
-    """GPUs for the job; 0 runs on whatever one worker has (a GPU when present, else the CPU)."""
+    """GPUs for the job; 0 runs on whatever one worker has (a GPU when present, else the CPU). With more than one, the
+    job trains data-parallel, one rank per GPU, on a worker that has that many.
+    """
+    ranks: _builtins.int
+    """Data-parallel ranks (processes), each taking its share of every batch; 0 means one per GPU asked for, or one.
+    With gpus set it must equal gpus. On a worker without GPUs, ranks over 1 train on the CPU over gloo.
+    """
     @_builtins.property
     def max_runtime(self) -> _duration_pb2.Duration:
         """Longest the job may run, over all its attempts; unset or 0 means no limit. When it runs out, the job saves a
@@ -877,10 +884,11 @@ class Resources(_message.Message):
         *,
         gpus: _builtins.int = ...,
         max_runtime: _duration_pb2.Duration | None = ...,
+        ranks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_runtime", b"max_runtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "max_runtime", b"max_runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "max_runtime", b"max_runtime", "ranks", b"ranks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
