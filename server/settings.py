@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class SettingsError(ValueError):
@@ -31,6 +32,20 @@ class ServerSettings:
     """Where jobs live: empty for SQLite in the data dir, or a `postgresql://` URL (replicas may share it)."""
     replica: str = ""
     """This server's name among replicas sharing one store; empty when it is the only server."""
+    storage: str = ""
+    """Where files, checkpoints and artifacts live: empty for the data dir, or an fsspec URL (`s3://bucket/prefix`)
+    that workers on other machines reach too."""
+    storage_options: tuple[tuple[str, Any], ...] = ()
+    """fsspec options for `storage` (`endpoint_url`...); credentials come from the environment, not from here."""
+    pool: str = "local"
+    """`local`: spawned worker processes on this machine; `ray`: Ray actors placed across a cluster."""
+    ray_address: str = ""
+    """The Ray cluster to join (`auto`, or HOST:PORT of its GCS); the ray pool needs it."""
+    ray_gpus_per_worker: int = 0
+    """GPUs each Ray worker actor holds (a job's ranks train one per GPU on one worker)."""
+    ray_cpus_per_worker: float = 1.0
+    ray_listen_host: str = ""
+    """Address Ray workers connect back to for commands and events; empty: this node's address in the cluster."""
     max_upload_bytes: int = 2 << 30
     """Largest accepted upload."""
     max_message_bytes: int = 4 << 20

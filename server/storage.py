@@ -12,8 +12,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 CHUNK_BYTES = 1 << 20
 
@@ -58,6 +59,38 @@ class Upload:
         self.path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class AttemptPlaces:
+    """Where one attempt works: local paths, or object-storage URLs for workers on other machines."""
+
+    work_dir: str
+    """Scratch space; empty: the worker makes its own."""
+    checkpoint_dir: str
+    artifact: str
+
+
+class Storage(Protocol):
+    """Where files, checkpoints and artifacts live: a local directory or object storage."""
+
+    def discard_partial_uploads(self) -> int: ...
+    def begin_upload(self) -> Upload: ...
+    def commit_upload(self, upload: Upload, file_id: str) -> None: ...
+    def file_location(self, file_id: str) -> str:
+        """What a worker opens to read the file."""
+
+    def read_file(self, file_id: str) -> Iterator[bytes]: ...
+    def delete_file(self, file_id: str) -> None: ...
+    def prepare_attempt(self, job_id: str, attempt: int) -> AttemptPlaces: ...
+    def promote_artifact(self, job_id: str, attempt: int) -> None:
+        """Makes the attempt's artifact the job's (only the attempt that still holds the job gets here)."""
+
+    def has_artifact(self, job_id: str) -> bool: ...
+    def read_artifact(self, job_id: str) -> Iterator[bytes]: ...
+    def delete_work_dir(self, job_id: str, attempt: int) -> None: ...
+    def delete_work(self, job_id: str) -> None: ...
+    def delete_job_data(self, job_id: str) -> None: ...
+
+
 class LocalStorage:
     """All of the server's bytes in one local directory."""
 
@@ -84,6 +117,22 @@ class LocalStorage:
 
     def file_path(self, file_id: str) -> Path:
         return self.root / "files" / file_id
+
+    def file_location(self, file_id: str) -> str:
+        return str(self.file_path(file_id))
+
+    def read_file(self, file_id: str) -> Iterator[bytes]:
+        return self.read_chunks(self.file_path(file_id))
+
+    def prepare_attempt(self, job_id: str, attempt: int) -> AttemptPlaces:
+        work, checkpoints = self.work_dir(job_id, attempt), self.checkpoint_dir(job_id)
+        return AttemptPlaces(str(work), str(checkpoints), str(self.attempt_artifact_path(job_id, attempt)))
+
+    def has_artifact(self, job_id: str) -> bool:
+        return self.artifact_path(job_id).exists()
+
+    def read_artifact(self, job_id: str) -> Iterator[bytes]:
+        return self.read_chunks(self.artifact_path(job_id))
 
     def delete_file(self, file_id: str) -> None:
         self.file_path(file_id).unlink(missing_ok=True)

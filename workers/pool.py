@@ -16,7 +16,7 @@ import multiprocessing.connection
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
@@ -64,6 +64,10 @@ class WorkerSettings:
     log_level: str = "INFO"
     log_format: str = "text"
     """`text` or `json`, as the server's."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for object storage (`endpoint_url`...); credentials come from the environment."""
+    scratch_dir: str = ""
+    """Where a worker unpacks jobs whose data lives in object storage; empty: the system's temp dir."""
 
 
 def _bootstrap(entry: str, worker: str, conn: Connection, settings: WorkerSettings) -> None:

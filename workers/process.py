@@ -15,6 +15,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import Any
 
 from workers.logs import INTERNAL_MARK, configure_logging, current_job, job_context
 from workers.messages import (
@@ -31,6 +32,7 @@ from workers.messages import (
     WorkerReady,
 )
 from workers.pool import WorkerSettings
+from workers.remote_storage import localize
 
 SEVERITIES = ((logging.ERROR, Severity.ERROR), (logging.WARNING, Severity.WARNING), (logging.INFO, Severity.INFO))
 
@@ -149,6 +151,32 @@ def _name_process(worker: str) -> None:
         pass
 
 
+def _run_with_storage(
+    command: RunJob, worker: str, device: Any, outbox: Outbox, flags: StopFlags, settings: WorkerSettings
+) -> JobFinished:
+    """Runs the attempt on local copies of whatever lives in object storage, and uploads what it writes."""
+    from workers.core.runner import run_job
+
+    def failed(message: str) -> JobFinished:
+        return JobFinished(worker, command.job, command.attempt, Outcome.FAILED, "STORAGE_UNAVAILABLE", message)
+
+    try:
+        attempt = localize(command, settings.storage_options, settings.scratch_dir)
+    except OSError as exc:
+        return failed(f"could not read the job's data or checkpoints from storage: {exc}")
+    try:
+        send = attempt.send_through(outbox.send)
+        finished = run_job(attempt.job, worker, device, send, flags.stop, flags.checkpoint_first)
+        if finished.outcome is Outcome.SUCCEEDED:
+            try:
+                attempt.push_artifact()
+            except OSError as exc:
+                return failed(f"could not upload the artifact to storage: {exc}")
+        return finished
+    finally:
+        attempt.close()
+
+
 def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     """Entry point of a spawned worker process."""
     _name_process(worker)
@@ -162,7 +190,6 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     from workers.core.adapters import import_all_adapters
     from workers.core.device import configure_torch, gpu_identity, select_device
     from workers.core.model_cache import configure
-    from workers.core.runner import run_job
 
     import_all_adapters()
     configure(settings.model_cache_mb * 2**20)
@@ -195,7 +222,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
         beat.start()
         try:
             with job_context(command.job, command.attempt):
-                finished = run_job(command, worker, device, outbox.send, flags.stop, flags.checkpoint_first)
+                finished = _run_with_storage(command, worker, device, outbox, flags, settings)
         except Exception:  # last resort: the per-job boundary
             text = traceback.format_exc()
             extra = {"job": command.job, "attempt": command.attempt, INTERNAL_MARK: True}

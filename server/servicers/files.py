@@ -23,7 +23,7 @@ from server.pagination import make_token, parse_page
 from server.records import FileRecord
 from server.servicers.errors import streaming, unary
 from server.servicers.tenancy import scoped_request_id, visible
-from server.storage import CHUNK_BYTES, LocalStorage, Upload
+from server.storage import CHUNK_BYTES, Storage, Upload
 from server.store.base import JobStore
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -38,7 +38,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         self,
         store: JobStore,
         db: StoreRunner,
-        storage: LocalStorage,
+        storage: Storage,
         max_upload_bytes: int,
         metrics: ServiceMetrics | None = None,
         quotas: QuotaLookup = no_quotas,
@@ -189,7 +189,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
     ) -> AsyncIterator[files_pb2.DownloadFileResponse]:
         record = await self._get(request.name)
         yield files_pb2.DownloadFileResponse(file=convert.file_to_proto(record))
-        for chunk in self._storage.read_chunks(self._storage.file_path(record.id)):
+        for chunk in self._storage.read_file(record.id):
             yield files_pb2.DownloadFileResponse(chunk=chunk)
 
     async def _get(self, name: str) -> FileRecord:

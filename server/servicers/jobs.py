@@ -28,7 +28,7 @@ from server.servicers.errors import streaming, unary
 from server.servicers.streams import follow_events
 from server.servicers.tenancy import scoped_request_id, visible
 from server.spec_validation import validate_spec
-from server.storage import LocalStorage
+from server.storage import Storage
 from server.store.base import JobStore
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs)
@@ -41,7 +41,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self,
         store: JobStore,
         db: StoreRunner,
-        storage: LocalStorage,
+        storage: Storage,
         scheduler: Scheduler,
         hub: EventHub,
         model_roots: list[Path],
@@ -167,15 +167,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.DownloadArtifactRequest, context: Context
     ) -> AsyncIterator[jobs_pb2.DownloadArtifactResponse]:
         record = await self._get(request.name)
-        path = self._storage.artifact_path(record.id)
-        if record.state is not JobState.SUCCEEDED or not record.artifact_sha256 or not path.exists():
+        ready = await asyncio.to_thread(self._storage.has_artifact, record.id)
+        if record.state is not JobState.SUCCEEDED or not record.artifact_sha256 or not ready:
             raise failed_precondition(
                 "ARTIFACT_NOT_READY",
                 f"{request.name} is {record.state.value} and has no artifact; only SUCCEEDED jobs do",
                 state=record.state.value,
             )
         yield jobs_pb2.DownloadArtifactResponse(artifact=convert.job_to_proto(record).artifact)
-        for chunk in self._storage.read_chunks(path):
+        for chunk in self._storage.read_artifact(record.id):
             yield jobs_pb2.DownloadArtifactResponse(chunk=chunk)
 
     async def _get(self, name: str, field: str = "name") -> JobRecord:
