@@ -70,7 +70,7 @@ class WorkerSettings:
     """Where a worker unpacks jobs whose data lives in object storage; empty: the system's temp dir."""
 
 
-def _bootstrap(entry: str, worker: str, conn: Connection, settings: WorkerSettings) -> None:
+def bootstrap(entry: str, worker: str, conn: Connection, settings: WorkerSettings) -> None:
     """Child-side start: resolves the entry point here, so the parent never imports the worker's stack."""
     module_name, _, func_name = entry.partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
@@ -88,6 +88,14 @@ class _Slot:
 
 QUICK_DEATH_S = 30.0
 MAX_RESPAWN_DELAY_S = 60.0
+
+
+def respawn_delay(started: float, quick_deaths: int) -> tuple[int, float]:
+    """A worker that died soon after it started (monotonic `started`) is replaced after a growing delay, so one
+    that cannot start does not spin; returns the new count of quick deaths and the delay."""
+    quick = time.monotonic() - started < QUICK_DEATH_S
+    deaths = quick_deaths + 1 if quick else 0
+    return deaths, min(MAX_RESPAWN_DELAY_S, 0.5 * 2**deaths) if deaths else 0.0
 
 
 class LocalProcessPool:
@@ -171,7 +179,7 @@ class LocalProcessPool:
             return
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=_bootstrap,
+            target=bootstrap,
             args=(self._entry, worker, child_conn, self._settings),
             name=f"tuneforge-{worker}",
             daemon=False,  # a worker spawns its job's helper ranks; it ends itself when the server's pipe closes
@@ -212,9 +220,7 @@ class LocalProcessPool:
         slot.process.join(1)
         self._receive(worker, slot.conn)  # whatever it said before dying comes first
         slot.conn.close()
-        quick = time.monotonic() - slot.started < QUICK_DEATH_S
-        quick_deaths = slot.quick_deaths + 1 if quick else 0
-        delay_s = min(MAX_RESPAWN_DELAY_S, 0.5 * 2**quick_deaths) if quick_deaths else 0.0
+        quick_deaths, delay_s = respawn_delay(slot.started, slot.quick_deaths)
         log.warning("%s died with exit code %s; replacing it in %.1f s", worker, slot.process.exitcode, delay_s)
         self._emit(WorkerDied(worker=worker, exitcode=slot.process.exitcode))
         if delay_s:

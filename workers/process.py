@@ -142,6 +142,11 @@ def _heartbeat(outbox: Outbox, worker: str, job: RunJob, stop: threading.Event, 
             return
 
 
+def worker_host() -> str:
+    """The machine (and, in a Ray pool, the node) this worker runs on."""
+    return os.environ.get("TUNEFORGE_WORKER_HOST") or socket.gethostname()
+
+
 def _name_process(worker: str) -> None:
     """`ps`, `top` and operators see which worker a process is (Linux; 15 characters at most)."""
     try:
@@ -156,6 +161,9 @@ def _run_with_storage(
 ) -> JobFinished:
     """Runs the attempt on local copies of whatever lives in object storage, and uploads what it writes."""
     from workers.core.runner import run_job
+
+    where = f"attempt {command.attempt} runs on {worker} at {worker_host()}"
+    outbox.send(LogEmitted(worker, command.job, command.attempt, severity=Severity.INFO, message=where))
 
     def failed(message: str) -> JobFinished:
         return JobFinished(worker, command.job, command.attempt, Outcome.FAILED, "STORAGE_UNAVAILABLE", message)
@@ -202,7 +210,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     threading.Thread(target=_read_commands, args=(conn, inbox, stops), daemon=True, name="commands").start()
     gpu_uuid, gpu_name = gpu_identity(device)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    ready = WorkerReady(worker, os.getpid(), str(device), gpu_uuid, gpu_name, gpus, socket.gethostname())
+    ready = WorkerReady(worker, os.getpid(), str(device), gpu_uuid, gpu_name, gpus, worker_host())
     outbox.send(ready)
 
     while True:
