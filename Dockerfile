@@ -8,7 +8,7 @@
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
-# ---- build stage: a virtual environment with the server extra (compilers and pip stay behind)
+# ---- build stage: a virtual environment with the server and ray extras (compilers and pip stay behind)
 FROM ${CUDA_IMAGE} AS build
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # Ubuntu's Python is patched by the distribution's security updates; its version is not pinned here on purpose.
@@ -23,7 +23,7 @@ COPY protos ./protos
 COPY server ./server
 COPY workers ./workers
 COPY clients ./clients
-RUN /opt/tuneforge/bin/pip install '.[server]'
+RUN /opt/tuneforge/bin/pip install '.[server,ray]'
 
 # ---- runtime stage: Python, the environment, a non-root user and the data volume
 FROM ${CUDA_IMAGE}

@@ -22,6 +22,7 @@ from server.auth.interceptor import AuthInterceptor
 from server.change_feed import ChangeFeed
 from server.db import StoreRunner
 from server.event_hub import EventHub
+from server.gpu_partition import partition, visible_gpus
 from server.job_factory import JobFactory
 from server.metrics.exposition import MetricsEndpoint
 from server.metrics.gpus import GpuSampler
@@ -121,7 +122,11 @@ def make_pool(settings: ServerSettings) -> WorkerPool:
         )
         ray_pool: WorkerPool = RayPool(settings.workers, worker_settings, ray_settings, name_prefix=prefix)
         return ray_pool
-    return LocalProcessPool(settings.workers, worker_settings, name_prefix=prefix)
+    try:
+        shares = partition(settings.workers, settings.gpus_per_worker, visible_gpus())
+    except ValueError as exc:
+        raise SettingsError(f"--gpus-per-worker: {exc}") from exc
+    return LocalProcessPool(settings.workers, worker_settings, name_prefix=prefix, visible_devices=shares)
 
 
 def open_storage(settings: ServerSettings) -> Storage:

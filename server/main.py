@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N (default auto)")
     parser.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        default=-1,
+        help="local pool: GPUs each worker gets to itself (-1: split evenly, 0: all workers see all GPUs)",
+    )
+    parser.add_argument(
         "--model-root",
         type=Path,
         action="append",
@@ -115,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
         device=args.device,
         model_roots=tuple(args.model_root),
         store=args.store,

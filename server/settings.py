@@ -24,6 +24,9 @@ class ServerSettings:
     """Port to bind; 0 picks a free one (see port_file)."""
     workers: int = 1
     """Worker processes in the local pool."""
+    gpus_per_worker: int = -1
+    """Local pool: GPUs each worker gets to itself; -1 splits the visible GPUs evenly (when there are at least as
+    many as workers), 0 lets every worker see every GPU."""
     device: str = "auto"
     """Workers' device: auto (CUDA when present), cpu, or cuda:N."""
     model_roots: tuple[Path, ...] = ()

@@ -24,3 +24,10 @@ def echo_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None
 def crash_at_start(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     """A worker whose start always fails (a broken install, say)."""
     sys.exit(3)
+
+
+def report_visible_devices(worker: str, conn: Connection, settings: WorkerSettings) -> None:
+    """Says ready with the CUDA_VISIBLE_DEVICES it was started with as its device, then waits for Shutdown."""
+    conn.send(WorkerReady(worker=worker, pid=os.getpid(), device=os.environ.get("CUDA_VISIBLE_DEVICES", "unset")))
+    while not isinstance(conn.recv(), Shutdown):
+        pass

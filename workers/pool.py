@@ -13,10 +13,11 @@ import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
@@ -68,10 +69,15 @@ class WorkerSettings:
     """fsspec options for object storage (`endpoint_url`...); credentials come from the environment."""
     scratch_dir: str = ""
     """Where a worker unpacks jobs whose data lives in object storage; empty: the system's temp dir."""
+    visible_devices: str | None = None
+    """CUDA_VISIBLE_DEVICES for this worker (its share of the machine's GPUs); None leaves it as inherited."""
 
 
 def bootstrap(entry: str, worker: str, conn: Connection, settings: WorkerSettings) -> None:
-    """Child-side start: resolves the entry point here, so the parent never imports the worker's stack."""
+    """Child-side start: resolves the entry point here, so the parent never imports the worker's stack. The
+    worker's GPUs are set before anything can initialise CUDA."""
+    if settings.visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.visible_devices
     module_name, _, func_name = entry.partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
     func(worker, conn, settings)
@@ -107,8 +113,11 @@ class LocalProcessPool:
         settings: WorkerSettings | None = None,
         entry: str = DEFAULT_ENTRY,
         name_prefix: str = "",
+        visible_devices: list[str] | None = None,
     ):
-        """`name_prefix` makes worker names unique among server replicas that share one store (`r1-worker-0`)."""
+        """`name_prefix` makes worker names unique among server replicas that share one store (`r1-worker-0`);
+        `visible_devices[i]` is worker i's CUDA_VISIBLE_DEVICES."""
+        self._visible_devices = visible_devices
         self._num_workers = num_workers
         self._name_prefix = name_prefix
         self._settings = settings or WorkerSettings()
@@ -178,9 +187,13 @@ class LocalProcessPool:
         if self._stopping.is_set():
             return
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        settings = self._settings
+        if self._visible_devices is not None:
+            index = int(worker.rsplit("-", 1)[1])
+            settings = replace(settings, visible_devices=self._visible_devices[index])
         process = self._ctx.Process(
             target=bootstrap,
-            args=(self._entry, worker, child_conn, self._settings),
+            args=(self._entry, worker, child_conn, settings),
             name=f"tuneforge-{worker}",
             daemon=False,  # a worker spawns its job's helper ranks; it ends itself when the server's pipe closes
         )

@@ -1,5 +1,6 @@
-"""The Ray pool on a two-node cluster (two `ray start` nodes with one fake GPU each): data-parallel jobs run on both
-nodes, and when one node's processes are all killed mid-job, the job resumes from its checkpoint on the other."""
+"""The Ray pool on a two-node cluster (two `ray start` nodes with two fake GPUs each, so each worker's pair is
+reserved through a placement group): data-parallel jobs run on both nodes, and when one node's processes are all
+killed mid-job, the job resumes from its checkpoint on the other."""
 
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def placements(client: TuneforgeClient, job: str) -> dict[int, tuple[str, str]]:
 def test_jobs_run_on_both_nodes_and_a_lost_node_s_job_resumes_on_the_other(
     tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
 ) -> None:
-    with ray_cluster(nodes=2, gpus_per_node=1, cpus_per_node=2, log=tmp_path / "ray.log") as cluster:
+    with ray_cluster(nodes=2, gpus_per_node=2, cpus_per_node=2, log=tmp_path / "ray.log") as cluster:
         head, other = (nodes_by_resource(cluster.address)[f"node_{i}"] for i in range(2))
-        ray_args = ["--pool", "ray", "--ray-address", cluster.address, "--ray-gpus-per-worker", "1"]
+        ray_args = ["--pool", "ray", "--ray-address", cluster.address, "--ray-gpus-per-worker", "2"]
         args = [*SERVER_ARGS, *ray_args, "--restart-backoff-s", "0.2", "--log-level", "INFO"]
         server = start_local_server(
             tmp_path / "data",

@@ -6,6 +6,9 @@ from __future__ import annotations
 import queue
 import time
 
+import pytest
+
+from server.gpu_partition import AUTO, partition
 from workers.messages import DataFile, JobFinished, RunJob, WorkerDied, WorkerEvent
 from workers.pool import LocalProcessPool
 from workers.spec import DataSettings, TaskKind, TrainingSpec
@@ -50,3 +53,25 @@ def test_a_worker_that_cannot_start_is_retried_with_growing_delays() -> None:
         assert first_gap >= 1.0 and second_gap >= 2.0, (first_gap, second_gap)
     finally:
         pool.stop(10)
+
+
+def test_each_worker_sees_only_its_share_of_the_gpus() -> None:
+    shares = partition(2, AUTO, ["0", "1", "2", "3"])
+    assert shares == ["0,1", "2,3"]
+    pool = LocalProcessPool(2, entry="tests.fake_workers:report_visible_devices", visible_devices=shares)
+    events = collect(pool)
+    try:
+        seen = {event.worker: event.device for event in (events.get(timeout=30)[1] for _ in range(2))}
+    finally:
+        pool.stop(10)
+    assert seen == {"worker-0": "0,1", "worker-1": "2,3"}
+
+
+def test_gpu_partition_rules() -> None:
+    assert partition(4, AUTO, ["0", "1"]) is None  # fewer GPUs than workers: they share
+    assert partition(2, 0, ["0", "1"]) is None  # partitioning off
+    assert partition(3, AUTO, ["4", "5", "6", "7"]) == ["4", "5", "6"]  # the server's own CUDA_VISIBLE_DEVICES ids
+    assert partition(1, AUTO, ["0", "1", "2"]) == ["0,1,2"]  # one worker owns every GPU: multi-GPU jobs fit
+    assert partition(2, 1, []) is None  # no GPU: CPU workers
+    with pytest.raises(ValueError, match="need more than the 2 GPUs"):
+        partition(2, 2, ["0", "1"])
