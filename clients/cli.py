@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -22,6 +23,7 @@ from rich.table import Table
 from tuneforge.v1 import jobs_pb2
 
 from clients.archive import extract_archive
+from clients.artifacts import verify_artifact
 from clients.client import TuneforgeClient, TuneforgeError
 from clients.credentials import Credentials
 from clients.spec_flags import (
@@ -166,6 +168,21 @@ def cmd_new_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Checks a downloaded artifact against its manifest: exit 0 only when every file's digest matches."""
+    result = verify_artifact(args.artifact)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result) | {"ok": result.ok}))
+    elif result.ok:
+        out.print(f"[green]{args.artifact}: all {result.checked} files match the manifest")
+    else:
+        problems = (("differs", result.mismatched), ("missing", result.missing), ("unlisted", result.unlisted))
+        for label, names in problems:
+            for name in names:
+                out.print(f"[red]{label}: {name}")
+    return 0 if result.ok else 1
+
+
 def cmd_files(client: TuneforgeClient, args: argparse.Namespace) -> int:
     files = client.list_files()
     if args.json:
@@ -247,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server (needs tuneforge[server])")
     serve.set_defaults(local=_delegate("server.main"))
     _add_serve_arguments(serve)
+    verify = sub.add_parser("verify", help="check a downloaded artifact's files against its manifest")
+    verify.add_argument("artifact", type=Path)
+    verify.set_defaults(local=cmd_verify)
     new_token = sub.add_parser("new-token", help="make a bearer token and its line for the server's access file")
     new_token.set_defaults(local=cmd_new_token)
     new_token.add_argument("--tenant", required=True)

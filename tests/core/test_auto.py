@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from clients.artifacts import read_member
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from workers.core.auto_tuning import CHOICES_FILE, choose_epochs
 from workers.core.faults import ENVIRONMENT_VARIABLE, injected_faults
@@ -49,6 +50,10 @@ def test_the_range_test_picks_a_rate_where_fixed_rates_train_well(
     assert final_accuracy(events) >= TRAINS_WELL, "and it trains well at the chosen rate"
     assert len(choice.evidence) >= 20 and choice.evidence[0][0] == pytest.approx(1e-7), "the curve is the evidence"
     assert "range test" in choice.reason
+    manifest = json.loads(read_member(tmp_path / "auto" / "artifact.tar", "manifest.json"))
+    [recorded] = manifest["automatic_choices"]  # the lineage says what was chosen, why, and the spec it made
+    assert (recorded["field"], recorded["value"]) == (choice.field, choice.value)
+    assert manifest["spec"]["hyperparameters"]["learning_rate"] == pytest.approx(choice.value)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +68,24 @@ def pack_archive(folder: Path, archive: Path) -> tuple[int, str]:
 
 
 def write_artifact(
-    model: nn.Module, processor: Any, spec: TrainingSpec, metrics: dict[str, Any], work_dir: Path, archive: Path
+    model: nn.Module,
+    processor: Any,
+    spec: TrainingSpec,
+    metrics: dict[str, Any],
+    work_dir: Path,
+    archive: Path,
+    finish: Callable[[Path], None] = lambda folder: None,
 ) -> tuple[int, str]:
     """Saves the model folder under work_dir and packs it into the archive. A LoRA model is saved twice: its
-    adapter (with the head) under `adapter/`, and merged into the base weights as the main folder."""
+    adapter (with the head) under `adapter/`, and merged into the base weights as the main folder. `finish` adds
+    the last files (report, manifest) to the folder before it is packed."""
     folder = work_dir / "artifact"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     if is_lora(model):
         model = save_lora(model, folder)
     save_model_folder(model, processor, folder, spec, metrics)
+    finish(folder)
     return pack_archive(folder, archive)
 
 

@@ -27,6 +27,7 @@ from workers.core.distributed import SINGLE, Ranks, join, leave, rank_device, sh
 from workers.core.errors import JobFailure, TrainingCancelled
 from workers.core.faults import check_job_start
 from workers.core.few_shot import prepare_few_shot
+from workers.core.lineage import write_manifest
 from workers.core.model_cache import CACHE
 from workers.core.model_setup import adapt_model
 from workers.core.optimization import plan_steps
@@ -167,7 +168,13 @@ def _train_and_save(
     metrics.update(extra_metrics)
     saved_metrics = {**(result.best_metrics or result.final_metrics), **extra_metrics}  # baseline beside the result
     work_dir = Path(job.work_dir)
-    size, sha256 = write_artifact(trainer.model.cpu(), task.processor, spec, metrics, work_dir, Path(job.artifact_path))
+    choices = load_choices(Path(job.checkpoint_dir)) or []
+
+    def finish(folder: Path) -> None:
+        write_manifest(folder, spec, choices, job.training_data, job.validation_data, job.job, job.attempt)
+
+    model = trainer.model.cpu()
+    size, sha256 = write_artifact(model, task.processor, spec, metrics, work_dir, Path(job.artifact_path), finish)
     reporter.artifact(size, sha256, saved_metrics)
     reporter.log(f"artifact written: {size} bytes, sha256 {sha256[:12]}")
 
