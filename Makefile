@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 
 # System tools some tests need, from Debian/Ubuntu packages: promtool (package `prometheus`) checks the /metrics
 # exposition, the alerts and the Prometheus config; PostgreSQL (package `postgresql`) runs the store suite and the
-# server on PostgreSQL; `ip` (package `iproute2`) makes the loopback-only network namespace the Ray tests run in. Installed with apt-get when missing and running as root; otherwise it says what to install.
-SYSTEM_PACKAGES := $(if $(shell command -v promtool),,prometheus) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql) $(if $(shell command -v ip),,iproute2)
+# server on PostgreSQL; `ip` (package `iproute2`) makes the loopback-only network namespace the Ray tests run in;
+# headless Chromium (package `chromium`) renders the evaluation report in its test. Installed with apt-get when missing and running as root; otherwise it says what to install.
+SYSTEM_PACKAGES := $(if $(shell command -v promtool),,prometheus) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql) $(if $(shell command -v ip),,iproute2) $(if $(shell command -v chromium),,chromium)
 system-packages:
 	@if [ -n "$(strip $(SYSTEM_PACKAGES))" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

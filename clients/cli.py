@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 import tempfile
+import webbrowser
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from rich.table import Table
 from tuneforge.v1 import jobs_pb2
 
 from clients.archive import extract_archive
-from clients.artifacts import verify_artifact
+from clients.artifacts import REPORT, read_member, verify_artifact
 from clients.client import TuneforgeClient, TuneforgeError
 from clients.credentials import Credentials
 from clients.spec_flags import (
@@ -150,6 +151,24 @@ def cmd_download(client: TuneforgeClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    """Saves the job's evaluation report (from its artifact) as one HTML file, and opens it when asked."""
+    target = Path(args.output or f"{args.job.rsplit('/', 1)[-1]}-report.html")
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = Path(scratch) / "artifact.tar"
+        client.download_artifact(args.job, archive)
+        try:
+            page = read_member(archive, REPORT)
+        except KeyError:
+            console.print(f"[red]{args.job}'s artifact has no report (it was made before reports existed)")
+            return 1
+    target.write_bytes(page)
+    print(json.dumps({"report": str(target)}) if args.json else f"report saved to {target}")
+    if args.open:
+        webbrowser.open(target.resolve().as_uri())
+    return 0
+
+
 def cmd_health(client: TuneforgeClient, args: argparse.Namespace) -> int:
     """Exit 0 only when SERVING: usable as a container HEALTHCHECK or a probe."""
     status = client.health(args.service)
@@ -256,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     download = command("download", cmd_download, "download and unpack a job's model")
     download.add_argument("job")
     download.add_argument("-o", "--output", required=True, help="folder to unpack into")
+    report = command("report", cmd_report, "save (and open) a job's evaluation report")
+    report.add_argument("job")
+    report.add_argument("-o", "--output", help="HTML file to write (default: JOB-report.html here)")
+    report.add_argument("--open", action="store_true", help="open it in the web browser")
     command("files", cmd_files, "list uploaded files")
     health = command("health", cmd_health, "print the server's health; exit 0 only when SERVING")
     health.add_argument("--service", default="", help="one service, e.g. tuneforge.v1.JobService (default: all)")

@@ -48,6 +48,11 @@ def test_ctc_learns_and_reports_error_rates(tiny_ctc: Path, tmp_path: Path) -> N
     assert {"a", "b", "c", "|", "<pad>", "<unk>"} <= set(vocabulary)
     metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert metrics["classes"]["utterances"] == 16 and "error_examples" in metrics["classes"]
+    report = (tmp_path / "model" / "report.html").read_text()  # WER and CER against the untuned model, errors
+    assert all(f"<td>{name}</td>" in report for name in ("eval_wer", "eval_cer"))
+    assert metrics["baseline"]["eval_cer"] >= min(m["eval_cer"] for m in evaluations)
+    examples = metrics["classes"]["error_examples"]
+    assert not examples or f"<td>{examples[0]['reference']}</td>" in report
 
 
 def test_bad_transcripts_and_long_clips_fail_precisely(tiny_ctc: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,14 @@ def test_upload_submit_watch_list_get_download(
     downloaded = json.loads(tuneforge(server, "--json", "download", job_name, "-o", str(tmp_path / "model")).stdout)
     assert "model.safetensors" in downloaded["files"]
     assert (tmp_path / "model" / "config.json").exists()
+    saved = json.loads(tuneforge(server, "--json", "report", job_name, "-o", str(tmp_path / "r.html")).stdout)
+    assert saved == {"report": str(tmp_path / "r.html")}
+    assert (tmp_path / "r.html").read_text() == (tmp_path / "model" / "report.html").read_text()
+    with tarfile.open(tmp_path / "again.tar", "w") as tar:  # the unpacked artifact, packed again, still verifies
+        for path in sorted(p for p in (tmp_path / "model").rglob("*") if p.is_file()):
+            tar.add(path, arcname=str(path.relative_to(tmp_path / "model")))
+    verified = json.loads(tuneforge(server, "--json", "verify", str(tmp_path / "again.tar")).stdout)
+    assert verified["ok"] and verified["checked"] == len(downloaded["files"]) - 1  # all but the manifest
 
 
 def test_watch_exits_non_zero_for_a_failed_job_and_errors_name_fields(

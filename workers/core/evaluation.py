@@ -54,6 +54,28 @@ def class_report(predictions: torch.Tensor, labels: torch.Tensor, names: list[st
     return {"per_class": report, "confusion_matrix": confusion.tolist(), "labels": names}
 
 
+CALIBRATION_BINS = 10
+
+
+def calibration(confidences: torch.Tensor, correct: torch.Tensor) -> dict[str, Any]:
+    """Expected calibration error over equal-width confidence bins (Guo et al., 2017), with the bins for a
+    reliability diagram: how often the model is right when it says it is p sure."""
+    bins = []
+    ece = 0.0
+    total = max(1, confidences.numel())
+    edges = torch.linspace(0, 1, CALIBRATION_BINS + 1)
+    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        inside = (confidences > low) & (confidences <= high) if low > 0 else (confidences <= high)
+        count = int(inside.sum())
+        if count == 0:
+            continue
+        confidence = float(confidences[inside].mean())
+        accuracy = float(correct[inside].float().mean())
+        ece += count / total * abs(accuracy - confidence)
+        bins.append({"low": low, "high": high, "count": count, "confidence": confidence, "accuracy": accuracy})
+    return {"ece": ece, "bins": bins}
+
+
 def evaluate(
     model: nn.Module,
     loader: DataLoader[Any],
@@ -65,7 +87,7 @@ def evaluate(
     """Loss (unsmoothed, unweighted), accuracy and macro-F1 over the whole validation set, with a class report."""
     model.eval()
     total_loss, count = 0.0, 0
-    predictions, labels = [], []
+    predictions, labels, confidences = [], [], []
     with torch.inference_mode():
         for batch in loader:
             batch = to_device(batch)
@@ -74,9 +96,12 @@ def evaluate(
             total_loss += float(loss_fn(logits, targets)) * targets.shape[0]
             count += targets.shape[0]
             predictions.append(logits.argmax(dim=-1).cpu())
+            confidences.append(logits.softmax(dim=-1).amax(dim=-1).cpu())
             labels.append(targets.cpu())
     model.train()
     predicted, true = torch.cat(predictions), torch.cat(labels)
     scalars = classification_metrics(predicted, true)
     metrics = {"eval_loss": total_loss / max(1, count), **{f"eval_{k}": v for k, v in scalars.items()}}
-    return Evaluation(metrics, class_report(predicted, true, label_names))
+    details = class_report(predicted, true, label_names)
+    details["calibration"] = calibration(torch.cat(confidences), predicted == true)
+    return Evaluation(metrics, details)

@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from workers.core.adapters import adapter_for
-from workers.core.artifact import write_artifact
+from workers.core.artifact import spec_to_json, write_artifact
 from workers.core.auto_tuning import apply_choices, choose_all, chosen_micro_batch, load_choices, save_choices
 from workers.core.checkpoints import write_json_atomically
 from workers.core.distributed import SINGLE, Ranks, join, leave, rank_device, share_object
@@ -32,6 +32,7 @@ from workers.core.model_cache import CACHE
 from workers.core.model_setup import adapt_model
 from workers.core.optimization import plan_steps
 from workers.core.rank_group import RankGroup
+from workers.core.report import write_report
 from workers.core.reporting import Reporter
 from workers.core.trainer import Trainer, TrainResult
 from workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
@@ -162,6 +163,8 @@ def _train_and_save(
         "stopped_early": result.stopped_early,
         "classes": result.best_details,
         "history": result.history,
+        "train_history": result.train_history,
+        "baseline": {**result.baseline_metrics, **extra_metrics},
         "steps": result.steps,
         "labels": task.labels,
     }
@@ -171,6 +174,7 @@ def _train_and_save(
     choices = load_choices(Path(job.checkpoint_dir)) or []
 
     def finish(folder: Path) -> None:
+        write_report(folder, f"jobs/{job.job}", spec_to_json(spec), metrics)
         write_manifest(folder, spec, choices, job.training_data, job.validation_data, job.job, job.attempt)
 
     model = trainer.model.cpu()

@@ -69,6 +69,10 @@ class TrainResult:
     best_step: int | None = None
     best_details: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    train_history: list[dict[str, float]] = field(default_factory=list)
+    """Training loss and learning rate at each report (the report's curves)."""
+    baseline_metrics: dict[str, float] = field(default_factory=dict)
+    """The untuned model on the validation set: what the tuning is measured against."""
     stopped_early: bool = False
 
 
@@ -207,6 +211,19 @@ class Trainer:
         their decisions cannot drift apart."""
         if not self.validation_set:
             return
+        metrics, details = self._measure()
+        self.reporter.evaluation(step, epoch, metrics)
+        self.result.final_metrics = metrics
+        self.result.history.append({"step": float(step), "epoch": float(epoch), **metrics})
+        if self.plateau is not None and self.plateau.observe(metrics[self.spec.evaluation.best_metric]):
+            self.reporter.log(
+                f"{self.spec.evaluation.best_metric} stopped improving: learning rate x{self.plateau.gamma}"
+            )
+        if step > 0:
+            self._track_best(step, metrics, details)
+
+    def _measure(self) -> tuple[dict[str, float], dict[str, Any]]:
+        """The model's metrics and details on the validation set (rank 0 measures; every rank gets the metrics)."""
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
         if self.ranks.is_main:
@@ -220,15 +237,7 @@ class Trainer:
             metrics, details = evaluation.metrics, evaluation.details
         if self.ranks.distributed:
             metrics = share_object(metrics)
-        self.reporter.evaluation(step, epoch, metrics)
-        self.result.final_metrics = metrics
-        self.result.history.append({"step": float(step), "epoch": float(epoch), **metrics})
-        if self.plateau is not None and self.plateau.observe(metrics[self.spec.evaluation.best_metric]):
-            self.reporter.log(
-                f"{self.spec.evaluation.best_metric} stopped improving: learning rate x{self.plateau.gamma}"
-            )
-        if step > 0:
-            self._track_best(step, metrics, details)
+        return metrics, details
 
     def _track_best(self, step: int, metrics: dict[str, float], details: dict[str, Any]) -> None:
         ev = self.spec.evaluation
@@ -266,6 +275,8 @@ class Trainer:
             "best_step": self.result.best_step,
             "best_details": self.result.best_details,
             "history": self.result.history,
+            "train_history": self.result.train_history,
+            "baseline_metrics": self.result.baseline_metrics,
             "without_improvement": self.evaluations_without_improvement,
             "plateau": [plateau.scale, plateau.best, plateau.bad_evaluations] if plateau else None,
             "skipped_non_finite": self.skipped_non_finite,
@@ -291,6 +302,8 @@ class Trainer:
         self.result.best_step = position["best_step"]
         self.result.best_details = position["best_details"]
         self.result.history = position["history"]
+        self.result.train_history = position.get("train_history", [])
+        self.result.baseline_metrics = position.get("baseline_metrics", {})
         self.evaluations_without_improvement = position["without_improvement"]
         self.skipped_non_finite = position.get("skipped_non_finite", 0)
         if self.plateau is not None and position["plateau"] is not None:
@@ -448,12 +461,16 @@ class Trainer:
                 f"the training loss became {mean_loss} at step {step}; lower the learning rate or enable clipping",
             )
         elapsed = time.perf_counter() - window.start
+        learning_rate = float(self.scheduler.get_last_lr()[0])
+        self.result.train_history.append(
+            {"step": float(step), "epoch": float(epoch), "loss": mean_loss, "learning_rate": learning_rate}
+        )
         self.reporter.progress(
             step=step,
             total_steps=self.plan.total_steps,
             epoch=epoch,
             loss=mean_loss,
-            learning_rate=float(self.scheduler.get_last_lr()[0]),
+            learning_rate=learning_rate,
             samples_per_second=window.samples / max(elapsed, 1e-9),
             grad_norm=float(window.grad_norm),
             window_steps=window.steps,
@@ -481,6 +498,16 @@ class Trainer:
             self.pending_rng = None
         return micro_batches
 
+    def _before_training(self, step: int) -> None:
+        """Keeps a frozen backbone's output, and at step 0 measures the untuned model (reported when asked for,
+        kept in any case as the baseline the report compares with)."""
+        self._keep_frozen_features()
+        if step > 0 or not self.validation_set:
+            return
+        if self.spec.evaluation.evaluate_before_training:
+            self._evaluate(0, 0)
+        self.result.baseline_metrics = self.result.final_metrics or self._measure()[0]
+
     def train(self) -> TrainResult:
         """The loop, top to bottom. After `resume()` it continues exactly where the checkpoint left off."""
         plan, ev = self.plan, self.spec.evaluation
@@ -490,9 +517,7 @@ class Trainer:
             f"x {plan.accumulation} accumulation on {self.device}"
         )
         step, first_epoch, skip = self.position["step"], self.position["epoch"], self.position["step_in_epoch"]
-        self._keep_frozen_features()
-        if ev.evaluate_before_training and step == 0:
-            self._evaluate(0, 0)
+        self._before_training(step)
         self.forward_model.train()
         window = LogWindow(torch.zeros((), device=self.device))
         for epoch in range(first_epoch, plan.epochs + 1):

@@ -1,0 +1,182 @@
+"""The evaluation report in every artifact: `report.html`, one self-contained page (inline SVG plots and styles, no
+scripts, nothing fetched) that a person opens to judge the model.
+
+It shows the headline metrics against the untuned model, the training-loss and validation-metric curves, and for
+classification the per-class precision, recall and F1, the confusion matrix and the calibration (expected
+calibration error and a reliability diagram); for speech recognition WER and CER with example errors.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import matplotlib
+from markupsafe import Markup
+from matplotlib.figure import Figure  # figures without pyplot: no global state, no display
+
+matplotlib.rcParams["svg.hashsalt"] = "tuneforge"  # element ids that do not change from run to run
+
+REPORT = "report.html"
+METADATA = re.compile(r"<metadata>.*?</metadata>", re.DOTALL)
+ERROR_RATES = ("eval_wer", "eval_cer", "eval_loss")
+
+TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
+    """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Tuneforge report: {{ job }}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #1d2330; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #d6dae3; }
+table { border-collapse: collapse; margin: .5rem 0; } td, th { padding: .25rem .75rem; text-align: right; }
+th { background: #eef1f6; } td:first-child, th:first-child { text-align: left; }
+.better { color: #137333; } .worse { color: #b3261e; } .meta { color: #5f6673; font-size: .9rem; }
+figure { margin: 1rem 0; } svg { max-width: 100%; height: auto; }
+</style></head>
+<body>
+<h1>{{ job }}: {{ task }} on {{ base_model }}</h1>
+<p class="meta">{{ steps }} steps; best {{ best_metric }} at step {{ best_step }}; adaptation {{ adaptation }}</p>
+<h2 id="summary">Tuned against untuned</h2>
+<table id="comparison"><tr><th>metric</th><th>untuned</th><th>tuned</th><th>change</th></tr>
+{% for row in comparison %}<tr><td>{{ row.name }}</td><td>{{ row.before }}</td><td>{{ row.after }}</td>
+<td class="{{ row.verdict }}">{{ row.change }}</td></tr>
+{% endfor %}</table>
+<h2 id="curves">Curves</h2>
+{% if loss_plot %}<figure id="loss-curve">{{ loss_plot }}<figcaption>Training loss</figcaption></figure>{% endif %}
+{% if metric_plot %}<figure id="metric-curves">{{ metric_plot }}<figcaption>Validation metrics</figcaption></figure>
+{% endif %}
+{% if per_class %}<h2 id="classes">Per class</h2>
+<table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
+{% for name, row in per_class %}<tr><td>{{ name }}</td><td>{{ "%.3f"|format(row.precision) }}</td>
+<td>{{ "%.3f"|format(row.recall) }}</td><td>{{ "%.3f"|format(row.f1) }}</td><td>{{ row.support }}</td></tr>
+{% endfor %}</table>{% endif %}
+{% if matrix_plot %}<figure id="confusion-matrix">{{ matrix_plot }}<figcaption>Confusion matrix (rows: true class,
+columns: predicted)</figcaption></figure>{% endif %}
+{% if calibration %}<h2 id="calibration">Calibration</h2>
+<p>Expected calibration error: <strong id="ece">{{ "%.4f"|format(calibration.ece) }}</strong> (0 when the model's
+confidence matches how often it is right)</p>
+<figure id="reliability">{{ reliability_plot }}<figcaption>Reliability: accuracy against confidence</figcaption>
+</figure>{% endif %}
+{% if error_examples %}<h2 id="errors">Example errors</h2>
+<table id="error-examples"><tr><th>reference</th><th>hypothesis</th></tr>
+{% for example in error_examples %}<tr><td>{{ example.reference }}</td><td>{{ example.hypothesis }}</td></tr>
+{% endfor %}</table>{% endif %}
+</body></html>
+"""
+)
+
+
+def _svg(figure: Figure) -> str:
+    """The figure as inline SVG markup (its XML prologue dropped)."""
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    text = buffer.getvalue()
+    return METADATA.sub("", text[text.index("<svg") :])  # no creation date: the same run, the same page
+
+
+def _curve(points: list[dict[str, float]], keys: list[str], ylabel: str, baseline: dict[str, float]) -> str:
+    figure = Figure(figsize=(7, 3.2))
+    axes = figure.subplots()
+    for key in keys:
+        steps = [p["step"] for p in points if key in p]
+        (line,) = axes.plot(steps, [p[key] for p in points if key in p], marker="o", markersize=3, label=key)
+        if key in baseline:
+            axes.axhline(baseline[key], linestyle=":", color=line.get_color(), label=f"{key} untuned")
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _svg(figure)
+
+
+def _matrix(matrix: list[list[int]], labels: list[str]) -> str:
+    size = max(3.0, 0.6 * len(labels) + 1.5)
+    figure = Figure(figsize=(size, size))
+    axes = figure.subplots()
+    image = axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    peak = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            axes.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    return _svg(figure)
+
+
+def _reliability(bins: list[dict[str, float]]) -> str:
+    figure = Figure(figsize=(4, 4))
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect")
+    centres = [(b["low"] + b["high"]) / 2 for b in bins]
+    axes.bar(centres, [b["accuracy"] for b in bins], width=0.09, alpha=0.7, label="accuracy")
+    axes.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label="observed")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("accuracy")
+    axes.legend(fontsize=8)
+    return _svg(figure)
+
+
+def _comparison(baseline: dict[str, float], tuned: dict[str, float]) -> list[dict[str, str]]:
+    rows = []
+    for name in sorted(set(tuned) | set(baseline)):
+        before, after = baseline.get(name), tuned.get(name)
+        change, verdict = "", ""
+        if before is not None and after is not None:
+            delta = after - before
+            lower_is_better = name in ERROR_RATES or name.endswith("loss")
+            verdict = "better" if (delta < 0) == lower_is_better and delta != 0 else ("worse" if delta else "")
+            change = f"{delta:+.4f}"
+        rows.append(
+            {
+                "name": name,
+                "before": "" if before is None else f"{before:.4f}",
+                "after": "" if after is None else f"{after:.4f}",
+                "change": change,
+                "verdict": verdict,
+            }
+        )
+    return rows
+
+
+def render_report(job: str, spec: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The report page for an artifact's metrics.json content and resolved spec."""
+    history: list[dict[str, float]] = metrics.get("history", [])
+    tuned = metrics.get("best") or metrics.get("final") or {}
+    baseline = metrics.get("baseline", {})
+    classes = metrics.get("classes") or {}
+    metric_keys = sorted({k for row in history for k in row if k.startswith("eval_") and k != "eval_loss"})
+    calibration = classes.get("calibration")
+    train_history = metrics.get("train_history", [])
+    return TEMPLATE.render(
+        job=job,
+        task=spec.get("task", ""),
+        base_model=spec.get("base_model", ""),
+        adaptation=spec.get("adaptation", {}).get("method", ""),
+        steps=metrics.get("steps", 0),
+        best_metric=spec.get("evaluation", {}).get("best_metric", ""),
+        best_step=metrics.get("best_step"),
+        comparison=_comparison(baseline, tuned),
+        loss_plot=_markup(_curve(train_history, ["loss"], "loss", {}) if train_history else ""),
+        metric_plot=_markup(_curve(history, metric_keys, "value", baseline) if metric_keys else ""),
+        per_class=sorted(classes.get("per_class", {}).items()),
+        matrix_plot=_markup(_matrix(classes["confusion_matrix"], classes["labels"]) if "labels" in classes else ""),
+        calibration=calibration,
+        reliability_plot=_markup(_reliability(calibration["bins"]) if calibration else ""),
+        error_examples=classes.get("error_examples", []),
+    )
+
+
+def _markup(svg: str) -> Markup | str:
+    """SVG made here by matplotlib goes in as markup; everything from the user is escaped by the template."""
+    return Markup(svg) if svg else ""
+
+
+def write_report(folder: Path, job: str, spec: dict[str, Any], metrics: dict[str, Any]) -> None:
+    (folder / REPORT).write_text(render_report(job, spec, metrics), encoding="utf-8")
