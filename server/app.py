@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc, sweeps_pb2, sweeps_pb2_grpc
 
-from server.auth.access import AccessFile, quotas_of
+from server.auth.access import AccessFile, quotas_of, webhooks_of
 from server.auth.interceptor import AuthInterceptor
 from server.change_feed import ChangeFeed
 from server.db import StoreRunner
@@ -40,6 +40,7 @@ from server.store.sql import SqlJobStore
 from server.store.sqlite import SqliteJobStore
 from server.sweeps import SweepController
 from server.transport import server_credentials
+from server.webhooks import WebhookNotifier, WebhookSettings, load_secret
 from workers.pool import LocalProcessPool, WorkerPool, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class RunningServer:
     metrics_endpoint: MetricsEndpoint | None
     gpus: GpuSampler
     change_feed: ChangeFeed | None = None
+    notifier: WebhookNotifier | None = None
 
     async def stop(self) -> None:
         self.readiness.cancel()
@@ -79,6 +81,8 @@ class RunningServer:
         await stopping
         await self.sweeps.stop()
         await self.scheduler.stop(self.settings.worker_stop_s)
+        if self.notifier is not None:
+            await self.notifier.close()
         if self.change_feed is not None:
             self.change_feed.stop()
         if self.metrics_endpoint is not None:
@@ -129,6 +133,17 @@ def make_pool(settings: ServerSettings) -> WorkerPool:
     return LocalProcessPool(settings.workers, worker_settings, name_prefix=prefix, visible_devices=shares)
 
 
+def webhook_settings(settings: ServerSettings) -> WebhookSettings:
+    secret_file = settings.webhook_secret_file or settings.data_dir / "webhook.key"
+    try:
+        secret = load_secret(secret_file)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"--webhook-secret-file: {exc}") from exc
+    return WebhookSettings(
+        secret, settings.webhook_allow_private, max(1, settings.webhook_max_attempts), settings.webhook_backoff_s
+    )
+
+
 def open_storage(settings: ServerSettings) -> Storage:
     """The data dir, or object storage at --storage (checked now: a wrong endpoint or bucket stops the start)."""
     if not settings.storage:
@@ -177,6 +192,8 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         kill_grace_s=settings.kill_grace_s,
     )
     scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy, metrics, quotas)
+    notifier = WebhookNotifier(webhook_settings(settings), webhooks_of(access), metrics)
+    scheduler.add_listener(notifier.on_change)
     gpus = GpuSampler()
     grpc_metrics = GrpcMetrics(metrics.registry, (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"]))
     metrics.registry.register(JobsCollector(lambda: db.call_blocking(store.count_jobs_by_state)))
@@ -227,7 +244,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     log.info("tuneforge listening on %s:%d with %d workers", settings.host, port, settings.workers)
     return RunningServer(
         server, port, scheduler, sweeps, health_servicer, store, db, settings, readiness, hub, metrics, endpoint, gpus,
-        feed,
+        feed, notifier,
     )  # fmt: skip
 
 

@@ -94,6 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--access-file", type=Path, help="TOML: hashed bearer tokens, certificate names, tenant quotas (auth on)"
     )
+    parser.add_argument(
+        "--webhook-secret-file", type=Path, help="key that signs webhooks (default: DATA_DIR/webhook.key, made once)"
+    )
+    parser.add_argument(
+        "--webhook-allow-private", action="store_true", help="let webhooks call private and loopback addresses"
+    )
+    parser.add_argument("--webhook-max-attempts", type=int, default=8, help="tries per webhook before giving up")
+    parser.add_argument("--webhook-backoff-s", type=float, default=1.0, help="first retry wait, doubling")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
     parser.add_argument("--metrics-host", help="address of the /metrics endpoint (default: --host)")
@@ -151,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         allow_plaintext=args.allow_plaintext,
         access_file=args.access_file,
+        webhook_secret_file=args.webhook_secret_file,
+        webhook_allow_private=args.webhook_allow_private,
+        webhook_max_attempts=args.webhook_max_attempts,
+        webhook_backoff_s=args.webhook_backoff_s,
         log_level=args.log_level.upper(),
         log_format=args.log_format,
     )

@@ -90,6 +90,13 @@ class ServerSettings:
     """Plaintext on an address other than loopback (behind a proxy or mesh that terminates TLS)."""
     access_file: Path | None = None
     """TOML file of hashed tokens, certificate names and quotas; None turns authentication off."""
+    webhook_secret_file: Path | None = None
+    """The key webhooks are signed with; None: `webhook.key` in the data dir, made at first start."""
+    webhook_allow_private: bool = False
+    """Let webhooks call private, loopback and link-local addresses (the server's own network)."""
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 1.0
+    """Wait before a webhook's first retry; it doubles with each retry."""
     log_level: str = "INFO"
     log_format: str = "text"
     """`text` or `json` (one object per line, with job and attempt on every job line)."""

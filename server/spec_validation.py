@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -141,6 +142,22 @@ class _Checker:
         return value
 
 
+MAX_WEBHOOKS = 5
+
+
+def _webhooks(check: _Checker, urls: list[str]) -> None:
+    """Webhook URLs must be absolute http(s) URLs; where they may point is checked when they are called."""
+    if len(urls) > MAX_WEBHOOKS:
+        check.bad("notifications.webhook_urls", f"at most {MAX_WEBHOOKS} webhooks, got {len(urls)}")
+    for index, url in enumerate(urls):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048 or parts.username:
+            check.bad(
+                f"notifications.webhook_urls[{index}]",
+                f"must be an http:// or https:// URL with a host and no credentials, at most 2048 characters: {url!r}",
+            )
+
+
 def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult:
     """Checks and converts a JobSpec; the result has a spec only when nothing is wrong."""
     check = _Checker()
@@ -162,6 +179,7 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
     if gpus and ranks != gpus:
         check.bad("resources.ranks", f"a job with {gpus} GPUs trains on {gpus} ranks (one per GPU), not {ranks}")
     priority = check.int_range("priority", spec.priority, -100, 100)
+    _webhooks(check, list(spec.notifications.webhook_urls))
     max_runtime_s = spec.resources.max_runtime.ToTimedelta().total_seconds()
     if max_runtime_s < 0 or spec.resources.max_runtime.nanos < 0:
         check.bad("resources.max_runtime", f"must not be negative, got {max_runtime_s} s")

@@ -17,6 +17,9 @@ Only SHA-256 digests of tokens are stored, so the file leaks no credential. The 
     max_running_jobs = 4
     [tenants.team-a]
     weight = 2                    # fair share: team-a gets twice team-b's workers when both wait
+
+    [webhooks]                    # called when any of the tenant's jobs ends (besides the job's own)
+    team-a = ["https://hooks.team-a.example/tuneforge"]
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class AccessConfig:
     """By certificate common name."""
     default_quota: TenantQuota = field(default_factory=TenantQuota)
     quotas: dict[str, TenantQuota] = field(default_factory=dict)
+    webhooks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Tenant -> URLs called when any of its jobs ends."""
 
     def quota(self, tenant: str) -> TenantQuota:
         return self.quotas.get(tenant, self.default_quota)
@@ -128,7 +133,15 @@ def parse_access(text: str) -> AccessConfig:
         certificates[name] = _caller(entry, f"certificates[{i}]", f"certificate {name}")
     default = _quota(data.get("default_quota", {}), TenantQuota(), "default_quota")
     quotas = {name: _quota(values, default, f"tenants.{name}") for name, values in data.get("tenants", {}).items()}
-    return AccessConfig(tokens, certificates, default, quotas)
+    webhooks = {}
+    for tenant, urls in data.get("webhooks", {}).items():
+        good = isinstance(urls, list) and all(
+            isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls
+        )
+        if not good:
+            raise AccessFileError(f"webhooks.{tenant}: must be a list of http(s) URLs")
+        webhooks[tenant] = tuple(urls)
+    return AccessConfig(tokens, certificates, default, quotas, webhooks)
 
 
 class AccessFile:
@@ -174,6 +187,13 @@ QuotaLookup = Callable[[str], TenantQuota]
 def no_quotas(tenant: str) -> TenantQuota:
     """Authentication off: no limits."""
     return TenantQuota()
+
+
+def webhooks_of(access: AccessFile | None) -> Callable[[str], tuple[str, ...]]:
+    """A tenant's webhooks as the access file says now (none without one)."""
+    if access is None:
+        return lambda tenant: ()
+    return lambda tenant: access.config.webhooks.get(tenant, ())
 
 
 def quotas_of(access: AccessFile | None) -> QuotaLookup:

@@ -123,6 +123,14 @@ class ServiceMetrics:
             "tuneforge_uploads_rejected", "Uploads refused, by reason.", ["reason"], registry=r
         )
         self.uploaded_bytes = Counter("tuneforge_uploaded_bytes", "Bytes of accepted uploads.", registry=r)
+        self.webhook_deliveries = Counter(
+            "tuneforge_webhook_deliveries",
+            "Webhook calls by outcome: delivered, retried (an attempt failed), failed (gave up), refused (address).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("delivered", "retried", "failed", "refused"):
+            self.webhook_deliveries.labels(outcome)
         # ---- what is running
         self.build_info = Gauge(
             "tuneforge_build_info",

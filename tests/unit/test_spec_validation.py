@@ -236,3 +236,12 @@ def test_augmentation_recipe_and_overrides() -> None:
     assert (augmentation.crop_scale_min, augmentation.horizontal_flip, augmentation.color_jitter) == (0.5, False, 0.0)
     spec.data.augmentation.crop_scale_min = 1.5
     assert "job.spec.data.augmentation.crop_scale_min" in fields_of(spec)
+
+
+def test_webhook_urls_must_be_http_urls_and_few() -> None:
+    spec = minimal()
+    spec.notifications.webhook_urls.extend(["https://hooks.example/a", "ftp://x/y", "https://user:pw@h/", "http:///"])
+    assert set(fields_of(spec)) == {f"job.spec.notifications.webhook_urls[{i}]" for i in (1, 2, 3)}
+    spec = minimal()
+    spec.notifications.webhook_urls.extend([f"https://hooks.example/{i}" for i in range(6)])
+    assert set(fields_of(spec)) == {"job.spec.notifications.webhook_urls"}

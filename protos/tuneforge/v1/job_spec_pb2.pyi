@@ -67,6 +67,7 @@ class JobSpec(_message.Message):
     EVALUATION_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    NOTIFICATIONS_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """What to train for."""
     base_model: _builtins.str
@@ -99,6 +100,10 @@ class JobSpec(_message.Message):
     def resources(self) -> Global___Resources:
         """What the job needs to run."""
 
+    @_builtins.property
+    def notifications(self) -> Global___Notifications:
+        """Who hears when the job ends."""
+
     def __init__(
         self,
         *,
@@ -111,14 +116,42 @@ class JobSpec(_message.Message):
         evaluation: Global___EvaluationSpec | None = ...,
         resources: Global___Resources | None = ...,
         priority: _builtins.int = ...,
+        notifications: Global___Notifications | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adaptation", b"adaptation", "data", b"data", "evaluation", b"evaluation", "head", b"head", "hyperparameters", b"hyperparameters", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adaptation", b"adaptation", "data", b"data", "evaluation", b"evaluation", "head", b"head", "hyperparameters", b"hyperparameters", "notifications", b"notifications", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptation", b"adaptation", "base_model", b"base_model", "data", b"data", "evaluation", b"evaluation", "head", b"head", "hyperparameters", b"hyperparameters", "priority", b"priority", "resources", b"resources", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptation", b"adaptation", "base_model", b"base_model", "data", b"data", "evaluation", b"evaluation", "head", b"head", "hyperparameters", b"hyperparameters", "notifications", b"notifications", "priority", b"priority", "resources", b"resources", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class Notifications(_message.Message):
+    """Webhooks called when the job reaches a terminal state (SUCCEEDED, FAILED, CANCELLED), on top of its tenant's.
+    Each call is a JSON POST signed with HMAC-SHA256 (header `Tuneforge-Signature: t=UNIX_TIME,v1=HEX` over
+    `UNIX_TIME.BODY`, with the server's webhook secret) and is retried with exponential backoff until it gets a 2xx.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_URLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def webhook_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """http(s) URLs, at most 5. Private and loopback addresses are refused unless the server allows them."""
+
+    def __init__(
+        self,
+        *,
+        webhook_urls: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook_urls", b"webhook_urls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notifications: _TypeAlias = Notifications  # noqa: Y015
 
 @_typing.final
 class DataSpec(_message.Message):
