@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
-from tuneforge.v1 import jobs_pb2
+from tuneforge.v1 import job_spec_pb2, jobs_pb2
 
 from clients.archive import extract_archive
 from clients.artifacts import REPORT, read_member, verify_artifact
@@ -151,6 +151,28 @@ def cmd_download(client: TuneforgeClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    """Texts are given as they are; images and audio clips as file paths (the job's task says which)."""
+    task = client.get_job(args.job).spec.task
+    if task == job_spec_pb2.TEXT_CLASSIFICATION:
+        predictions = client.predict(args.job, texts=args.inputs, top_k=args.top_k)
+    else:
+        blobs = [Path(path).read_bytes() for path in args.inputs]
+        if task == job_spec_pb2.IMAGE_CLASSIFICATION:
+            predictions = client.predict(args.job, images=blobs, top_k=args.top_k)
+        else:
+            predictions = client.predict(args.job, audio=blobs, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([MessageToDict(p) for p in predictions]))
+        return 0
+    table = Table("input", "prediction")
+    for given, prediction in zip(args.inputs, predictions, strict=True):
+        answer = prediction.transcript or ", ".join(f"{s.label} {s.probability:.1%}" for s in prediction.labels)
+        table.add_row(given if len(given) <= 60 else given[:57] + "...", answer)
+    out.print(table)
+    return 0
+
+
 def cmd_report(client: TuneforgeClient, args: argparse.Namespace) -> int:
     """Saves the job's evaluation report (from its artifact) as one HTML file, and opens it when asked."""
     target = Path(args.output or f"{args.job.rsplit('/', 1)[-1]}-report.html")
@@ -275,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     download = command("download", cmd_download, "download and unpack a job's model")
     download.add_argument("job")
     download.add_argument("-o", "--output", required=True, help="folder to unpack into")
+    predict = command("predict", cmd_predict, "run a finished job's model on texts, image files or audio files")
+    predict.add_argument("job")
+    predict.add_argument("inputs", nargs="+", help="texts, or paths of images or audio clips")
+    predict.add_argument("--top-k", type=int, default=3)
     report = command("report", cmd_report, "save (and open) a job's evaluation report")
     report.add_argument("job")
     report.add_argument("-o", "--output", help="HTML file to write (default: JOB-report.html here)")

@@ -381,6 +381,24 @@ class TuneforgeClient:
         )
 
     @_calls
+    def predict(
+        self,
+        name: str,
+        texts: Sequence[str] = (),
+        images: Sequence[bytes] = (),
+        audio: Sequence[bytes] = (),
+        top_k: int = 5,
+        timeout_s: float | None = None,
+    ) -> list[jobs_pb2.Prediction]:
+        """Runs a SUCCEEDED job's model: one Prediction per input (texts, encoded images or encoded audio clips)."""
+        inputs = [jobs_pb2.PredictInput(text=t) for t in texts]
+        inputs += [jobs_pb2.PredictInput(image=i) for i in images]
+        inputs += [jobs_pb2.PredictInput(audio=a) for a in audio]
+        request = jobs_pb2.PredictRequest(name=name, inputs=inputs, top_k=top_k)
+        response = self.jobs.Predict(request, timeout=timeout_s or self.timeout_s)
+        return list(response.predictions)
+
+    @_calls
     def download_artifact(self, name: str, destination: Path) -> jobs_pb2.Artifact:
         """Writes the job's artifact tar to destination and checks its SHA-256."""
         artifact = jobs_pb2.Artifact()

@@ -30,6 +30,7 @@ from server.metrics.grpc_metrics import GrpcMetrics
 from server.metrics.service_metrics import ServiceMetrics
 from server.metrics.snapshots import JobsCollector, PoolCollector, StorageCollector
 from server.object_storage import ObjectStorage
+from server.predictions import Predictions
 from server.scheduler import Scheduler, SchedulerPolicy
 from server.servicers.files import FileServicer
 from server.servicers.jobs import JobServicer
@@ -192,6 +193,8 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         kill_grace_s=settings.kill_grace_s,
     )
     scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy, metrics, quotas)
+    predictions = Predictions(scheduler.send_prediction, scheduler.prediction_worker, metrics)
+    scheduler.prediction_events = predictions
     notifier = WebhookNotifier(webhook_settings(settings), webhooks_of(access), metrics)
     scheduler.add_listener(notifier.on_change)
     gpus = GpuSampler()
@@ -217,7 +220,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     jobs = JobFactory(store, db, hub, scheduler, metrics)
     sweeps = SweepController(store, db, scheduler, jobs, hub, roots)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(
-        JobServicer(store, db, storage, scheduler, hub, roots, jobs, quotas), server
+        JobServicer(store, db, storage, scheduler, hub, roots, jobs, predictions, quotas), server
     )
     sweeps_pb2_grpc.add_SweepServiceServicer_to_server(SweepServicer(store, db, hub, sweeps, scheduler, quotas), server)
     health_servicer = health.aio.HealthServicer()

@@ -76,6 +76,9 @@ class ObjectStorage:
     def has_artifact(self, job_id: str) -> bool:
         return bool(self.fs.exists(self._path("artifacts", f"{job_id}.tar")))
 
+    def artifact_location(self, job_id: str) -> str:
+        return self._url("artifacts", f"{job_id}.tar")
+
     def read_artifact(self, job_id: str) -> Iterator[bytes]:
         return self._read(self._path("artifacts", f"{job_id}.tar"))
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from tuneforge.v1 import job_spec_pb2
 
@@ -50,6 +51,8 @@ from workers.messages import (
     JobStarted,
     LogEmitted,
     Outcome,
+    PredictBatch,
+    PredictionsReady,
     RunJob,
     Severity,
     TrainingProgress,
@@ -63,6 +66,11 @@ log = logging.getLogger(__name__)
 
 
 JobListener = Callable[[JobRecord, list[EventRecord]], None]
+
+
+class PredictionEvents(Protocol):
+    def on_ready(self, event: PredictionsReady) -> None: ...
+    def on_worker_lost(self, worker: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,8 @@ class Scheduler:
         self._stopping = False
         self._listeners: list[JobListener] = []
         self.all_ready = asyncio.Event()
+        self.prediction_events: PredictionEvents | None = None
+        """Where PredictionsReady events and worker losses go (the Predict batcher)."""
 
     def worker_views(self) -> list[WorkerView]:
         """The pool as it is now, for metrics (safe to call from any thread: it copies the slots first)."""
@@ -289,6 +299,15 @@ class Scheduler:
                 turns.append((active / quota.weight, served, -head.priority, head.order, head.tenant))
         return min(turns)[-1] if turns else None
 
+    def prediction_worker(self) -> str | None:
+        """A ready worker for a prediction batch: an idle one first (the same one, so its loaded models get used)."""
+        ready = [(slot.state != "idle", name) for name, slot in self._slots.items() if slot.state in ("idle", "busy")]
+        return min(ready)[1] if ready else None
+
+    def send_prediction(self, worker: str, command: PredictBatch) -> None:
+        """KeyError when the worker cannot be reached."""
+        self._pool.send(worker, command)
+
     def gpus_per_worker(self) -> int | None:
         """The most GPUs one worker has; None until every worker has said which device it has."""
         slots = list(dict(self._slots).values())
@@ -412,7 +431,12 @@ class Scheduler:
                     self.all_ready.set()
                 await self.dispatch()
             case WorkerDied():
+                if self.prediction_events is not None:
+                    self.prediction_events.on_worker_lost(event.worker)
                 await self._worker_died(event)
+            case PredictionsReady():
+                if self.prediction_events is not None:
+                    self.prediction_events.on_ready(event)
             case JobFinished():
                 await self._job_finished(event)
             case _:

@@ -85,6 +85,9 @@ class Storage(Protocol):
         """Makes the attempt's artifact the job's (only the attempt that still holds the job gets here)."""
 
     def has_artifact(self, job_id: str) -> bool: ...
+    def artifact_location(self, job_id: str) -> str:
+        """What a worker opens to read the job's artifact (Predict)."""
+
     def read_artifact(self, job_id: str) -> Iterator[bytes]: ...
     def delete_work_dir(self, job_id: str, attempt: int) -> None: ...
     def delete_work(self, job_id: str) -> None: ...
@@ -130,6 +133,9 @@ class LocalStorage:
 
     def has_artifact(self, job_id: str) -> bool:
         return self.artifact_path(job_id).exists()
+
+    def artifact_location(self, job_id: str) -> str:
+        return str(self.artifact_path(job_id))
 
     def read_artifact(self, job_id: str) -> Iterator[bytes]:
         return self.read_chunks(self.artifact_path(job_id))

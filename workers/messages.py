@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from workers.spec import TrainingSpec
 
@@ -57,7 +58,21 @@ class Shutdown:
     """Finish (or abandon) the current job and exit."""
 
 
-WorkerCommand = RunJob | CancelJob | Shutdown
+@dataclass(frozen=True)
+class PredictBatch:
+    """Run a finished job's model on inputs (several callers' at once); answered by PredictionsReady."""
+
+    batch: int
+    job: str
+    artifact: str
+    """Where the artifact lies (a path, or an object-storage URL)."""
+    artifact_sha256: str
+    inputs: list[tuple[str, str | bytes]]
+    """(kind, value): ("text", str), ("image", bytes) or ("audio", bytes)."""
+    top_k: int
+
+
+WorkerCommand = RunJob | CancelJob | Shutdown | PredictBatch
 
 # ---------------------------------------------------------------- events: worker -> server
 
@@ -213,4 +228,19 @@ JobEvent = (
     | AutoChosen
     | JobFinished
 )
-WorkerEvent = WorkerReady | WorkerDied | JobEvent
+
+
+@dataclass(frozen=True)
+class PredictionsReady:
+    """The answers to a PredictBatch, one per input in order ({"labels": [(label, p)...]}, {"transcript": ...} or
+    {"error": why}); or, with error_reason set, why the whole batch failed."""
+
+    worker: str
+    batch: int
+    results: list[dict[str, Any]]
+    error_reason: str = ""
+    error_message: str = ""
+    forward_passes: int = 0
+
+
+WorkerEvent = WorkerReady | WorkerDied | JobEvent | PredictionsReady

@@ -69,6 +69,8 @@ class WorkerSettings:
     """fsspec options for object storage (`endpoint_url`...); credentials come from the environment."""
     scratch_dir: str = ""
     """Where a worker unpacks jobs whose data lives in object storage; empty: the system's temp dir."""
+    predict_cache_models: int = 2
+    """Finished jobs' models a worker keeps loaded for Predict (the least recently used goes first)."""
     visible_devices: str | None = None
     """CUDA_VISIBLE_DEVICES for this worker (its share of the machine's GPUs); None leaves it as inherited."""
 

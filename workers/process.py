@@ -11,10 +11,13 @@ import logging
 import os
 import queue
 import socket
+import tempfile
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from workers.logs import INTERNAL_MARK, configure_logging, current_job, job_context
@@ -24,6 +27,7 @@ from workers.messages import (
     JobFinished,
     LogEmitted,
     Outcome,
+    PredictBatch,
     RunJob,
     Severity,
     Shutdown,
@@ -115,8 +119,14 @@ class StopRegistry:
             self._flags.pop((job, attempt), None)
 
 
-def _read_commands(conn: Connection, inbox: queue.Queue[WorkerCommand], stops: StopRegistry) -> None:
-    """Reader thread: cancels act at once, everything else queues for the main loop."""
+def _read_commands(
+    conn: Connection,
+    inbox: queue.Queue[WorkerCommand],
+    stops: StopRegistry,
+    predict: Callable[[PredictBatch], None],
+) -> None:
+    """Reader thread: cancels act at once, predictions go to their own thread, everything else queues for the
+    main loop."""
     while True:
         try:
             command: WorkerCommand = conn.recv()
@@ -127,6 +137,8 @@ def _read_commands(conn: Connection, inbox: queue.Queue[WorkerCommand], stops: S
             os._exit(0)
         if isinstance(command, CancelJob):
             stops.request_stop(command.job, command.attempt, command.checkpoint_first)
+        elif isinstance(command, PredictBatch):
+            predict(command)
         else:
             inbox.put(command)
         if isinstance(command, Shutdown):
@@ -198,6 +210,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     from workers.core.adapters import import_all_adapters
     from workers.core.device import configure_torch, gpu_identity, select_device
     from workers.core.model_cache import configure
+    from workers.core.prediction import ModelCache, PredictionServer
 
     import_all_adapters()
     configure(settings.model_cache_mb * 2**20)
@@ -207,7 +220,10 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     logging.getLogger().addHandler(JobLogForwarder(outbox, worker))
     inbox: queue.Queue[WorkerCommand] = queue.Queue()
     stops = StopRegistry()
-    threading.Thread(target=_read_commands, args=(conn, inbox, stops), daemon=True, name="commands").start()
+    cache = ModelCache(settings.predict_cache_models, Path(tempfile.mkdtemp(prefix=f"{worker}-models-")), {})
+    predictions = PredictionServer(worker, outbox.send, cache)
+    reader_args = (conn, inbox, stops, predictions.submit)
+    threading.Thread(target=_read_commands, args=reader_args, daemon=True, name="commands").start()
     gpu_uuid, gpu_name = gpu_identity(device)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     ready = WorkerReady(worker, os.getpid(), str(device), gpu_uuid, gpu_name, gpus, worker_host())

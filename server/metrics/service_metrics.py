@@ -131,6 +131,15 @@ class ServiceMetrics:
         )
         for outcome in ("delivered", "retried", "failed", "refused"):
             self.webhook_deliveries.labels(outcome)
+        self.prediction_inputs = Counter(
+            "tuneforge_prediction_inputs", "Inputs sent to workers by Predict.", registry=r
+        )
+        self.prediction_batches = Counter(
+            "tuneforge_prediction_batches", "Batches of Predict calls sent to workers.", registry=r
+        )
+        self.prediction_forward_passes = Counter(
+            "tuneforge_prediction_forward_passes", "Forward passes workers ran for Predict.", registry=r
+        )
         # ---- what is running
         self.build_info = Gauge(
             "tuneforge_build_info",

@@ -22,6 +22,8 @@ from server.job_factory import JobFactory
 from server.job_states import TERMINAL, JobState
 from server.names import parse_name
 from server.pagination import make_token, parse_page
+from server.predict_inputs import check_predict_inputs
+from server.predictions import Predictions
 from server.records import JobRecord
 from server.scheduler import Scheduler
 from server.servicers.errors import streaming, unary
@@ -32,6 +34,9 @@ from server.storage import Storage
 from server.store.base import JobStore
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs)
+
+
+DEFAULT_PREDICT_TIMEOUT_S = 60.0
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -46,8 +51,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         hub: EventHub,
         model_roots: list[Path],
         jobs: JobFactory,
+        predictions: Predictions,
         quotas: QuotaLookup = no_quotas,
     ):
+        self._predictions = predictions
         self._jobs = jobs
         self._quotas = quotas
         self._store = store
@@ -177,6 +184,36 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         yield jobs_pb2.DownloadArtifactResponse(artifact=convert.job_to_proto(record).artifact)
         for chunk in self._storage.read_artifact(record.id):
             yield jobs_pb2.DownloadArtifactResponse(chunk=chunk)
+
+    @unary
+    async def Predict(self, request: jobs_pb2.PredictRequest, context: Context) -> jobs_pb2.PredictResponse:
+        record = await self._get(request.name)
+        if record.state is not JobState.SUCCEEDED or not record.artifact_sha256:
+            raise failed_precondition(
+                "MODEL_NOT_READY",
+                f"{request.name} is {record.state.value}; only a SUCCEEDED job's model answers",
+                state=record.state.value,
+            )
+        task = job_spec_pb2.JobSpec.FromString(record.spec).task
+        inputs = check_predict_inputs(request, task)
+        remaining = context.time_remaining()
+        timeout_s = DEFAULT_PREDICT_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+        location = self._storage.artifact_location(record.id)
+        answers = await self._predictions.predict(
+            record.id, location, record.artifact_sha256, inputs, request.top_k or 5, timeout_s
+        )
+        bad = [FieldViolation(f"inputs[{i}]", a["error"]) for i, a in enumerate(answers) if "error" in a]
+        if bad:
+            raise invalid_argument(bad, "INVALID_INPUT")
+        return jobs_pb2.PredictResponse(
+            predictions=[
+                jobs_pb2.Prediction(
+                    labels=[jobs_pb2.LabelScore(label=label, probability=p) for label, p in a.get("labels", [])],
+                    transcript=a.get("transcript", ""),
+                )
+                for a in answers
+            ]
+        )
 
     async def _get(self, name: str, field: str = "name") -> JobRecord:
         return visible(await self._db.call(self._store.get_job, parse_name(name, "jobs", field)), name)

@@ -111,5 +111,5 @@ def test_transport_settings(tmp_path: Path) -> None:
 def test_tenant_webhooks() -> None:
     config = parse_access('[webhooks]\nteam-a = ["https://hooks.example/a", "http://10.1.2.3/b"]\n')
     assert config.webhooks == {"team-a": ("https://hooks.example/a", "http://10.1.2.3/b")}
-    with pytest.raises(AccessFileError, match="webhooks.team-b: must be a list of http"):
+    with pytest.raises(AccessFileError, match=r"webhooks\.team-b: must be a list of http"):
         parse_access('[webhooks]\nteam-b = "ftp://x"\n')

@@ -86,6 +86,11 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_v1_dot_jobs__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_jobs__pb2.DownloadArtifactResponse.FromString,
                 _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/tuneforge.v1.JobService/Predict',
+                request_serializer=tuneforge_dot_v1_dot_jobs__pb2.PredictRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_jobs__pb2.PredictResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -168,6 +173,16 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Predict(self, request, context):
+        """Runs a SUCCEEDED job's model on inputs of its modality: top-k labels with probabilities, or transcripts for
+        speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+        recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
+        another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +235,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=tuneforge_dot_v1_dot_jobs__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_jobs__pb2.DownloadArtifactResponse.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=tuneforge_dot_v1_dot_jobs__pb2.PredictRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_jobs__pb2.PredictResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +513,33 @@ class JobService:
             '/tuneforge.v1.JobService/DownloadArtifact',
             tuneforge_dot_v1_dot_jobs__pb2.DownloadArtifactRequest.SerializeToString,
             tuneforge_dot_v1_dot_jobs__pb2.DownloadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/Predict',
+            tuneforge_dot_v1_dot_jobs__pb2.PredictRequest.SerializeToString,
+            tuneforge_dot_v1_dot_jobs__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,

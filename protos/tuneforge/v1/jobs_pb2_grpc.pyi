@@ -65,6 +65,12 @@ class JobServiceStub:
     """Downloads the artifact of a SUCCEEDED job (server streaming): first its metadata, then chunks of a tar archive
     holding a `save_pretrained` model folder, `metrics.json` and `job_spec.json`.
     """
+    Predict: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.PredictRequest, _jobs_pb2.PredictResponse]
+    """Runs a SUCCEEDED job's model on inputs of its modality: top-k labels with probabilities, or transcripts for
+    speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+    recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
+    another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -101,6 +107,12 @@ class JobServiceAsyncStub(JobServiceStub):
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_jobs_pb2.DownloadArtifactRequest, _jobs_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """Downloads the artifact of a SUCCEEDED job (server streaming): first its metadata, then chunks of a tar archive
     holding a `save_pretrained` model folder, `metrics.json` and `job_spec.json`.
+    """
+    Predict: _aio.UnaryUnaryMultiCallable[_jobs_pb2.PredictRequest, _jobs_pb2.PredictResponse]  # type: ignore[assignment]
+    """Runs a SUCCEEDED job's model on inputs of its modality: top-k labels with probabilities, or transcripts for
+    speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+    recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
+    another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -195,6 +207,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_jobs_pb2.DownloadArtifactResponse], _abc.AsyncIterator[_jobs_pb2.DownloadArtifactResponse]]:
         """Downloads the artifact of a SUCCEEDED job (server streaming): first its metadata, then chunks of a tar archive
         holding a `save_pretrained` model folder, `metrics.json` and `job_spec.json`.
+        """
+
+    @_abc_1.abstractmethod
+    def Predict(
+        self,
+        request: _jobs_pb2.PredictRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.PredictResponse, _abc.Awaitable[_jobs_pb2.PredictResponse]]:
+        """Runs a SUCCEEDED job's model on inputs of its modality: top-k labels with probabilities, or transcripts for
+        speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+        recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
+        another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

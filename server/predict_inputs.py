@@ -1,0 +1,40 @@
+"""What a Predict call may carry: 1 to 64 inputs, each of the job's modality, within size limits."""
+
+from __future__ import annotations
+
+from tuneforge.v1 import job_spec_pb2, jobs_pb2
+
+from server.errors import FieldViolation, invalid_argument
+
+MAX_INPUTS = 64
+MAX_TEXT_CHARS = 100_000
+MODALITY = {
+    job_spec_pb2.TEXT_CLASSIFICATION: "text",
+    job_spec_pb2.IMAGE_CLASSIFICATION: "image",
+    job_spec_pb2.AUDIO_CLASSIFICATION: "audio",
+    job_spec_pb2.SPEECH_RECOGNITION: "audio",
+}
+
+
+def check_predict_inputs(request: jobs_pb2.PredictRequest, task: int) -> list[tuple[str, str | bytes]]:
+    """The inputs as (kind, value) pairs; INVALID_ARGUMENT naming every input of the wrong kind."""
+    wanted = MODALITY[job_spec_pb2.Task.ValueType(task)]
+    violations = []
+    if not 1 <= len(request.inputs) <= MAX_INPUTS:
+        violations.append(FieldViolation("inputs", f"give 1 to {MAX_INPUTS} inputs, got {len(request.inputs)}"))
+    if request.top_k < 0:
+        violations.append(FieldViolation("top_k", f"must not be negative, got {request.top_k}"))
+    inputs: list[tuple[str, str | bytes]] = []
+    for index, item in enumerate(request.inputs):
+        kind = item.WhichOneof("content")
+        value: str | bytes = getattr(item, kind) if kind else b""
+        if kind != wanted:
+            violations.append(FieldViolation(f"inputs[{index}]", f"this job's model takes {wanted}, not {kind}"))
+        elif not value:
+            violations.append(FieldViolation(f"inputs[{index}]", f"the {wanted} is empty"))
+        elif isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+            violations.append(FieldViolation(f"inputs[{index}]", f"longer than {MAX_TEXT_CHARS} characters"))
+        inputs.append((wanted, value))
+    if violations:
+        raise invalid_argument(violations)
+    return inputs

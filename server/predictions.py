@@ -1,0 +1,144 @@
+"""Predict calls, batched: calls for the same model that arrive within a few milliseconds of each other (or fill a
+batch) go to one worker as one PredictBatch, so fifty concurrent calls cost a handful of forward passes.
+
+Each call waits for its own answers until its deadline; a batch whose worker dies fails its calls with UNAVAILABLE.
+The worker is chosen among the ready ones, idle ones first (a busy worker answers on a side thread while it trains).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from server.errors import ApiError
+from server.metrics.service_metrics import ServiceMetrics
+from workers.messages import PredictBatch, PredictionsReady
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_INPUTS = 64
+GATHER_S = 0.01
+"""How long the first call of a batch waits for others to join it."""
+
+
+@dataclass
+class _Call:
+    inputs: list[tuple[str, str | bytes]]
+    top_k: int
+    answer: asyncio.Future[list[dict[str, Any]]]
+
+
+@dataclass
+class _Gathering:
+    """Calls for one model waiting to be sent together."""
+
+    artifact: str
+    calls: list[_Call] = field(default_factory=list)
+    size: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _InFlight:
+    worker: str
+    calls: list[_Call]
+
+
+class Predictions:
+    """Gathers calls per model, sends batches to workers, and hands each call its answers."""
+
+    def __init__(
+        self,
+        send: Callable[[str, PredictBatch], None],
+        pick_worker: Callable[[], str | None],
+        metrics: ServiceMetrics,
+    ):
+        self._send = send
+        self._pick_worker = pick_worker
+        self._metrics = metrics
+        self._gathering: dict[tuple[str, str], _Gathering] = {}
+        self._in_flight: dict[int, _InFlight] = {}
+        self._ids = itertools.count(1)
+
+    async def predict(
+        self, job: str, artifact: str, sha256: str, inputs: list[tuple[str, str | bytes]], top_k: int, timeout_s: float
+    ) -> list[dict[str, Any]]:
+        """This call's answers, in order. ApiError: DEADLINE_EXCEEDED, UNAVAILABLE, or the batch's failure."""
+        loop = asyncio.get_running_loop()
+        call = _Call(inputs, top_k, loop.create_future())
+        key = (job, sha256)
+        gathering = self._gathering.setdefault(key, _Gathering(artifact))
+        gathering.calls.append(call)
+        gathering.size += len(inputs)
+        if gathering.size >= MAX_BATCH_INPUTS:
+            self._flush(key)
+        elif gathering.timer is None:
+            gathering.timer = loop.call_later(GATHER_S, self._flush, key)
+        try:
+            return await asyncio.wait_for(asyncio.shield(call.answer), timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the prediction did not finish in time"
+            ) from None
+
+    def _flush(self, key: tuple[str, str]) -> None:
+        gathering = self._gathering.pop(key, None)
+        if gathering is None:
+            return
+        if gathering.timer is not None:
+            gathering.timer.cancel()
+        calls = [call for call in gathering.calls if not call.answer.done()]
+        if not calls:
+            return
+        worker = self._pick_worker()
+        if worker is None:
+            self._fail(calls, ApiError(grpc.StatusCode.UNAVAILABLE, "NO_WORKER", "no worker is ready to predict"))
+            return
+        batch_id = next(self._ids)
+        inputs = [item for call in calls for item in call.inputs]
+        command = PredictBatch(batch_id, key[0], gathering.artifact, key[1], inputs, max(c.top_k for c in calls))
+        self._in_flight[batch_id] = _InFlight(worker, calls)
+        try:
+            self._send(worker, command)
+        except KeyError as exc:
+            self._in_flight.pop(batch_id, None)
+            self._fail(calls, ApiError(grpc.StatusCode.UNAVAILABLE, "WORKER_UNREACHABLE", str(exc)))
+            return
+        self._metrics.prediction_batches.inc()
+        self._metrics.prediction_inputs.inc(len(inputs))
+
+    def on_ready(self, event: PredictionsReady) -> None:
+        """A worker's answers: each call gets its slice (or the batch's error)."""
+        flight = self._in_flight.pop(event.batch, None)
+        if flight is None:
+            return
+        self._metrics.prediction_forward_passes.inc(event.forward_passes)
+        if event.error_reason:
+            self._fail(flight.calls, ApiError(grpc.StatusCode.INTERNAL, event.error_reason, event.error_message))
+            return
+        offset = 0
+        for call in flight.calls:
+            answers = event.results[offset : offset + len(call.inputs)]
+            offset += len(call.inputs)
+            if not call.answer.done():
+                k = call.top_k
+                call.answer.set_result([{**a, "labels": a["labels"][:k]} if "labels" in a else a for a in answers])
+
+    def on_worker_lost(self, worker: str) -> None:
+        for batch_id, flight in list(self._in_flight.items()):
+            if flight.worker == worker:
+                del self._in_flight[batch_id]
+                message = f"{worker} was lost while predicting; try again"
+                self._fail(flight.calls, ApiError(grpc.StatusCode.UNAVAILABLE, "WORKER_LOST", message))
+
+    @staticmethod
+    def _fail(calls: list[_Call], error: ApiError) -> None:
+        for call in calls:
+            if not call.answer.done():
+                call.answer.set_exception(error)

@@ -1,0 +1,111 @@
+"""Predict through the server: the same labels and probabilities as the artifact loaded with plain transformers;
+fifty concurrent calls batched into fewer forward passes, every one answered; wrong inputs refused precisely."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from clients.client import TuneforgeClient, TuneforgeError
+from clients.local_server import LocalServer
+from tests.integration.helpers import STATE, long_spec, sample, scrape, text_spec, wait_for_end
+from tests.tiny import keyword_rows
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(server: LocalServer, dataset_file: str, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    with TuneforgeClient(server.target, timeout_s=30) as client:
+        job = client.create_job(text_spec(tiny_bert, dataset_file, epochs=10))
+        assert wait_for_end(client, job.name).state == STATE.SUCCEEDED
+        return job.name
+
+
+def local_predictions(client: TuneforgeClient, job: str, texts: list[str], folder: Path) -> list[tuple[str, float]]:
+    client.download_artifact(job, folder / "artifact.tar")
+    with tarfile.open(folder / "artifact.tar") as tar:
+        tar.extractall(folder / "model", filter="data")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(folder / "model", use_safetensors=True).eval()
+    with torch.inference_mode():
+        probabilities = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    best = probabilities.max(dim=-1)
+    return [(model.config.id2label[int(i)], float(p)) for p, i in zip(best.values, best.indices, strict=True)]
+
+
+def test_predict_matches_the_artifact_loaded_locally(
+    client: TuneforgeClient, trained: str, tmp_path: Path
+) -> None:
+    texts = [row["text"] for row in keyword_rows(9, seed=42)]
+    predictions = client.predict(trained, texts=texts, top_k=2)
+    expected = local_predictions(client, trained, texts, tmp_path)
+    assert [(p.labels[0].label, round(p.labels[0].probability, 4)) for p in predictions] == [
+        (label, round(probability, 4)) for label, probability in expected
+    ]
+    assert all(len(p.labels) == 2 and p.labels[0].probability >= p.labels[1].probability for p in predictions)
+
+
+def test_fifty_concurrent_calls_are_batched_and_all_answered(
+    server: LocalServer, client: TuneforgeClient, trained: str
+) -> None:
+    texts = [row["text"] for row in keyword_rows(50, seed=7)]
+    reference = {p.labels[0].label for p in client.predict(trained, texts=texts[:3])}
+    assert reference
+    assert server.metrics_url is not None
+    _, before = scrape(server.metrics_url)
+
+    def call(text: str) -> str:
+        with TuneforgeClient(server.target, timeout_s=60) as own:
+            return own.predict(trained, texts=[text], top_k=1)[0].labels[0].label
+
+    with ThreadPoolExecutor(50) as threads:
+        answers = list(threads.map(call, texts))
+    _, after = scrape(server.metrics_url)
+    assert len(answers) == 50 and all(answers)
+    batched = client.predict(trained, texts=texts, top_k=1)  # one call with all 50 gives the same labels
+    assert answers == [p.labels[0].label for p in batched]
+    passes = sample(after, "tuneforge_prediction_forward_passes_total") - sample(
+        before, "tuneforge_prediction_forward_passes_total"
+    )
+    calls = sample(after, "tuneforge_prediction_inputs_total") - sample(before, "tuneforge_prediction_inputs_total")
+    assert calls == 50
+    assert 1 <= passes < 50, f"{passes} forward passes for 50 calls"
+
+
+def test_wrong_inputs_and_unfinished_jobs_are_refused(
+    client: TuneforgeClient, trained: str, dataset_file: str, tiny_bert: Path
+) -> None:
+    with pytest.raises(TuneforgeError) as raised:
+        client.predict(trained, texts=["fine"], images=[b"\x89PNG not really"])
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "takes text, not image" in raised.value.field_violations["inputs[1]"]
+    with pytest.raises(TuneforgeError) as raised:
+        client.predict(trained, texts=[])
+    assert raised.value.field_violations["inputs"].startswith("give 1 to 64 inputs")
+    running = client.create_job(long_spec(tiny_bert, dataset_file))
+    try:
+        with pytest.raises(TuneforgeError) as raised:
+            client.predict(running.name, texts=["too early"])
+        assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_READY")
+    finally:
+        client.cancel_job(running.name)
+
+
+def test_predict_from_the_command_line(server: LocalServer, trained: str) -> None:
+    command = [sys.executable, "-m", "clients.cli", "--server", server.target, "--json", "predict", trained]
+    command += ["goal match team", "bank stock profit"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert [a["labels"][0]["label"] for a in answers] == ["sport", "finance"]

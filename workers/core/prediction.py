@@ -1,0 +1,212 @@
+"""Predictions from a finished job's artifact, in the worker: load the model once (a small LRU keeps the recently
+used ones), turn raw inputs into the model's inputs exactly as evaluation did, and run each batch in as few
+forward passes as the batch size allows.
+
+A thread of its own serves them, so a worker answers predictions while it trains.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import queue
+import shutil
+import tarfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from workers.core.artifact import load_artifact_model
+from workers.core.audio import crop_or_pad, load_mono
+from workers.core.errors import InvalidDataset
+from workers.core.speech_adapter import normalise
+from workers.messages import PredictBatch, PredictionsReady, WorkerEvent
+from workers.remote_storage import filesystem, is_remote
+from workers.spec import TaskKind
+
+log = logging.getLogger(__name__)
+
+MAX_FORWARD_ROWS = 64
+DEFAULT_CLIP_SECONDS = 10.0
+
+
+@dataclass
+class LoadedModel:
+    """One artifact, ready to answer."""
+
+    task: TaskKind
+    model: Any
+    processor: Any
+    labels: list[str]
+    data: dict[str, Any]
+    """The spec's data settings (sequence length, clip length) as training used them."""
+
+    def inputs(self, items: list[tuple[str, Any]]) -> dict[str, torch.Tensor]:
+        """The model's inputs for raw items (all of this model's modality), batched and padded."""
+        match self.task:
+            case TaskKind.TEXT_CLASSIFICATION:
+                texts = [str(value) for _, value in items]
+                limit = self.data.get("max_sequence_length") or 512
+                encoded = self.processor(texts, truncation=True, max_length=limit, padding=True, return_tensors="pt")
+                return dict(encoded)
+            case TaskKind.IMAGE_CLASSIFICATION:
+                images = [_image(value) for _, value in items]
+                return {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
+            case TaskKind.AUDIO_CLASSIFICATION:
+                rate = int(self.processor.sampling_rate)
+                length = int((self.data.get("clip_seconds") or DEFAULT_CLIP_SECONDS) * rate)
+                waves = [crop_or_pad(_wave(value, rate), length, False, None).numpy() for _, value in items]
+                features = self.processor(waves, sampling_rate=rate, return_tensors="pt")
+                return dict(features)
+            case TaskKind.SPEECH_RECOGNITION:
+                rate = int(self.processor.feature_extractor.sampling_rate)
+                waves = [_wave(value, rate).numpy() for _, value in items]
+                features = self.processor.feature_extractor(
+                    waves, sampling_rate=rate, return_tensors="pt", padding=True, return_attention_mask=True
+                )
+                return dict(features)
+        raise ValueError(f"unknown task {self.task}")
+
+    def answer(self, items: list[tuple[str, Any]], top_k: int) -> list[dict[str, Any]]:
+        """One forward pass over the items (the caller keeps batches small enough)."""
+        with torch.inference_mode():
+            logits = self.model(**self.inputs(items)).logits.float()
+        if self.task is TaskKind.SPEECH_RECOGNITION:
+            texts = self.processor.tokenizer.batch_decode(logits.argmax(dim=-1))
+            return [{"transcript": normalise(text)} for text in texts]
+        probabilities = logits.softmax(dim=-1)
+        k = min(max(1, top_k), probabilities.shape[-1])
+        values, indices = probabilities.topk(k, dim=-1)
+        return [
+            {"labels": [(self.labels[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)]}
+            for row_p, row_i in zip(values, indices, strict=True)
+        ]
+
+
+def _image(value: bytes) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(value)) as image:
+            return image.convert("RGB")
+    except Exception as exc:
+        raise InvalidDataset(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def _wave(value: bytes, rate: int) -> torch.Tensor:
+    return load_mono(io.BytesIO(value), "the audio input", rate)
+
+
+def load_model(folder: Path) -> LoadedModel:
+    """The artifact folder's model and processor, by the task its job_spec.json names."""
+    from transformers import (
+        AutoFeatureExtractor,
+        AutoImageProcessor,
+        AutoModelForAudioClassification,
+        AutoModelForCTC,
+        AutoModelForImageClassification,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    spec = json.loads((folder / "job_spec.json").read_text())
+    task = TaskKind(spec["task"])
+    safe = {"use_safetensors": True, "trust_remote_code": False}
+    model: Any
+    match task:
+        case TaskKind.TEXT_CLASSIFICATION:
+            model, processor = load_artifact_model(folder), AutoTokenizer.from_pretrained(str(folder))
+        case TaskKind.IMAGE_CLASSIFICATION:
+            model = AutoModelForImageClassification.from_pretrained(str(folder), **safe)
+            processor = AutoImageProcessor.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
+        case TaskKind.AUDIO_CLASSIFICATION:
+            model = AutoModelForAudioClassification.from_pretrained(str(folder), **safe)
+            processor = AutoFeatureExtractor.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
+        case TaskKind.SPEECH_RECOGNITION:
+            model = AutoModelForCTC.from_pretrained(str(folder), **safe)
+            processor = AutoProcessor.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
+    model.eval()
+    classifies = task is not TaskKind.SPEECH_RECOGNITION
+    labels = [model.config.id2label[i] for i in range(len(model.config.id2label))] if classifies else []
+    return LoadedModel(task, model, processor, labels, spec.get("data", {}))
+
+
+class ModelCache:
+    """The few most recently used artifacts, unpacked and loaded; the least recently used goes first."""
+
+    def __init__(self, capacity: int, folder: Path, storage_options: dict[str, Any]):
+        self._capacity = max(1, capacity)
+        self._folder = folder
+        self._options = storage_options
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    def get(self, artifact: str, sha256: str) -> LoadedModel:
+        if sha256 in self._models:
+            self._models.move_to_end(sha256)
+            return self._models[sha256]
+        unpacked = self._unpack(artifact, self._folder / sha256)
+        loaded = load_model(unpacked)
+        self._models[sha256] = loaded
+        while len(self._models) > self._capacity:
+            evicted, _ = self._models.popitem(last=False)
+            shutil.rmtree(self._folder / evicted, ignore_errors=True)
+        return loaded
+
+    def _unpack(self, artifact: str, target: Path) -> Path:
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        local = Path(artifact)
+        if is_remote(artifact):
+            fs, path = filesystem(artifact, self._options)
+            local = target / "artifact.tar"
+            fs.get_file(path, str(local))
+        with tarfile.open(local) as tar:
+            tar.extractall(target / "model", filter="data")  # written by a worker; the filter guards anyway
+        return target / "model"
+
+
+class PredictionServer:
+    """Answers PredictBatch commands on its own thread, in arrival order."""
+
+    def __init__(self, worker: str, send: Callable[[WorkerEvent], None], cache: ModelCache):
+        self._worker = worker
+        self._send = send
+        self._cache = cache
+        self._queue: queue.Queue[PredictBatch] = queue.Queue()
+        threading.Thread(target=self._serve, name="predictions", daemon=True).start()
+
+    def submit(self, batch: PredictBatch) -> None:
+        self._queue.put(batch)
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                self._send(self._answer(batch))
+            except Exception as exc:  # the batch fails, the thread goes on
+                log.exception("prediction batch %s failed", batch.batch)
+                message = f"the model could not be run: {type(exc).__name__}: {exc}"
+                self._send(PredictionsReady(self._worker, batch.batch, [], "INTERNAL", message))
+
+    def _answer(self, batch: PredictBatch) -> PredictionsReady:
+        model = self._cache.get(batch.artifact, batch.artifact_sha256)
+        results: list[dict[str, Any]] = [{} for _ in batch.inputs]
+        good: list[int] = []
+        for index, item in enumerate(batch.inputs):  # a bad input fails alone, not its neighbours
+            try:
+                model.inputs([item])
+                good.append(index)
+            except (InvalidDataset, ValueError, TypeError) as exc:
+                results[index] = {"error": str(exc)}
+        passes = 0
+        for start in range(0, len(good), MAX_FORWARD_ROWS):
+            chunk = good[start : start + MAX_FORWARD_ROWS]
+            for index, answer in zip(chunk, model.answer([batch.inputs[i] for i in chunk], batch.top_k), strict=True):
+                results[index] = answer
+            passes += 1
+        return PredictionsReady(self._worker, batch.batch, results, forward_passes=passes)
