@@ -44,9 +44,7 @@ def local_predictions(client: TuneforgeClient, job: str, texts: list[str], folde
     return [(model.config.id2label[int(i)], float(p)) for p, i in zip(best.values, best.indices, strict=True)]
 
 
-def test_predict_matches_the_artifact_loaded_locally(
-    client: TuneforgeClient, trained: str, tmp_path: Path
-) -> None:
+def test_predict_matches_the_artifact_loaded_locally(client: TuneforgeClient, trained: str, tmp_path: Path) -> None:
     texts = [row["text"] for row in keyword_rows(9, seed=42)]
     predictions = client.predict(trained, texts=texts, top_k=2)
     expected = local_predictions(client, trained, texts, tmp_path)
