@@ -173,6 +173,21 @@ def cmd_predict(client: TuneforgeClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(client: TuneforgeClient, args: argparse.Namespace) -> int:
+    """Saves a checked export of the job's model (made on the server the first time)."""
+    format = job_spec_pb2.ExportFormat.Value(args.format.upper())
+    suffix = {"onnx": ".onnx", "torchscript": ".pt"}.get(args.format, ".tar")
+    target = Path(args.output or f"{args.job.rsplit('/', 1)[-1]}-{args.format}{suffix}")
+    export = client.export_model(args.job, format, target, args.opset)
+    if args.json:
+        print(json.dumps({"file": str(target), **MessageToDict(export)}))
+        return 0
+    check = export.check
+    figures = f"; checked on {check.samples} samples, largest difference {check.max_abs_difference:.2g}"
+    print(f"{target} ({export.size_bytes:,} bytes, sha256 {export.sha256[:12]}){figures if check.samples else ''}")
+    return 0
+
+
 def cmd_report(client: TuneforgeClient, args: argparse.Namespace) -> int:
     """Saves the job's evaluation report (from its artifact) as one HTML file, and opens it when asked."""
     target = Path(args.output or f"{args.job.rsplit('/', 1)[-1]}-report.html")
@@ -301,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("job")
     predict.add_argument("inputs", nargs="+", help="texts, or paths of images or audio clips")
     predict.add_argument("--top-k", type=int, default=3)
+    export = command("export", cmd_export, "save a checked ONNX, TorchScript or merged-LoRA export of a job's model")
+    export.add_argument("job")
+    export.add_argument("--format", choices=["onnx", "torchscript", "merged_lora", "hugging_face"], default="onnx")
+    export.add_argument("--opset", type=int, default=0, help="ONNX opset (default 18)")
+    export.add_argument("-o", "--output", help="file to write (default: JOB-FORMAT.onnx/.pt/.tar here)")
     report = command("report", cmd_report, "save (and open) a job's evaluation report")
     report.add_argument("job")
     report.add_argument("-o", "--output", help="HTML file to write (default: JOB-report.html here)")

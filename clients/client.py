@@ -399,6 +399,17 @@ class TuneforgeClient:
         return list(response.predictions)
 
     @_calls
+    def export_model(
+        self, name: str, format: int, destination: Path, onnx_opset: int = 0, timeout_s: float = 600.0
+    ) -> jobs_pb2.ModelExport:
+        """Writes the job's model in an export format (job_spec_pb2.ONNX...) to destination, checking its SHA-256;
+        returns the export's metadata with the figures of its check against the PyTorch model."""
+        export = jobs_pb2.ModelExport()
+        request = jobs_pb2.ExportModelRequest(name=name, format=format, onnx_opset=onnx_opset)  # type: ignore[arg-type]
+        _write_checked(self.jobs.ExportModel(request, timeout=timeout_s), "export", export, destination)
+        return export
+
+    @_calls
     def download_artifact(self, name: str, destination: Path) -> jobs_pb2.Artifact:
         """Writes the job's artifact tar to destination and checks its SHA-256."""
         artifact = jobs_pb2.Artifact()

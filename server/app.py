@@ -22,6 +22,7 @@ from server.auth.interceptor import AuthInterceptor
 from server.change_feed import ChangeFeed
 from server.db import StoreRunner
 from server.event_hub import EventHub
+from server.exports import Exports
 from server.gpu_partition import partition, visible_gpus
 from server.job_factory import JobFactory
 from server.metrics.exposition import MetricsEndpoint
@@ -193,8 +194,9 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         kill_grace_s=settings.kill_grace_s,
     )
     scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy, metrics, quotas)
-    predictions = Predictions(scheduler.send_prediction, scheduler.prediction_worker, metrics)
-    scheduler.prediction_events = predictions
+    predictions = Predictions(scheduler.send_call, scheduler.prediction_worker, metrics)
+    exports = Exports(scheduler.send_call, scheduler.prediction_worker)
+    scheduler.worker_calls += [predictions, exports]
     notifier = WebhookNotifier(webhook_settings(settings), webhooks_of(access), metrics)
     scheduler.add_listener(notifier.on_change)
     gpus = GpuSampler()
@@ -220,7 +222,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     jobs = JobFactory(store, db, hub, scheduler, metrics)
     sweeps = SweepController(store, db, scheduler, jobs, hub, roots)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(
-        JobServicer(store, db, storage, scheduler, hub, roots, jobs, predictions, quotas), server
+        JobServicer(store, db, storage, scheduler, hub, roots, jobs, predictions, exports, quotas), server
     )
     sweeps_pb2_grpc.add_SweepServiceServicer_to_server(SweepServicer(store, db, hub, sweeps, scheduler, quotas), server)
     health_servicer = health.aio.HealthServicer()

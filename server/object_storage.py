@@ -79,6 +79,12 @@ class ObjectStorage:
     def artifact_location(self, job_id: str) -> str:
         return self._url("artifacts", f"{job_id}.tar")
 
+    def export_location(self, job_id: str, name: str) -> str:
+        return self._url("exports", job_id, name)
+
+    def read_location(self, location: str) -> Iterator[bytes]:
+        return self._read(self._path(*location.removeprefix(self.root_url + "/").split("/")))
+
     def read_artifact(self, job_id: str) -> Iterator[bytes]:
         return self._read(self._path("artifacts", f"{job_id}.tar"))
 
@@ -91,6 +97,7 @@ class ObjectStorage:
     def delete_job_data(self, job_id: str) -> None:
         self.delete_work(job_id)
         self._remove(self._path("artifacts", f"{job_id}.tar"))
+        self._remove(self._path("exports", job_id), recursive=True)
 
     def _read(self, path: str) -> Iterator[bytes]:
         with self.fs.open(path, "rb") as handle:

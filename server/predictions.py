@@ -18,7 +18,7 @@ import grpc
 
 from server.errors import ApiError
 from server.metrics.service_metrics import ServiceMetrics
-from workers.messages import PredictBatch, PredictionsReady
+from workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Predictions:
 
     def __init__(
         self,
-        send: Callable[[str, PredictBatch], None],
+        send: Callable[[str, PredictBatch], None] | Callable[[str, PredictBatch | ExportArtifact], None],
         pick_worker: Callable[[], str | None],
         metrics: ServiceMetrics,
     ):
@@ -113,8 +113,10 @@ class Predictions:
         self._metrics.prediction_batches.inc()
         self._metrics.prediction_inputs.inc(len(inputs))
 
-    def on_ready(self, event: PredictionsReady) -> None:
+    def on_answer(self, event: PredictionsReady | ExportReady) -> None:
         """A worker's answers: each call gets its slice (or the batch's error)."""
+        if not isinstance(event, PredictionsReady):
+            return
         flight = self._in_flight.pop(event.batch, None)
         if flight is None:
             return

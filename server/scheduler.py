@@ -45,6 +45,8 @@ from workers.messages import (
     CheckpointWritten,
     DataFile,
     EvaluationDone,
+    ExportArtifact,
+    ExportReady,
     Heartbeat,
     JobEventBase,
     JobFinished,
@@ -68,8 +70,10 @@ log = logging.getLogger(__name__)
 JobListener = Callable[[JobRecord, list[EventRecord]], None]
 
 
-class PredictionEvents(Protocol):
-    def on_ready(self, event: PredictionsReady) -> None: ...
+class WorkerCalls(Protocol):
+    """Requests answered by workers outside any job (Predict, ExportModel): their answers and lost workers."""
+
+    def on_answer(self, event: PredictionsReady | ExportReady) -> None: ...
     def on_worker_lost(self, worker: str) -> None: ...
 
 
@@ -151,8 +155,8 @@ class Scheduler:
         self._stopping = False
         self._listeners: list[JobListener] = []
         self.all_ready = asyncio.Event()
-        self.prediction_events: PredictionEvents | None = None
-        """Where PredictionsReady events and worker losses go (the Predict batcher)."""
+        self.worker_calls: list[WorkerCalls] = []
+        """Where answers to Predict and ExportModel requests, and worker losses, go."""
 
     def worker_views(self) -> list[WorkerView]:
         """The pool as it is now, for metrics (safe to call from any thread: it copies the slots first)."""
@@ -304,7 +308,7 @@ class Scheduler:
         ready = [(slot.state != "idle", name) for name, slot in self._slots.items() if slot.state in ("idle", "busy")]
         return min(ready)[1] if ready else None
 
-    def send_prediction(self, worker: str, command: PredictBatch) -> None:
+    def send_call(self, worker: str, command: PredictBatch | ExportArtifact) -> None:
         """KeyError when the worker cannot be reached."""
         self._pool.send(worker, command)
 
@@ -431,12 +435,12 @@ class Scheduler:
                     self.all_ready.set()
                 await self.dispatch()
             case WorkerDied():
-                if self.prediction_events is not None:
-                    self.prediction_events.on_worker_lost(event.worker)
+                for calls in self.worker_calls:
+                    calls.on_worker_lost(event.worker)
                 await self._worker_died(event)
-            case PredictionsReady():
-                if self.prediction_events is not None:
-                    self.prediction_events.on_ready(event)
+            case PredictionsReady() | ExportReady():
+                for calls in self.worker_calls:
+                    calls.on_answer(event)
             case JobFinished():
                 await self._job_finished(event)
             case _:

@@ -143,6 +143,21 @@ class _Checker:
 
 
 MAX_WEBHOOKS = 5
+ONNX_OPSETS = (13, 20)
+"""What torch's ONNX exporter writes."""
+
+
+def _exports(check: _Checker, spec: pb.ExportSpec) -> tuple[tuple[str, ...], int]:
+    formats = []
+    for index, value in enumerate(spec.formats):
+        if value == pb.EXPORT_FORMAT_UNSPECIFIED or value not in pb.ExportFormat.values():
+            check.bad(f"export.formats[{index}]", f"not an export format: {value}")
+        elif value != pb.HUGGING_FACE:  # every artifact has the Hugging Face folder
+            formats.append(pb.ExportFormat.Name(value).lower())
+    opset = spec.onnx_opset or 18
+    if not ONNX_OPSETS[0] <= opset <= ONNX_OPSETS[1]:
+        check.bad("export.onnx_opset", f"must be between {ONNX_OPSETS[0]} and {ONNX_OPSETS[1]}, got {opset}")
+    return tuple(dict.fromkeys(formats)), opset
 
 
 def _webhooks(check: _Checker, urls: list[str]) -> None:
@@ -180,6 +195,7 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
         check.bad("resources.ranks", f"a job with {gpus} GPUs trains on {gpus} ranks (one per GPU), not {ranks}")
     priority = check.int_range("priority", spec.priority, -100, 100)
     _webhooks(check, list(spec.notifications.webhook_urls))
+    export_formats, onnx_opset = _exports(check, spec.export)
     max_runtime_s = spec.resources.max_runtime.ToTimedelta().total_seconds()
     if max_runtime_s < 0 or spec.resources.max_runtime.nanos < 0:
         check.bad("resources.max_runtime", f"must not be negative, got {max_runtime_s} s")
@@ -195,6 +211,8 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
             evaluation=evaluation,
             gpus=gpus,
             ranks=ranks,
+            export_formats=export_formats,
+            onnx_opset=onnx_opset,
             priority=priority,
             max_runtime_s=max(0.0, max_runtime_s),
         )

@@ -88,6 +88,12 @@ class Storage(Protocol):
     def artifact_location(self, job_id: str) -> str:
         """What a worker opens to read the job's artifact (Predict)."""
 
+    def export_location(self, job_id: str, name: str) -> str:
+        """Where a worker writes one of the job's exports (and its metadata, with `.json` added)."""
+
+    def read_location(self, location: str) -> Iterator[bytes]:
+        """Chunks of a file at a location this storage handed out; FileNotFoundError when there is none."""
+
     def read_artifact(self, job_id: str) -> Iterator[bytes]: ...
     def delete_work_dir(self, job_id: str, attempt: int) -> None: ...
     def delete_work(self, job_id: str) -> None: ...
@@ -136,6 +142,12 @@ class LocalStorage:
 
     def artifact_location(self, job_id: str) -> str:
         return str(self.artifact_path(job_id))
+
+    def export_location(self, job_id: str, name: str) -> str:
+        return str(self.root / "exports" / job_id / name)
+
+    def read_location(self, location: str) -> Iterator[bytes]:
+        return self.read_chunks(Path(location))
 
     def read_artifact(self, job_id: str) -> Iterator[bytes]:
         return self.read_chunks(self.artifact_path(job_id))
@@ -191,6 +203,7 @@ class LocalStorage:
     def delete_job_data(self, job_id: str) -> None:
         self.delete_work(job_id)
         self.artifact_path(job_id).unlink(missing_ok=True)
+        shutil.rmtree(self.root / "exports" / job_id, ignore_errors=True)
 
     @staticmethod
     def read_chunks(path: Path) -> Iterator[bytes]:

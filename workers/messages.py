@@ -72,7 +72,21 @@ class PredictBatch:
     top_k: int
 
 
-WorkerCommand = RunJob | CancelJob | Shutdown | PredictBatch
+@dataclass(frozen=True)
+class ExportArtifact:
+    """Make and check one export of a finished job's model; answered by ExportReady."""
+
+    request: int
+    job: str
+    artifact: str
+    artifact_sha256: str
+    format: str
+    onnx_opset: int
+    destination: str
+    """Where the export file goes (a path or an object-storage URL); its metadata goes beside it as `.json`."""
+
+
+WorkerCommand = RunJob | CancelJob | Shutdown | PredictBatch | ExportArtifact
 
 # ---------------------------------------------------------------- events: worker -> server
 
@@ -243,4 +257,15 @@ class PredictionsReady:
     forward_passes: int = 0
 
 
-WorkerEvent = WorkerReady | WorkerDied | JobEvent | PredictionsReady
+@dataclass(frozen=True)
+class ExportReady:
+    """An export was made and checked (result: its metadata), or could not be (error_reason, error_message)."""
+
+    worker: str
+    request: int
+    result: dict[str, Any]
+    error_reason: str = ""
+    error_message: str = ""
+
+
+WorkerEvent = WorkerReady | WorkerDied | JobEvent | PredictionsReady | ExportReady

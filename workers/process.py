@@ -23,6 +23,7 @@ from typing import Any
 from workers.logs import INTERNAL_MARK, configure_logging, current_job, job_context
 from workers.messages import (
     CancelJob,
+    ExportArtifact,
     Heartbeat,
     JobFinished,
     LogEmitted,
@@ -123,7 +124,7 @@ def _read_commands(
     conn: Connection,
     inbox: queue.Queue[WorkerCommand],
     stops: StopRegistry,
-    predict: Callable[[PredictBatch], None],
+    predict: Callable[[PredictBatch | ExportArtifact], None],
 ) -> None:
     """Reader thread: cancels act at once, predictions go to their own thread, everything else queues for the
     main loop."""
@@ -137,7 +138,7 @@ def _read_commands(
             os._exit(0)
         if isinstance(command, CancelJob):
             stops.request_stop(command.job, command.attempt, command.checkpoint_first)
-        elif isinstance(command, PredictBatch):
+        elif isinstance(command, PredictBatch | ExportArtifact):
             predict(command)
         else:
             inbox.put(command)
@@ -220,7 +221,8 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     logging.getLogger().addHandler(JobLogForwarder(outbox, worker))
     inbox: queue.Queue[WorkerCommand] = queue.Queue()
     stops = StopRegistry()
-    cache = ModelCache(settings.predict_cache_models, Path(tempfile.mkdtemp(prefix=f"{worker}-models-")), {})
+    models = Path(tempfile.mkdtemp(prefix=f"{worker}-models-"))
+    cache = ModelCache(settings.predict_cache_models, models, settings.storage_options)
     predictions = PredictionServer(worker, outbox.send, cache)
     reader_args = (conn, inbox, stops, predictions.submit)
     threading.Thread(target=_read_commands, args=reader_args, daemon=True, name="commands").start()

@@ -261,3 +261,6 @@ class TrainingSpec:
     priority: int = 0
     max_runtime_s: float = 0.0
     """Running time allowed over all attempts; 0 means no limit."""
+    export_formats: tuple[str, ...] = ()
+    """Exports made and checked when training ends (workers.core.export.ExportFormat values)."""
+    onnx_opset: int = 18

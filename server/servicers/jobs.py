@@ -4,6 +4,7 @@ download."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -18,8 +19,10 @@ from server.auth.caller import current_caller
 from server.db import StoreRunner
 from server.errors import ApiError, FieldViolation, failed_precondition, invalid_argument, quota_exceeded
 from server.event_hub import EventHub
+from server.exports import Exports
 from server.job_factory import JobFactory
 from server.job_states import TERMINAL, JobState
+from server.model_exports import check_export_request, model_export
 from server.names import parse_name
 from server.pagination import make_token, parse_page
 from server.predict_inputs import check_predict_inputs
@@ -37,6 +40,7 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs
 
 
 DEFAULT_PREDICT_TIMEOUT_S = 60.0
+DEFAULT_EXPORT_TIMEOUT_S = 600.0
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -52,8 +56,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         model_roots: list[Path],
         jobs: JobFactory,
         predictions: Predictions,
+        exports: Exports,
         quotas: QuotaLookup = no_quotas,
     ):
+        self._exports = exports
         self._predictions = predictions
         self._jobs = jobs
         self._quotas = quotas
@@ -214,6 +220,34 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 for a in answers
             ]
         )
+
+    @streaming
+    async def ExportModel(
+        self, request: jobs_pb2.ExportModelRequest, context: Context
+    ) -> AsyncIterator[jobs_pb2.ExportModelResponse]:
+        record = await self._get(request.name)
+        format_name, opset = check_export_request(request)
+        if record.state is not JobState.SUCCEEDED or not record.artifact_sha256:
+            raise failed_precondition(
+                "MODEL_NOT_READY",
+                f"{request.name} is {record.state.value}; only a SUCCEEDED job's model can be exported",
+                state=record.state.value,
+            )
+        location = self._storage.export_location(record.id, f"{format_name}-opset{opset}" if opset else format_name)
+        try:
+            metadata = json.loads(b"".join(self._storage.read_location(location + ".json")))
+        except FileNotFoundError:
+            remaining = context.time_remaining()
+            timeout_s = DEFAULT_EXPORT_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.5)
+            artifact = self._storage.artifact_location(record.id)
+            metadata = await self._exports.export(
+                record.id, artifact, record.artifact_sha256, format_name, opset or 18, location, timeout_s
+            )
+        own_file = str(metadata["file"]).startswith("exports/")
+        yield jobs_pb2.ExportModelResponse(export=model_export(metadata, record, own_file))
+        chunks = self._storage.read_location(location) if own_file else self._storage.read_artifact(record.id)
+        for chunk in chunks:
+            yield jobs_pb2.ExportModelResponse(chunk=chunk)
 
     async def _get(self, name: str, field: str = "name") -> JobRecord:
         return visible(await self._db.call(self._store.get_job, parse_name(name, "jobs", field)), name)

@@ -15,6 +15,7 @@ import grpc
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from tuneforge.v1 import job_spec_pb2
 
 from clients.client import TuneforgeClient, TuneforgeError
 from clients.local_server import LocalServer
@@ -107,3 +108,35 @@ def test_predict_from_the_command_line(server: LocalServer, trained: str) -> Non
     assert result.returncode == 0, result.stderr
     answers = json.loads(result.stdout)
     assert [a["labels"][0]["label"] for a in answers] == ["sport", "finance"]
+
+
+def test_export_model_makes_a_checked_onnx_file_once(client: TuneforgeClient, trained: str, tmp_path: Path) -> None:
+    import onnxruntime
+
+    export = client.export_model(trained, job_spec_pb2.ONNX, tmp_path / "model.onnx")
+    assert export.check.passed and export.check.samples == 3 and export.onnx_opset == 18
+    assert export.check.max_abs_difference <= export.check.tolerance
+    texts = [row["text"] for row in keyword_rows(5, seed=3)]
+    folder = tmp_path / "local"
+    folder.mkdir()
+    client.download_artifact(trained, folder / "artifact.tar")
+    with tarfile.open(folder / "artifact.tar") as tar:
+        tar.extractall(folder / "model", filter="data")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], dict(tokenizer(texts, padding=True, return_tensors="np")))[0]
+    labels = json.loads((folder / "model" / "config.json").read_text())["id2label"]
+    served = [p.labels[0].label for p in client.predict(trained, texts=texts, top_k=1)]
+    assert [labels[str(i)] for i in logits.argmax(-1)] == served
+    again = client.export_model(trained, job_spec_pb2.ONNX, tmp_path / "again.onnx", timeout_s=10)
+    assert again.sha256 == export.sha256  # kept from the first call, not made again
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "model.onnx").read_bytes()
+
+
+def test_export_of_an_impossible_format_fails_with_the_reason(
+    client: TuneforgeClient, trained: str, tmp_path: Path
+) -> None:
+    with pytest.raises(TuneforgeError) as raised:
+        client.export_model(trained, job_spec_pb2.MERGED_LORA, tmp_path / "merged.tar")
+    assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NOT_LORA")
+    assert not (tmp_path / "merged.tar").exists()

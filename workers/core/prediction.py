@@ -16,18 +16,20 @@ import tarfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import soundfile
 import torch
+import torchaudio
 from PIL import Image
 
 from workers.core.artifact import load_artifact_model
-from workers.core.audio import crop_or_pad, load_mono
+from workers.core.audio import crop_or_pad
 from workers.core.errors import InvalidDataset
 from workers.core.speech_adapter import normalise
-from workers.messages import PredictBatch, PredictionsReady, WorkerEvent
+from workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady, WorkerEvent
 from workers.remote_storage import filesystem, is_remote
 from workers.spec import TaskKind
 
@@ -99,7 +101,13 @@ def _image(value: bytes) -> Image.Image:
 
 
 def _wave(value: bytes, rate: int) -> torch.Tensor:
-    return load_mono(io.BytesIO(value), "the audio input", rate)
+    """An encoded clip as one channel at the model's rate (as training decoded its files)."""
+    try:
+        samples, source_rate = soundfile.read(io.BytesIO(value), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:
+        raise InvalidDataset(f"not a readable audio clip ({exc})") from exc
+    wave = torch.from_numpy(samples).mean(dim=1)
+    return torchaudio.functional.resample(wave, source_rate, rate) if source_rate != rate else wave
 
 
 def load_model(folder: Path) -> LoadedModel:
@@ -142,14 +150,19 @@ class ModelCache:
     def __init__(self, capacity: int, folder: Path, storage_options: dict[str, Any]):
         self._capacity = max(1, capacity)
         self._folder = folder
-        self._options = storage_options
+        self.options = storage_options
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    def folder(self, artifact: str, sha256: str) -> Path:
+        """The artifact unpacked (kept with its loaded model, or unpacked now)."""
+        target = self._folder / sha256 / "model"
+        return target if target.is_dir() else self._unpack(artifact, self._folder / sha256)
 
     def get(self, artifact: str, sha256: str) -> LoadedModel:
         if sha256 in self._models:
             self._models.move_to_end(sha256)
             return self._models[sha256]
-        unpacked = self._unpack(artifact, self._folder / sha256)
+        unpacked = self.folder(artifact, sha256)
         loaded = load_model(unpacked)
         self._models[sha256] = loaded
         while len(self._models) > self._capacity:
@@ -162,7 +175,7 @@ class ModelCache:
         target.mkdir(parents=True)
         local = Path(artifact)
         if is_remote(artifact):
-            fs, path = filesystem(artifact, self._options)
+            fs, path = filesystem(artifact, self.options)
             local = target / "artifact.tar"
             fs.get_file(path, str(local))
         with tarfile.open(local) as tar:
@@ -177,21 +190,60 @@ class PredictionServer:
         self._worker = worker
         self._send = send
         self._cache = cache
-        self._queue: queue.Queue[PredictBatch] = queue.Queue()
+        self._queue: queue.Queue[PredictBatch | ExportArtifact] = queue.Queue()
         threading.Thread(target=self._serve, name="predictions", daemon=True).start()
 
-    def submit(self, batch: PredictBatch) -> None:
-        self._queue.put(batch)
+    def submit(self, command: PredictBatch | ExportArtifact) -> None:
+        self._queue.put(command)
 
     def _serve(self) -> None:
         while True:
             batch = self._queue.get()
+            if isinstance(batch, ExportArtifact):
+                self._send(self._export(batch))
+                continue
             try:
                 self._send(self._answer(batch))
             except Exception as exc:  # the batch fails, the thread goes on
                 log.exception("prediction batch %s failed", batch.batch)
                 message = f"the model could not be run: {type(exc).__name__}: {exc}"
                 self._send(PredictionsReady(self._worker, batch.batch, [], "INTERNAL", message))
+
+    def _export(self, command: ExportArtifact) -> ExportReady:
+        from workers.core.export import ExportFailed, ExportFormat, export_model
+
+        try:
+            folder = self._cache.folder(command.artifact, command.artifact_sha256)
+            result = asdict(export_model(folder, ExportFormat(command.format), command.onnx_opset))
+            if result["file"].startswith("exports/"):  # a file of its own goes to storage; the others are the tar
+                self._store(folder / result["file"], command.destination)
+            self._store_bytes(json.dumps(result).encode(), command.destination + ".json")
+            return ExportReady(self._worker, command.request, result)
+        except ExportFailed as failure:
+            return ExportReady(self._worker, command.request, {}, failure.reason, failure.message)
+        except Exception as exc:
+            log.exception("export %s of %s failed", command.format, command.job)
+            return ExportReady(self._worker, command.request, {}, "INTERNAL", f"{type(exc).__name__}: {exc}")
+
+    def _store(self, file: Path, destination: str) -> None:
+        if is_remote(destination):
+            fs, path = filesystem(destination, self._cache.options)
+            fs.put_file(str(file), path)
+        else:
+            Path(destination).parent.mkdir(parents=True, exist_ok=True)
+            temporary = Path(destination + ".tmp")
+            shutil.copyfile(file, temporary)
+            temporary.replace(destination)
+
+    def _store_bytes(self, data: bytes, destination: str) -> None:
+        if is_remote(destination):
+            fs, path = filesystem(destination, self._cache.options)
+            fs.pipe_file(path, data)
+        else:
+            Path(destination).parent.mkdir(parents=True, exist_ok=True)
+            temporary = Path(destination + ".tmp")
+            temporary.write_bytes(data)
+            temporary.replace(destination)
 
     def _answer(self, batch: PredictBatch) -> PredictionsReady:
         model = self._cache.get(batch.artifact, batch.artifact_sha256)

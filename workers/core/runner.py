@@ -25,6 +25,7 @@ from workers.core.auto_tuning import apply_choices, choose_all, chosen_micro_bat
 from workers.core.checkpoints import write_json_atomically
 from workers.core.distributed import SINGLE, Ranks, join, leave, rank_device, share_object
 from workers.core.errors import JobFailure, TrainingCancelled
+from workers.core.export import ExportFormat, export_or_record
 from workers.core.faults import check_job_start
 from workers.core.few_shot import prepare_few_shot
 from workers.core.lineage import write_manifest
@@ -174,6 +175,8 @@ def _train_and_save(
     choices = load_choices(Path(job.checkpoint_dir)) or []
 
     def finish(folder: Path) -> None:
+        for format in spec.export_formats:
+            export_or_record(folder, ExportFormat(format), spec.onnx_opset, reporter)
         write_report(folder, f"jobs/{job.job}", spec_to_json(spec), metrics)
         write_manifest(folder, spec, choices, job.training_data, job.validation_data, job.job, job.attempt)
 

@@ -52,6 +52,40 @@ SPEECH_RECOGNITION: Task.ValueType  # 4
 """Audio to transcript (CTC)."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
+class _ExportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPORT_FORMAT_UNSPECIFIED: _ExportFormat.ValueType  # 0
+    HUGGING_FACE: _ExportFormat.ValueType  # 1
+    """The `save_pretrained` folder with safetensors weights (every artifact has it)."""
+    MERGED_LORA: _ExportFormat.ValueType  # 2
+    """A LoRA job's adapters merged into the base weights, checked against base model plus adapters."""
+    TORCHSCRIPT: _ExportFormat.ValueType  # 3
+    """TorchScript, traced at a fixed input shape (the batch may vary; text and speech inputs are padded to the
+    length recorded in the check).
+    """
+    ONNX: _ExportFormat.ValueType  # 4
+    """ONNX with dynamic batch and length, checked with onnxruntime."""
+
+class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
+    """Forms of a trained model."""
+
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
+HUGGING_FACE: ExportFormat.ValueType  # 1
+"""The `save_pretrained` folder with safetensors weights (every artifact has it)."""
+MERGED_LORA: ExportFormat.ValueType  # 2
+"""A LoRA job's adapters merged into the base weights, checked against base model plus adapters."""
+TORCHSCRIPT: ExportFormat.ValueType  # 3
+"""TorchScript, traced at a fixed input shape (the batch may vary; text and speech inputs are padded to the
+length recorded in the check).
+"""
+ONNX: ExportFormat.ValueType  # 4
+"""ONNX with dynamic batch and length, checked with onnxruntime."""
+Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
+
 @_typing.final
 class JobSpec(_message.Message):
     """A complete, immutable description of a fine-tuning job."""
@@ -68,6 +102,7 @@ class JobSpec(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     NOTIFICATIONS_FIELD_NUMBER: _builtins.int
+    EXPORT_FIELD_NUMBER: _builtins.int
     task: Global___Task.ValueType
     """What to train for."""
     base_model: _builtins.str
@@ -104,6 +139,10 @@ class JobSpec(_message.Message):
     def notifications(self) -> Global___Notifications:
         """Who hears when the job ends."""
 
+    @_builtins.property
+    def export(self) -> Global___ExportSpec:
+        """Exported forms of the model made (and checked) when training ends, besides the Hugging Face folder."""
+
     def __init__(
         self,
         *,
@@ -117,14 +156,44 @@ class JobSpec(_message.Message):
         resources: Global___Resources | None = ...,
         priority: _builtins.int = ...,
         notifications: Global___Notifications | None = ...,
+        export: Global___ExportSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adaptation", b"adaptation", "data", b"data", "evaluation", b"evaluation", "head", b"head", "hyperparameters", b"hyperparameters", "notifications", b"notifications", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adaptation", b"adaptation", "data", b"data", "evaluation", b"evaluation", "export", b"export", "head", b"head", "hyperparameters", b"hyperparameters", "notifications", b"notifications", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptation", b"adaptation", "base_model", b"base_model", "data", b"data", "evaluation", b"evaluation", "head", b"head", "hyperparameters", b"hyperparameters", "notifications", b"notifications", "priority", b"priority", "resources", b"resources", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptation", b"adaptation", "base_model", b"base_model", "data", b"data", "evaluation", b"evaluation", "export", b"export", "head", b"head", "hyperparameters", b"hyperparameters", "notifications", b"notifications", "priority", b"priority", "resources", b"resources", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class ExportSpec(_message.Message):
+    """Which exports to make when training ends. Each is run on sample inputs it was not made with and compared with
+    the PyTorch model; the figures go into the artifact's `exports/checks.json`. An export that cannot be made is
+    recorded there with its reason (the job still succeeds with its Hugging Face folder).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMATS_FIELD_NUMBER: _builtins.int
+    ONNX_OPSET_FIELD_NUMBER: _builtins.int
+    onnx_opset: _builtins.int
+    """ONNX opset; 0 means 18."""
+    @_builtins.property
+    def formats(self) -> _containers.RepeatedScalarFieldContainer[Global___ExportFormat.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        formats: _abc.Iterable[Global___ExportFormat.ValueType] | None = ...,
+        onnx_opset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["formats", b"formats", "onnx_opset", b"onnx_opset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSpec: _TypeAlias = ExportSpec  # noqa: Y015
 
 @_typing.final
 class Notifications(_message.Message):

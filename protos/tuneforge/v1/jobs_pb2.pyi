@@ -1199,3 +1199,151 @@ class LabelScore(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LabelScore: _TypeAlias = LabelScore  # noqa: Y015
+
+@_typing.final
+class ExportModelRequest(_message.Message):
+    """Which export of which job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    ONNX_OPSET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The job, `jobs/{job}`; it must have SUCCEEDED."""
+    format: _job_spec_pb2.ExportFormat.ValueType
+    onnx_opset: _builtins.int
+    """ONNX opset; 0 means 18."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        format: _job_spec_pb2.ExportFormat.ValueType = ...,
+        onnx_opset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "name", b"name", "onnx_opset", b"onnx_opset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportModelRequest: _TypeAlias = ExportModelRequest  # noqa: Y015
+
+@_typing.final
+class ModelExport(_message.Message):
+    """An export and how it was checked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    ONNX_OPSET_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    format: _job_spec_pb2.ExportFormat.ValueType
+    size_bytes: _builtins.int
+    sha256: _builtins.str
+    onnx_opset: _builtins.int
+    @_builtins.property
+    def check(self) -> Global___ExportCheck:
+        """Outputs of the export against the PyTorch model on sample inputs it was not made with."""
+
+    def __init__(
+        self,
+        *,
+        format: _job_spec_pb2.ExportFormat.ValueType = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        onnx_opset: _builtins.int = ...,
+        check: Global___ExportCheck | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "format", b"format", "onnx_opset", b"onnx_opset", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelExport: _TypeAlias = ModelExport  # noqa: Y015
+
+@_typing.final
+class ExportCheck(_message.Message):
+    """The figures of an export's check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputShapesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    MAX_ABS_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    TOLERANCE_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    INPUT_SHAPES_FIELD_NUMBER: _builtins.int
+    samples: _builtins.int
+    max_abs_difference: _builtins.float
+    tolerance: _builtins.float
+    passed: _builtins.bool
+    @_builtins.property
+    def input_shapes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The inputs' shapes, e.g. `input_ids: [3, 64]` (a TorchScript export takes that length)."""
+
+    def __init__(
+        self,
+        *,
+        samples: _builtins.int = ...,
+        max_abs_difference: _builtins.float = ...,
+        tolerance: _builtins.float = ...,
+        passed: _builtins.bool = ...,
+        input_shapes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_shapes", b"input_shapes", "max_abs_difference", b"max_abs_difference", "passed", b"passed", "samples", b"samples", "tolerance", b"tolerance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCheck: _TypeAlias = ExportCheck  # noqa: Y015
+
+@_typing.final
+class ExportModelResponse(_message.Message):
+    """One message of an export download: metadata first, then chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    @_builtins.property
+    def export(self) -> Global___ModelExport: ...
+    def __init__(
+        self,
+        *,
+        export: Global___ModelExport | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "export", b"export"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "export", b"export"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["export", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
+
+Global___ExportModelResponse: _TypeAlias = ExportModelResponse  # noqa: Y015

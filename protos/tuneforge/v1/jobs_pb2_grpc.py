@@ -91,6 +91,11 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_v1_dot_jobs__pb2.PredictRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_jobs__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.ExportModel = channel.unary_stream(
+                '/tuneforge.v1.JobService/ExportModel',
+                request_serializer=tuneforge_dot_v1_dot_jobs__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_jobs__pb2.ExportModelResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -183,6 +188,16 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportModel(self, request, context):
+        """Exports a SUCCEEDED job's model (server streaming): first the export's metadata with its check against the
+        PyTorch model, then the file in chunks (ONNX or TorchScript; the artifact's tar for HUGGING_FACE and
+        MERGED_LORA). Made on a worker the first time, kept for later calls. FAILED_PRECONDITION with the reason
+        when the format cannot be made for this model (`NOT_LORA`, `EXPORT_UNSUPPORTED`, `EXPORT_MISMATCH`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +255,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=tuneforge_dot_v1_dot_jobs__pb2.PredictRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_jobs__pb2.PredictResponse.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=tuneforge_dot_v1_dot_jobs__pb2.ExportModelRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_jobs__pb2.ExportModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -540,6 +560,33 @@ class JobService:
             '/tuneforge.v1.JobService/Predict',
             tuneforge_dot_v1_dot_jobs__pb2.PredictRequest.SerializeToString,
             tuneforge_dot_v1_dot_jobs__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tuneforge.v1.JobService/ExportModel',
+            tuneforge_dot_v1_dot_jobs__pb2.ExportModelRequest.SerializeToString,
+            tuneforge_dot_v1_dot_jobs__pb2.ExportModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,12 @@ class JobServiceStub:
     recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
     another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
     """
+    ExportModel: _grpc.UnaryStreamMultiCallable[_jobs_pb2.ExportModelRequest, _jobs_pb2.ExportModelResponse]
+    """Exports a SUCCEEDED job's model (server streaming): first the export's metadata with its check against the
+    PyTorch model, then the file in chunks (ONNX or TorchScript; the artifact's tar for HUGGING_FACE and
+    MERGED_LORA). Made on a worker the first time, kept for later calls. FAILED_PRECONDITION with the reason
+    when the format cannot be made for this model (`NOT_LORA`, `EXPORT_UNSUPPORTED`, `EXPORT_MISMATCH`).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -113,6 +119,12 @@ class JobServiceAsyncStub(JobServiceStub):
     speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
     recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
     another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
+    """
+    ExportModel: _aio.UnaryStreamMultiCallable[_jobs_pb2.ExportModelRequest, _jobs_pb2.ExportModelResponse]  # type: ignore[assignment]
+    """Exports a SUCCEEDED job's model (server streaming): first the export's metadata with its check against the
+    PyTorch model, then the file in chunks (ONNX or TorchScript; the artifact's tar for HUGGING_FACE and
+    MERGED_LORA). Made on a worker the first time, kept for later calls. FAILED_PRECONDITION with the reason
+    when the format cannot be made for this model (`NOT_LORA`, `EXPORT_UNSUPPORTED`, `EXPORT_MISMATCH`).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -219,6 +231,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
         recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
         another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportModel(
+        self,
+        request: _jobs_pb2.ExportModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobs_pb2.ExportModelResponse], _abc.AsyncIterator[_jobs_pb2.ExportModelResponse]]:
+        """Exports a SUCCEEDED job's model (server streaming): first the export's metadata with its check against the
+        PyTorch model, then the file in chunks (ONNX or TorchScript; the artifact's tar for HUGGING_FACE and
+        MERGED_LORA). Made on a worker the first time, kept for later calls. FAILED_PRECONDITION with the reason
+        when the format cannot be made for this model (`NOT_LORA`, `EXPORT_UNSUPPORTED`, `EXPORT_MISMATCH`).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
