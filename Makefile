@@ -34,11 +34,12 @@ system-packages:
 demo: $(STAMP)
 	$(BIN)/tuneforge demo
 
+# Two test processes (one per core of the CI machine); a test file stays in one process, with its server fixtures.
 test: $(STAMP) system-packages
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test-all: $(STAMP) system-packages
-	$(BIN)/pytest -q -m ''
+	$(BIN)/pytest -q -n 2 --dist loadfile -m ''
 
 lint: $(STAMP) system-packages
 	$(BIN)/ruff check .

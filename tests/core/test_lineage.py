@@ -8,18 +8,26 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from clients.artifacts import read_member, verify_artifact
 from tests.core.test_training_core import make_spec, run
 from workers.core.lineage import folder_digest
 from workers.messages import Outcome
 
 
-def test_the_manifest_names_everything_and_its_digests_verify(
-    tiny_bert: Path, keyword_dataset: Path, tmp_path: Path
-) -> None:
-    finished, _ = run(make_spec(tiny_bert), keyword_dataset, tmp_path)
+@pytest.fixture(scope="module")
+def trained(tiny_bert: Path, keyword_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("lineage")
+    finished, _ = run(make_spec(tiny_bert), keyword_dataset, work)
     assert finished.outcome is Outcome.SUCCEEDED, finished.message
-    archive = tmp_path / "artifact.tar"
+    return work
+
+
+def test_the_manifest_names_everything_and_its_digests_verify(
+    trained: Path, tiny_bert: Path, keyword_dataset: Path
+) -> None:
+    archive = trained / "artifact.tar"
     verification = verify_artifact(archive)
     assert verification.ok, verification
     manifest = json.loads(read_member(archive, "manifest.json"))
@@ -36,11 +44,9 @@ def test_the_manifest_names_everything_and_its_digests_verify(
     assert manifest["job"] == "jobs/job-1" and manifest["attempt"] == 1
 
 
-def test_a_changed_file_fails_verification(tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:
-    finished, _ = run(make_spec(tiny_bert), keyword_dataset, tmp_path)
-    assert finished.outcome is Outcome.SUCCEEDED
+def test_a_changed_file_fails_verification(trained: Path, tmp_path: Path) -> None:
     unpacked = tmp_path / "unpacked"
-    with tarfile.open(tmp_path / "artifact.tar") as tar:
+    with tarfile.open(trained / "artifact.tar") as tar:
         tar.extractall(unpacked, filter="data")
     (unpacked / "metrics.json").write_text("{}")
     (unpacked / "extra.txt").write_text("not listed")

@@ -11,14 +11,13 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
-import matplotlib
 from markupsafe import Markup
-from matplotlib.figure import Figure  # figures without pyplot: no global state, no display
 
-matplotlib.rcParams["svg.hashsalt"] = "tuneforge"  # element ids that do not change from run to run
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT = "report.html"
 METADATA = re.compile(r"<metadata>.*?</metadata>", re.DOTALL)
@@ -68,6 +67,15 @@ confidence matches how often it is right)</p>
 )
 
 
+def _figure(size: tuple[float, float]) -> Figure:
+    """A figure without pyplot (no global state, no display); matplotlib loads only when a report is drawn."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    matplotlib.rcParams["svg.hashsalt"] = "tuneforge"  # element ids that do not change from run to run
+    return Figure(figsize=size)
+
+
 def _svg(figure: Figure) -> str:
     """The figure as inline SVG markup (its XML prologue dropped)."""
     buffer = io.StringIO()
@@ -77,7 +85,7 @@ def _svg(figure: Figure) -> str:
 
 
 def _curve(points: list[dict[str, float]], keys: list[str], ylabel: str, baseline: dict[str, float]) -> str:
-    figure = Figure(figsize=(7, 3.2))
+    figure = _figure((7, 3.2))
     axes = figure.subplots()
     for key in keys:
         steps = [p["step"] for p in points if key in p]
@@ -93,7 +101,7 @@ def _curve(points: list[dict[str, float]], keys: list[str], ylabel: str, baselin
 
 def _matrix(matrix: list[list[int]], labels: list[str]) -> str:
     size = max(3.0, 0.6 * len(labels) + 1.5)
-    figure = Figure(figsize=(size, size))
+    figure = _figure((size, size))
     axes = figure.subplots()
     image = axes.imshow(matrix, cmap="Blues")
     axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
@@ -109,7 +117,7 @@ def _matrix(matrix: list[list[int]], labels: list[str]) -> str:
 
 
 def _reliability(bins: list[dict[str, float]]) -> str:
-    figure = Figure(figsize=(4, 4))
+    figure = _figure((4, 4))
     axes = figure.subplots()
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect")
     centres = [(b["low"] + b["high"]) / 2 for b in bins]
