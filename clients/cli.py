@@ -155,13 +155,13 @@ def cmd_predict(client: TuneforgeClient, args: argparse.Namespace) -> int:
     """Texts are given as they are; images and audio clips as file paths (the job's task says which)."""
     task = client.get_job(args.job).spec.task
     if task == job_spec_pb2.TEXT_CLASSIFICATION:
-        predictions = client.predict(args.job, texts=args.inputs, top_k=args.top_k)
+        predictions = client.predict(args.job, texts=args.inputs, top_k=args.top_k, checkpoint=args.checkpoint)
     else:
         blobs = [Path(path).read_bytes() for path in args.inputs]
         if task == job_spec_pb2.IMAGE_CLASSIFICATION:
-            predictions = client.predict(args.job, images=blobs, top_k=args.top_k)
+            predictions = client.predict(args.job, images=blobs, top_k=args.top_k, checkpoint=args.checkpoint)
         else:
-            predictions = client.predict(args.job, audio=blobs, top_k=args.top_k)
+            predictions = client.predict(args.job, audio=blobs, top_k=args.top_k, checkpoint=args.checkpoint)
     if args.json:
         print(json.dumps([MessageToDict(p) for p in predictions]))
         return 0
@@ -316,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("job")
     predict.add_argument("inputs", nargs="+", help="texts, or paths of images or audio clips")
     predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--checkpoint", default="", help="latest or step-N of a running or paused job")
     export = command("export", cmd_export, "save a checked ONNX, TorchScript or merged-LoRA export of a job's model")
     export.add_argument("job")
     export.add_argument("--format", choices=["onnx", "torchscript", "merged_lora", "hugging_face"], default="onnx")

@@ -389,12 +389,14 @@ class TuneforgeClient:
         audio: Sequence[bytes] = (),
         top_k: int = 5,
         timeout_s: float | None = None,
+        checkpoint: str = "",
     ) -> list[jobs_pb2.Prediction]:
-        """Runs a SUCCEEDED job's model: one Prediction per input (texts, encoded images or encoded audio clips)."""
+        """Runs a SUCCEEDED job's model, or with `checkpoint` (`latest`, `step-N`) one of an unfinished job's
+        checkpoints: one Prediction per input (texts, encoded images or encoded audio clips)."""
         inputs = [jobs_pb2.PredictInput(text=t) for t in texts]
         inputs += [jobs_pb2.PredictInput(image=i) for i in images]
         inputs += [jobs_pb2.PredictInput(audio=a) for a in audio]
-        request = jobs_pb2.PredictRequest(name=name, inputs=inputs, top_k=top_k)
+        request = jobs_pb2.PredictRequest(name=name, inputs=inputs, top_k=top_k, checkpoint=checkpoint)
         response = self.jobs.Predict(request, timeout=timeout_s or self.timeout_s)
         return list(response.predictions)
 

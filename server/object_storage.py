@@ -79,6 +79,9 @@ class ObjectStorage:
     def artifact_location(self, job_id: str) -> str:
         return self._url("artifacts", f"{job_id}.tar")
 
+    def checkpoint_location(self, job_id: str) -> str:
+        return self._url("work", job_id, "checkpoints")
+
     def export_location(self, job_id: str, name: str) -> str:
         return self._url("exports", job_id, name)
 

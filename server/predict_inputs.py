@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from tuneforge.v1 import job_spec_pb2, jobs_pb2
 
 from server.errors import FieldViolation, invalid_argument
 
+CHECKPOINT = re.compile(r"latest|step-\d{6}")
 MAX_INPUTS = 64
 MAX_TEXT_CHARS = 100_000
 MODALITY = {
@@ -22,6 +25,8 @@ def check_predict_inputs(request: jobs_pb2.PredictRequest, task: int) -> list[tu
     violations = []
     if not 1 <= len(request.inputs) <= MAX_INPUTS:
         violations.append(FieldViolation("inputs", f"give 1 to {MAX_INPUTS} inputs, got {len(request.inputs)}"))
+    if request.checkpoint and not CHECKPOINT.fullmatch(request.checkpoint):
+        violations.append(FieldViolation("checkpoint", f"`latest` or `step-N`, got {request.checkpoint!r}"))
     if request.top_k < 0:
         violations.append(FieldViolation("top_k", f"must not be negative, got {request.top_k}"))
     inputs: list[tuple[str, str | bytes]] = []

@@ -39,6 +39,7 @@ class _Gathering:
     """Calls for one model waiting to be sent together."""
 
     artifact: str
+    checkpoint: str = ""
     calls: list[_Call] = field(default_factory=list)
     size: int = 0
     timer: asyncio.TimerHandle | None = None
@@ -67,13 +68,21 @@ class Predictions:
         self._ids = itertools.count(1)
 
     async def predict(
-        self, job: str, artifact: str, sha256: str, inputs: list[tuple[str, str | bytes]], top_k: int, timeout_s: float
+        self,
+        job: str,
+        artifact: str,
+        sha256: str,
+        inputs: list[tuple[str, str | bytes]],
+        top_k: int,
+        timeout_s: float,
+        checkpoint: str = "",
     ) -> list[dict[str, Any]]:
-        """This call's answers, in order. ApiError: DEADLINE_EXCEEDED, UNAVAILABLE, or the batch's failure."""
+        """This call's answers, in order. ApiError: DEADLINE_EXCEEDED, UNAVAILABLE, or the batch's failure.
+        With `checkpoint`, `artifact` is the job's checkpoint folder."""
         loop = asyncio.get_running_loop()
         call = _Call(inputs, top_k, loop.create_future())
-        key = (job, sha256)
-        gathering = self._gathering.setdefault(key, _Gathering(artifact))
+        key = (job, f"checkpoint:{checkpoint}" if checkpoint else sha256)
+        gathering = self._gathering.setdefault(key, _Gathering(artifact, checkpoint))
         gathering.calls.append(call)
         gathering.size += len(inputs)
         if gathering.size >= MAX_BATCH_INPUTS:
@@ -102,7 +111,8 @@ class Predictions:
             return
         batch_id = next(self._ids)
         inputs = [item for call in calls for item in call.inputs]
-        command = PredictBatch(batch_id, key[0], gathering.artifact, key[1], inputs, max(c.top_k for c in calls))
+        top_k = max(c.top_k for c in calls)
+        command = PredictBatch(batch_id, key[0], gathering.artifact, key[1], inputs, top_k, gathering.checkpoint)
         self._in_flight[batch_id] = _InFlight(worker, calls)
         try:
             self._send(worker, command)
@@ -122,7 +132,8 @@ class Predictions:
             return
         self._metrics.prediction_forward_passes.inc(event.forward_passes)
         if event.error_reason:
-            self._fail(flight.calls, ApiError(grpc.StatusCode.INTERNAL, event.error_reason, event.error_message))
+            code = grpc.StatusCode.INTERNAL if event.error_reason == "INTERNAL" else grpc.StatusCode.FAILED_PRECONDITION
+            self._fail(flight.calls, ApiError(code, event.error_reason, event.error_message))
             return
         offset = 0
         for call in flight.calls:

@@ -88,6 +88,9 @@ class Storage(Protocol):
     def artifact_location(self, job_id: str) -> str:
         """What a worker opens to read the job's artifact (Predict)."""
 
+    def checkpoint_location(self, job_id: str) -> str:
+        """The job's checkpoint folder, for Predict on a checkpoint (it may not exist yet)."""
+
     def export_location(self, job_id: str, name: str) -> str:
         """Where a worker writes one of the job's exports (and its metadata, with `.json` added)."""
 
@@ -142,6 +145,9 @@ class LocalStorage:
 
     def artifact_location(self, job_id: str) -> str:
         return str(self.artifact_path(job_id))
+
+    def checkpoint_location(self, job_id: str) -> str:
+        return str(self.root / "work" / job_id / "checkpoints")
 
     def export_location(self, job_id: str, name: str) -> str:
         return str(self.root / "exports" / job_id / name)

@@ -70,6 +70,8 @@ class PredictBatch:
     inputs: list[tuple[str, str | bytes]]
     """(kind, value): ("text", str), ("image", bytes) or ("audio", bytes)."""
     top_k: int
+    checkpoint: str = ""
+    """`latest` or `step-N`: a checkpoint under `artifact`, which then names the job's checkpoint folder."""
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,9 @@ class RemoteAttempt:
         best = local_root / "best"
         if best.is_dir():
             _put_folder(fs, best, f"{root}/best")
+        serving = local_root / "serving"  # what Predict needs to rebuild the model from a checkpoint
+        if serving.is_dir() and not fs.exists(f"{root}/serving/job_spec.json"):
+            _put_folder(fs, serving, f"{root}/serving")
         for extra in local_root.glob("*.json"):
             fs.put_file(str(extra), f"{root}/{extra.name}")
         kept = {p.name for p in local_root.glob("step-*")}

@@ -194,19 +194,29 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @unary
     async def Predict(self, request: jobs_pb2.PredictRequest, context: Context) -> jobs_pb2.PredictResponse:
         record = await self._get(request.name)
-        if record.state is not JobState.SUCCEEDED or not record.artifact_sha256:
+        inputs = check_predict_inputs(request, job_spec_pb2.JobSpec.FromString(record.spec).task)
+        if request.checkpoint:
+            if record.state in TERMINAL:
+                raise failed_precondition(
+                    "CHECKPOINTS_REMOVED",
+                    f"{request.name} is {record.state.value}: its checkpoints were removed when it ended; "
+                    "predict with its finished model (no checkpoint)",
+                    state=record.state.value,
+                )
+            location = self._storage.checkpoint_location(record.id)
+        elif record.state is not JobState.SUCCEEDED or not record.artifact_sha256:
             raise failed_precondition(
                 "MODEL_NOT_READY",
-                f"{request.name} is {record.state.value}; only a SUCCEEDED job's model answers",
+                f"{request.name} is {record.state.value}; only a SUCCEEDED job's model answers (or one of its "
+                "checkpoints while it runs or is paused)",
                 state=record.state.value,
             )
-        task = job_spec_pb2.JobSpec.FromString(record.spec).task
-        inputs = check_predict_inputs(request, task)
+        else:
+            location = self._storage.artifact_location(record.id)
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PREDICT_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
-        location = self._storage.artifact_location(record.id)
         answers = await self._predictions.predict(
-            record.id, location, record.artifact_sha256, inputs, request.top_k or 5, timeout_s
+            record.id, location, record.artifact_sha256, inputs, request.top_k or 5, timeout_s, request.checkpoint
         )
         bad = [FieldViolation(f"inputs[{i}]", a["error"]) for i, a in enumerate(answers) if "error" in a]
         if bad:

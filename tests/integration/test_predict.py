@@ -140,3 +140,40 @@ def test_export_of_an_impossible_format_fails_with_the_reason(
         client.export_model(trained, job_spec_pb2.MERGED_LORA, tmp_path / "merged.tar")
     assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NOT_LORA")
     assert not (tmp_path / "merged.tar").exists()
+
+
+def test_predict_on_a_paused_job_s_checkpoint(
+    server: LocalServer, client: TuneforgeClient, dataset_file: str, tiny_bert: Path
+) -> None:
+    from safetensors.torch import load_model
+    from transformers import AutoConfig
+
+    spec = long_spec(tiny_bert, dataset_file)
+    spec.evaluation.checkpoint_every_steps = 5
+    job = client.create_job(spec)
+    for event in client.watch(job.name, timeout_s=120):
+        if event.WhichOneof("payload") == "checkpoint_saved":
+            client.pause_job(job.name)
+            break
+    for event in client.watch(job.name, timeout_s=120):
+        if event.WhichOneof("payload") == "state_change" and event.state_change.to_state == STATE.PAUSED:
+            break
+    texts = [row["text"] for row in keyword_rows(6, seed=11)]
+    predictions = client.predict(job.name, texts=texts, top_k=1, checkpoint="latest")
+    folder = server.data_dir / "work" / job.name.removeprefix("jobs/") / "checkpoints"
+    newest = sorted(folder.glob("step-*"))[-1]  # what `latest` means, rebuilt here with plain transformers
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder / "serving")).eval()
+    load_model(model, str(newest / "model.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(folder / "serving")
+    with torch.inference_mode():
+        best = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1).max(-1)
+    expected = [(model.config.id2label[int(i)], round(float(p), 4)) for p, i in zip(*best, strict=True)]
+    assert [(p.labels[0].label, round(p.labels[0].probability, 4)) for p in predictions] == expected
+    with pytest.raises(TuneforgeError) as raised:
+        client.predict(job.name, texts=texts, checkpoint="step-999999")
+    assert raised.value.reason == "CHECKPOINT_NOT_FOUND"
+    client.cancel_job(job.name)
+    assert wait_for_end(client, job.name).state == STATE.CANCELLED
+    with pytest.raises(TuneforgeError) as raised:
+        client.predict(job.name, texts=texts, checkpoint="latest")
+    assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CHECKPOINTS_REMOVED")

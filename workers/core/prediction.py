@@ -7,9 +7,11 @@ A thread of its own serves them, so a worker answers predictions while it trains
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import queue
 import shutil
 import tarfile
@@ -28,6 +30,7 @@ from PIL import Image
 from workers.core.artifact import load_artifact_model
 from workers.core.audio import crop_or_pad
 from workers.core.errors import InvalidDataset
+from workers.core.serving import model_classes, rebuild
 from workers.core.speech_adapter import normalise
 from workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady, WorkerEvent
 from workers.remote_storage import filesystem, is_remote
@@ -112,32 +115,19 @@ def _wave(value: bytes, rate: int) -> torch.Tensor:
 
 def load_model(folder: Path) -> LoadedModel:
     """The artifact folder's model and processor, by the task its job_spec.json names."""
-    from transformers import (
-        AutoFeatureExtractor,
-        AutoImageProcessor,
-        AutoModelForAudioClassification,
-        AutoModelForCTC,
-        AutoModelForImageClassification,
-        AutoProcessor,
-        AutoTokenizer,
-    )
 
     spec = json.loads((folder / "job_spec.json").read_text())
     task = TaskKind(spec["task"])
-    safe = {"use_safetensors": True, "trust_remote_code": False}
-    model: Any
-    match task:
-        case TaskKind.TEXT_CLASSIFICATION:
-            model, processor = load_artifact_model(folder), AutoTokenizer.from_pretrained(str(folder))
-        case TaskKind.IMAGE_CLASSIFICATION:
-            model = AutoModelForImageClassification.from_pretrained(str(folder), **safe)
-            processor = AutoImageProcessor.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
-        case TaskKind.AUDIO_CLASSIFICATION:
-            model = AutoModelForAudioClassification.from_pretrained(str(folder), **safe)
-            processor = AutoFeatureExtractor.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
-        case TaskKind.SPEECH_RECOGNITION:
-            model = AutoModelForCTC.from_pretrained(str(folder), **safe)
-            processor = AutoProcessor.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
+    model_class, processor_class = model_classes(task)
+    if task is TaskKind.TEXT_CLASSIFICATION:
+        model: Any = load_artifact_model(folder)  # rebuilds a custom head
+    else:
+        model = model_class.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False)
+    return as_loaded(model, processor_class.from_pretrained(str(folder)), spec)
+
+
+def as_loaded(model: Any, processor: Any, spec: dict[str, Any]) -> LoadedModel:
+    task = TaskKind(spec["task"])
     model.eval()
     classifies = task is not TaskKind.SPEECH_RECOGNITION
     labels = [model.config.id2label[i] for i in range(len(model.config.id2label))] if classifies else []
@@ -158,16 +148,51 @@ class ModelCache:
         target = self._folder / sha256 / "model"
         return target if target.is_dir() else self._unpack(artifact, self._folder / sha256)
 
+    def get_checkpoint(self, root: str, name: str) -> LoadedModel:
+        """A job's checkpoint (`latest` or `step-N`) with its serving skeleton; cached by the step it resolves to."""
+        remote = is_remote(root)
+        fs, base = filesystem(root, self.options) if remote else (None, root)
+        listing = [str(e).rsplit("/", 1)[-1] for e in fs.ls(base, detail=False)] if fs else os.listdir(base)
+        steps = sorted(n for n in listing if n.startswith("step-"))
+        step = steps[-1] if name == "latest" and steps else name
+        if step not in steps:
+            raise InvalidDataset(f"the job has no checkpoint {name!r} (it has {', '.join(steps) or 'none'})")
+        key = hashlib.sha256(f"{root}#{step}".encode()).hexdigest()  # also its folder's name
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        target = self._folder / key
+        shutil.rmtree(target, ignore_errors=True)
+        (target / "serving").mkdir(parents=True)
+        for kind, source in (("serving", "serving"), ("weights", f"{step}/model.safetensors")):
+            if fs is not None:
+                if kind == "serving":
+                    for entry in fs.ls(f"{base}/serving", detail=False):
+                        fs.get_file(entry, str(target / "serving" / str(entry).rsplit("/", 1)[-1]))
+                else:
+                    fs.get_file(f"{base}/{source}", str(target / "model.safetensors"))
+            elif kind == "serving":
+                shutil.copytree(Path(base) / "serving", target / "serving", dirs_exist_ok=True)
+            else:
+                shutil.copyfile(Path(base) / source, target / "model.safetensors")
+        model, processor, spec = rebuild(target / "serving", target / "model.safetensors")
+        loaded = as_loaded(model, processor, spec)
+        self._remember(key, loaded)
+        return loaded
+
+    def _remember(self, key: str, loaded: LoadedModel) -> None:
+        self._models[key] = loaded
+        while len(self._models) > self._capacity:
+            evicted, _ = self._models.popitem(last=False)
+            shutil.rmtree(self._folder / evicted, ignore_errors=True)
+
     def get(self, artifact: str, sha256: str) -> LoadedModel:
         if sha256 in self._models:
             self._models.move_to_end(sha256)
             return self._models[sha256]
         unpacked = self.folder(artifact, sha256)
         loaded = load_model(unpacked)
-        self._models[sha256] = loaded
-        while len(self._models) > self._capacity:
-            evicted, _ = self._models.popitem(last=False)
-            shutil.rmtree(self._folder / evicted, ignore_errors=True)
+        self._remember(sha256, loaded)
         return loaded
 
     def _unpack(self, artifact: str, target: Path) -> Path:
@@ -246,7 +271,13 @@ class PredictionServer:
             temporary.replace(destination)
 
     def _answer(self, batch: PredictBatch) -> PredictionsReady:
-        model = self._cache.get(batch.artifact, batch.artifact_sha256)
+        if batch.checkpoint:
+            try:
+                model = self._cache.get_checkpoint(batch.artifact, batch.checkpoint)
+            except (InvalidDataset, FileNotFoundError) as exc:
+                return PredictionsReady(self._worker, batch.batch, [], "CHECKPOINT_NOT_FOUND", str(exc))
+        else:
+            model = self._cache.get(batch.artifact, batch.artifact_sha256)
         results: list[dict[str, Any]] = [{} for _ in batch.inputs]
         good: list[int] = []
         for index, item in enumerate(batch.inputs):  # a bad input fails alone, not its neighbours

@@ -55,6 +55,7 @@ from workers.core.length_grouping import LengthGroupedBatchSampler
 from workers.core.optimization import balanced_sampler, build_optimizer, classification_loss, plan_steps
 from workers.core.reporting import Reporter
 from workers.core.schedules import PlateauScale, lr_multiplier
+from workers.core.serving import save_serving_skeleton
 from workers.messages import Severity
 from workers.spec import ClassBalance, ScheduleKind, TrainingSpec
 
@@ -284,6 +285,7 @@ class Trainer:
         keep = self.spec.evaluation.keep_checkpoints
         began = time.perf_counter()
         path, size = save_checkpoint(self.checkpoint_dir, self.model, training, position, keep)
+        save_serving_skeleton(self.checkpoint_dir, self.model, self.task.processor, self.spec)
         self.reporter.checkpoint(step, size, str(path), time.perf_counter() - began)
 
     def resume(self) -> int | None:

@@ -1071,10 +1071,16 @@ class PredictRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The job, `jobs/{job}`; it must have SUCCEEDED."""
     top_k: _builtins.int
     """Labels to return per input, most probable first; 0 means 5 (clamped to the number of labels)."""
+    checkpoint: _builtins.str
+    """Empty: the finished model (the job must have SUCCEEDED). Otherwise one of the job's checkpoints while it still
+    has them (QUEUED, RUNNING, PAUSING or PAUSED; they are removed when it ends): `latest`, or `step-N` as named in
+    its checkpoint events.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictInput]:
         """1 to 64 inputs, all of the job's modality."""
@@ -1085,10 +1091,11 @@ class PredictRequest(_message.Message):
         name: _builtins.str = ...,
         inputs: _abc.Iterable[Global___PredictInput] | None = ...,
         top_k: _builtins.int = ...,
+        checkpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "name", b"name", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "inputs", b"inputs", "name", b"name", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,8 +66,8 @@ class JobServiceStub:
     holding a `save_pretrained` model folder, `metrics.json` and `job_spec.json`.
     """
     Predict: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.PredictRequest, _jobs_pb2.PredictResponse]
-    """Runs a SUCCEEDED job's model on inputs of its modality: top-k labels with probabilities, or transcripts for
-    speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+    """Runs a SUCCEEDED job's model (or one of an unfinished job's checkpoints) on inputs of its modality: top-k labels
+    with probabilities, or transcripts for speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
     recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
     another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
     """
@@ -115,8 +115,8 @@ class JobServiceAsyncStub(JobServiceStub):
     holding a `save_pretrained` model folder, `metrics.json` and `job_spec.json`.
     """
     Predict: _aio.UnaryUnaryMultiCallable[_jobs_pb2.PredictRequest, _jobs_pb2.PredictResponse]  # type: ignore[assignment]
-    """Runs a SUCCEEDED job's model on inputs of its modality: top-k labels with probabilities, or transcripts for
-    speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+    """Runs a SUCCEEDED job's model (or one of an unfinished job's checkpoints) on inputs of its modality: top-k labels
+    with probabilities, or transcripts for speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
     recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
     another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
     """
@@ -227,8 +227,8 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.PredictRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.PredictResponse, _abc.Awaitable[_jobs_pb2.PredictResponse]]:
-        """Runs a SUCCEEDED job's model on inputs of its modality: top-k labels with probabilities, or transcripts for
-        speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+        """Runs a SUCCEEDED job's model (or one of an unfinished job's checkpoints) on inputs of its modality: top-k labels
+        with probabilities, or transcripts for speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
         recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
         another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
         """
