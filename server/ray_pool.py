@@ -26,7 +26,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.messages import Shutdown, WorkerCommand, WorkerDied, WorkerEvent
-from workers.pool import DEFAULT_ENTRY, EventSink, WorkerSettings, respawn_delay
+from workers.pool import DEFAULT_ENTRY, EventSink, Respawner, WorkerSettings, emit_to
 from workers.ray_actor import WorkerHost
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class RayPool:
         self._listener: Listener | None = None
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._threads: list[threading.Thread] = []
-        self._timers: list[threading.Timer] = []
+        self._respawner = Respawner(self._launch)
         self._host_class: Any = None
 
     @property
@@ -126,9 +126,8 @@ class RayPool:
 
     def stop(self, timeout_s: float) -> None:
         self._stopping.set()
+        self._respawner.cancel()
         with self._lock:
-            for timer in self._timers:
-                timer.cancel()
             actors = list(self._actors.values())
         for actor in actors:
             if actor.conn is not None:
@@ -244,21 +243,9 @@ class RayPool:
         if actor.group is not None:
             with contextlib.suppress(Exception):
                 remove_placement_group(actor.group)
-        quick_deaths, delay_s = respawn_delay(actor.started, actor.quick_deaths)
-        log.warning("%s is lost (%s); asking Ray for a new one in %.1f s", worker, why, delay_s)
         self._emit(WorkerDied(worker=worker, exitcode=None))
-        if delay_s:
-            timer = threading.Timer(delay_s, self._launch, args=(worker, quick_deaths))
-            timer.daemon = True
-            with self._lock:
-                self._timers = [t for t in self._timers if t.is_alive()] + [timer]
-            timer.start()
-        else:
-            self._launch(worker)
+        delay_s = self._respawner.replace(worker, actor.started, actor.quick_deaths)
+        log.warning("%s is lost (%s); asking Ray for a new one in %.1f s", worker, why, delay_s)
 
     def _emit(self, event: WorkerEvent) -> None:
-        if self._sink is not None:
-            try:
-                self._sink(event)
-            except Exception:
-                log.exception("event sink failed on %r", event)
+        emit_to(self._sink, event)

@@ -106,6 +106,44 @@ def respawn_delay(started: float, quick_deaths: int) -> tuple[int, float]:
     return deaths, min(MAX_RESPAWN_DELAY_S, 0.5 * 2**deaths) if deaths else 0.0
 
 
+class Respawner:
+    """Starts a lost worker's replacement, at once or after respawn_delay; pending starts are cancelled at stop.
+    Both pool backends replace workers this way."""
+
+    def __init__(self, start: Callable[[str, int], None]):
+        """`start(worker, quick_deaths)` starts one worker."""
+        self._start = start
+        self._lock = threading.Lock()
+        self._timers: list[threading.Timer] = []
+
+    def replace(self, worker: str, started: float, quick_deaths: int) -> float:
+        """Schedules the replacement; returns the delay before it starts."""
+        deaths, delay_s = respawn_delay(started, quick_deaths)
+        if not delay_s:
+            self._start(worker, deaths)
+            return 0.0
+        timer = threading.Timer(delay_s, self._start, args=(worker, deaths))
+        timer.daemon = True
+        with self._lock:
+            self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+        timer.start()
+        return delay_s
+
+    def cancel(self) -> None:
+        with self._lock:
+            for timer in self._timers:
+                timer.cancel()
+
+
+def emit_to(sink: EventSink | None, event: WorkerEvent) -> None:
+    """Hands an event to the pool's sink; a failing sink is logged, and must not kill the pool's threads."""
+    if sink is not None:
+        try:
+            sink(event)
+        except Exception:
+            log.exception("event sink failed on %r", event)
+
+
 class LocalProcessPool:
     """N spawned worker processes on this machine; a worker that dies is reported and replaced."""
 
@@ -131,7 +169,7 @@ class LocalProcessPool:
         self._sink: EventSink | None = None
         self._monitor: threading.Thread | None = None
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
-        self._timers: list[threading.Timer] = []
+        self._respawner = Respawner(self._spawn)
 
     @property
     def worker_ids(self) -> list[str]:
@@ -162,9 +200,8 @@ class LocalProcessPool:
 
     def stop(self, timeout_s: float) -> None:
         self._stopping.set()
+        self._respawner.cancel()
         with self._lock:
-            for timer in self._timers:
-                timer.cancel()
             slots = list(self._slots.values())
         for slot in slots:
             with contextlib.suppress(OSError, EOFError):
@@ -235,21 +272,9 @@ class LocalProcessPool:
         slot.process.join(1)
         self._receive(worker, slot.conn)  # whatever it said before dying comes first
         slot.conn.close()
-        quick_deaths, delay_s = respawn_delay(slot.started, slot.quick_deaths)
-        log.warning("%s died with exit code %s; replacing it in %.1f s", worker, slot.process.exitcode, delay_s)
         self._emit(WorkerDied(worker=worker, exitcode=slot.process.exitcode))
-        if delay_s:
-            timer = threading.Timer(delay_s, self._spawn, args=(worker, quick_deaths))
-            timer.daemon = True
-            with self._lock:
-                self._timers = [t for t in self._timers if t.is_alive()] + [timer]
-            timer.start()
-        else:
-            self._spawn(worker)
+        delay_s = self._respawner.replace(worker, slot.started, slot.quick_deaths)
+        log.warning("%s died with exit code %s; replacing it in %.1f s", worker, slot.process.exitcode, delay_s)
 
     def _emit(self, event: WorkerEvent) -> None:
-        if self._sink is not None:
-            try:
-                self._sink(event)
-            except Exception:  # a bad sink must not kill the monitor thread
-                log.exception("event sink failed on %r", event)
+        emit_to(self._sink, event)

@@ -111,7 +111,7 @@ def test_retention_keeps_the_newest_k_and_the_best(tiny_bert: Path, keyword_data
     assert finished.outcome is Outcome.SUCCEEDED
     assert len(of_type(events, CheckpointWritten)) == 6
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.endswith(".json"))
-    assert kept == ["best", "step-000016", "step-000020", "step-000024"]
+    assert kept == ["best", "serving", "step-000016", "step-000020", "step-000024"]  # serving/: Predict
 
 
 def test_a_full_disk_is_recognised_through_wrappers() -> None:

@@ -105,7 +105,8 @@ def test_it_learns_and_writes_a_loadable_artifact(tiny_bert: Path, keyword_datas
     assert len(evaluations) == 8 and evaluations[-1].metrics["eval_accuracy"] >= 0.85
     assert len(of_type(events, CheckpointWritten)) == 8
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert kept == ["best", "step-000096"], "only the newest checkpoint and the best one are kept"
+    assert kept == ["best", "serving", "step-000096"], "only the newest checkpoint and the best one are kept"
+    assert (tmp_path / "checkpoints" / "serving" / "job_spec.json").exists()  # Predict on a checkpoint needs it
     with tarfile.open(tmp_path / "artifact.tar") as tar:
         assert {"config.json", "model.safetensors", "metrics.json", "job_spec.json"} <= set(tar.getnames())
 
