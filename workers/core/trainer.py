@@ -404,38 +404,26 @@ class Trainer:
     def _stop_if_asked(self, step: int, epoch: int, in_epoch: int) -> None:
         """Between optimizer steps: a cancel stops at once; a pause or shutdown first saves a checkpoint; so does
         running out of max_runtime, which then fails the job. With several ranks, rank 0's view decides for all."""
-        if self.ranks.distributed:
-            self._stop_as_rank_zero_says(step, epoch, in_epoch)
-            return
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        reporter = self.reporter
+        flags = [
+            self.deadline is not None and time.monotonic() >= self.deadline,
+            reporter.stop_requested,
+            reporter.checkpoint_flag.is_set(),
+        ]
+        out_of_time, stop, pause = agree(flags) if self.ranks.distributed else flags
+        if out_of_time:
             if step > 0:
                 self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
             raise JobFailure(
                 "DEADLINE_EXCEEDED",
                 f"max_runtime ran out at step {step} of {self.plan.total_steps}; a checkpoint was saved",
             )
-        if not self.reporter.stop_requested:
+        if not stop:
             return
-        if self.reporter.checkpoint_flag.is_set() and step > 0:
+        if pause and step > 0:
             self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
-            self.reporter.log(f"stopping: checkpointed at step {step} to resume from")
-        self.reporter.check_cancelled()
-
-    def _stop_as_rank_zero_says(self, step: int, epoch: int, in_epoch: int) -> None:
-        out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
-        reporter = self.reporter
-        out_of_time, stop, pause = agree([out_of_time, reporter.stop_requested, reporter.checkpoint_flag.is_set()])
-        if (out_of_time or (stop and pause)) and step > 0:
-            self._checkpoint(step, epoch, in_epoch, epoch_complete=False)
-        if out_of_time:
-            raise JobFailure(
-                "DEADLINE_EXCEEDED",
-                f"max_runtime ran out at step {step} of {self.plan.total_steps}; a checkpoint was saved",
-            )
-        if stop:
-            if pause and step > 0:
-                reporter.log(f"stopping: checkpointed at step {step} to resume from")
-            raise TrainingCancelled()
+            reporter.log(f"stopping: checkpointed at step {step} to resume from")
+        raise TrainingCancelled()
 
     def loss_on(self, batch: Batch) -> torch.Tensor:
         """The training loss of one micro-batch (moved to the device, under autocast), ready for backward."""
