@@ -252,7 +252,7 @@ def export_model(folder: Path, format: ExportFormat, opset: int = DEFAULT_OPSET)
     path = folder / relative
     used_opset = opset if format is ExportFormat.ONNX else 0
     result = ExportResult(format.value, relative, path.stat().st_size, file_digest(path), check, used_opset)
-    record_check(folder, result)
+    record_check(folder, result.format, asdict(result))
     return result
 
 
@@ -262,11 +262,7 @@ def export_or_record(folder: Path, format: ExportFormat, opset: int, reporter: A
         result = export_model(folder, format, opset)
     except Exception as exc:  # the model is trained and saved: a failed export is recorded, not fatal
         reason, message = (exc.reason, exc.message) if isinstance(exc, ExportFailed) else ("INTERNAL", repr(exc))
-        path = folder / EXPORTS / CHECKS
-        path.parent.mkdir(exist_ok=True)
-        checks = json.loads(path.read_text()) if path.exists() else {}
-        checks[format.value] = {"format": format.value, "error": reason, "message": message}
-        path.write_text(json.dumps(checks, indent=2, sort_keys=True))
+        record_check(folder, format.value, {"format": format.value, "error": reason, "message": message})
         reporter.log(f"export {format.value} not made: {reason}: {message}", Severity.WARNING)
         return
     check = result.check
@@ -276,10 +272,10 @@ def export_or_record(folder: Path, format: ExportFormat, opset: int, reporter: A
     reporter.log(f"export {format.value}: {result.file} ({result.size_bytes} bytes){figures}")
 
 
-def record_check(folder: Path, result: ExportResult) -> None:
-    """Adds the result to exports/checks.json (one entry per format, the newest kept)."""
+def record_check(folder: Path, format: str, entry: dict[str, Any]) -> None:
+    """Sets one format's entry in exports/checks.json (its result, or why it was not made; the newest kept)."""
     path = folder / EXPORTS / CHECKS
     path.parent.mkdir(exist_ok=True)
     checks = json.loads(path.read_text()) if path.exists() else {}
-    checks[result.format] = asdict(result)
+    checks[format] = entry
     path.write_text(json.dumps(checks, indent=2, sort_keys=True))
