@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import socket
 import tempfile
 import threading
@@ -235,6 +236,7 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
         command = inbox.get()
         if isinstance(command, Shutdown):
             stops.shutdown_all()
+            shutil.rmtree(models, ignore_errors=True)  # the unpacked models kept for Predict
             return
         if not isinstance(command, RunJob):
             continue

@@ -51,6 +51,8 @@ class RemoteAttempt:
     remote_artifact: str = ""
     scratch: Path | None = None
     """Scratch space this worker made for the attempt (removed at the end)."""
+    pushed_best: int = 0
+    """Modification time (ns) of the best weights last pushed: unchanged best weights are not uploaded again."""
 
     def send_through(self, send: Callable[[WorkerEvent], None]) -> Callable[[WorkerEvent], None]:
         """Wraps the event sink: a checkpoint reaches object storage before the server hears of it."""
@@ -72,9 +74,10 @@ class RemoteAttempt:
         local_root = folder.parent
         target = f"{root}/{folder.name}"
         _put_folder(fs, folder, target)
-        best = local_root / "best"
-        if best.is_dir():
-            _put_folder(fs, best, f"{root}/best")
+        best_position = local_root / "best" / POSITION
+        if best_position.exists() and best_position.stat().st_mtime_ns != self.pushed_best:
+            _put_folder(fs, best_position.parent, f"{root}/best")
+            self.pushed_best = best_position.stat().st_mtime_ns
         serving = local_root / "serving"  # what Predict needs to rebuild the model from a checkpoint
         if serving.is_dir() and not fs.exists(f"{root}/serving/job_spec.json"):
             _put_folder(fs, serving, f"{root}/serving")
@@ -96,9 +99,9 @@ class RemoteAttempt:
         complete = [step for step in _remote_steps(fs, root) if fs.exists(f"{step}/{POSITION}")]
         if complete:
             newest = max(complete, key=lambda step: step.rsplit("/", 1)[-1])
-            _get_folder(fs, newest, local / newest.rsplit("/", 1)[-1])
+            get_folder(fs, newest, local / newest.rsplit("/", 1)[-1])
         if fs.exists(f"{root}/best/{POSITION}"):
-            _get_folder(fs, f"{root}/best", local / "best")
+            get_folder(fs, f"{root}/best", local / "best")
         for entry in fs.ls(root, detail=False):
             if str(entry).endswith(".json"):
                 fs.get_file(entry, str(local / str(entry).rsplit("/", 1)[-1]))
@@ -119,7 +122,7 @@ def _put_folder(fs: fsspec.AbstractFileSystem, folder: Path, target: str) -> Non
         fs.put_file(str(file), f"{target}/{file.name}")
 
 
-def _get_folder(fs: fsspec.AbstractFileSystem, source: str, folder: Path) -> None:
+def get_folder(fs: fsspec.AbstractFileSystem, source: str, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for entry in fs.ls(source, detail=False):
         fs.get_file(entry, str(folder / str(entry).rsplit("/", 1)[-1]))

@@ -33,7 +33,7 @@ from workers.core.errors import InvalidDataset
 from workers.core.serving import model_classes, rebuild
 from workers.core.speech_adapter import normalise
 from workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady, WorkerEvent
-from workers.remote_storage import filesystem, is_remote
+from workers.remote_storage import filesystem, get_folder, is_remote
 from workers.spec import TaskKind
 
 log = logging.getLogger(__name__)
@@ -53,36 +53,51 @@ class LoadedModel:
     data: dict[str, Any]
     """The spec's data settings (sequence length, clip length) as training used them."""
 
-    def inputs(self, items: list[tuple[str, Any]]) -> dict[str, torch.Tensor]:
-        """The model's inputs for raw items (all of this model's modality), batched and padded."""
+    def decode(self, item: tuple[str, Any]) -> Any:
+        """One raw input made ready for the processor: text, an RGB image, or a mono wave at the model's rate
+        (cut or padded to the clip length for classification). InvalidDataset when it cannot be read."""
+        _, value = item
         match self.task:
             case TaskKind.TEXT_CLASSIFICATION:
-                texts = [str(value) for _, value in items]
-                limit = self.data.get("max_sequence_length") or 512
-                encoded = self.processor(texts, truncation=True, max_length=limit, padding=True, return_tensors="pt")
-                return dict(encoded)
+                return str(value)
             case TaskKind.IMAGE_CLASSIFICATION:
-                images = [_image(value) for _, value in items]
-                return {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
+                return _image(value)
             case TaskKind.AUDIO_CLASSIFICATION:
                 rate = int(self.processor.sampling_rate)
                 length = int((self.data.get("clip_seconds") or DEFAULT_CLIP_SECONDS) * rate)
-                waves = [crop_or_pad(_wave(value, rate), length, False, None).numpy() for _, value in items]
-                features = self.processor(waves, sampling_rate=rate, return_tensors="pt")
-                return dict(features)
+                return crop_or_pad(_wave(value, rate), length, False, None).numpy()
             case TaskKind.SPEECH_RECOGNITION:
-                rate = int(self.processor.feature_extractor.sampling_rate)
-                waves = [_wave(value, rate).numpy() for _, value in items]
-                features = self.processor.feature_extractor(
-                    waves, sampling_rate=rate, return_tensors="pt", padding=True, return_attention_mask=True
+                return _wave(value, int(self.processor.feature_extractor.sampling_rate)).numpy()
+        raise ValueError(f"unknown task {self.task}")
+
+    def batch(self, decoded: list[Any]) -> dict[str, torch.Tensor]:
+        """The model's inputs for decoded items, batched and padded."""
+        processor = self.processor
+        match self.task:
+            case TaskKind.TEXT_CLASSIFICATION:
+                limit = self.data.get("max_sequence_length") or 512
+                return dict(processor(decoded, truncation=True, max_length=limit, padding=True, return_tensors="pt"))
+            case TaskKind.IMAGE_CLASSIFICATION:
+                return {"pixel_values": processor(images=decoded, return_tensors="pt")["pixel_values"]}
+            case TaskKind.AUDIO_CLASSIFICATION:
+                return dict(processor(decoded, sampling_rate=int(processor.sampling_rate), return_tensors="pt"))
+            case TaskKind.SPEECH_RECOGNITION:
+                extractor = processor.feature_extractor
+                rate = int(extractor.sampling_rate)
+                features = extractor(
+                    decoded, sampling_rate=rate, return_tensors="pt", padding=True, return_attention_mask=True
                 )
                 return dict(features)
         raise ValueError(f"unknown task {self.task}")
 
-    def answer(self, items: list[tuple[str, Any]], top_k: int) -> list[dict[str, Any]]:
-        """One forward pass over the items (the caller keeps batches small enough)."""
+    def inputs(self, items: list[tuple[str, Any]]) -> dict[str, torch.Tensor]:
+        """The model's inputs for raw items (all of this model's modality), batched and padded."""
+        return self.batch([self.decode(item) for item in items])
+
+    def answer(self, decoded: list[Any], top_k: int) -> list[dict[str, Any]]:
+        """One forward pass over decoded items (the caller keeps batches small enough)."""
         with torch.inference_mode():
-            logits = self.model(**self.inputs(items)).logits.float()
+            logits = self.model(**self.batch(decoded)).logits.float()
         if self.task is TaskKind.SPEECH_RECOGNITION:
             texts = self.processor.tokenizer.batch_decode(logits.argmax(dim=-1))
             return [{"transcript": normalise(text)} for text in texts]
@@ -163,18 +178,13 @@ class ModelCache:
             return self._models[key]
         target = self._folder / key
         shutil.rmtree(target, ignore_errors=True)
-        (target / "serving").mkdir(parents=True)
-        for kind, source in (("serving", "serving"), ("weights", f"{step}/model.safetensors")):
-            if fs is not None:
-                if kind == "serving":
-                    for entry in fs.ls(f"{base}/serving", detail=False):
-                        fs.get_file(entry, str(target / "serving" / str(entry).rsplit("/", 1)[-1]))
-                else:
-                    fs.get_file(f"{base}/{source}", str(target / "model.safetensors"))
-            elif kind == "serving":
-                shutil.copytree(Path(base) / "serving", target / "serving", dirs_exist_ok=True)
-            else:
-                shutil.copyfile(Path(base) / source, target / "model.safetensors")
+        weights = f"{step}/model.safetensors"
+        if fs is not None:
+            get_folder(fs, f"{base}/serving", target / "serving")
+            fs.get_file(f"{base}/{weights}", str(target / "model.safetensors"))
+        else:
+            shutil.copytree(Path(base) / "serving", target / "serving")
+            shutil.copyfile(Path(base) / weights, target / "model.safetensors")
         model, processor, spec = rebuild(target / "serving", target / "model.safetensors")
         loaded = as_loaded(model, processor, spec)
         self._remember(key, loaded)
@@ -242,7 +252,9 @@ class PredictionServer:
             result = asdict(export_model(folder, ExportFormat(command.format), command.onnx_opset))
             if result["file"].startswith("exports/"):  # a file of its own goes to storage; the others are the tar
                 self._store(folder / result["file"], command.destination)
-            self._store_bytes(json.dumps(result).encode(), command.destination + ".json")
+            metadata = folder / "exports" / f"{command.format}.result.json"
+            metadata.write_text(json.dumps(result))
+            self._store(metadata, command.destination + ".json")  # last: its presence says the export is there
             return ExportReady(self._worker, command.request, result)
         except ExportFailed as failure:
             return ExportReady(self._worker, command.request, {}, failure.reason, failure.message)
@@ -260,16 +272,6 @@ class PredictionServer:
             shutil.copyfile(file, temporary)
             temporary.replace(destination)
 
-    def _store_bytes(self, data: bytes, destination: str) -> None:
-        if is_remote(destination):
-            fs, path = filesystem(destination, self._cache.options)
-            fs.pipe_file(path, data)
-        else:
-            Path(destination).parent.mkdir(parents=True, exist_ok=True)
-            temporary = Path(destination + ".tmp")
-            temporary.write_bytes(data)
-            temporary.replace(destination)
-
     def _answer(self, batch: PredictBatch) -> PredictionsReady:
         if batch.checkpoint:
             try:
@@ -279,17 +281,17 @@ class PredictionServer:
         else:
             model = self._cache.get(batch.artifact, batch.artifact_sha256)
         results: list[dict[str, Any]] = [{} for _ in batch.inputs]
-        good: list[int] = []
+        decoded: dict[int, Any] = {}
         for index, item in enumerate(batch.inputs):  # a bad input fails alone, not its neighbours
             try:
-                model.inputs([item])
-                good.append(index)
+                decoded[index] = model.decode(item)
             except (InvalidDataset, ValueError, TypeError) as exc:
                 results[index] = {"error": str(exc)}
+        good = list(decoded)
         passes = 0
         for start in range(0, len(good), MAX_FORWARD_ROWS):
             chunk = good[start : start + MAX_FORWARD_ROWS]
-            for index, answer in zip(chunk, model.answer([batch.inputs[i] for i in chunk], batch.top_k), strict=True):
+            for index, answer in zip(chunk, model.answer([decoded[i] for i in chunk], batch.top_k), strict=True):
                 results[index] = answer
             passes += 1
         return PredictionsReady(self._worker, batch.batch, results, forward_passes=passes)
