@@ -194,8 +194,8 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         kill_grace_s=settings.kill_grace_s,
     )
     scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy, metrics, quotas)
-    predictions = Predictions(scheduler.send_call, scheduler.prediction_worker, metrics)
-    exports = Exports(scheduler.send_call, scheduler.prediction_worker)
+    predictions = Predictions(scheduler.send_call, scheduler.worker_for_calls, metrics)
+    exports = Exports(scheduler.send_call, scheduler.worker_for_calls)
     scheduler.worker_calls += [predictions, exports]
     notifier = WebhookNotifier(webhook_settings(settings), webhooks_of(access), metrics)
     scheduler.add_listener(notifier.on_change)

@@ -26,7 +26,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.messages import Shutdown, WorkerCommand, WorkerDied, WorkerEvent
-from workers.pool import DEFAULT_ENTRY, EventSink, Respawner, WorkerSettings, emit_to
+from workers.pool import DEFAULT_ENTRY, EventSink, Respawner, WorkerSettings, deliver, emit_to
 from workers.ray_actor import WorkerHost
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,7 @@ class RayPool:
             actor = self._actors[worker]
         if actor.conn is None:
             raise KeyError(f"{worker} has not connected yet")
-        try:
-            actor.conn.send(command)
-        except (OSError, EOFError) as exc:
-            raise KeyError(f"{worker} is not reachable: {exc}") from exc
+        deliver(actor.conn, worker, command)
 
     def kill(self, worker: str) -> None:
         with self._lock:

@@ -303,8 +303,9 @@ class Scheduler:
                 turns.append((active / quota.weight, served, -head.priority, head.order, head.tenant))
         return min(turns)[-1] if turns else None
 
-    def prediction_worker(self) -> str | None:
-        """A ready worker for a prediction batch: an idle one first (the same one, so its loaded models get used)."""
+    def worker_for_calls(self) -> str | None:
+        """A ready worker for a Predict batch or an export: an idle one first (the same one, so its loaded models
+        get used)."""
         ready = [(slot.state != "idle", name) for name, slot in self._slots.items() if slot.state in ("idle", "busy")]
         return min(ready)[1] if ready else None
 

@@ -135,6 +135,14 @@ class Respawner:
                 timer.cancel()
 
 
+def deliver(conn: Connection, worker: str, command: WorkerCommand) -> None:
+    """Sends a command over a worker's connection; KeyError (the pool's "no such worker") when it is broken."""
+    try:
+        conn.send(command)
+    except (OSError, EOFError) as exc:
+        raise KeyError(f"{worker} is not reachable: {exc}") from exc
+
+
 def emit_to(sink: EventSink | None, event: WorkerEvent) -> None:
     """Hands an event to the pool's sink; a failing sink is logged, and must not kill the pool's threads."""
     if sink is not None:
@@ -186,10 +194,7 @@ class LocalProcessPool:
     def send(self, worker: str, command: WorkerCommand) -> None:
         with self._lock:
             slot = self._slots[worker]
-        try:
-            slot.conn.send(command)
-        except (OSError, EOFError) as exc:
-            raise KeyError(f"{worker} is not reachable: {exc}") from exc
+        deliver(slot.conn, worker, command)
 
     def kill(self, worker: str) -> None:
         with self._lock:
