@@ -53,10 +53,8 @@ def pack_archive(folder: Path, archive: Path) -> tuple[int, str]:
     with tarfile.open(temporary, "w") as tar:
         for path in sorted(folder.rglob("*")):
             tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
-    digest = hashlib.sha256()
     with open(temporary, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+        digest = hashlib.file_digest(handle, "sha256")
         os.fsync(handle.fileno())
     os.replace(temporary, archive)
     directory = os.open(archive.parent, os.O_RDONLY)
