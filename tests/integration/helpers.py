@@ -14,6 +14,7 @@ from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
 
 from clients.client import TuneforgeClient
+from tests.processes import processes
 
 STATE = jobs_pb2.Job.State
 
@@ -55,18 +56,11 @@ def wait_for_end(client: TuneforgeClient, name: str, timeout_s: float = 120) -> 
 
 def worker_pids(server_pid: int) -> dict[str, int]:
     """The server's worker processes by worker name (each names itself `tf-worker-N` in /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            comm = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and comm.startswith("tf-worker-"):
-            found[comm.removeprefix("tf-")] = int(entry.name)
-    return found
+    return {
+        p.name.removeprefix("tf-"): p.pid
+        for p in processes()
+        if p.parent == server_pid and p.name.startswith("tf-worker-")
+    }
 
 
 def wait_for_exit(pid: int, timeout_s: float) -> bool:

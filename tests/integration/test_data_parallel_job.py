@@ -12,6 +12,7 @@ import pytest
 from clients.client import TuneforgeClient
 from clients.local_server import LocalServer
 from tests.integration.helpers import STATE, log_lines, text_spec, wait_for_end, worker_pids
+from tests.processes import processes
 
 pytestmark = pytest.mark.integration
 
@@ -19,18 +20,7 @@ pytestmark = pytest.mark.integration
 def helper_rank_pids(server_pid: int) -> list[int]:
     """Helper ranks (`tf-rank-N`) whose parent is one of the server's workers."""
     workers = set(worker_pids(server_pid).values())
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            comm = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        if parent in workers and comm.startswith("tf-rank-"):
-            found.append(int(entry.name))
-    return found
+    return [p.pid for p in processes() if p.parent in workers and p.name.startswith("tf-rank-")]
 
 
 def test_two_rank_job_survives_losing_a_rank(
