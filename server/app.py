@@ -219,8 +219,8 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     files_pb2_grpc.add_FileServiceServicer_to_server(
         FileServicer(store, db, storage, settings.max_upload_bytes, metrics, quotas), server
     )
-    jobs = JobFactory(store, db, hub, scheduler, metrics)
-    sweeps = SweepController(store, db, scheduler, jobs, hub, roots)
+    jobs = JobFactory(store, db, hub, scheduler, metrics, quotas)
+    sweeps = SweepController(store, db, scheduler, jobs, hub, roots, quotas)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(
         JobServicer(store, db, storage, scheduler, hub, roots, jobs, predictions, exports, quotas), server
     )

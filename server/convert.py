@@ -7,6 +7,7 @@ import functools
 from google.protobuf import timestamp_pb2
 from tuneforge.v1 import files_pb2, jobs_pb2
 
+from server.bounded import bounded
 from server.job_states import JobState
 from server.names import file_name, job_name
 from server.records import EventRecord, FileRecord, JobRecord, NewEvent
@@ -114,7 +115,7 @@ def state_change_event(before: JobRecord, after: JobRecord) -> NewEvent:
 
 
 def log_event(severity: Severity, message: str, attempt: int) -> NewEvent:
-    line = jobs_pb2.LogLine(severity=SEVERITIES[severity], message=message)
+    line = jobs_pb2.LogLine(severity=SEVERITIES[severity], message=bounded(message))
     return _new(jobs_pb2.JobEvent(log=line), attempt)
 
 

@@ -26,7 +26,15 @@ class Exports:
         self._ids = itertools.count(1)
 
     async def export(
-        self, job: str, artifact: str, sha256: str, format: str, opset: int, destination: str, timeout_s: float
+        self,
+        job: str,
+        artifact: str,
+        sha256: str,
+        format: str,
+        opset: int,
+        destination: str,
+        timeout_s: float,
+        tenant: str = "",
     ) -> dict[str, Any]:
         """The export's metadata once a worker made and checked it. ApiError with the reason otherwise."""
         worker = self._pick_worker()
@@ -36,7 +44,7 @@ class Exports:
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[request] = (worker, answer)
         try:
-            self._send(worker, ExportArtifact(request, job, artifact, sha256, format, opset, destination))
+            self._send(worker, ExportArtifact(request, job, artifact, sha256, format, opset, destination, tenant))
         except KeyError as exc:
             self._waiting.pop(request, None)
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "WORKER_UNREACHABLE", str(exc)) from exc

@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from server.bounded import MAX_REASON_CHARS, bounded
 from server.convert import log_event, state_change_event
 from server.job_states import ACTIVE, IllegalTransition, JobState, check_transition
 from server.records import JobChange, JobRecord, NewEvent
@@ -27,6 +28,9 @@ def transition(record: JobRecord, target: JobState, extra: list[NewEvent] | None
     if target in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
         fields.setdefault("end_time", now)
         fields.setdefault("worker", None)
+    if "error_message" in fields:  # the worker's message may quote the tenant's data: stored bounded
+        fields["error_message"] = bounded(str(fields["error_message"]))
+        fields["error_reason"] = bounded(str(fields.get("error_reason", "")), MAX_REASON_CHARS)
     updated = replace(record, state=target, **fields)
     return JobChange(updated, [*(extra or []), state_change_event(record, updated)])
 

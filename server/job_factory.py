@@ -8,14 +8,16 @@ import time
 from tuneforge.v1 import job_spec_pb2
 
 from server import convert
+from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
 from server.db import StoreRunner
+from server.errors import quota_exceeded
 from server.event_hub import EventHub
 from server.job_states import JobState
 from server.metrics.service_metrics import ServiceMetrics
 from server.names import new_id
 from server.records import DEFAULT_TENANT, JobRecord
 from server.scheduler import Scheduler
-from server.store.base import JobStore
+from server.store.base import JobStore, QuotaExceeded
 from workers.logs import job_fields
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,11 @@ class JobFactory:
         hub: EventHub,
         scheduler: Scheduler,
         metrics: ServiceMetrics | None = None,
+        quotas: QuotaLookup = no_quotas,
     ):
         self._store, self._db, self._hub, self._scheduler = store, db, hub, scheduler
         self._metrics = metrics or ServiceMetrics()
+        self._quotas = quotas
 
     async def create(
         self,
@@ -45,7 +49,9 @@ class JobFactory:
         trial_number: int = 0,
         tenant: str = DEFAULT_TENANT,
     ) -> JobRecord:
-        """The spec must already be valid. Returns the stored job (the first one for a repeated request_id)."""
+        """The spec must already be valid. Returns the stored job (the first one for a repeated request_id).
+        RESOURCE_EXHAUSTED when the tenant's queued jobs would pass its quota (counted in the insert's transaction,
+        so concurrent creates cannot all slip under it)."""
         now = time.time()
         record = JobRecord(
             id=job_id or new_id("ft"),
@@ -61,7 +67,14 @@ class JobFactory:
             tenant=tenant,
         )
         first = convert.created_event(record)
-        stored, created = await self._db.call(self._store.create_job, record, [first], request_id)
+        limit = self._quotas(tenant).max_queued_jobs
+        try:
+            stored, created = await self._db.call(
+                self._store.create_job, record, [first], request_id, limit if limit < UNLIMITED else None
+            )
+        except QuotaExceeded as exceeded:
+            message = f"tenant {tenant} has {exceeded.used} queued jobs, its quota is {limit}; wait for some to start"
+            raise quota_exceeded(tenant, "max_queued_jobs", limit, message) from None
         if created:
             self._metrics.job_submitted("sweep" if sweep_id else "api")
             origin = f"as trial {trial_number} of {sweep_id}" if sweep_id else "through the API"

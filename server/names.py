@@ -21,7 +21,7 @@ def parse_name(name: str, collection: str, field: str = "name") -> str:
     head, _, resource_id = name.partition("/")
     if not name:
         raise invalid_argument([FieldViolation(field, f"required: a {collection}/{{id}} name")])
-    if head != collection or not ID_PATTERN.match(resource_id):
+    if head != collection or not ID_PATTERN.fullmatch(resource_id):
         raise invalid_argument([FieldViolation(field, f"{name!r} is not a {collection}/{{id}} name")])
     return resource_id
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from google.protobuf.message import Message
 
 from server.errors import FieldViolation, invalid_argument
 
 MAX_PAGE_SIZE = 1000
+PAGE_BUDGET_BYTES = 3 << 20
+"""A list response's size: under the 4 MiB message limit whatever its rows hold (a page ends early instead)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,16 @@ def parse_page(page_size: int, page_token: str, query: str = "", default_size: i
     if fingerprint != _fingerprint(query):
         raise invalid_argument([FieldViolation("page_token", "was issued for a different filter")])
     return Page(size, cursor)
+
+
+def fitting(messages: Sequence[Message], budget_bytes: int = PAGE_BUDGET_BYTES) -> int:
+    """How many of the messages, from the first, fit in one response (always at least one)."""
+    total = 0
+    for count, message in enumerate(messages):
+        total += message.ByteSize() + 16  # the field's tag and length
+        if count and total > budget_bytes:
+            return count
+    return len(messages)
 
 
 def make_token(cursor: int | None, query: str = "") -> str:

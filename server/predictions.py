@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH_INPUTS = 64
 GATHER_S = 0.01
 """How long the first call of a batch waits for others to join it."""
+BATCH_ERROR_CODES = {"INTERNAL": grpc.StatusCode.INTERNAL, "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 @dataclass
@@ -32,6 +34,8 @@ class _Call:
     inputs: list[tuple[str, str | bytes]]
     top_k: int
     answer: asyncio.Future[list[dict[str, Any]]]
+    deadline: float
+    """Wall-clock time the caller gives up."""
 
 
 @dataclass
@@ -40,6 +44,7 @@ class _Gathering:
 
     artifact: str
     checkpoint: str = ""
+    tenant: str = ""
     calls: list[_Call] = field(default_factory=list)
     size: int = 0
     timer: asyncio.TimerHandle | None = None
@@ -76,13 +81,14 @@ class Predictions:
         top_k: int,
         timeout_s: float,
         checkpoint: str = "",
+        tenant: str = "",
     ) -> list[dict[str, Any]]:
         """This call's answers, in order. ApiError: DEADLINE_EXCEEDED, UNAVAILABLE, or the batch's failure.
         With `checkpoint`, `artifact` is the job's checkpoint folder."""
         loop = asyncio.get_running_loop()
-        call = _Call(inputs, top_k, loop.create_future())
+        call = _Call(inputs, top_k, loop.create_future(), time.time() + timeout_s)
         key = (job, f"checkpoint:{checkpoint}" if checkpoint else sha256)
-        gathering = self._gathering.setdefault(key, _Gathering(artifact, checkpoint))
+        gathering = self._gathering.setdefault(key, _Gathering(artifact, checkpoint, tenant))
         gathering.calls.append(call)
         gathering.size += len(inputs)
         if gathering.size >= MAX_BATCH_INPUTS:
@@ -112,7 +118,18 @@ class Predictions:
         batch_id = next(self._ids)
         inputs = [item for call in calls for item in call.inputs]
         top_k = max(c.top_k for c in calls)
-        command = PredictBatch(batch_id, key[0], gathering.artifact, key[1], inputs, top_k, gathering.checkpoint)
+        deadline = max(call.deadline for call in calls)  # the worker drops the batch once every caller gave up
+        command = PredictBatch(
+            batch_id,
+            key[0],
+            gathering.artifact,
+            key[1],
+            inputs,
+            top_k,
+            gathering.checkpoint,
+            gathering.tenant,
+            deadline,
+        )
         self._in_flight[batch_id] = _InFlight(worker, calls)
         try:
             self._send(worker, command)
@@ -132,7 +149,7 @@ class Predictions:
             return
         self._metrics.prediction_forward_passes.inc(event.forward_passes)
         if event.error_reason:
-            code = grpc.StatusCode.INTERNAL if event.error_reason == "INTERNAL" else grpc.StatusCode.FAILED_PRECONDITION
+            code = BATCH_ERROR_CODES.get(event.error_reason, grpc.StatusCode.FAILED_PRECONDITION)
             self._fail(flight.calls, ApiError(code, event.error_reason, event.error_message))
             return
         offset = 0

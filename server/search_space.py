@@ -27,6 +27,8 @@ ParamValue = str | int | float | bool
 
 MAX_TRIALS = 1000
 DEFAULT_TRIALS = 10
+MAX_GRID_POINTS = 10_000
+"""A grid is built whole (by Optuna too): its size is checked from the ranges before any of it exists."""
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 _INTS = (
     FieldDescriptor.TYPE_INT32,
@@ -68,9 +70,9 @@ def plan_search(spec: sweeps_pb2.SweepSpec, model_roots: list[Path]) -> tuple[Se
     metric, maximize = _objective(spec, base_result.spec.task if base_result.spec else None, bad)
     max_trials, parallelism, budget_s = _limits(spec, bad)
     algorithm = spec.algorithm or sweeps_pb2.SweepSpec.TPE
-    grid = _grid(distributions) if algorithm == sweeps_pb2.SweepSpec.GRID else {}
-    if algorithm == sweeps_pb2.SweepSpec.GRID and len(grid) != len(distributions):
-        bad.append(FieldViolation("sweep.spec.algorithm", "GRID needs categorical or stepped int parameters only"))
+    grid: dict[str, list[Any]] = {}
+    if algorithm == sweeps_pb2.SweepSpec.GRID:
+        grid = _grid(distributions, bad)
     if algorithm == sweeps_pb2.SweepSpec.CMA_ES and any(
         isinstance(d, optuna.distributions.CategoricalDistribution) for d in distributions.values()
     ):
@@ -161,7 +163,7 @@ def make_sampler(plan: SearchPlan) -> optuna.samplers.BaseSampler:
         case sweeps_pb2.SweepSpec.RANDOM:
             return optuna.samplers.RandomSampler(seed=plan.seed)
         case sweeps_pb2.SweepSpec.GRID:
-            return optuna.samplers.GridSampler(plan.grid, seed=plan.seed)
+            return AskTellGridSampler(plan.grid, seed=plan.seed)
         case sweeps_pb2.SweepSpec.CMA_ES:
             return optuna.samplers.CmaEsSampler(seed=plan.seed, warn_independent_sampling=False)
     # TPE: few random start-up trials, so a small sweep still gets guided points.
@@ -274,14 +276,45 @@ def _choices(
     return choices, []
 
 
-def _grid(distributions: dict[str, Distribution]) -> dict[str, list[Any]]:
+def _grid(distributions: dict[str, Distribution], bad: list[FieldViolation]) -> dict[str, list[Any]]:
+    """Every grid point's values per parameter, once the grid's size (counted, not built) is within the cap."""
+    sizes: dict[str, int] = {}
+    for index, (name, distribution) in enumerate(distributions.items()):
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            sizes[name] = len(distribution.choices)
+        elif isinstance(distribution, optuna.distributions.IntDistribution) and not distribution.log:
+            sizes[name] = (distribution.high - distribution.low) // distribution.step + 1
+        else:
+            bad.append(
+                FieldViolation(f"sweep.spec.parameters[{index}]", "GRID needs categorical or stepped int parameters")
+            )
+    points = math.prod(sizes.values())
+    if points > MAX_GRID_POINTS:
+        counts = " x ".join(f"{name} {size:,}" for name, size in sizes.items())
+        bad.append(
+            FieldViolation(
+                "sweep.spec.parameters",
+                f"the grid has {points:,} points ({counts}), more than the limit of {MAX_GRID_POINTS:,}; "
+                "use fewer values or a larger step, or RANDOM or TPE to sample the ranges",
+            )
+        )
+    if bad:
+        return {}
     grid: dict[str, list[Any]] = {}
     for name, distribution in distributions.items():
         if isinstance(distribution, optuna.distributions.CategoricalDistribution):
             grid[name] = list(distribution.choices)
-        elif isinstance(distribution, optuna.distributions.IntDistribution) and not distribution.log:
+        elif isinstance(distribution, optuna.distributions.IntDistribution):
             grid[name] = list(range(distribution.low, distribution.high + 1, distribution.step))
     return grid
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler stops the study once the grid is used up, which raises under ask/tell (`Study.stop` is
+    for `optimize`); the sweep controller ends the sweep itself when `max_trials` (at most the grid) have run."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
 
 
 def _probe(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import urllib.parse
 from dataclasses import dataclass, field, replace
@@ -240,9 +241,11 @@ def _base_model(check: _Checker, base_model: str, model_roots: list[Path]) -> No
     if not base_model:
         check.bad("base_model", "required: a hub id or a model folder under a model root")
         return
-    if base_model.startswith(("/", ".", "~")):
+    if base_model.startswith(("/", ".", "~")) or os.path.lexists(base_model):
+        # A name that exists as a path (relative to the server's working directory) is a local path, and the
+        # loader would open it as one: it must pass the local checks, which refuse relative paths.
         _local_model(check, base_model, model_roots)
-    elif not HUB_ID.match(base_model):
+    elif not HUB_ID.fullmatch(base_model):
         check.bad("base_model", f"{base_model!r} is neither a hub id (`org/name`) nor an absolute path")
 
 
@@ -290,9 +293,9 @@ def unsafe_model_folder(folder: Path, roots: list[Path]) -> str | None:
 
 
 def _data(check: _Checker, data: pb.DataSpec) -> DataSettings:
-    if not FILE_NAME.match(data.training_file):
+    if not FILE_NAME.fullmatch(data.training_file):
         check.bad("data.training_file", f"required: a files/{{id}} name, got {data.training_file!r}")
-    if data.validation_file and not FILE_NAME.match(data.validation_file):
+    if data.validation_file and not FILE_NAME.fullmatch(data.validation_file):
         check.bad("data.validation_file", f"must be a files/{{id}} name, got {data.validation_file!r}")
     check.float_range("data.validation_fraction", data.validation_fraction, 0.0, 0.5)
     if data.validation_file and data.validation_fraction:
@@ -390,7 +393,7 @@ def _lora(check: _Checker, lora: pb.LoraSpec) -> LoraSettings:
     alpha = check.float_range("adaptation.lora.alpha", lora.alpha, 0.0, 1e4) or 2.0 * rank
     dropout = check.float_range("adaptation.lora.dropout", lora.dropout, 0.0, 1.0, high_open=True) or 0.05
     for i, name in enumerate(lora.target_modules):
-        if not MODULE_NAME.match(name):
+        if not MODULE_NAME.fullmatch(name):
             check.bad(f"adaptation.lora.target_modules[{i}]", f"{name!r} is not a module name")
     return LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=tuple(lora.target_modules))
 

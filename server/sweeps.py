@@ -22,9 +22,13 @@ import optuna
 from tuneforge.v1 import job_spec_pb2, jobs_pb2, sweeps_pb2
 
 from server import sweep_convert
+from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
+from server.bounded import bounded
 from server.db import StoreRunner
+from server.errors import ApiError
 from server.event_hub import EventHub
 from server.job_factory import JobFactory
+from server.job_files import file_names, owns_file
 from server.job_states import TERMINAL, IllegalTransition, JobState
 from server.names import new_id
 from server.records import DEFAULT_TENANT, EventRecord, JobRecord, NewEvent
@@ -46,6 +50,8 @@ class LiveSweep:
     base: job_spec_pb2.JobSpec
     study: optuna.Study
     running: dict[int, optuna.trial.Trial] = field(default_factory=dict)
+    parked: optuna.trial.Trial | None = None
+    """A point asked for but not started because the tenant's queued-jobs quota was full: started first next time."""
 
 
 class SweepController:
@@ -59,10 +65,14 @@ class SweepController:
         jobs: JobFactory,
         hub: EventHub,
         model_roots: list[Path],
+        quotas: QuotaLookup = no_quotas,
     ):
+        self._quotas = quotas
         self._store, self._db, self._scheduler, self._jobs, self._hub = store, db, scheduler, jobs, hub
         self._model_roots = model_roots
         self._live: dict[str, LiveSweep] = {}
+        self._waiting: dict[str, str] = {}
+        """Sweeps held back by their tenant's queued-jobs quota, to the tenant: any of its jobs starting frees room."""
         self._lock = asyncio.Lock()
         self._inbox: asyncio.Queue[tuple[JobRecord, list[EventRecord]]] = asyncio.Queue()
         self._consumer: asyncio.Task[None] | None = None
@@ -75,8 +85,9 @@ class SweepController:
         for record in await self._db.call(self._store.sweeps_in_states, [SweepState.RUNNING]):
             try:
                 await self._restore(record)
-            except Exception:
+            except Exception as exc:  # one sweep that cannot be rebuilt ends; the server and the others go on
                 log.exception("could not restore sweep %s", record.id)
+                await self._fail_unrestorable(record, exc)
         self._consumer = asyncio.create_task(self._consume(), name="sweeps")
 
     async def stop(self) -> None:
@@ -85,12 +96,14 @@ class SweepController:
 
     # ------------------------------------------------------------ API-facing actions
 
-    def plan(self, spec: sweeps_pb2.SweepSpec) -> tuple[SearchPlan | None, list[Any]]:
-        return plan_search(spec, self._model_roots)
+    async def plan(self, spec: sweeps_pb2.SweepSpec) -> tuple[SearchPlan | None, list[Any]]:
+        """Checks the spec (validating each probe point reads model folders: off the event loop)."""
+        return await asyncio.to_thread(plan_search, spec, self._model_roots)
 
     async def create(
         self, sweep: sweeps_pb2.Sweep, plan: SearchPlan, request_id: str | None, tenant: str = DEFAULT_TENANT
     ) -> SweepRecord:
+        live = await asyncio.to_thread(self._new_live, sweep.spec, plan)  # built before anything is stored
         now = time.time()
         record = SweepRecord(
             id=new_id("sw"),
@@ -106,7 +119,7 @@ class SweepController:
         )
         if created:
             async with self._lock:
-                self._live[stored.id] = self._new_live(sweep.spec, plan)
+                self._live[stored.id] = live
                 await self._fill(stored.id)
             self._hub.publish(stored.id, [], ended=False)
         return await self._get(stored.id)
@@ -119,7 +132,7 @@ class SweepController:
                 return None
             if record.state in SWEEP_TERMINAL:
                 raise IllegalTransition(record.state, SweepState.CANCELLED, "sweep")
-            self._live.pop(sweep_id, None)
+            self._forget(sweep_id)
 
             def change(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]]:
                 trials = [_stopped(t) if t.state is TrialState.RUNNING else t for t in current.trials]
@@ -135,7 +148,7 @@ class SweepController:
     # ------------------------------------------------------------ job events
 
     def _job_changed(self, record: JobRecord, events: list[EventRecord]) -> None:
-        if record.sweep_id:
+        if record.sweep_id or (record.state is not JobState.QUEUED and record.tenant in self._waiting.values()):
             self._inbox.put_nowait((record, events))
 
     async def _consume(self) -> None:
@@ -143,7 +156,10 @@ class SweepController:
             record, events = await self._inbox.get()
             try:
                 async with self._lock:
-                    await self._apply_job_change(record, events)
+                    if record.sweep_id:
+                        await self._apply_job_change(record, events)
+                    for sweep_id in [s for s, tenant in self._waiting.items() if tenant == record.tenant]:
+                        await self._fill(sweep_id)  # a job of the tenant left the queue: room for a trial
             except Exception:  # one bad event must not stop the sweeps
                 log.exception("sweep %s: failed to apply a change of %s", record.sweep_id, record.id)
 
@@ -169,8 +185,12 @@ class SweepController:
         if trial.state is not TrialState.RUNNING or trial.pruning:
             return
         index = len(trial.reports) + 1
-        optuna_trial.report(value, index)
-        prune = bool(optuna_trial.should_prune())  # pruners may answer with a numpy bool, which JSON refuses
+        try:
+            optuna_trial.report(value, index)
+            prune = bool(optuna_trial.should_prune())  # pruners may answer with a numpy bool, which JSON refuses
+        except Exception:  # the report is still recorded; the trial just is not pruned
+            log.exception("sweep %s: the pruner failed on trial %d", job.sweep_id, trial.number)
+            prune = False
         updated = replace(trial, reports=[*trial.reports, (index, value)], pruning=prune)
         await self._update(job.sweep_id, _replace_trial(updated, []))
         if prune:
@@ -185,13 +205,13 @@ class SweepController:
             return
         value = job.artifact_metrics.get(live.plan.metric)
         if job.state is JobState.SUCCEEDED and value is not None:
-            live.study.tell(optuna_trial, float(value))
+            _tell(live, optuna_trial, value=float(value))
             ended = replace(trial, state=TrialState.COMPLETE, value=float(value))
         elif trial.pruning:
-            live.study.tell(optuna_trial, state=optuna.trial.TrialState.PRUNED)
+            _tell(live, optuna_trial, state=optuna.trial.TrialState.PRUNED)
             ended = replace(trial, state=TrialState.PRUNED)
         else:
-            live.study.tell(optuna_trial, state=optuna.trial.TrialState.FAIL)
+            _tell(live, optuna_trial, state=optuna.trial.TrialState.FAIL)
             reason = job.error_reason or job.state.value
             ended = replace(trial, state=TrialState.FAILED, error_reason=reason, error_message=job.error_message)
         seconds = job.run_seconds
@@ -216,32 +236,59 @@ class SweepController:
             return
         plan = live.plan
         sweep = await self._get(sweep_id)
+        self._waiting.pop(sweep_id, None)
         while sweep.state is SweepState.RUNNING:
             running = sum(t.state is TrialState.RUNNING for t in sweep.trials)
             can_start = len(sweep.trials) < plan.max_trials and not await self._budget_spent(sweep, plan)
             if can_start and running < plan.parallelism:
-                sweep = await self._start_trial(sweep, live)
+                started = await self._start_trial(sweep, live)
+                if started is None:  # the tenant's queued-jobs quota is full: wait for one of its jobs to start
+                    self._waiting[sweep_id] = sweep.tenant
+                    return
+                sweep = started
                 continue
             if running == 0:
                 await self._finish(sweep)
             return
 
-    async def _start_trial(self, sweep: SweepRecord, live: LiveSweep) -> SweepRecord:
+    async def _start_trial(self, sweep: SweepRecord, live: LiveSweep) -> SweepRecord | None:
+        """Asks for the next point and starts its job; None (the point kept for later) when the tenant has no room
+        for another queued job."""
         number = len(sweep.trials)
-        optuna_trial = live.study.ask(live.plan.distributions)
+        optuna_trial = live.parked or live.study.ask(live.plan.distributions)
+        live.parked = None
         params = dict(optuna_trial.params)
         spec = trial_spec(live.base, params, live.plan.metric)
         result = validate_spec(spec, self._model_roots)
-        problems = "; ".join(f"{v.field}: {v.description}" for v in result.violations + result.unimplemented)
+        problems = [f"{v.field}: {v.description}" for v in result.violations + result.unimplemented]
+        for path, name in file_names(spec).items():  # a file parameter may only name the tenant's own files
+            if not await owns_file(self._store, self._db, name, sweep.tenant):
+                problems.append(f"job.spec.{path}: {name} does not exist")
         if problems:
-            live.study.tell(optuna_trial, state=optuna.trial.TrialState.FAIL)
-            failed = TrialRecord(number, "", params, TrialState.FAILED, None, [], False, "INVALID_INPUT", problems)
+            _tell(live, optuna_trial, state=optuna.trial.TrialState.FAIL)
+            message = bounded("; ".join(problems))
+            failed = TrialRecord(number, "", params, TrialState.FAILED, None, [], False, "INVALID_INPUT", message)
             return await self._update(sweep.id, _append_trial(failed))
+        if await self._queue_full(sweep.tenant):
+            live.parked = optuna_trial
+            return None
         trial = TrialRecord(number, new_id("ft"), params)
         recorded = await self._update(sweep.id, _append_trial(trial))  # recorded before the job exists
         live.running[number] = optuna_trial
-        await self._create_job(sweep, trial, spec)
+        try:
+            await self._create_job(sweep, trial, spec)
+        except ApiError as error:
+            if error.reason != "QUOTA_EXCEEDED":
+                raise
+            live.running.pop(number, None)  # another create took the room meanwhile: the point waits
+            live.parked = optuna_trial
+            await self._update(sweep.id, _drop_trial(number))
+            return None
         return recorded
+
+    async def _queue_full(self, tenant: str) -> bool:
+        limit = self._quotas(tenant).max_queued_jobs
+        return limit < UNLIMITED and await self._db.call(self._store.count_jobs, tenant, [JobState.QUEUED]) >= limit
 
     async def _create_job(self, sweep: SweepRecord, trial: TrialRecord, spec: job_spec_pb2.JobSpec) -> None:
         name = f"{sweep.display_name or sweep.id} trial {trial.number}"
@@ -261,7 +308,7 @@ class SweepController:
         return used >= plan.budget_s
 
     async def _finish(self, sweep: SweepRecord) -> None:
-        self._live.pop(sweep.id, None)
+        self._forget(sweep.id)
         succeeded = sweep.best_trial is not None
         state = SweepState.SUCCEEDED if succeeded else SweepState.FAILED
 
@@ -283,10 +330,11 @@ class SweepController:
 
     async def _restore(self, record: SweepRecord) -> None:
         spec = sweeps_pb2.SweepSpec.FromString(record.spec)
-        plan, problems = self.plan(spec)
+        plan, problems = await self.plan(spec)
         if plan is None:
-            raise ValueError(f"its spec no longer validates: {problems}")
-        live = self._new_live(spec, plan)
+            described = "; ".join(f"{v.field}: {v.description}" for v in problems)
+            raise ValueError(f"its spec no longer validates: {described}")
+        live = await asyncio.to_thread(self._new_live, spec, plan)
         distributions = plan.distributions
         for trial in record.trials:
             if trial.state is TrialState.RUNNING:
@@ -328,7 +376,40 @@ class SweepController:
         elif trial.pruning:
             await self._cancel_job(job.id)
 
+    async def _fail_unrestorable(self, record: SweepRecord, exc: Exception) -> None:
+        """A sweep the restarted server cannot rebuild ends FAILED with the reason, and its trials' jobs stop."""
+        self._forget(record.id)
+        message = bounded(f"the sweep could not be rebuilt after a restart: {exc}")
+
+        def change(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]] | None:
+            if current.state in SWEEP_TERMINAL:
+                return None
+            trials = [
+                replace(t, state=TrialState.FAILED, error_reason="RESTORE_FAILED", error_message=message)
+                if t.state is TrialState.RUNNING
+                else t
+                for t in current.trials
+            ]
+            ended = replace(
+                current,
+                state=SweepState.FAILED,
+                trials=trials,
+                end_time=time.time(),
+                error_reason="RESTORE_FAILED",
+                error_message=message,
+            )
+            return ended, [sweep_convert.state_event(current.state, SweepState.FAILED)]
+
+        await self._update(record.id, change)
+        for trial in record.trials:
+            if trial.state is TrialState.RUNNING and trial.job_id:
+                await self._cancel_job(trial.job_id)
+
     # ------------------------------------------------------------ helpers
+
+    def _forget(self, sweep_id: str) -> None:
+        self._live.pop(sweep_id, None)
+        self._waiting.pop(sweep_id, None)
 
     async def _cancel_job(self, job_id: str) -> None:
         with contextlib.suppress(IllegalTransition):  # it ended meanwhile
@@ -346,6 +427,22 @@ class SweepController:
         if events:
             self._hub.publish(sweep_id, events, record.state in SWEEP_TERMINAL)
         return record
+
+
+def _tell(live: LiveSweep, trial: optuna.trial.Trial, **outcome: Any) -> None:
+    """Tells the study how a trial ended. The sweep record is the truth: a sampler that fails here (as Optuna's
+    GridSampler did, stopping the study outside optimize) is logged, and the record is still updated."""
+    try:
+        live.study.tell(trial, **outcome)
+    except Exception:
+        log.exception("the sampler failed to take trial %d's outcome", trial.number)
+
+
+def _drop_trial(number: int) -> Any:
+    def change(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]]:
+        return replace(current, trials=[t for t in current.trials if t.number != number]), []
+
+    return change
 
 
 def _stopped(trial: TrialRecord) -> TrialRecord:

@@ -41,6 +41,8 @@ class RunJob:
     """Where the finished tar archive goes (written atomically)."""
     time_limit_s: float = 0.0
     """Running time this attempt may use before max_runtime runs out; 0 means no limit."""
+    max_unpacked_bytes: int = 0
+    """The most the job's data archives may unpack to (its tenant's storage quota); 0: the worker's own cap."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ class PredictBatch:
     top_k: int
     checkpoint: str = ""
     """`latest` or `step-N`: a checkpoint under `artifact`, which then names the job's checkpoint folder."""
+    tenant: str = ""
+    """Whose calls these are: a worker serves tenants in turn."""
+    deadline: float = 0.0
+    """Wall-clock time (time.time()) after which every caller has given up: the worker drops the batch unworked."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class ExportArtifact:
     onnx_opset: int
     destination: str
     """Where the export file goes (a path or an object-storage URL); its metadata goes beside it as `.json`."""
+    tenant: str = ""
 
 
 WorkerCommand = RunJob | CancelJob | Shutdown | PredictBatch | ExportArtifact

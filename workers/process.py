@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import shutil
 import socket
 import tempfile
@@ -199,6 +200,21 @@ def _run_with_storage(
         attempt.close()
 
 
+def _crashed(worker: str, command: RunJob, exc: Exception) -> JobFinished:
+    """A bug, not the tenant's doing: the traceback (with the server's paths) goes to the operators' log under an
+    incident id; the tenant learns the kind of error and that id, nothing more."""
+    incident = secrets.token_hex(4)
+    extra = {"job": command.job, "attempt": command.attempt, INTERNAL_MARK: True}
+    logging.getLogger(__name__).error(
+        "the job crashed (incident %s):\n%s", incident, traceback.format_exc(), extra=extra
+    )
+    message = (
+        f"the worker crashed ({type(exc).__name__}); this is a fault in the service, not in the job: the operators' "
+        f"log has the details under incident {incident}"
+    )
+    return JobFinished(worker, command.job, command.attempt, Outcome.FAILED, "INTERNAL", message)
+
+
 def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     """Entry point of a spawned worker process."""
     _name_process(worker)
@@ -251,23 +267,8 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
         try:
             with job_context(command.job, command.attempt):
                 finished = _run_with_storage(command, worker, device, outbox, flags, settings)
-        except Exception:  # last resort: the per-job boundary
-            text = traceback.format_exc()
-            extra = {"job": command.job, "attempt": command.attempt, INTERNAL_MARK: True}
-            logging.getLogger(__name__).error("the job crashed:\n%s", text, extra=extra)
-            outbox.send(
-                LogEmitted(
-                    worker=worker, job=command.job, attempt=command.attempt, severity=Severity.ERROR, message=text
-                )
-            )
-            finished = JobFinished(
-                worker=worker,
-                job=command.job,
-                attempt=command.attempt,
-                outcome=Outcome.FAILED,
-                reason="INTERNAL",
-                message=f"the worker crashed: {text.strip().splitlines()[-1]}",
-            )
+        except Exception as exc:  # last resort: the per-job boundary
+            finished = _crashed(worker, command, exc)
         finally:
             stop_beat.set()
             beat.join()

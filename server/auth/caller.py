@@ -53,4 +53,5 @@ def calling_as(caller: Caller) -> Iterator[None]:
     try:
         yield
     finally:
-        _CALLER.reset(token)
+        with contextlib.suppress(ValueError):  # a stream the caller reset is closed from another context
+            _CALLER.reset(token)

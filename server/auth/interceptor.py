@@ -78,10 +78,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
     async def _admit(self, context: Any) -> Caller:
         if self._access is None:
             return LOCAL_ADMIN
-        metadata = {
-            key.lower(): value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
-        }
+        pairs = [(key.lower(), value) for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)]
+        metadata = dict(pairs)
         try:
+            if sum(key == "authorization" for key, _ in pairs) > 1:
+                raise _unauthenticated("MALFORMED_CREDENTIALS", "send one authorization header, not several")
             return authenticate(self._access.config, metadata, context.auth_context())
         except ApiError as error:
             await context.abort_with_status(to_status(error))

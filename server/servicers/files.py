@@ -22,9 +22,9 @@ from server.names import new_id, parse_name
 from server.pagination import make_token, parse_page
 from server.records import FileRecord
 from server.servicers.errors import streaming, unary
-from server.servicers.tenancy import scoped_request_id, visible
+from server.servicers.tenancy import check_request_id, scoped_request_id, visible
 from server.storage import CHUNK_BYTES, Storage, Upload
-from server.store.base import JobStore
+from server.store.base import JobStore, QuotaExceeded
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SAFE_FILENAME = re.compile(r"^[\w][\w .+-]{0,254}$")
@@ -72,6 +72,8 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         if first is None or first.WhichOneof("content") != "metadata":
             raise invalid_argument([FieldViolation("metadata", "the first message must carry the metadata")])
         metadata = first.metadata
+        if metadata.request_id:
+            check_request_id(metadata.request_id, "metadata.request_id")
         self._check_metadata(metadata)
         tenant = current_caller().tenant
         request_id = scoped_request_id(metadata.request_id)
@@ -95,7 +97,14 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
                 time.time(),
                 tenant,
             )
-            stored = await self._db.call(self._store.create_file, record, request_id)
+            quota = self._quotas(tenant).max_stored_bytes
+            try:
+                stored = await self._db.call(
+                    self._store.create_file, record, request_id, quota if quota < UNLIMITED else None
+                )
+            except QuotaExceeded as exceeded:
+                self._storage.delete_file(file_id)
+                raise _stored_bytes_exceeded(tenant, exceeded.used, upload.size_bytes, quota) from None
             if stored.id != file_id:  # a concurrent repeat of the same request_id won
                 self._storage.delete_file(file_id)
             else:
@@ -106,13 +115,13 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
 
     def _check_metadata(self, metadata: files_pb2.UploadFileMetadata) -> None:
         problems = []
-        if not SAFE_FILENAME.match(metadata.filename) or metadata.filename in (".", ".."):
+        if not SAFE_FILENAME.fullmatch(metadata.filename) or metadata.filename in (".", ".."):
             problems.append(FieldViolation("metadata.filename", "required: a base name of letters, digits, ' ._+-'"))
         if metadata.purpose != files_pb2.File.DATASET:
             problems.append(FieldViolation("metadata.purpose", "required: DATASET"))
         if metadata.size_bytes < 0:
             problems.append(FieldViolation("metadata.size_bytes", "must not be negative"))
-        if not SHA256.match(metadata.sha256):
+        if not SHA256.fullmatch(metadata.sha256):
             problems.append(FieldViolation("metadata.sha256", "required: 64 lower-case hex digits"))
         if problems:
             raise invalid_argument(problems)
@@ -131,12 +140,10 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             limit = quota.max_upload_bytes
             message = f"{size_bytes} bytes is over tenant {tenant}'s {limit}-byte upload limit"
             raise quota_exceeded(tenant, "max_upload_bytes", limit, message)
-        if quota.max_stored_bytes < UNLIMITED:
+        if quota.max_stored_bytes < UNLIMITED:  # early: checked again, atomically, when the file is recorded
             stored = await self._db.call(self._store.stored_bytes, tenant)
             if stored + size_bytes > quota.max_stored_bytes:
-                limit = quota.max_stored_bytes
-                message = f"tenant {tenant} stores {stored} bytes; {size_bytes} more would pass its {limit}-byte quota"
-                raise quota_exceeded(tenant, "max_stored_bytes", limit, message)
+                raise _stored_bytes_exceeded(tenant, stored, size_bytes, quota.max_stored_bytes)
 
     @staticmethod
     async def _receive(
@@ -194,6 +201,11 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
 
     async def _get(self, name: str) -> FileRecord:
         return visible(await self._db.call(self._store.get_file, parse_name(name, "files")), name)
+
+
+def _stored_bytes_exceeded(tenant: str, stored: int, size_bytes: int, limit: int) -> ApiError:
+    message = f"tenant {tenant} stores {stored} bytes; {size_bytes} more would pass its {limit}-byte quota"
+    return quota_exceeded(tenant, "max_stored_bytes", limit, message)
 
 
 def _size_mismatch(declared: int, received: int, how: str) -> ApiError:

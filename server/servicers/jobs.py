@@ -21,17 +21,18 @@ from server.errors import ApiError, FieldViolation, failed_precondition, invalid
 from server.event_hub import EventHub
 from server.exports import Exports
 from server.job_factory import JobFactory
+from server.job_files import missing_files
 from server.job_states import TERMINAL, JobState
 from server.model_exports import check_export_request, model_export
 from server.names import parse_name
-from server.pagination import make_token, parse_page
+from server.pagination import fitting, make_token, parse_page
 from server.predict_inputs import check_predict_inputs
 from server.predictions import Predictions
 from server.records import JobRecord
 from server.scheduler import Scheduler
 from server.servicers.errors import streaming, unary
 from server.servicers.streams import follow_events
-from server.servicers.tenancy import scoped_request_id, visible
+from server.servicers.tenancy import check_request_id, scoped_request_id, visible
 from server.spec_validation import validate_spec
 from server.storage import Storage
 from server.store.base import JobStore
@@ -119,9 +120,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         page = parse_page(request.page_size, request.page_token, query)
         scope = current_caller().scope
         records, cursor = await self._db.call(self._store.list_jobs, states, page.size, page.cursor, scope)
-        return jobs_pb2.ListJobsResponse(
-            jobs=[convert.job_to_proto(r) for r in records], next_page_token=make_token(cursor, query)
-        )
+        jobs = [convert.job_to_proto(r) for r in records]
+        shown = fitting(jobs)
+        if shown < len(jobs):  # large rows: the page ends early, the rest comes with the next token
+            cursor = records[shown - 1].order
+        return jobs_pb2.ListJobsResponse(jobs=jobs[:shown], next_page_token=make_token(cursor, query))
 
     @unary
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
@@ -170,10 +173,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         after = page.cursor or 0
         events = await self._db.call(self._store.list_events, record.id, after, page.size + 1)
         shown = events[: page.size]
-        cursor = shown[-1].sequence if len(events) > page.size else None
-        return jobs_pb2.ListJobEventsResponse(
-            events=[convert.event_to_proto(e) for e in shown], next_page_token=make_token(cursor, record.id)
-        )
+        protos = [convert.event_to_proto(e) for e in shown]
+        fit = fitting(protos)
+        cursor = shown[fit - 1].sequence if len(events) > page.size or fit < len(shown) else None
+        return jobs_pb2.ListJobEventsResponse(events=protos[:fit], next_page_token=make_token(cursor, record.id))
 
     @streaming
     async def DownloadArtifact(
@@ -216,7 +219,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PREDICT_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
         answers = await self._predictions.predict(
-            record.id, location, record.artifact_sha256, inputs, request.top_k or 5, timeout_s, request.checkpoint
+            record.id,
+            location,
+            record.artifact_sha256,
+            inputs,
+            request.top_k or 5,
+            timeout_s,
+            request.checkpoint,
+            record.tenant,
         )
         bad = [FieldViolation(f"inputs[{i}]", a["error"]) for i, a in enumerate(answers) if "error" in a]
         if bad:
@@ -251,7 +261,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             timeout_s = DEFAULT_EXPORT_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.5)
             artifact = self._storage.artifact_location(record.id)
             metadata = await self._exports.export(
-                record.id, artifact, record.artifact_sha256, format_name, opset or 18, location, timeout_s
+                record.id,
+                artifact,
+                record.artifact_sha256,
+                format_name,
+                opset or 18,
+                location,
+                timeout_s,
+                record.tenant,
             )
         own_file = str(metadata["file"]).startswith("exports/")
         yield jobs_pb2.ExportModelResponse(export=model_export(metadata, record, own_file))
@@ -270,10 +287,11 @@ async def check_job_admission(
     quotas: QuotaLookup,
     tenant: str,
     spec: job_spec_pb2.JobSpec,
-    queued_jobs: int = 1,
+    queued_jobs: int = 0,
 ) -> None:
-    """Refuses at creation what could never run, or would break the tenant's quotas: `queued_jobs` more queued
-    jobs, GPUs per job, and GPUs no worker of the pool has."""
+    """Refuses at creation what could never run, or would break the tenant's quotas: GPUs per job, GPUs no worker
+    of the pool has, and (for a sweep, whose trials are created later) no room for `queued_jobs` more queued jobs.
+    A job's own queued-jobs check is made where it is stored (JobFactory), atomically."""
     quota = quotas(tenant)
     gpus = spec.resources.gpus
     if gpus > quota.max_gpus_per_job:
@@ -294,26 +312,3 @@ async def check_job_admission(
             limit = quota.max_queued_jobs
             message = f"tenant {tenant} has {queued} queued jobs, its quota is {limit}; wait for some to start"
             raise quota_exceeded(tenant, "max_queued_jobs", limit, message)
-
-
-async def missing_files(
-    store: JobStore, db: StoreRunner, spec: job_spec_pb2.JobSpec, prefix: str, tenant: str
-) -> list[FieldViolation]:
-    """The spec's data files that do not exist for this tenant (another tenant's file is as good as missing), as
-    field violations under prefix."""
-    problems = []
-    for path, name in (
-        ("data.training_file", spec.data.training_file),
-        ("data.validation_file", spec.data.validation_file),
-    ):
-        if not name.startswith("files/"):
-            continue
-        record = await db.call(store.get_file, name.removeprefix("files/"))
-        if record is None or record.tenant != tenant:
-            problems.append(FieldViolation(f"{prefix}.{path}", f"{name} does not exist"))
-    return problems
-
-
-def check_request_id(request_id: str) -> None:
-    if not 1 <= len(request_id) <= 64 or not all(c.isalnum() or c in "-_" for c in request_id):
-        raise invalid_argument([FieldViolation("request_id", "must be a UUID (at most 64 of [A-Za-z0-9_-])")])

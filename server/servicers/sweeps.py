@@ -12,13 +12,14 @@ from server.auth.caller import current_caller
 from server.db import StoreRunner
 from server.errors import FieldViolation, invalid_argument
 from server.event_hub import EventHub
+from server.job_files import missing_files
 from server.names import parse_name
-from server.pagination import make_token, parse_page
+from server.pagination import fitting, make_token, parse_page
 from server.scheduler import Scheduler
 from server.servicers.errors import streaming, unary
-from server.servicers.jobs import check_job_admission, check_request_id, missing_files
+from server.servicers.jobs import check_job_admission
 from server.servicers.streams import follow_events
-from server.servicers.tenancy import scoped_request_id, visible
+from server.servicers.tenancy import check_request_id, scoped_request_id, visible
 from server.store.base import JobStore
 from server.sweep_convert import sweep_event_to_proto, sweep_to_proto
 from server.sweep_records import SWEEP_TERMINAL, SweepRecord
@@ -49,7 +50,7 @@ class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
         sweep = request.sweep
         if not sweep.HasField("spec"):
             raise invalid_argument([FieldViolation("sweep.spec", "required")])
-        plan, violations = self._controller.plan(sweep.spec)
+        plan, violations = await self._controller.plan(sweep.spec)
         if len(sweep.display_name) > 200:
             violations.append(FieldViolation("sweep.display_name", "at most 200 characters"))
         tenant = current_caller().tenant
@@ -57,7 +58,7 @@ class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
         if violations or plan is None:
             raise invalid_argument(violations)
         admission = (self._store, self._db, self._scheduler, self._quotas, tenant, sweep.spec.base)
-        await check_job_admission(*admission)
+        await check_job_admission(*admission, queued_jobs=1)
         created = await self._controller.create(sweep, plan, scoped_request_id(request.request_id), tenant)
         return sweep_to_proto(created)
 
@@ -72,9 +73,11 @@ class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
         page = parse_page(request.page_size, request.page_token, "sweeps")
         scope = current_caller().scope
         records, cursor = await self._db.call(self._store.list_sweeps, page.size, page.cursor, scope)
-        return sweeps_pb2.ListSweepsResponse(
-            sweeps=[sweep_to_proto(r) for r in records], next_page_token=make_token(cursor, "sweeps")
-        )
+        sweeps = [sweep_to_proto(r) for r in records]
+        shown = fitting(sweeps)
+        if shown < len(sweeps):
+            cursor = records[shown - 1].order
+        return sweeps_pb2.ListSweepsResponse(sweeps=sweeps[:shown], next_page_token=make_token(cursor, "sweeps"))
 
     @unary
     async def CancelSweep(self, request: sweeps_pb2.CancelSweepRequest, context: Context) -> sweeps_pb2.Sweep:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Protocol, TypeVar
 
 from server.auth.caller import current_caller
-from server.errors import not_found
+from server.errors import FieldViolation, invalid_argument, not_found
 
 
 class Owned(Protocol):
@@ -22,6 +22,12 @@ def visible(record: R | None, name: str) -> R:
     if record is None or not current_caller().sees(record.tenant):
         raise not_found(name)
     return record
+
+
+def check_request_id(request_id: str, field: str = "request_id") -> None:
+    """Idempotency keys are UUIDs or similar: short and plain, so they key an index and a log line safely."""
+    if not 1 <= len(request_id) <= 64 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in request_id):
+        raise invalid_argument([FieldViolation(field, "must be a UUID (at most 64 of [A-Za-z0-9_-])")])
 
 
 def scoped_request_id(request_id: str) -> str | None:

@@ -20,6 +20,14 @@ SweepChangeFn = Callable[[SweepRecord], tuple[SweepRecord, list[NewEvent]] | Non
 """The same for a sweep."""
 
 
+class QuotaExceeded(Exception):
+    """A create would pass the tenant's quota; checked in the same transaction as the write it guards."""
+
+    def __init__(self, quota: str, used: int, limit: int):
+        super().__init__(f"{quota}: {used} used, limit {limit}")
+        self.quota, self.used, self.limit = quota, used, limit
+
+
 @dataclass(frozen=True)
 class QueueHead:
     """A tenant's next claimable job."""
@@ -33,8 +41,11 @@ class QueueHead:
 class JobStore(Protocol):
     """Durable files, jobs and events."""
 
-    def create_file(self, record: FileRecord, request_id: str | None) -> FileRecord:
-        """Inserts a file; with a request_id already used, returns the first file instead."""
+    def create_file(
+        self, record: FileRecord, request_id: str | None, max_stored_bytes: int | None = None
+    ) -> FileRecord:
+        """Inserts a file; with a request_id already used, returns the first file instead. QuotaExceeded when the
+        tenant's stored bytes would pass max_stored_bytes (checked in the insert's transaction)."""
 
     def get_file(self, file_id: str) -> FileRecord | None: ...
 
@@ -49,9 +60,10 @@ class JobStore(Protocol):
     def file_for_request(self, request_id: str) -> FileRecord | None: ...
 
     def create_job(
-        self, record: JobRecord, events: Sequence[NewEvent], request_id: str | None
+        self, record: JobRecord, events: Sequence[NewEvent], request_id: str | None, max_queued: int | None = None
     ) -> tuple[JobRecord, bool]:
-        """Inserts a job with its first events; with a used request_id returns (first job, False)."""
+        """Inserts a job with its first events; with a used request_id returns (first job, False). QuotaExceeded
+        when the tenant would have more than max_queued QUEUED jobs (checked in the insert's transaction)."""
 
     def get_job(self, job_id: str) -> JobRecord | None: ...
 

@@ -68,6 +68,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 SCHEMA_LOCK = 7_465_307  # any constant: replicas starting together create the schema one at a time
+TENANT_LOCK = 7_465_308
+"""First key of the advisory lock that serialises one tenant's quota-checked creates (the second is the tenant)."""
 CHANNEL = "tuneforge_events"
 """NOTIFY channel: the payload is the id of a job or sweep with new events (sent when its transaction commits)."""
 
@@ -127,6 +129,9 @@ class PostgresJobStore(SqlJobStore):
 
     def _json_number(self, key: str) -> str:
         return f"((body::jsonb) ->> '{key}')::double precision"
+
+    def _lock_tenant(self, db: Session, tenant: str) -> None:
+        db.run("SELECT pg_advisory_xact_lock(CAST(? AS INTEGER), hashtext(?))", (TENANT_LOCK, tenant))
 
     def _announce(self, db: Session, key: str) -> None:
         db.run("SELECT pg_notify(?, ?)", (CHANNEL, key))

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from server.job_states import JobState
 from server.records import EventRecord, FileRecord, JobRecord, NewEvent
-from server.store.base import ChangeFn, QueueHead, SweepChangeFn
+from server.store.base import ChangeFn, QueueHead, QuotaExceeded, SweepChangeFn
 from server.store.rows import (
     Row,
     cursor_of,
@@ -74,12 +74,19 @@ class SqlJobStore:
 
     # ------------------------------------------------------------ files
 
-    def create_file(self, record: FileRecord, request_id: str | None) -> FileRecord:
+    def create_file(
+        self, record: FileRecord, request_id: str | None, max_stored_bytes: int | None = None
+    ) -> FileRecord:
         with self._writing() as db:
             if request_id:
                 row = db.one("SELECT * FROM files WHERE request_id = ?", (request_id,))
                 if row is not None:
                     return file_from_row(row)
+            if max_stored_bytes is not None:
+                self._lock_tenant(db, record.tenant)
+                stored = self._stored_bytes(db, record.tenant)
+                if stored + record.size_bytes > max_stored_bytes:
+                    raise QuotaExceeded("max_stored_bytes", stored, max_stored_bytes)
             inserted = db.run(
                 "INSERT INTO files (id, filename, purpose, size_bytes, sha256, create_time, request_id, tenant) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
@@ -123,13 +130,18 @@ class SqlJobStore:
     # ------------------------------------------------------------ jobs
 
     def create_job(
-        self, record: JobRecord, events: Sequence[NewEvent], request_id: str | None
+        self, record: JobRecord, events: Sequence[NewEvent], request_id: str | None, max_queued: int | None = None
     ) -> tuple[JobRecord, bool]:
         with self._writing() as db:
             if request_id:
                 row = db.one("SELECT * FROM jobs WHERE request_id = ?", (request_id,))
                 if row is not None:
                     return job_from_row(row), False
+            if max_queued is not None:
+                self._lock_tenant(db, record.tenant)
+                queued = self._count(db, record.tenant, [JobState.QUEUED])
+                if queued + 1 > max_queued:
+                    raise QuotaExceeded("max_queued_jobs", queued, max_queued)
             inserted = db.one(
                 "INSERT INTO jobs (id, state, priority, request_id, body, spec, tenant) VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (request_id) DO NOTHING RETURNING ord",
@@ -207,8 +219,12 @@ class SqlJobStore:
         return [QueueHead(row["tenant"], row["priority"], row["ord"], row["id"]) for row in rows]
 
     def count_jobs(self, tenant: str, states: Sequence[JobState]) -> int:
+        return self._count(self._reading(), tenant, states)
+
+    @staticmethod
+    def _count(db: Session, tenant: str, states: Sequence[JobState]) -> int:
         marks = ",".join("?" * len(states))
-        row = self._reading().one(
+        row = db.one(
             f"SELECT COUNT(*) AS n FROM jobs WHERE tenant = ? AND state IN ({marks})",
             (tenant, *[s.value for s in states]),
         )
@@ -233,7 +249,9 @@ class SqlJobStore:
 
     def stored_bytes(self, tenant: str) -> int:
         """The tenant's uploaded files and artifacts."""
-        session = self._reading()
+        return self._stored_bytes(self._reading(), tenant)
+
+    def _stored_bytes(self, session: Session, tenant: str) -> int:
         files = session.one("SELECT COALESCE(SUM(size_bytes), 0) AS n FROM files WHERE tenant = ?", (tenant,))
         artifacts = session.one(
             f"SELECT COALESCE(SUM({self._json_number('artifact_size')}), 0) AS n FROM jobs WHERE tenant = ?", (tenant,)
@@ -260,6 +278,10 @@ class SqlJobStore:
             "UPDATE jobs SET state = ?, priority = ?, body = ? WHERE id = ?",
             (record.state.value, record.priority, job_body(record), record.id),
         )
+
+    def _lock_tenant(self, db: Session, tenant: str) -> None:
+        """Serialises a tenant's quota-checked creates until the transaction ends (SQLite's write lock already
+        does: a no-op by default)."""
 
     def _announce(self, db: Session, key: str) -> None:
         """Tells other servers sharing the database that `key` has new events (on commit); a no-op by default."""

@@ -7,17 +7,15 @@ import math
 import wave
 from typing import Any
 
-import soundfile
 import torch
 import torchaudio
 
 from workers.core.errors import InvalidDataset
+from workers.core.input_limits import Source, read_audio
 from workers.core.media_data import MediaItem
 from workers.spec import AugmentationSettings
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-MIN_SAMPLE_RATE = 4_000
-MAX_SAMPLE_RATE = 384_000
 
 
 def declared_wav_frames(path: Any) -> int | None:
@@ -32,15 +30,8 @@ def declared_wav_frames(path: Any) -> int | None:
 def check_audio(item: MediaItem, max_seconds: float | None = None) -> float:
     """Decodes the whole file once: unreadable, truncated, empty, too long or oddly sampled audio fails here.
     Returns its duration in seconds."""
-    try:
-        info = soundfile.info(str(item.path))
-        frames = soundfile.read(str(item.path), dtype="float32", always_2d=True)[0].shape[0]
-    except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-        raise InvalidDataset(f"{item.source}: not a readable audio file ({exc})") from exc
-    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
-        raise InvalidDataset(
-            f"{item.source}: sample rate {info.samplerate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
-        )
+    samples, rate = read_audio(item.path, item.source)
+    frames = samples.shape[0]
     if frames == 0:
         raise InvalidDataset(f"{item.source}: the audio is empty")
     declared = declared_wav_frames(item.path) if item.path.suffix.lower() == ".wav" else None
@@ -48,19 +39,16 @@ def check_audio(item: MediaItem, max_seconds: float | None = None) -> float:
         raise InvalidDataset(
             f"{item.source}: truncated: the header declares {declared} frames, the file holds {frames}"
         )
-    if max_seconds is not None and frames / info.samplerate > max_seconds:
+    if max_seconds is not None and frames / rate > max_seconds:
         raise InvalidDataset(
-            f"{item.source}: {frames / info.samplerate:.1f} s is longer than data.clip_seconds ({max_seconds:g} s)"
+            f"{item.source}: {frames / rate:.1f} s is longer than data.clip_seconds ({max_seconds:g} s)"
         )
-    return float(frames / info.samplerate)
+    return float(frames / rate)
 
 
-def load_mono(path: Any, source: str, sample_rate: int) -> torch.Tensor:
-    """The file as one channel (channels averaged) at the model's sample rate."""
-    try:
-        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:
-        raise InvalidDataset(f"{source}: not a readable audio file ({exc})") from exc
+def load_mono(source: Source, where: str, sample_rate: int) -> torch.Tensor:
+    """The clip (a file, or encoded bytes) as one channel (channels averaged) at the model's sample rate."""
+    samples, rate = read_audio(source, where)
     wave = torch.from_numpy(samples).mean(dim=1)
     if rate != sample_rate:
         wave = torchaudio.functional.resample(wave, rate, sample_rate)

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
 from workers.core.adapters import Batch, PreparedTask
+from workers.core.archives import archive_limits
 from workers.core.audio import AUDIO_EXTENSIONS, augment_wave, check_audio, crop_or_pad, load_mono, spec_augment
 from workers.core.media_data import MediaExample, load_media_dataset
 from workers.core.models import load_classifier, load_pretrained
@@ -84,6 +85,7 @@ class AudioClassificationAdapter:
             Path(job.work_dir),
             AUDIO_EXTENSIONS,
             check_audio,
+            archive_limits(job),
         )
         log(
             f"read {len(data.train)} training and {len(data.validation)} validation clips with "

@@ -7,45 +7,35 @@ every backbone keeps its exact preprocessing; evaluation never augments.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import v2
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from workers.core.adapters import Batch, PreparedTask
-from workers.core.errors import InvalidDataset
+from workers.core.archives import archive_limits
+from workers.core.input_limits import check_image as check_image_source
+from workers.core.input_limits import read_image
 from workers.core.media_data import MediaExample, MediaItem, load_media_dataset
 from workers.core.models import load_classifier, load_pretrained
 from workers.messages import RunJob
 from workers.spec import AugmentationSettings
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def check_image(item: MediaItem) -> None:
-    """Reads the header and checks the file's integrity without decoding the pixels."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(item.path) as image:
-                image.verify()
-    except (*IMAGE_ERRORS, Image.DecompressionBombWarning) as exc:
-        raise InvalidDataset(f"{item.source}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    """Reads the header and checks the file's integrity (and size) without decoding the pixels."""
+    check_image_source(item.path, item.source)
 
 
 def open_rgb(example: MediaExample) -> Image.Image:
-    try:
-        with Image.open(example.path) as image:
-            return image.convert("RGB")
-    except IMAGE_ERRORS as exc:
-        raise InvalidDataset(f"{example.source}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    return read_image(example.path, example.source)
 
 
 def input_size(processor: Any) -> tuple[int, int]:
@@ -157,6 +147,7 @@ class ImageClassificationAdapter:
             Path(job.work_dir),
             IMAGE_EXTENSIONS,
             check_image,
+            archive_limits(job),
         )
         log(
             f"read {len(data.train)} training and {len(data.validation)} validation images with "

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.core.archives import extract_archive, is_hidden
+from workers.core.archives import ArchiveLimits, extract_archive, is_hidden
 from workers.core.errors import InvalidDataset
 from workers.core.splits import training_split
-from workers.core.text_data import label_text, raw_records, sorted_labels
+from workers.core.text_data import MAX_LABEL_CHARS, check_label_count, label_text, raw_records, sorted_labels
 from workers.messages import DataFile
 from workers.spec import DataSettings
 
@@ -48,12 +48,18 @@ class MediaDataset:
 
 
 def find_items(
-    root: Path, archive: str, settings: DataSettings, extensions: tuple[str, ...], target_column: str
+    root: Path,
+    archive: str,
+    settings: DataSettings,
+    extensions: tuple[str, ...],
+    target_column: str,
+    max_target_chars: int = MAX_LABEL_CHARS,
 ) -> list[MediaItem]:
     """The archive's examples, from its manifest or its class folders."""
     manifest = next((root / name for name in MANIFESTS if (root / name).is_file()), None)
+    columns = (settings.file_column, target_column, max_target_chars)
     items = (
-        _manifest_items(root, manifest, archive, settings.file_column, target_column, extensions)
+        _manifest_items(root, manifest, archive, columns, extensions)
         if manifest is not None
         else _folder_items(root, archive, extensions)
     )
@@ -66,16 +72,18 @@ def find_items(
 
 
 def _manifest_items(
-    root: Path, manifest: Path, archive: str, file_column: str, target_column: str, extensions: tuple[str, ...]
+    root: Path, manifest: Path, archive: str, columns: tuple[str, str, int], extensions: tuple[str, ...]
 ) -> list[MediaItem]:
     items = []
     where = f"{archive}:{manifest.name}"
+    file_column, target_column, max_chars = columns
     for line, record in raw_records(DataFile(str(manifest), manifest.name)):
-        name, target = record.get(file_column), label_text(record.get(target_column))
+        name, target = record.get(file_column), label_text(record.get(target_column), max_chars)
         if not isinstance(name, str) or not name:
             raise InvalidDataset(f"{where} line {line}: missing column {file_column!r}")
         if target is None:
-            raise InvalidDataset(f"{where} line {line}: {target_column!r} must be a non-empty string or an integer")
+            rule = f"must be a non-empty string of at most {max_chars} characters, or an integer"
+            raise InvalidDataset(f"{where} line {line}: {target_column!r} {rule}")
         path = (root / name).resolve()
         if not path.is_relative_to(root.resolve()):
             raise InvalidDataset(f"{where} line {line}: {name!r} points outside the archive")
@@ -104,16 +112,16 @@ def load_media_dataset(
     work_dir: Path,
     extensions: tuple[str, ...],
     check: Callable[[MediaItem], object],
+    limits: ArchiveLimits | None = None,
 ) -> MediaDataset:
     """Unpacks the archives, finds and checks every example, maps labels and applies the validation split."""
-    train_root = extract_archive(training, work_dir / "data" / "train")
+    train_root = extract_archive(training, work_dir / "data" / "train", limits)
     train_items = find_items(train_root, training.filename, settings, extensions, settings.label_column)
     names = {item.target for item in train_items}
-    if len(names) < 2:
-        raise InvalidDataset(f"{training.filename}: needs at least 2 distinct labels, found {sorted(names)}")
+    check_label_count(training.filename, names)
     given: list[MediaItem] | None = None
     if validation is not None:
-        val_root = extract_archive(validation, work_dir / "data" / "validation")
+        val_root = extract_archive(validation, work_dir / "data" / "validation", limits)
         given = find_items(val_root, validation.filename, settings, extensions, settings.label_column)
         unknown = next((item for item in given if item.target not in names), None)
         if unknown is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from workers.core.errors import JobFailure
@@ -11,6 +12,12 @@ from workers.core.model_cache import CACHE
 def load_pretrained(loader: Any, base_model: str, **kwargs: Any) -> Any:
     """Calls `loader.from_pretrained` with the safe options (or takes it from the worker's kept models); any failure
     becomes MODEL_LOAD_FAILED."""
+    if not os.path.isabs(base_model) and os.path.lexists(base_model):
+        raise JobFailure(
+            "UNSAFE_MODEL",
+            f"base model {base_model!r} names a folder relative to the worker's working directory, which is never "
+            "loaded; give a local model as an absolute path under a model root",
+        )
     try:
         load = lambda: loader.from_pretrained(base_model, trust_remote_code=False, **kwargs)  # noqa: E731
         return CACHE.load(loader, base_model, load, **kwargs)

@@ -8,30 +8,28 @@ A thread of its own serves them, so a worker answers predictions while it trains
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import queue
 import shutil
 import tarfile
 import threading
-from collections import OrderedDict
-from collections.abc import Callable
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import soundfile
 import torch
-import torchaudio
-from PIL import Image
 
 from workers.core.artifact import load_artifact_model
-from workers.core.audio import crop_or_pad
+from workers.core.audio import crop_or_pad, load_mono
 from workers.core.errors import InvalidDataset
+from workers.core.input_limits import read_image
 from workers.core.serving import model_classes, rebuild
-from workers.core.speech_adapter import normalise
+from workers.core.speech_adapter import DEFAULT_MAX_SECONDS, normalise
+from workers.core.text_adapter import sequence_limit
 from workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady, WorkerEvent
 from workers.remote_storage import filesystem, get_folder, is_remote
 from workers.spec import TaskKind
@@ -39,6 +37,8 @@ from workers.spec import TaskKind
 log = logging.getLogger(__name__)
 
 MAX_FORWARD_ROWS = 64
+DECODED_BUDGET_BYTES = 256 << 20
+"""Decoded inputs one forward pass may hold (a batch of large images is run in several passes)."""
 DEFAULT_CLIP_SECONDS = 10.0
 
 
@@ -61,13 +61,17 @@ class LoadedModel:
             case TaskKind.TEXT_CLASSIFICATION:
                 return str(value)
             case TaskKind.IMAGE_CLASSIFICATION:
-                return _image(value)
+                return read_image(value, "the image")
             case TaskKind.AUDIO_CLASSIFICATION:
                 rate = int(self.processor.sampling_rate)
                 length = int((self.data.get("clip_seconds") or DEFAULT_CLIP_SECONDS) * rate)
-                return crop_or_pad(_wave(value, rate), length, False, None).numpy()
+                return crop_or_pad(load_mono(value, "the clip", rate), length, False, None).numpy()
             case TaskKind.SPEECH_RECOGNITION:
-                return _wave(value, int(self.processor.feature_extractor.sampling_rate)).numpy()
+                wave = load_mono(value, "the clip", int(self.processor.feature_extractor.sampling_rate))
+                longest = self.data.get("clip_seconds") or DEFAULT_MAX_SECONDS
+                if wave.shape[0] > longest * int(self.processor.feature_extractor.sampling_rate):
+                    raise InvalidDataset(f"the clip is longer than the model was trained for ({longest:g} s)")
+                return wave.numpy()
         raise ValueError(f"unknown task {self.task}")
 
     def batch(self, decoded: list[Any]) -> dict[str, torch.Tensor]:
@@ -75,7 +79,7 @@ class LoadedModel:
         processor = self.processor
         match self.task:
             case TaskKind.TEXT_CLASSIFICATION:
-                limit = self.data.get("max_sequence_length") or 512
+                limit = sequence_limit(int(self.data.get("max_sequence_length") or 0), processor, self.model)
                 return dict(processor(decoded, truncation=True, max_length=limit, padding=True, return_tensors="pt"))
             case TaskKind.IMAGE_CLASSIFICATION:
                 return {"pixel_values": processor(images=decoded, return_tensors="pt")["pixel_values"]}
@@ -108,24 +112,6 @@ class LoadedModel:
             {"labels": [(self.labels[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)]}
             for row_p, row_i in zip(values, indices, strict=True)
         ]
-
-
-def _image(value: bytes) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(value)) as image:
-            return image.convert("RGB")
-    except Exception as exc:
-        raise InvalidDataset(f"not a readable image ({type(exc).__name__}: {exc})") from exc
-
-
-def _wave(value: bytes, rate: int) -> torch.Tensor:
-    """An encoded clip as one channel at the model's rate (as training decoded its files)."""
-    try:
-        samples, source_rate = soundfile.read(io.BytesIO(value), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:
-        raise InvalidDataset(f"not a readable audio clip ({exc})") from exc
-    wave = torch.from_numpy(samples).mean(dim=1)
-    return torchaudio.functional.resample(wave, source_rate, rate) if source_rate != rate else wave
 
 
 def load_model(folder: Path) -> LoadedModel:
@@ -218,31 +204,62 @@ class ModelCache:
         return target / "model"
 
 
-class PredictionServer:
-    """Answers PredictBatch commands on its own thread, in arrival order."""
+class FairQueue:
+    """Commands by tenant, served round-robin: one tenant's backlog delays another tenant's call by at most one
+    of its batches, as the scheduler shares workers for training."""
 
-    def __init__(self, worker: str, send: Callable[[WorkerEvent], None], cache: ModelCache):
+    def __init__(self) -> None:
+        self._ready = threading.Condition()
+        self._queues: OrderedDict[str, deque[PredictBatch | ExportArtifact]] = OrderedDict()
+
+    def put(self, tenant: str, command: PredictBatch | ExportArtifact) -> None:
+        with self._ready:
+            self._queues.setdefault(tenant, deque()).append(command)
+            self._ready.notify()
+
+    def get(self) -> PredictBatch | ExportArtifact:
+        """The next tenant's oldest command (that tenant then goes to the back of the line)."""
+        with self._ready:
+            while not self._queues:
+                self._ready.wait()
+            tenant, waiting = self._queues.popitem(last=False)
+            command = waiting.popleft()
+            if waiting:
+                self._queues[tenant] = waiting
+            return command
+
+
+class PredictionServer:
+    """Answers PredictBatch and ExportArtifact commands on its own thread, tenants in turn; a batch whose callers
+    have all given up (its deadline passed) is dropped before any of its work is done."""
+
+    def __init__(self, worker: str, send: Callable[[WorkerEvent], None], cache: ModelCache, start: bool = True):
         self._worker = worker
         self._send = send
         self._cache = cache
-        self._queue: queue.Queue[PredictBatch | ExportArtifact] = queue.Queue()
-        threading.Thread(target=self._serve, name="predictions", daemon=True).start()
+        self._queue = FairQueue()
+        if start:
+            threading.Thread(target=self._serve, name="predictions", daemon=True).start()
 
     def submit(self, command: PredictBatch | ExportArtifact) -> None:
-        self._queue.put(command)
+        self._queue.put(command.tenant, command)
 
     def _serve(self) -> None:
         while True:
-            batch = self._queue.get()
-            if isinstance(batch, ExportArtifact):
-                self._send(self._export(batch))
-                continue
-            try:
-                self._send(self._answer(batch))
-            except Exception as exc:  # the batch fails, the thread goes on
-                log.exception("prediction batch %s failed", batch.batch)
-                message = f"the model could not be run: {type(exc).__name__}: {exc}"
-                self._send(PredictionsReady(self._worker, batch.batch, [], "INTERNAL", message))
+            self.serve_one()
+
+    def serve_one(self) -> None:
+        """Takes the next command and answers it (tests call this directly)."""
+        batch = self._queue.get()
+        if isinstance(batch, ExportArtifact):
+            self._send(self._export(batch))
+            return
+        try:
+            self._send(self._answer(batch))
+        except Exception as exc:  # the batch fails, the thread goes on
+            log.exception("prediction batch %s failed", batch.batch)
+            message = f"the model could not be run: {type(exc).__name__}"
+            self._send(PredictionsReady(self._worker, batch.batch, [], "INTERNAL", message))
 
     def _export(self, command: ExportArtifact) -> ExportReady:
         from workers.core.export import ExportFailed, ExportFormat, export_model
@@ -273,6 +290,8 @@ class PredictionServer:
             temporary.replace(destination)
 
     def _answer(self, batch: PredictBatch) -> PredictionsReady:
+        if _expired(batch):
+            return _too_late(self._worker, batch)
         if batch.checkpoint:
             try:
                 model = self._cache.get_checkpoint(batch.artifact, batch.checkpoint)
@@ -281,17 +300,52 @@ class PredictionServer:
         else:
             model = self._cache.get(batch.artifact, batch.artifact_sha256)
         results: list[dict[str, Any]] = [{} for _ in batch.inputs]
-        decoded: dict[int, Any] = {}
-        for index, item in enumerate(batch.inputs):  # a bad input fails alone, not its neighbours
-            try:
-                decoded[index] = model.decode(item)
-            except (InvalidDataset, ValueError, TypeError) as exc:
-                results[index] = {"error": str(exc)}
-        good = list(decoded)
         passes = 0
-        for start in range(0, len(good), MAX_FORWARD_ROWS):
-            chunk = good[start : start + MAX_FORWARD_ROWS]
-            for index, answer in zip(chunk, model.answer([decoded[i] for i in chunk], batch.top_k), strict=True):
+        for chunk in _decoded_chunks(model, batch.inputs, results):
+            if _expired(batch):
+                return _too_late(self._worker, batch)
+            answers = model.answer([decoded for _, decoded in chunk], batch.top_k)
+            for (index, _), answer in zip(chunk, answers, strict=True):
                 results[index] = answer
             passes += 1
         return PredictionsReady(self._worker, batch.batch, results, forward_passes=passes)
+
+
+def _expired(batch: PredictBatch) -> bool:
+    return bool(batch.deadline) and time.time() > batch.deadline
+
+
+def _too_late(worker: str, batch: PredictBatch) -> PredictionsReady:
+    return PredictionsReady(worker, batch.batch, [], "DEADLINE_EXCEEDED", "every caller of the batch gave up")
+
+
+def _decoded_size(decoded: Any) -> int:
+    """Roughly what a decoded input holds in memory (an RGB image, a wave, a text)."""
+    if hasattr(decoded, "size") and isinstance(decoded.size, tuple):
+        width, height = decoded.size
+        return int(width * height * 3)
+    return int(getattr(decoded, "nbytes", len(str(decoded))))
+
+
+def _decoded_chunks(
+    model: LoadedModel, inputs: list[tuple[str, Any]], results: list[dict[str, Any]]
+) -> Iterator[list[tuple[int, Any]]]:
+    """The inputs decoded a forward pass's worth at a time (at most MAX_FORWARD_ROWS, and at most
+    DECODED_BUDGET_BYTES unless one input alone is larger), so the decoded batch never sits in memory whole. A bad
+    input fails alone: its error goes into results and its neighbours go on."""
+    chunk: list[tuple[int, Any]] = []
+    held = 0
+    for index, item in enumerate(inputs):
+        try:
+            decoded = model.decode(item)
+        except (InvalidDataset, ValueError, TypeError) as exc:
+            results[index] = {"error": str(exc)}
+            continue
+        size = _decoded_size(decoded)
+        if chunk and (len(chunk) >= MAX_FORWARD_ROWS or held + size > DECODED_BUDGET_BYTES):
+            yield chunk
+            chunk, held = [], 0
+        chunk.append((index, decoded))
+        held += size
+    if chunk:
+        yield chunk

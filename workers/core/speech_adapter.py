@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
 
 from workers.core.adapters import Batch, PreparedTask
-from workers.core.archives import extract_archive
+from workers.core.archives import ArchiveLimits, archive_limits, extract_archive
 from workers.core.audio import AUDIO_EXTENSIONS, check_audio, load_mono
 from workers.core.errors import InvalidDataset
 from workers.core.evaluation import Evaluation
@@ -27,6 +27,7 @@ from workers.messages import DataFile, RunJob
 from workers.spec import DataSettings
 
 DEFAULT_MAX_SECONDS = 30.0
+MAX_TRANSCRIPT_CHARS = 100_000
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "delimiter": "|"}
 ERROR_EXAMPLES = 10
 
@@ -51,9 +52,13 @@ def build_tokenizer(transcripts: list[str], folder: Path) -> Any:
     )
 
 
-def load_items(file: DataFile, settings: DataSettings, root: Path) -> list[MediaItem]:
-    data_root = extract_archive(file, root)
-    items = find_items(data_root, file.filename, settings, AUDIO_EXTENSIONS, settings.transcript_column)
+def load_items(
+    file: DataFile, settings: DataSettings, root: Path, limits: ArchiveLimits | None = None
+) -> list[MediaItem]:
+    data_root = extract_archive(file, root, limits)
+    items = find_items(
+        data_root, file.filename, settings, AUDIO_EXTENSIONS, settings.transcript_column, MAX_TRANSCRIPT_CHARS
+    )
     return [MediaItem(item.path, normalise(item.target), item.source) for item in items]
 
 
@@ -127,9 +132,10 @@ class SpeechRecognitionAdapter:
     def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
         spec, work_dir = job.spec, Path(job.work_dir)
         max_seconds = spec.data.clip_seconds or DEFAULT_MAX_SECONDS
-        train = load_items(job.training_data, spec.data, work_dir / "data" / "train")
+        limits = archive_limits(job)
+        train = load_items(job.training_data, spec.data, work_dir / "data" / "train", limits)
         if job.validation_data is not None:
-            validation = load_items(job.validation_data, spec.data, work_dir / "data" / "validation")
+            validation = load_items(job.validation_data, spec.data, work_dir / "data" / "validation", limits)
         elif spec.data.validation_fraction > 0:
             train, validation = stratified_split(
                 train, lambda _: "", spec.data.validation_fraction, spec.hyperparameters.seed

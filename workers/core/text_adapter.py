@@ -16,6 +16,17 @@ from workers.messages import RunJob
 DEFAULT_MAX_LENGTH = 512
 
 
+def sequence_limit(requested: int, tokenizer: Any, model: Any) -> int:
+    """Tokens a text is cut to: the requested length, never more than the tokenizer or the model's positions take
+    (training and Predict alike, so a long input is truncated, not an index error)."""
+    limit = min(
+        int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
+        int(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
+        DEFAULT_MAX_LENGTH,
+    )
+    return min(requested, limit) if requested > 0 else limit
+
+
 class TextClassificationAdapter:
     """Single texts or text pairs to one of N labels."""
 
@@ -43,12 +54,7 @@ class TextClassificationAdapter:
 
     @staticmethod
     def _max_length(requested: int, tokenizer: Any, model: Any) -> int:
-        limit = min(
-            int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
-            int(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
-            DEFAULT_MAX_LENGTH,
-        )
-        return min(requested, limit) if requested > 0 else limit
+        return sequence_limit(requested, tokenizer, model)
 
     @staticmethod
     def _encode(examples: list[TextExample], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:

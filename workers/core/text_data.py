@@ -6,12 +6,11 @@ Every problem is reported with the file, the line number and what to fix, and fa
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from workers.core.errors import InvalidDataset
 from workers.core.splits import training_split
@@ -19,6 +18,10 @@ from workers.messages import DataFile
 from workers.spec import DataSettings
 
 MAX_ERRORS_SHOWN = 5
+MAX_LABEL_CHARS = 1000
+"""A label is a class name: longer text is a column mix-up, and it would be quoted in every message and report."""
+MAX_LABELS = 10_000
+"""Distinct labels one classifier head may have (each costs a row of the head)."""
 
 
 @dataclass(frozen=True)
@@ -51,22 +54,23 @@ class TextDataset:
 
 
 def raw_records(file: DataFile) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields (line number, record) from a JSONL or CSV file, by the file name's extension."""
+    """Yields (line number, record) from a JSONL or CSV file, by the file name's extension. The file is read as a
+    stream, a line at a time: only the records kept cost memory, never the whole text (or three copies of it)."""
     suffix = Path(file.filename).suffix.lower()
-    try:
-        text = Path(file.path).read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidDataset(f"{file.filename}: not UTF-8 text (bad byte at offset {exc.start})") from exc
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        yield from _jsonl_records(file.filename, text)
-    elif suffix in (".csv", ".tsv"):
-        yield from _csv_records(file.filename, text, "\t" if suffix == ".tsv" else ",")
-    else:
+    if suffix not in (".jsonl", ".json", ".ndjson", ".csv", ".tsv"):
         raise InvalidDataset(f"{file.filename}: unsupported file type {suffix!r}; use .jsonl or .csv for text")
+    with open(file.path, encoding="utf-8-sig", newline="") as text:
+        try:
+            if suffix in (".csv", ".tsv"):
+                yield from _csv_records(file.filename, text, "\t" if suffix == ".tsv" else ",")
+            else:
+                yield from _jsonl_records(file.filename, text)
+        except UnicodeDecodeError as exc:
+            raise InvalidDataset(f"{file.filename}: not UTF-8 text ({exc.reason} in a line's bytes)") from exc
 
 
-def _jsonl_records(filename: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+def _jsonl_records(filename: str, text: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -78,8 +82,14 @@ def _jsonl_records(filename: str, text: str) -> Iterator[tuple[int, dict[str, An
         yield number, record
 
 
-def _csv_records(filename: str, text: str, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+def _lines(text: TextIO) -> Iterator[str]:
+    """Lines as `str.splitlines` splits them (a lone \\r ends a line too), read a line at a time."""
+    for line in text:
+        yield from line.splitlines() or [""]
+
+
+def _csv_records(filename: str, text: TextIO, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(text, delimiter=delimiter, strict=True)
     try:
         for record in reader:
             if None in record:
@@ -89,14 +99,28 @@ def _csv_records(filename: str, text: str, delimiter: str) -> Iterator[tuple[int
         raise InvalidDataset(f"{filename} line {reader.line_num}: malformed CSV ({exc})") from exc
 
 
-def label_text(value: Any) -> str | None:
+def label_text(value: Any, limit: int = MAX_LABEL_CHARS) -> str | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str) and value.strip() and len(value.strip()) <= limit:
         return value.strip()
     return None
+
+
+LABEL_RULE = f"must be a non-empty string of at most {MAX_LABEL_CHARS} characters, or an integer"
+
+
+def check_label_count(filename: str, names: set[str]) -> None:
+    """A classifier needs 2 labels and can hold MAX_LABELS; the message quotes a few labels, bounded."""
+    if len(names) < 2:
+        raise InvalidDataset(f"{filename}: needs at least 2 distinct labels, found {sorted(names)}")
+    if len(names) > MAX_LABELS:
+        raise InvalidDataset(
+            f"{filename}: {len(names):,} distinct labels, more than the limit of {MAX_LABELS:,}; is the label column "
+            "right?"
+        )
 
 
 def read_rows(file: DataFile, settings: DataSettings) -> list[TextRow]:
@@ -134,7 +158,7 @@ def _check_record(number: int, record: dict[str, Any], settings: DataSettings) -
         return f"missing column {settings.label_column!r}", None
     label = label_text(record[settings.label_column])
     if label is None:
-        return f"{settings.label_column!r} must be a non-empty string or an integer", None
+        return f"{settings.label_column!r} {LABEL_RULE}", None
     return "", TextRow(number, text, pair, label)
 
 
@@ -151,8 +175,7 @@ def load_text_dataset(
     """Reads the files, builds the label list from the training data and applies the validation split."""
     train_rows = read_rows(training, settings)
     names = {row.label for row in train_rows}
-    if len(names) < 2:
-        raise InvalidDataset(f"{training.filename}: needs at least 2 distinct labels, found {sorted(names)}")
+    check_label_count(training.filename, names)
     given: list[TextRow] | None = None
     if validation is not None:
         given = read_rows(validation, settings)
