@@ -18,13 +18,14 @@ from grpc_reflection.v1alpha import reflection
 from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc, sweeps_pb2, sweeps_pb2_grpc
 
 from server.auth.access import AccessFile, quotas_of, webhooks_of
-from server.auth.interceptor import AuthInterceptor
+from server.auth.interceptor import AuthInterceptor, CallLimits
 from server.change_feed import ChangeFeed
 from server.db import StoreRunner
 from server.event_hub import EventHub
 from server.exports import Exports
 from server.gpu_partition import partition, visible_gpus
 from server.job_factory import JobFactory
+from server.memory_estimate import physical_memory_bytes
 from server.metrics.exposition import MetricsEndpoint
 from server.metrics.gpus import GpuSampler
 from server.metrics.grpc_metrics import GrpcMetrics
@@ -52,6 +53,8 @@ SERVICES = (
     sweeps_pb2.DESCRIPTOR.services_by_name["SweepService"],
 )
 SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
+HEALTH_HEADROOM_RPCS = 200
+"""Calls gRPC admits beyond the API's limit: room that probes always find, however busy the API is."""
 
 
 @dataclass
@@ -192,6 +195,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         restart_backoff_s=settings.restart_backoff_s,
         lease_timeout_s=settings.lease_timeout_s,
         kill_grace_s=settings.kill_grace_s,
+        worker_memory_bytes=settings.worker_memory_bytes(physical_memory_bytes()),
     )
     scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy, metrics, quotas)
     predictions = Predictions(scheduler.send_call, scheduler.worker_for_calls, metrics)
@@ -205,9 +209,11 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     metrics.registry.register(PoolCollector(scheduler.worker_views, gpus))
     metrics.registry.register(StorageCollector(settings.data_dir))
 
+    limits = CallLimits(settings.max_concurrent_rpcs, settings.max_tenant_rpcs)
     server = grpc.aio.server(
-        interceptors=[grpc_metrics, AuthInterceptor(access, quotas)],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        interceptors=[grpc_metrics, AuthInterceptor(access, quotas, limits)],
+        # The interceptor refuses API calls over the limits at once; the headroom above them is for health checks.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs + HEALTH_HEADROOM_RPCS,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -217,7 +223,8 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         ],
     )
     files_pb2_grpc.add_FileServiceServicer_to_server(
-        FileServicer(store, db, storage, settings.max_upload_bytes, metrics, quotas), server
+        FileServicer(store, db, storage, settings.max_upload_bytes, metrics, quotas, settings.upload_idle_timeout_s),
+        server,
     )
     jobs = JobFactory(store, db, hub, scheduler, metrics, quotas)
     sweeps = SweepController(store, db, scheduler, jobs, hub, roots, quotas)

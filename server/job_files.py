@@ -3,7 +3,7 @@ and once more before each attempt starts, so no path can train one tenant's job 
 
 from __future__ import annotations
 
-from tuneforge.v1 import job_spec_pb2
+from tuneforge.v1 import job_spec_pb2, sweeps_pb2
 
 from server.db import StoreRunner
 from server.errors import FieldViolation
@@ -28,6 +28,22 @@ async def missing_files(
     for path, name in file_names(spec).items():
         if not await owns_file(store, db, name, tenant):
             problems.append(FieldViolation(f"{prefix}.{path}", f"{name} does not exist"))
+    return problems
+
+
+async def missing_file_choices(
+    store: JobStore, db: StoreRunner, spec: sweeps_pb2.SweepSpec, tenant: str
+) -> list[FieldViolation]:
+    """A sweep whose parameters choose among data files may only choose the tenant's own."""
+    problems = []
+    for index, parameter in enumerate(spec.parameters):
+        if parameter.field not in FILE_FIELDS:
+            continue
+        for position, value in enumerate(parameter.categorical.values):
+            name = value.string_value
+            if name.startswith("files/") and not await owns_file(store, db, name, tenant):
+                where = f"sweep.spec.parameters[{index}].categorical.values[{position}]"
+                problems.append(FieldViolation(where, f"{name} does not exist"))
     return problems
 
 

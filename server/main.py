@@ -61,6 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-upload-bytes", type=int, default=2 << 30)
     parser.add_argument(
+        "--max-concurrent-rpcs", type=int, default=1000, help="API calls in flight (health checks are not counted)"
+    )
+    parser.add_argument(
+        "--max-tenant-rpcs", type=int, default=250, help="with --access-file: API calls one tenant may have in flight"
+    )
+    parser.add_argument(
+        "--upload-idle-timeout-s", type=float, default=30.0, help="drop an upload that sends nothing for this long"
+    )
+    parser.add_argument(
         "--max-restarts",
         type=int,
         default=3,
@@ -79,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: time for in-flight calls")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     parser.add_argument("--torch-threads", type=int, default=0, help="CPU threads per worker (0: share cores)")
+    parser.add_argument(
+        "--worker-memory-mb",
+        type=int,
+        default=0,
+        help="memory a worker can give one job; larger estimates are refused (0: RAM / workers, -1: no check)",
+    )
     parser.add_argument(
         "--model-cache-mb", type=int, default=2048, help="memory per worker for recently used base models (0: none)"
     )
@@ -142,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
         ray_cpus_per_worker=args.ray_cpus_per_worker,
         ray_listen_host=args.ray_listen_host,
         max_upload_bytes=args.max_upload_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_tenant_rpcs=args.max_tenant_rpcs,
+        upload_idle_timeout_s=args.upload_idle_timeout_s,
         grace_s=args.grace_s,
         port_file=args.port_file,
         max_restarts=args.max_restarts,
@@ -151,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         kill_grace_s=args.kill_grace_s,
         torch_threads=args.torch_threads,
         model_cache_mb=args.model_cache_mb,
+        worker_memory_mb=args.worker_memory_mb,
         worker_nice=args.worker_nice,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,

@@ -23,7 +23,7 @@ from typing import Protocol
 from tuneforge.v1 import job_spec_pb2
 
 from server import convert
-from server.auth.access import QuotaLookup, no_quotas
+from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
 from server.db import StoreRunner
 from server.errors import is_disk_full
 from server.event_hub import EventHub
@@ -91,6 +91,8 @@ class SchedulerPolicy:
     """A worker silent this long on a job loses it: the job is queued again and the worker is told to stop."""
     kill_grace_s: float = 15.0
     """A worker still on a job this long after a cancel or an expired lease is killed (and replaced)."""
+    worker_memory_bytes: int = 0
+    """Memory a worker can give one job (0: not checked); larger estimates are refused at creation."""
 
 
 @dataclass
@@ -313,6 +315,10 @@ class Scheduler:
         """KeyError when the worker cannot be reached."""
         self._pool.send(worker, command)
 
+    @property
+    def worker_memory_bytes(self) -> int:
+        return self._policy.worker_memory_bytes
+
     def gpus_per_worker(self) -> int | None:
         """The most GPUs one worker has; None until every worker has said which device it has."""
         slots = list(dict(self._slots).values())
@@ -359,7 +365,7 @@ class Scheduler:
         files: dict[str, DataFile] = {}
         for resource in filter(None, [spec_proto.data.training_file, spec_proto.data.validation_file]):
             file = await self._db.call(self._store.get_file, resource.removeprefix("files/"))
-            if file is None:
+            if file is None or file.tenant != record.tenant:  # another tenant's file is as good as missing
                 problem = problem or f"{resource} was deleted before the job started"
             else:
                 files[resource] = DataFile(self._storage.file_location(file.id), file.filename)
@@ -398,7 +404,13 @@ class Scheduler:
             checkpoint_dir=folders.checkpoint_dir,
             artifact_path=folders.artifact,
             time_limit_s=time_limit_s,
+            max_unpacked_bytes=self._unpack_cap(record.tenant),
         )
+
+    def _unpack_cap(self, tenant: str) -> int:
+        """What the job's archives may unpack to: its tenant's storage quota (0: the worker's own cap)."""
+        quota = self._quotas(tenant).max_stored_bytes
+        return quota if quota < UNLIMITED else 0
 
     # ------------------------------------------------------------ worker events
 

@@ -279,15 +279,14 @@ def _choices(
 def _grid(distributions: dict[str, Distribution], bad: list[FieldViolation]) -> dict[str, list[Any]]:
     """Every grid point's values per parameter, once the grid's size (counted, not built) is within the cap."""
     sizes: dict[str, int] = {}
-    for index, (name, distribution) in enumerate(distributions.items()):
+    for name, distribution in distributions.items():
         if isinstance(distribution, optuna.distributions.CategoricalDistribution):
             sizes[name] = len(distribution.choices)
         elif isinstance(distribution, optuna.distributions.IntDistribution) and not distribution.log:
             sizes[name] = (distribution.high - distribution.low) // distribution.step + 1
-        else:
-            bad.append(
-                FieldViolation(f"sweep.spec.parameters[{index}]", "GRID needs categorical or stepped int parameters")
-            )
+    if len(sizes) != len(distributions):
+        bad.append(FieldViolation("sweep.spec.algorithm", "GRID needs categorical or stepped int parameters only"))
+        return {}
     points = math.prod(sizes.values())
     if points > MAX_GRID_POINTS:
         counts = " x ".join(f"{name} {size:,}" for name, size in sizes.items())

@@ -54,7 +54,11 @@ class ServerSettings:
     max_message_bytes: int = 4 << 20
     """Largest gRPC message either way (upload chunks are at most 1 MiB)."""
     max_concurrent_rpcs: int = 1000
-    """Calls in flight before new ones are rejected with RESOURCE_EXHAUSTED."""
+    """API calls in flight before new ones are refused with RESOURCE_EXHAUSTED (health checks are never counted)."""
+    max_tenant_rpcs: int = 250
+    """With an access file: API calls one tenant may have in flight, so the rest stays for the others."""
+    upload_idle_timeout_s: float = 30.0
+    """An upload that sends no message for this long is dropped (DEADLINE_EXCEEDED), freeing its call."""
     grace_s: float = 10.0
     """On SIGTERM: how long in-flight calls may finish before they are cancelled."""
     worker_stop_s: float = 20.0
@@ -73,6 +77,9 @@ class ServerSettings:
     """If set, the bound port is written here once the server listens (useful with port 0)."""
     torch_threads: int = field(default=0)
     """CPU threads per worker; 0 divides the machine's cores among the workers."""
+    worker_memory_mb: int = 0
+    """Memory one worker can give a job: a job whose estimate is larger is refused at creation (NEVER_FITS). 0: this
+    machine's memory shared among the local workers (no check for Ray workers); -1: no check."""
     model_cache_mb: int = 2048
     """Memory each worker may keep recently used base models in (warm starts); 0 keeps none."""
     worker_nice: int = 10
@@ -100,6 +107,14 @@ class ServerSettings:
     log_level: str = "INFO"
     log_format: str = "text"
     """`text` or `json` (one object per line, with job and attempt on every job line)."""
+
+    def worker_memory_bytes(self, physical_bytes: int) -> int:
+        """The per-worker memory budget in bytes; 0 means none is enforced."""
+        if self.worker_memory_mb > 0:
+            return self.worker_memory_mb << 20
+        if self.worker_memory_mb < 0 or self.pool != "local":
+            return 0
+        return physical_bytes // max(1, self.workers)
 
     def threads_per_worker(self) -> int:
         if self.torch_threads:

@@ -30,6 +30,7 @@ from server.event_hub import EventHub
 from server.job_factory import JobFactory
 from server.job_files import file_names, owns_file
 from server.job_states import TERMINAL, IllegalTransition, JobState
+from server.memory_estimate import memory_problem
 from server.names import new_id
 from server.records import DEFAULT_TENANT, EventRecord, JobRecord, NewEvent
 from server.scheduler import Scheduler
@@ -264,6 +265,11 @@ class SweepController:
         for path, name in file_names(spec).items():  # a file parameter may only name the tenant's own files
             if not await owns_file(self._store, self._db, name, sweep.tenant):
                 problems.append(f"job.spec.{path}: {name} does not exist")
+        if result.spec is not None:
+            too_big = await asyncio.to_thread(memory_problem, result.spec, self._scheduler.worker_memory_bytes)
+            if too_big is not None:
+                estimate, limit = too_big
+                problems.append(f"needs about {estimate.total_bytes:,} bytes, a worker can give {limit:,}")
         if problems:
             _tell(live, optuna_trial, state=optuna.trial.TrialState.FAIL)
             message = bounded("; ".join(problems))

@@ -4,9 +4,11 @@ Each delivery carries `Tuneforge-Event-Id` (the same on every retry: receivers d
 (`job.succeeded`...), and `Tuneforge-Signature: t=UNIX_TIME,v1=HEX`, the HMAC-SHA256 of `UNIX_TIME.BODY` under
 the server's webhook secret, so a receiver checks both the sender and the freshness. A delivery that gets no 2xx
 (an error status, a refused connection, a timeout) is retried with exponential backoff; 4xx other than 408 and 429
-means the receiver refuses it, and it is not retried. Destinations that resolve to private, loopback or
-link-local addresses are refused unless the server allows them (`--webhook-allow-private`), so job specs cannot
-make the server call into its own network. Deliveries live in memory: a restart drops those still being retried.
+means the receiver refuses it, and it is not retried. A destination must resolve to public addresses only (Python's
+`is_global`: not private, loopback, link-local, carrier-grade NAT or any other special range) unless the server
+allows otherwise (`--webhook-allow-private`), so job specs cannot make the server call into its own network. The
+delivery connects to the very address that was checked (no second lookup to rebind) and never follows a redirect.
+Deliveries live in memory: a restart drops those still being retried.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import secrets
 import socket
+import ssl
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,28 +84,66 @@ class DestinationRefused(Exception):
     """The URL resolves to an address webhooks may not call."""
 
 
-def check_destination(url: str, allow_private: bool) -> None:
-    if allow_private:
-        return
-    host = urllib.parse.urlsplit(url).hostname or ""
-    for *_, address in socket.getaddrinfo(host, None):
-        ip = ipaddress.ip_address(address[0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
-            raise DestinationRefused(f"{host} resolves to {ip}, a private address")
+def resolve_destination(host: str, port: int, allow_private: bool) -> str:
+    """The one address a delivery connects to, checked: every address the name has must be global (public
+    internet) unless private ones are allowed, so a name with one public and one internal answer is refused too.
+    OSError (socket.gaierror) when the name does not resolve."""
+    addresses = [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    if not addresses:
+        raise OSError(f"{host} has no address")
+    if not allow_private:
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+            if not ip.is_global or ip.is_multicast:
+                raise DestinationRefused(f"{host} resolves to {ip}, which is not a public address")
+    return str(addresses[0])
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the address that was checked, whatever the name resolves to by now (no DNS rebinding)."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """TLS to the checked address, with the certificate verified for the URL's host name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
 def _post(url: str, body: bytes, headers: dict[str, str], allow_private: bool) -> int:
-    """One attempt; the HTTP status (0 when no answer came)."""
-    check_destination(url, allow_private)
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    """One attempt; the HTTP status (0 when no answer came). Redirects are never followed: a 3xx is the answer
+    (and, not being 2xx, a failed delivery)."""
+    parts = urllib.parse.urlsplit(url)
+    host, secure = parts.hostname or "", parts.scheme == "https"
+    port = parts.port or (443 if secure else 80)
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except (urllib.error.URLError, OSError) as exc:
+        address = resolve_destination(host, port, allow_private)
+    except OSError as exc:  # an unknown name is a failed delivery, retried like a refused connection
+        log.info("webhook %s: %s does not resolve (%s)", url, host, exc)
+        return 0
+    kind = _PinnedHTTPSConnection if secure else _PinnedHTTPConnection
+    connection = kind(host, port, address, TIMEOUT_S)
+    path = parts.path or "/"
+    try:
+        connection.request("POST", f"{path}?{parts.query}" if parts.query else path, body=body, headers=headers)
+        return int(connection.getresponse().status)
+    except (OSError, http.client.HTTPException) as exc:
         log.info("webhook %s: no answer (%s)", url, exc)
         return 0
+    finally:
+        connection.close()
 
 
 def _retryable(status: int) -> bool:

@@ -53,7 +53,7 @@ class TenantQuota:
     max_upload_bytes: int = UNLIMITED
     max_gpus_per_job: int = UNLIMITED
     max_streams: int = UNLIMITED
-    """Concurrent server-streaming calls (watches, downloads)."""
+    """Concurrent streaming calls: watches, downloads and uploads."""
     weight: float = 1.0
     """Fair-share weight when tenants compete for workers."""
 

@@ -12,6 +12,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -54,13 +55,28 @@ def authenticate(config: AccessConfig, metadata: dict[str, str], auth_context: d
     )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio ships no stubs
-    """Turns credentials into a Caller for each call; without an access file every caller is the local admin."""
+@dataclass(frozen=True)
+class CallLimits:
+    """Calls in flight the API admits: in all, and (with an access file) per tenant, so one tenant can never take
+    the capacity every other tenant needs. Health and reflection calls are never counted nor refused."""
 
-    def __init__(self, access: AccessFile | None, quotas: Callable[[str], TenantQuota]):
+    total: int = 1000
+    per_tenant: int = 250
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio ships no stubs
+    """Turns credentials into a Caller for each call; without an access file every caller is the local admin.
+    Admits each call within the call limits and its tenant's stream quota (server, client and bidi streams)."""
+
+    def __init__(
+        self, access: AccessFile | None, quotas: Callable[[str], TenantQuota], limits: CallLimits | None = None
+    ):
         self._access = access
         self._quotas = quotas
+        self._limits = limits or CallLimits()
         self._open_streams: dict[str, int] = defaultdict(int)
+        self._calls: dict[str, int] = defaultdict(int)
+        self._total_calls = 0
 
     async def intercept_service(
         self,
@@ -100,6 +116,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         if not self._open_streams[caller.tenant]:
             del self._open_streams[caller.tenant]
 
+    async def _begin_call(self, caller: Caller, context: Any) -> None:
+        """Counts the call in, or refuses it: the server's total first, then the tenant's share."""
+        if self._total_calls >= self._limits.total:
+            message = f"the server has {self._limits.total} calls in flight, its limit; retry with backoff"
+            await context.abort_with_status(to_status(_busy("SERVER_BUSY", message, self._limits.total)))
+        if self._access is not None and self._calls[caller.tenant] >= self._limits.per_tenant:
+            message = (
+                f"tenant {caller.tenant} has {self._limits.per_tenant} calls in flight, its share of the server; "
+                "wait for some to finish"
+            )
+            await context.abort_with_status(to_status(_busy("TENANT_BUSY", message, self._limits.per_tenant)))
+        self._total_calls += 1
+        self._calls[caller.tenant] += 1
+
+    def _end_call(self, caller: Caller) -> None:
+        self._total_calls -= 1
+        self._calls[caller.tenant] -= 1
+        if not self._calls[caller.tenant]:
+            del self._calls[caller.tenant]
+
     def _wrap(self, behaviour: Behaviour, kind: MethodKind, method: str) -> Behaviour:
         audited = method.startswith(MUTATING)
 
@@ -107,31 +143,47 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
 
             async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
                 caller = await self._admit(context)
-                await self._open_stream(caller, context)
+                await self._begin_call(caller, context)
                 try:
-                    with calling_as(caller):
-                        async for response in behaviour(request, context):
-                            yield response
+                    await self._open_stream(caller, context)
+                    try:
+                        with calling_as(caller):
+                            async for response in behaviour(request, context):
+                                yield response
+                    finally:
+                        self._close_stream(caller)
                 finally:
-                    self._close_stream(caller)
+                    self._end_call(caller)
 
             return streaming
 
         async def single(request: Any, context: Any) -> Any:
             caller = await self._admit(context)
+            await self._begin_call(caller, context)
             began, response, error = time.perf_counter(), None, None
             try:
-                with calling_as(caller):
-                    response = await behaviour(request, context)
-                return response
+                if kind.request_streaming:  # an upload holds a call as long as a watch does
+                    await self._open_stream(caller, context)
+                try:
+                    with calling_as(caller):
+                        response = await behaviour(request, context)
+                    return response
+                finally:
+                    if kind.request_streaming:
+                        self._close_stream(caller)
             except BaseException as exc:
                 error = exc
                 raise
             finally:
+                self._end_call(caller)
                 if audited:
                     _audit(caller, method, _target(request, response), status_name(context, error), began)
 
         return single
+
+
+def _busy(reason: str, message: str, limit: int) -> ApiError:
+    return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason, message, {"limit": str(limit)})
 
 
 def _target(request: Any, response: Any) -> str:

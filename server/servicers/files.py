@@ -42,7 +42,9 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         max_upload_bytes: int,
         metrics: ServiceMetrics | None = None,
         quotas: QuotaLookup = no_quotas,
+        idle_timeout_s: float = 30.0,
     ):
+        self._idle_timeout_s = idle_timeout_s
         self._store = store
         self._db = db
         self._storage = storage
@@ -68,7 +70,8 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         return stored
 
     async def _upload(self, request_iterator: AsyncIterator[files_pb2.UploadFileRequest]) -> files_pb2.File:
-        first = await anext(aiter(request_iterator), None)
+        messages = aiter(request_iterator)
+        first = await self._next(messages)
         if first is None or first.WhichOneof("content") != "metadata":
             raise invalid_argument([FieldViolation("metadata", "the first message must carry the metadata")])
         metadata = first.metadata
@@ -84,7 +87,7 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         await self._check_quota(tenant, metadata.size_bytes)
         upload = self._storage.begin_upload()
         try:
-            await self._receive(request_iterator, upload, metadata.size_bytes)
+            await self._receive(messages, upload, metadata.size_bytes)
             self._verify(upload, metadata)
             file_id = new_id("file")
             await asyncio.to_thread(self._storage.commit_upload, upload, file_id)
@@ -145,11 +148,23 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             if stored + size_bytes > quota.max_stored_bytes:
                 raise _stored_bytes_exceeded(tenant, stored, size_bytes, quota.max_stored_bytes)
 
-    @staticmethod
+    async def _next(self, messages: AsyncIterator[files_pb2.UploadFileRequest]) -> files_pb2.UploadFileRequest | None:
+        """The next message; DEADLINE_EXCEEDED when the client sends nothing for the idle timeout (a stalled upload
+        must not hold a call, a stream and a temp file for ever)."""
+        try:
+            return await asyncio.wait_for(anext(messages, None), self._idle_timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "UPLOAD_IDLE",
+                f"the upload sent nothing for {self._idle_timeout_s:g} s and was dropped; nothing was stored",
+                {"idle_timeout_s": f"{self._idle_timeout_s:g}"},
+            ) from None
+
     async def _receive(
-        requests: AsyncIterator[files_pb2.UploadFileRequest], upload: Upload, declared_bytes: int
+        self, messages: AsyncIterator[files_pb2.UploadFileRequest], upload: Upload, declared_bytes: int
     ) -> None:
-        async for message in requests:
+        while (message := await self._next(messages)) is not None:
             if message.WhichOneof("content") != "chunk":
                 raise invalid_argument([FieldViolation("metadata", "only the first message may carry metadata")])
             if len(message.chunk) > CHUNK_BYTES:

@@ -23,6 +23,7 @@ from server.exports import Exports
 from server.job_factory import JobFactory
 from server.job_files import missing_files
 from server.job_states import TERMINAL, JobState
+from server.memory_estimate import memory_problem
 from server.model_exports import check_export_request, model_export
 from server.names import parse_name
 from server.pagination import fitting, make_token, parse_page
@@ -36,6 +37,7 @@ from server.servicers.tenancy import check_request_id, scoped_request_id, visibl
 from server.spec_validation import validate_spec
 from server.storage import Storage
 from server.store.base import JobStore
+from workers.spec import TrainingSpec
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs)
 
@@ -94,7 +96,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 {"fields": ",".join(v.field for v in result.unimplemented)},
                 result.unimplemented,
             )
+        assert result.spec is not None
         await check_job_admission(self._store, self._db, self._scheduler, self._quotas, tenant, job.spec)
+        await check_fits(self._scheduler, result.spec)
         stored = await self._jobs.create(
             job.spec, job.display_name, scoped_request_id(request.request_id), tenant=tenant
         )
@@ -278,6 +282,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def _get(self, name: str, field: str = "name") -> JobRecord:
         return visible(await self._db.call(self._store.get_job, parse_name(name, "jobs", field)), name)
+
+
+async def check_fits(scheduler: Scheduler, spec: TrainingSpec) -> None:
+    """Refuses a job whose memory estimate is more than a worker can give it (NEVER_FITS, with the estimate)."""
+    problem = await asyncio.to_thread(memory_problem, spec, scheduler.worker_memory_bytes)
+    if problem is not None:
+        estimate, limit = problem
+        raise failed_precondition(
+            "NEVER_FITS",
+            f"the job needs about {estimate.total_bytes / 2**30:.1f} GiB ({estimate.describe()}) but a worker of "
+            f"this server can give one job {limit / 2**30:.1f} GiB; use fewer ranks or a smaller head",
+            estimate_bytes=str(estimate.total_bytes),
+            limit_bytes=str(limit),
+        )
 
 
 async def check_job_admission(

@@ -12,7 +12,7 @@ from server.auth.caller import current_caller
 from server.db import StoreRunner
 from server.errors import FieldViolation, invalid_argument
 from server.event_hub import EventHub
-from server.job_files import missing_files
+from server.job_files import missing_file_choices, missing_files
 from server.names import parse_name
 from server.pagination import fitting, make_token, parse_page
 from server.scheduler import Scheduler
@@ -55,6 +55,7 @@ class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
             violations.append(FieldViolation("sweep.display_name", "at most 200 characters"))
         tenant = current_caller().tenant
         violations += await missing_files(self._store, self._db, sweep.spec.base, "sweep.spec.base", tenant)
+        violations += await missing_file_choices(self._store, self._db, sweep.spec, tenant)
         if violations or plan is None:
             raise invalid_argument(violations)
         admission = (self._store, self._db, self._scheduler, self._quotas, tenant, sweep.spec.base)

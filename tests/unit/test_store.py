@@ -17,6 +17,7 @@ import pytest
 from server.job_changes import cancel, claim, transition
 from server.job_states import IllegalTransition, JobState
 from server.records import FileRecord, JobChange, JobRecord, NewEvent
+from server.store.base import QuotaExceeded
 from server.store.postgres import PostgresJobStore
 from server.store.sql import SqlJobStore
 from server.store.sqlite import SqliteJobStore
@@ -171,6 +172,48 @@ def test_concurrent_creates_with_one_request_id_make_one_job(store: SqlJobStore)
         t.join()
     assert len({job_id for job_id, _ in results}) == 1 and sum(created for _, created in results) == 1
     assert len(store.list_jobs([], 10, None)[0]) == 1
+
+
+def _at_once(count: int, action: Any) -> list[Any]:
+    """Runs action(n) on `count` threads released together; the results (or the exceptions raised)."""
+    results: list[Any] = []
+    lock, barrier = threading.Lock(), threading.Barrier(count)
+
+    def run(n: int) -> None:
+        barrier.wait(30)
+        try:
+            result: Any = action(n)
+        except Exception as exc:
+            result = exc
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_queued_jobs_quota_holds_under_concurrent_creates(store: SqlJobStore) -> None:
+    tenant_job = lambda n: replace(job(f"q{n}"), tenant="team-q")  # noqa: E731
+    store.create_job(replace(job("other"), tenant="team-free"), [], None, max_queued=1)  # another tenant's queue
+    results = _at_once(8, lambda n: store.create_job(tenant_job(n), [note("q")], None, max_queued=1))
+    refused = [r for r in results if isinstance(r, QuotaExceeded)]
+    assert len(refused) == 7 and {(r.quota, r.used, r.limit) for r in refused} == {("max_queued_jobs", 1, 1)}
+    assert store.count_jobs("team-q", [JobState.QUEUED]) == 1
+    assert store.count_jobs("team-free", [JobState.QUEUED]) == 1
+
+
+def test_stored_bytes_quota_holds_under_concurrent_creates(store: SqlJobStore) -> None:
+    def upload(n: int) -> FileRecord:
+        record = FileRecord(f"f{n}", "x.jsonl", "DATASET", 4_000_000, "0" * 64, time.time(), "team-q")
+        return store.create_file(record, None, max_stored_bytes=10_000_000)
+
+    results = _at_once(6, upload)
+    assert sum(isinstance(r, QuotaExceeded) for r in results) == 4
+    assert store.stored_bytes("team-q") == 8_000_000
 
 
 def _claim_all(dsn: str, worker: str, ready: Any, start: Any, out: Any) -> None:

@@ -47,20 +47,22 @@ def check_image(source: Source, where: str) -> None:
     """Reads the header and checks the file's integrity without decoding the pixels."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit here is lower
             with Image.open(_opened(source)) as image:
                 _check_pixels(image, where)
                 image.verify()
-    except (*IMAGE_ERRORS, Image.DecompressionBombWarning) as exc:
+    except IMAGE_ERRORS as exc:
         raise InvalidDataset(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
 def read_image(source: Source, where: str) -> Image.Image:
     """The image as RGB, its size checked from the header before the pixels are decoded."""
     try:
-        with Image.open(_opened(source)) as image:
-            _check_pixels(image, where)
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit here is lower
+            with Image.open(_opened(source)) as image:
+                _check_pixels(image, where)
+                return image.convert("RGB")
     except IMAGE_ERRORS as exc:
         raise InvalidDataset(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from exc
 
