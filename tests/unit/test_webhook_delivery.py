@@ -57,7 +57,7 @@ def test_a_name_with_any_private_answer_is_refused(monkeypatch: pytest.MonkeyPat
         "getaddrinfo",
         lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", answer) for answer in answers],
     )
-    with pytest.raises(DestinationRefused, match="10.1.2.3"):
+    with pytest.raises(DestinationRefused, match=r"10\.1\.2\.3"):
         resolve_destination("hooks.example", 80, allow_private=False)
 
 
