@@ -8,6 +8,7 @@ endpoint gets a free port too, unless the caller chose one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import selectors
 import signal
@@ -66,6 +67,13 @@ def _read_ready_lines(process: subprocess.Popen[str], timeout_s: float) -> tuple
     raise TimeoutError(f"the server did not listen within {timeout_s:.0f} s")
 
 
+def _limit_memory(address_space_bytes: int) -> None:
+    """In the child, before the server starts: its workers inherit the limit."""
+    import resource  # POSIX only, like the limit itself
+
+    resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes, address_space_bytes))
+
+
 def start_local_server(
     data_dir: Path,
     workers: int = 1,
@@ -75,9 +83,12 @@ def start_local_server(
     timeout_s: float = 60.0,
     env: Mapping[str, str] | None = None,
     log_path: Path | None = None,
+    address_space_bytes: int | None = None,
 ) -> LocalServer:
     """Starts the server on 127.0.0.1 (port 0: a free one) and returns once it listens. `env` adds variables;
-    `log_path` receives the server's and its workers' log (stderr) instead of this process's stderr."""
+    `log_path` receives the server's and its workers' log (stderr) instead of this process's stderr;
+    `address_space_bytes` limits the server's and each worker's memory (RLIMIT_AS), so a memory bomb fails there
+    instead of taking the machine down."""
     command = [
         sys.executable,
         "-m",
@@ -99,7 +110,10 @@ def start_local_server(
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     with contextlib.ExitStack() as files:
         stderr = files.enter_context(open(log_path, "ab")) if log_path is not None else None
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=environment)
+        limit = None if address_space_bytes is None else functools.partial(_limit_memory, address_space_bytes)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=environment, preexec_fn=limit
+        )
     try:
         target, metrics_url = _read_ready_lines(process, timeout_s)
     except BaseException:

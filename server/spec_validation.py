@@ -42,6 +42,7 @@ T = TypeVar("T")
 ROOT = "job.spec"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 FILE_NAME = re.compile(r"^files/[a-z0-9][a-z0-9-]{0,62}$")
+MAX_COLUMN_CHARS = 256
 MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]{0,127}$")
 CLASSIFICATION_METRICS = ("eval_loss", "eval_accuracy", "eval_macro_f1")
 METRICS_BY_TASK = {
@@ -302,6 +303,9 @@ def _data(check: _Checker, data: pb.DataSpec) -> DataSettings:
         check.bad("data.validation_fraction", "give validation_file or validation_fraction, not both")
     check.int_range("data.max_sequence_length", data.max_sequence_length, 0, 8192)
     check.float_range("data.clip_seconds", data.clip_seconds, 0.0, 600.0)
+    for column in ("text_column", "text_pair_column", "label_column", "file_column", "transcript_column"):
+        if len(getattr(data, column)) > MAX_COLUMN_CHARS:
+            check.bad(f"data.{column}", f"a column name of at most {MAX_COLUMN_CHARS} characters")
     return DataSettings(
         training_file=data.training_file,
         validation_file=data.validation_file or None,
