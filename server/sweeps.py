@@ -206,7 +206,7 @@ class SweepController:
             return
         value = job.artifact_metrics.get(live.plan.metric)
         if job.state is JobState.SUCCEEDED and value is not None:
-            _tell(live, optuna_trial, value=float(value))
+            _tell(live, optuna_trial, values=float(value))
             ended = replace(trial, state=TrialState.COMPLETE, value=float(value))
         elif trial.pruning:
             _tell(live, optuna_trial, state=optuna.trial.TrialState.PRUNED)
@@ -435,11 +435,16 @@ class SweepController:
         return record
 
 
-def _tell(live: LiveSweep, trial: optuna.trial.Trial, **outcome: Any) -> None:
+def _tell(
+    live: LiveSweep,
+    trial: optuna.trial.Trial,
+    values: float | None = None,
+    state: optuna.trial.TrialState | None = None,
+) -> None:
     """Tells the study how a trial ended. The sweep record is the truth: a sampler that fails here (as Optuna's
     GridSampler did, stopping the study outside optimize) is logged, and the record is still updated."""
     try:
-        live.study.tell(trial, **outcome)
+        live.study.tell(trial, values, state)
     except Exception:
         log.exception("the sampler failed to take trial %d's outcome", trial.number)
 

@@ -379,3 +379,27 @@ def test_nothing_is_left_behind(battery: Battery) -> None:
         ended = {j.name.removeprefix("jobs/") for j in admin.list_jobs() if j.state in (STATE.SUCCEEDED, STATE.FAILED)}
     leftovers = {p.name for p in (battery.server.data_dir / "work").iterdir()} & ended
     assert not leftovers, f"ended jobs kept work dirs: {leftovers}"
+
+
+def test_a_grid_sweep_runs_to_its_end(battery: Battery, files: dict[str, str]) -> None:
+    """Optuna's GridSampler stops the study after its last point, which raised under ask/tell: no grid ever ended."""
+    seeds = sw.Parameter(field="hyperparameters.seed", int_range=sw.IntRange(min=1, max=2))
+    with as_user(battery, "bob", timeout_s=60) as bob:
+        sweep = bob.create_sweep(
+            sw.SweepSpec(
+                base=text_spec(battery.models / "tiny-bert", files["bob"], epochs=1),
+                parameters=[seeds],
+                algorithm=sw.SweepSpec.GRID,
+                objective=sw.Objective(metric="eval_accuracy"),
+                max_trials=10,
+            )
+        )
+        for _ in bob.watch_sweep(sweep.name, timeout_s=120):
+            pass
+        final = bob.get_sweep(sweep.name)
+        assert final.state == sw.Sweep.SUCCEEDED and final.HasField("best_trial")
+        assert sorted(t.params["hyperparameters.seed"].number_value for t in final.trials) == [1.0, 2.0]
+        assert {t.state for t in final.trials} == {sw.Trial.COMPLETE}
+    text = battery.log.read_text()
+    assert "failed to apply a change" not in text and "the sampler failed" not in text
+    assert_others_unharmed(battery)
