@@ -4,6 +4,7 @@ would make its job unreadable, a data file read whole, and a worker crash whose 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
 from tuneforge.v1 import sweeps_pb2 as sw
 
+from server.auth.caller import Caller, Role, calling_as
 from server.bounded import MAX_MESSAGE_CHARS, bounded
 from server.job_changes import finish
 from server.job_states import JobState
@@ -151,14 +153,16 @@ def test_a_worker_crash_tells_the_tenant_the_kind_and_an_incident_not_the_traceb
 ) -> None:
     command = RunJob("ft-1", 1, training(), DataFile("/srv/data/files/x", "x.jsonl"), None, "/srv/w", "/srv/c", "a")
     try:
-        [][1]  # noqa: B018
+        [][1]
     except IndexError as exc:
         with caplog.at_level(logging.ERROR):
             finished = _crashed("worker-1", command, exc)
     assert finished.reason == "INTERNAL" and "IndexError" in finished.message
     assert "Traceback" not in finished.message and "/" not in finished.message.replace("operators'", "")
     incident = finished.message.rsplit(" ", 1)[-1]
-    assert f"incident {incident}" in caplog.text and "Traceback" in caplog.text and "test_hostile_specs.py" in caplog.text
+    assert (
+        f"incident {incident}" in caplog.text and "Traceback" in caplog.text and "test_hostile_specs.py" in caplog.text
+    )
 
 
 def test_column_names_are_bounded() -> None:
@@ -166,3 +170,10 @@ def test_column_names_are_bounded() -> None:
     spec.data.label_column = "c" * 257
     violations = {v.field: v.description for v in validate_spec(spec, []).violations}
     assert violations == {"job.spec.data.label_column": "a column name of at most 256 characters"}
+
+
+def test_a_caller_set_for_a_stream_is_reset_quietly_from_another_context() -> None:
+    """A stream the caller resets is closed by gRPC from another context than the one that set its caller."""
+    scope = calling_as(Caller("team-a", Role.USER, "alice"))
+    scope.__enter__()
+    contextvars.Context().run(scope.__exit__, None, None, None)  # raised "created in a different Context"
