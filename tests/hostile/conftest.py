@@ -31,6 +31,7 @@ max_upload_bytes = 5000000
 max_streams = 4
 """
 MAX_TENANT_RPCS = 20
+MAX_CONCURRENT_RPCS = 60
 IDLE_TIMEOUT_S = 3.0
 UNHARMED_LATENCY_S = 2.0
 """Another tenant's call during an attack: milliseconds normally; a lock-out fails or hangs."""
@@ -86,7 +87,7 @@ def battery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Battery]:
         "--access-file",
         str(access_file(data.parent / "hostile-access.toml")),
         "--max-concurrent-rpcs",
-        "60",
+        str(MAX_CONCURRENT_RPCS),
         "--max-tenant-rpcs",
         str(MAX_TENANT_RPCS),
         "--upload-idle-timeout-s",

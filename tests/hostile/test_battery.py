@@ -25,6 +25,7 @@ from clients.client import TuneforgeClient, TuneforgeError
 from clients.credentials import Credentials
 from tests.hostile.conftest import (
     IDLE_TIMEOUT_S,
+    MAX_CONCURRENT_RPCS,
     MAX_TENANT_RPCS,
     Battery,
     as_user,
@@ -157,6 +158,16 @@ def test_idle_uploads_lock_out_no_one_and_leave_nothing(battery: Battery) -> Non
             assert_others_unharmed(battery)
             held = Outcomes([quota.files.UploadFile.future(stalled(), timeout=60) for _ in range(5)])
             assert held.wait_for(1, timeout_s=20) == {"QUOTA_EXCEEDED": 1}, "team-q's stream quota counts uploads"
+            # Two more tenants fill the server: the calls past its total are refused, and probes still answer.
+            with as_user(battery, "bob") as bob, as_user(battery, "root") as root:
+                more = [bob.files.UploadFile.future(stalled(), timeout=60) for _ in range(MAX_TENANT_RPCS)]
+                full = Outcomes([root.files.UploadFile.future(stalled(), timeout=60) for _ in range(MAX_TENANT_RPCS)])
+                over_total = 3 * MAX_TENANT_RPCS + 4 - MAX_CONCURRENT_RPCS  # alice, bob, root and four of team-q
+                assert full.wait_for(over_total, timeout_s=20) == {"SERVER_BUSY": over_total}
+                assert bob.health() == "SERVING"
+                assert _outcome(bob.list_files) == "SERVER_BUSY"
+                Outcomes(more).wait_for(MAX_TENANT_RPCS, IDLE_TIMEOUT_S * 4)
+                full.wait_for(MAX_TENANT_RPCS, IDLE_TIMEOUT_S * 4)
             # The stalled ones are dropped after the idle timeout, each with its reason.
             assert uploads.wait_for(MAX_TENANT_RPCS + 5, IDLE_TIMEOUT_S * 4) == {
                 "TENANT_BUSY": 5,
