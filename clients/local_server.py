@@ -84,11 +84,12 @@ def start_local_server(
     env: Mapping[str, str] | None = None,
     log_path: Path | None = None,
     address_space_bytes: int | None = None,
+    cwd: Path | None = None,
 ) -> LocalServer:
     """Starts the server on 127.0.0.1 (port 0: a free one) and returns once it listens. `env` adds variables;
     `log_path` receives the server's and its workers' log (stderr) instead of this process's stderr;
     `address_space_bytes` limits the server's and each worker's memory (RLIMIT_AS), so a memory bomb fails there
-    instead of taking the machine down."""
+    instead of taking the machine down; `cwd` is its working directory."""
     command = [
         sys.executable,
         "-m",
@@ -112,7 +113,7 @@ def start_local_server(
         stderr = files.enter_context(open(log_path, "ab")) if log_path is not None else None
         limit = None if address_space_bytes is None else functools.partial(_limit_memory, address_space_bytes)
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=environment, preexec_fn=limit
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=environment, preexec_fn=limit, cwd=cwd
         )
     try:
         target, metrics_url = _read_ready_lines(process, timeout_s)

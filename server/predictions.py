@@ -68,7 +68,7 @@ class Predictions:
         self._send = send
         self._pick_worker = pick_worker
         self._metrics = metrics
-        self._gathering: dict[tuple[str, str], _Gathering] = {}
+        self._gathering: dict[tuple[str, str, str], _Gathering] = {}
         self._in_flight: dict[int, _InFlight] = {}
         self._ids = itertools.count(1)
 
@@ -84,10 +84,11 @@ class Predictions:
         tenant: str = "",
     ) -> list[dict[str, Any]]:
         """This call's answers, in order. ApiError: DEADLINE_EXCEEDED, UNAVAILABLE, or the batch's failure.
-        With `checkpoint`, `artifact` is the job's checkpoint folder."""
+        With `checkpoint`, `artifact` is the job's checkpoint folder. `tenant` is the caller's: workers serve tenants'
+        batches in turn."""
         loop = asyncio.get_running_loop()
         call = _Call(inputs, top_k, loop.create_future(), time.time() + timeout_s)
-        key = (job, f"checkpoint:{checkpoint}" if checkpoint else sha256)
+        key = (job, f"checkpoint:{checkpoint}" if checkpoint else sha256, tenant)  # a batch is one tenant's
         gathering = self._gathering.setdefault(key, _Gathering(artifact, checkpoint, tenant))
         gathering.calls.append(call)
         gathering.size += len(inputs)
@@ -102,7 +103,7 @@ class Predictions:
                 grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the prediction did not finish in time"
             ) from None
 
-    def _flush(self, key: tuple[str, str]) -> None:
+    def _flush(self, key: tuple[str, str, str]) -> None:
         gathering = self._gathering.pop(key, None)
         if gathering is None:
             return

@@ -230,7 +230,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             request.top_k or 5,
             timeout_s,
             request.checkpoint,
-            record.tenant,
+            current_caller().tenant,
         )
         bad = [FieldViolation(f"inputs[{i}]", a["error"]) for i, a in enumerate(answers) if "error" in a]
         if bad:
@@ -272,7 +272,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 opset or 18,
                 location,
                 timeout_s,
-                record.tenant,
+                current_caller().tenant,
             )
         own_file = str(metadata["file"]).startswith("exports/")
         yield jobs_pb2.ExportModelResponse(export=model_export(metadata, record, own_file))

@@ -5,6 +5,7 @@ down."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from server.auth.access import token_digest
 from tests.integration.conftest import SERVER_ARGS
 from tests.media import make_tiny_vit
 from tests.tiny import make_tiny_bert
+from workers.core.faults import ENVIRONMENT_VARIABLE
 
 ADDRESS_SPACE_BYTES = 10 << 30
 USERS = {"alice": "team-a", "bob": "team-b", "root": "team-ops", "quota": "team-q"}
@@ -33,6 +35,8 @@ max_streams = 4
 MAX_TENANT_RPCS = 20
 MAX_CONCURRENT_RPCS = 60
 IDLE_TIMEOUT_S = 3.0
+CRASHING_FILE = "crash.jsonl"
+"""A job on a file of this name meets a bug in the worker (injected)."""
 UNHARMED_LATENCY_S = 2.0
 """Another tenant's call during an attack: milliseconds normally; a lock-out fails or hangs."""
 
@@ -97,8 +101,18 @@ def battery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Battery]:
         "--webhook-max-attempts",
         "1",
     ]
+    cwd = tmp_path_factory.mktemp("hostile-cwd")  # the server's working directory, where a "hub id" may lie
+    (cwd / "outside" / "evil").mkdir(parents=True)
+    (cwd / "outside" / "evil" / "config.json").write_text('{"auto_map": {}}')
     server = start_local_server(
-        data, workers=1, model_roots=[models], extra_args=args, log_path=log, address_space_bytes=ADDRESS_SPACE_BYTES
+        data,
+        workers=1,
+        model_roots=[models],
+        extra_args=args,
+        log_path=log,
+        address_space_bytes=ADDRESS_SPACE_BYTES,
+        cwd=cwd,
+        env={ENVIRONMENT_VARIABLE: json.dumps({"raise_when_training_file": CRASHING_FILE})},
     )
     try:
         with as_user(server, "bob") as bob:

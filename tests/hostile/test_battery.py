@@ -24,6 +24,7 @@ from tuneforge.v1 import sweeps_pb2 as sw
 from clients.client import TuneforgeClient, TuneforgeError
 from clients.credentials import Credentials
 from tests.hostile.conftest import (
+    CRASHING_FILE,
     IDLE_TIMEOUT_S,
     MAX_CONCURRENT_RPCS,
     MAX_TENANT_RPCS,
@@ -414,3 +415,66 @@ def test_a_grid_sweep_runs_to_its_end(battery: Battery, files: dict[str, str]) -
     text = battery.log.read_text()
     assert "failed to apply a change" not in text and "the sampler failed" not in text
     assert_others_unharmed(battery)
+
+
+def test_a_hub_id_that_is_a_relative_path_is_refused(battery: Battery, files: dict[str, str]) -> None:
+    """`outside/evil` matches the hub-id pattern and exists beside the server: it is a local path, and refused."""
+    with as_user(battery, "alice") as alice:
+        spec = text_spec(battery.models / "tiny-bert", files["alice"])
+        spec.base_model = "outside/evil"
+        error = refused(lambda: alice.create_job(spec))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.field_violations == {"job.spec.base_model": "a local model must be an absolute path without `..`"}
+    assert_others_unharmed(battery)
+
+
+def test_a_worker_crash_tells_the_tenant_no_server_paths(battery: Battery, tmp_path: Path) -> None:
+    with as_user(battery, "bob") as bob:
+        file = bob.upload_file(write_jsonl(tmp_path / CRASHING_FILE, keyword_rows(8))).name
+        job = bob.create_job(text_spec(battery.models / "tiny-bert", file, epochs=1))
+        ended = wait_for_end(bob, job.name)
+        assert (ended.state, ended.error.reason) == (STATE.FAILED, "INTERNAL")
+        assert ended.error.message.startswith("the worker crashed (IndexError)")
+        seen = [ended.error.message, *(str(event) for event in bob.list_job_events(job.name))]
+        assert not any("Traceback" in text or "faults.py" in text for text in seen), "no traceback reaches the tenant"
+    incident = ended.error.message.rsplit(" ", 1)[-1]
+    log = battery.log.read_text()
+    assert f"the job crashed (incident {incident})" in log and "faults.py" in log, "the operators have it"
+    assert_others_unharmed(battery)
+
+
+@pytest.fixture(scope="module")
+def bob_model(battery: Battery, files: dict[str, str]) -> str:
+    with as_user(battery, "bob") as bob:
+        job = bob.create_job(text_spec(battery.models / "tiny-bert", files["bob"], epochs=1))
+        assert wait_for_end(bob, job.name).state == STATE.SUCCEEDED
+        return job.name
+
+
+def test_one_tenants_expired_predictions_do_not_starve_another(
+    battery: Battery, image_job: str, bob_model: str
+) -> None:
+    large = Image.new("RGB", (4000, 4000), (200, 30, 30))
+    buffer = io.BytesIO()
+    large.save(buffer, format="PNG")
+    flood = [buffer.getvalue()] * 48
+    inputs_before = _predicted_inputs(battery)
+    with as_user(battery, "alice") as alice, as_user(battery, "bob") as bob:
+        request = jobs_pb2.PredictRequest(name=image_job, inputs=[jobs_pb2.PredictInput(image=i) for i in flood])
+        calls = [alice.jobs.Predict.future(request, timeout=1.0) for _ in range(12)]
+        scrape_until(  # every one of alice's inputs has gone to the worker: bob queues behind all of them
+            battery.server.metrics_url,
+            lambda s: s.get(("tuneforge_prediction_inputs_total", frozenset()), 0) >= inputs_before + 12 * 48,
+            timeout_s=30,
+        )
+        began = time.perf_counter()
+        (answer,) = bob.predict(bob_model, texts=["alpha beta gamma"], top_k=1, timeout_s=20)
+        waited = time.perf_counter() - began
+        assert answer.labels and waited < 10.0, f"bob waited {waited:.1f} s behind alice's expired calls"
+        assert {call.code() for call in calls} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert_others_unharmed(battery)
+
+
+def _predicted_inputs(battery: Battery) -> float:
+    _, samples = scrape_until(battery.server.metrics_url, lambda s: True, timeout_s=5)
+    return samples.get(("tuneforge_prediction_inputs_total", frozenset()), 0.0)

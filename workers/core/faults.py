@@ -29,6 +29,8 @@ class InjectedFaults:
     """If set, only jobs whose training file has this name get the NaN losses."""
     exit_when_training_file: str = ""
     """Kill the worker process when it starts a job whose training file has this name (a poison job)."""
+    raise_when_training_file: str = ""
+    """Raise an unexpected error (a bug, its message naming a server path) when a job with this file starts."""
 
 
 @functools.cache
@@ -66,3 +68,6 @@ def check_job_start(training_filename: str) -> None:
     poison = injected_faults().exit_when_training_file
     if poison and training_filename == poison:
         os._exit(POISON_EXIT_CODE)
+    bug = injected_faults().raise_when_training_file
+    if bug and training_filename == bug:
+        raise IndexError(f"injected: list index out of range in {os.path.abspath(__file__)}")
