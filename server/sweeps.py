@@ -260,7 +260,7 @@ class SweepController:
         live.parked = None
         params = dict(optuna_trial.params)
         spec = trial_spec(live.base, params, live.plan.metric)
-        result = validate_spec(spec, self._model_roots)
+        result = await asyncio.to_thread(validate_spec, spec, self._model_roots)
         problems = [f"{v.field}: {v.description}" for v in result.violations + result.unimplemented]
         for path, name in file_names(spec).items():  # a file parameter may only name the tenant's own files
             if not await owns_file(self._store, self._db, name, sweep.tenant):

@@ -78,7 +78,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if request.request_id:
             check_request_id(request.request_id)
         job = request.job
-        result = validate_spec(job.spec, self._model_roots) if job.HasField("spec") else None
+        result = await asyncio.to_thread(validate_spec, job.spec, self._model_roots) if job.HasField("spec") else None
         violations = result.violations if result else [FieldViolation("job.spec", "required")]
         if len(job.display_name) > 200:
             violations.append(FieldViolation("job.display_name", "at most 200 characters"))
