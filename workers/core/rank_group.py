@@ -74,6 +74,20 @@ class RankGroup:
                     self._on_death(f"{process.name} exited with code {process.exitcode} during the step")
                     return
 
+    def lost_a_helper(self, timeout_s: float = 5.0) -> bool:
+        """Whether a helper ended (waiting up to timeout_s for one to). Rank 0's collective fails with a transport
+        error the moment its peer dies, often before the watcher has seen the death: the watcher is given the time
+        to report it (with the helper's exit code) and end the worker. A helper never ends before rank 0 has
+        finished, so an ended helper means the attempt is lost."""
+        if not multiprocessing.connection.wait([p.sentinel for p in self._processes], timeout=timeout_s):
+            return False
+        self._watcher.join(timeout_s)  # normally it never returns: the watcher ends the process
+        return True
+
+    def report_loss(self) -> None:
+        """The attempt is lost with its helper (the watcher did not get to say so)."""
+        self._on_death("a helper rank ended during the step")
+
     def close(self, finished: bool) -> None:
         """Waits for the helpers after a finished run; ends them at once otherwise (they wait on rank 0)."""
         self._closing.set()

@@ -77,6 +77,8 @@ def run_job(
         reporter.log(f"{failure.reason}: {failure.message}", Severity.ERROR)
         return finished(Outcome.FAILED, failure.reason, failure.message)
     except Exception as exc:
+        if ranks is not None and ranks.lost_a_helper():
+            ranks.report_loss()  # exits the worker: the job resumes from its checkpoint
         if not is_disk_full(exc):
             raise
         message = f"the server's disk is full ({exc}); free space on the server or keep fewer checkpoints"
