@@ -22,7 +22,7 @@ from server.names import new_id, parse_name
 from server.pagination import make_token, parse_page
 from server.records import FileRecord
 from server.servicers.errors import streaming, unary
-from server.servicers.tenancy import check_request_id, scoped_request_id, visible
+from server.servicers.tenancy import REQUEST_ID_RULE, request_id_ok, scoped_request_id, visible
 from server.storage import CHUNK_BYTES, Storage, Upload
 from server.store.base import JobStore, QuotaExceeded
 
@@ -75,8 +75,6 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
         if first is None or first.WhichOneof("content") != "metadata":
             raise invalid_argument([FieldViolation("metadata", "the first message must carry the metadata")])
         metadata = first.metadata
-        if metadata.request_id:
-            check_request_id(metadata.request_id, "metadata.request_id")
         self._check_metadata(metadata)
         tenant = current_caller().tenant
         request_id = scoped_request_id(metadata.request_id)
@@ -126,6 +124,8 @@ class FileServicer(files_pb2_grpc.FileServiceServicer):
             problems.append(FieldViolation("metadata.size_bytes", "must not be negative"))
         if not SHA256.fullmatch(metadata.sha256):
             problems.append(FieldViolation("metadata.sha256", "required: 64 lower-case hex digits"))
+        if metadata.request_id and not request_id_ok(metadata.request_id):
+            problems.append(FieldViolation("metadata.request_id", REQUEST_ID_RULE))
         if problems:
             raise invalid_argument(problems)
         if metadata.size_bytes > self._max_upload_bytes:

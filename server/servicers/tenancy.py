@@ -24,10 +24,17 @@ def visible(record: R | None, name: str) -> R:
     return record
 
 
-def check_request_id(request_id: str, field: str = "request_id") -> None:
+REQUEST_ID_RULE = "must be a UUID (at most 64 of [A-Za-z0-9_-])"
+
+
+def request_id_ok(request_id: str) -> bool:
     """Idempotency keys are UUIDs or similar: short and plain, so they key an index and a log line safely."""
-    if not 1 <= len(request_id) <= 64 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in request_id):
-        raise invalid_argument([FieldViolation(field, "must be a UUID (at most 64 of [A-Za-z0-9_-])")])
+    return 1 <= len(request_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in request_id)
+
+
+def check_request_id(request_id: str) -> None:
+    if not request_id_ok(request_id):
+        raise invalid_argument([FieldViolation("request_id", REQUEST_ID_RULE)])
 
 
 def scoped_request_id(request_id: str) -> str | None:
