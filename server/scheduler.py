@@ -286,6 +286,7 @@ class Scheduler:
                 record, events = claimed
                 self._changed(JobState.QUEUED, record)
                 self._publish(record, events)
+                self._tell_listeners(record, events)  # a job left the queue: a sweep waiting for room may go on
                 await self._start_on(worker, record)
 
     async def _next_tenant(self) -> str | None:
@@ -593,10 +594,13 @@ class Scheduler:
             if retry_reason is not None and before[0] in ACTIVE and record.state is JobState.QUEUED:
                 self._metrics.job_retried(retry_reason)
         self._publish(record, events)
+        self._tell_listeners(record, events)
+        return record
+
+    def _tell_listeners(self, record: JobRecord, events: list[EventRecord]) -> None:
         if events:
             for listener in self._listeners:
                 listener(record, events)
-        return record
 
     def _changed(self, before: JobState, record: JobRecord) -> None:
         """A committed change of state: counted, and logged as a job line."""

@@ -48,6 +48,19 @@ def shape_png(colour: str, rng: random.Random) -> bytes:
     return buffer.getvalue()
 
 
+def blank_png(width: int, height: int) -> bytes:
+    """A one-bit PNG of any size: a few kilobytes even at 13000 x 13700 pixels (the shape of a decompression bomb)."""
+    import warnings
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.new("1", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def write_shapes_zip(path: Path, per_class: int, seed: int = 0, manifest: bool = False) -> Path:
     """Class folders (`red/0001.png`) or, with manifest, flat files named in `metadata.jsonl`."""
     rng = random.Random(seed)

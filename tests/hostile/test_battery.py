@@ -33,18 +33,11 @@ from tests.hostile.conftest import (
     assert_others_unharmed,
     token_of,
 )
-from tests.integration.helpers import STATE, scrape_until, text_spec, wait_for_end
-from tests.media import shape_png, write_tar
+from tests.integration.helpers import STATE, refused, scrape_until, text_spec, wait_for_end
+from tests.media import blank_png, shape_png, write_tar
 from tests.tiny import keyword_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
-
-
-def refused(call: object) -> TuneforgeError:
-    assert callable(call)
-    with pytest.raises(TuneforgeError) as error:
-        call()
-    return error.value
 
 
 @pytest.fixture(scope="module")
@@ -219,16 +212,6 @@ def test_a_grid_too_large_to_build_is_refused_at_once(battery: Battery, files: d
     assert_others_unharmed(battery)
 
 
-def png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        Image.new("1", (width, height)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def image_job(battery: Battery, tmp_path_factory: pytest.TempPathFactory) -> str:
     """An image model trained from an archive made with `tar -C dir -czf data.tar.gz .` (its first member is `.`)."""
@@ -257,13 +240,13 @@ def image_job(battery: Battery, tmp_path_factory: pytest.TempPathFactory) -> str
 
 
 def test_image_bombs_in_predict_are_refused_from_their_header(battery: Battery, image_job: str) -> None:
-    bomb = png(13000, 13700)
+    bomb = blank_png(13000, 13700)
     assert len(bomb) < 100_000
     with as_user(battery, "alice", timeout_s=60) as alice:
         error = refused(lambda: alice.predict(image_job, images=[bomb] * 16))
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT and len(error.field_violations) == 16
         assert "13000 x 13700 = 178,100,000 pixels, more than the limit" in error.field_violations["inputs[15]"]
-        (answer,) = alice.predict(image_job, images=[png(40, 40)], top_k=1)  # the worker is still there
+        (answer,) = alice.predict(image_job, images=[blank_png(40, 40)], top_k=1)  # the worker is still there
         assert answer.labels[0].label in ("red", "blue")
     assert_others_unharmed(battery)
 

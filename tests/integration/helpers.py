@@ -9,11 +9,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
 
-from clients.client import TuneforgeClient
+from clients.client import TuneforgeClient, TuneforgeError
 from tests.processes import processes
 
 STATE = jobs_pb2.Job.State
@@ -37,6 +38,14 @@ def long_spec(model: Path, training_file: str) -> pb.JobSpec:
     spec = text_spec(model, training_file, epochs=1000)
     spec.evaluation.log_every_steps = 1
     return spec
+
+
+def refused(call: object) -> TuneforgeError:
+    """The TuneforgeError a call fails with (the test fails if it succeeds)."""
+    assert callable(call)
+    with pytest.raises(TuneforgeError) as error:
+        call()
+    return error.value
 
 
 def watch_until(client: TuneforgeClient, name: str, payload: str, timeout_s: float = 120) -> jobs_pb2.JobEvent:

@@ -18,7 +18,7 @@ from clients.credentials import Credentials
 from clients.local_server import LocalServer, start_local_server
 from server.auth.access import token_digest
 from tests.integration.conftest import SERVER_ARGS
-from tests.integration.helpers import STATE, long_spec, text_spec, wait_for_end, watch_until
+from tests.integration.helpers import STATE, long_spec, refused, text_spec, wait_for_end, watch_until
 from tests.tiny import keyword_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -42,13 +42,6 @@ def tokens(*pairs: tuple[str, str]) -> str:
 
 def as_user(server: LocalServer, name: str) -> TuneforgeClient:
     return TuneforgeClient(server.target, timeout_s=30, credentials=Credentials(token=name))
-
-
-def refused(call: object) -> TuneforgeError:
-    assert callable(call)
-    with pytest.raises(TuneforgeError) as error:
-        call()
-    return error.value
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,13 @@ import io
 import shutil
 import subprocess
 import tarfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
-from PIL import Image
 
-from tests.media import write_tar
+from tests.media import blank_png, write_tar
 from workers.core import archives, input_limits
 from workers.core.archives import ArchiveLimits, archive_limits, extract_archive
 from workers.core.errors import InvalidDataset, JobFailure
@@ -72,16 +70,8 @@ def test_the_unpacked_cap_follows_the_job_and_the_disk(tmp_path: Path, monkeypat
     assert failure.value.reason == "DISK_FULL"
 
 
-def png_of(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        Image.new("1", (width, height)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_an_image_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
-    bomb = png_of(13000, 13700)
+    bomb = blank_png(13000, 13700)
     assert len(bomb) < 100_000
     message = r"the image is 13000 x 13700 = 178,100,000 pixels, more than the limit of 50,000,000"
     with pytest.raises(InvalidDataset, match=message):
@@ -90,7 +80,7 @@ def test_an_image_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
     path.write_bytes(bomb)
     with pytest.raises(InvalidDataset, match=message):
         check_image(path, "the image")
-    assert read_image(png_of(64, 48), "a small one").size == (64, 48)
+    assert read_image(blank_png(64, 48), "a small one").size == (64, 48)
 
 
 def wav_of(seconds: float, channels: int = 1, rate: int = 16000) -> bytes:
