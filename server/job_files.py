@@ -13,7 +13,7 @@ FILE_FIELDS = ("data.training_file", "data.validation_file")
 """JobSpec fields that name a stored file."""
 
 
-def file_names(spec: job_spec_pb2.JobSpec) -> dict[str, str]:
+def _file_names(spec: job_spec_pb2.JobSpec) -> dict[str, str]:
     """The spec's file fields that name a stored file, by field path."""
     values = {"data.training_file": spec.data.training_file, "data.validation_file": spec.data.validation_file}
     return {path: name for path, name in values.items() if name.startswith("files/")}
@@ -25,8 +25,8 @@ async def missing_files(
     """The spec's data files that do not exist for this tenant (another tenant's file is as good as missing), as
     field violations under prefix."""
     problems = []
-    for path, name in file_names(spec).items():
-        if not await owns_file(store, db, name, tenant):
+    for path, name in _file_names(spec).items():
+        if not await _owns_file(store, db, name, tenant):
             problems.append(FieldViolation(f"{prefix}.{path}", f"{name} does not exist"))
     return problems
 
@@ -41,12 +41,12 @@ async def missing_file_choices(
             continue
         for position, value in enumerate(parameter.categorical.values):
             name = value.string_value
-            if name.startswith("files/") and not await owns_file(store, db, name, tenant):
+            if name.startswith("files/") and not await _owns_file(store, db, name, tenant):
                 where = f"sweep.spec.parameters[{index}].categorical.values[{position}]"
                 problems.append(FieldViolation(where, f"{name} does not exist"))
     return problems
 
 
-async def owns_file(store: JobStore, db: StoreRunner, name: str, tenant: str) -> bool:
+async def _owns_file(store: JobStore, db: StoreRunner, name: str, tenant: str) -> bool:
     record = await db.call(store.get_file, name.removeprefix("files/"))
     return record is not None and record.tenant == tenant

@@ -38,6 +38,13 @@ class MemoryEstimate:
     def describe(self) -> str:
         return ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in self.parts.items() if size)
 
+    def refusal(self, limit_bytes: int) -> str:
+        """Why a job this size is refused (the API's NEVER_FITS and a sweep trial's failure say the same)."""
+        return (
+            f"the job needs about {self.total_bytes / 2**30:.1f} GiB ({self.describe()}) but a worker of this server "
+            f"can give one job {limit_bytes / 2**30:.1f} GiB; use fewer ranks or a smaller head"
+        )
+
 
 def physical_memory_bytes() -> int:
     """This machine's memory (0 where the system does not say)."""

@@ -7,11 +7,13 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from google.protobuf.message import Message
 
 from server.errors import FieldViolation, invalid_argument
 
+M = TypeVar("M", bound=Message)
 MAX_PAGE_SIZE = 1000
 PAGE_BUDGET_BYTES = 3 << 20
 """A list response's size: under the 4 MiB message limit whatever its rows hold (a page ends early instead)."""
@@ -48,6 +50,15 @@ def parse_page(page_size: int, page_token: str, query: str = "", default_size: i
     if fingerprint != _fingerprint(query):
         raise invalid_argument([FieldViolation("page_token", "was issued for a different filter")])
     return Page(size, cursor)
+
+
+def fit_page(messages: Sequence[M], cursors: Sequence[int], next_cursor: int | None) -> tuple[Sequence[M], int | None]:
+    """The page's messages that fit one response, and the cursor to go on from: the next page's as the store gave
+    it, or, when the page ended early, the cursor of the last message kept (`cursors` holds one per message)."""
+    shown = fitting(messages)
+    if shown < len(messages):
+        return messages[:shown], cursors[shown - 1]
+    return messages, next_cursor
 
 
 def fitting(messages: Sequence[Message], budget_bytes: int = PAGE_BUDGET_BYTES) -> int:

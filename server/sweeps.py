@@ -28,7 +28,7 @@ from server.db import StoreRunner
 from server.errors import ApiError
 from server.event_hub import EventHub
 from server.job_factory import JobFactory
-from server.job_files import file_names, owns_file
+from server.job_files import missing_files
 from server.job_states import TERMINAL, IllegalTransition, JobState
 from server.memory_estimate import memory_problem
 from server.names import new_id
@@ -134,16 +134,8 @@ class SweepController:
             if record.state in SWEEP_TERMINAL:
                 raise IllegalTransition(record.state, SweepState.CANCELLED, "sweep")
             self._forget(sweep_id)
-
-            def change(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]]:
-                trials = [_stopped(t) if t.state is TrialState.RUNNING else t for t in current.trials]
-                ended = replace(current, state=SweepState.CANCELLED, trials=trials, end_time=time.time())
-                return ended, [sweep_convert.state_event(current.state, SweepState.CANCELLED)]
-
-            updated = await self._update(sweep_id, change)
-            for trial in record.trials:
-                if trial.state is TrialState.RUNNING and trial.job_id:
-                    await self._cancel_job(trial.job_id)
+            updated = await self._update(sweep_id, _ended(SweepState.CANCELLED, "CANCELLED", "the sweep was cancelled"))
+            await self._cancel_running_jobs(record)
             return updated
 
     # ------------------------------------------------------------ job events
@@ -262,14 +254,13 @@ class SweepController:
         spec = trial_spec(live.base, params, live.plan.metric)
         result = await asyncio.to_thread(validate_spec, spec, self._model_roots)
         problems = [f"{v.field}: {v.description}" for v in result.violations + result.unimplemented]
-        for path, name in file_names(spec).items():  # a file parameter may only name the tenant's own files
-            if not await owns_file(self._store, self._db, name, sweep.tenant):
-                problems.append(f"job.spec.{path}: {name} does not exist")
+        missing = await missing_files(self._store, self._db, spec, "job.spec", sweep.tenant)  # a file parameter
+        problems += [f"{v.field}: {v.description}" for v in missing]  # may only name the tenant's own files
         if result.spec is not None:
             too_big = await asyncio.to_thread(memory_problem, result.spec, self._scheduler.worker_memory_bytes)
             if too_big is not None:
                 estimate, limit = too_big
-                problems.append(f"needs about {estimate.total_bytes:,} bytes, a worker can give {limit:,}")
+                problems.append(estimate.refusal(limit))
         if problems:
             _tell(live, optuna_trial, state=optuna.trial.TrialState.FAIL)
             message = bounded("; ".join(problems))
@@ -386,36 +377,22 @@ class SweepController:
         """A sweep the restarted server cannot rebuild ends FAILED with the reason, and its trials' jobs stop."""
         self._forget(record.id)
         message = bounded(f"the sweep could not be rebuilt after a restart: {exc}")
-
-        def change(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]] | None:
-            if current.state in SWEEP_TERMINAL:
-                return None
-            trials = [
-                replace(t, state=TrialState.FAILED, error_reason="RESTORE_FAILED", error_message=message)
-                if t.state is TrialState.RUNNING
-                else t
-                for t in current.trials
-            ]
-            ended = replace(
-                current,
-                state=SweepState.FAILED,
-                trials=trials,
-                end_time=time.time(),
-                error_reason="RESTORE_FAILED",
-                error_message=message,
-            )
-            return ended, [sweep_convert.state_event(current.state, SweepState.FAILED)]
-
-        await self._update(record.id, change)
-        for trial in record.trials:
-            if trial.state is TrialState.RUNNING and trial.job_id:
-                await self._cancel_job(trial.job_id)
+        failed = _ended(
+            SweepState.FAILED, "RESTORE_FAILED", message, error_reason="RESTORE_FAILED", error_message=message
+        )
+        await self._update(record.id, failed)
+        await self._cancel_running_jobs(record)
 
     # ------------------------------------------------------------ helpers
 
     def _forget(self, sweep_id: str) -> None:
         self._live.pop(sweep_id, None)
         self._waiting.pop(sweep_id, None)
+
+    async def _cancel_running_jobs(self, record: SweepRecord) -> None:
+        for trial in record.trials:
+            if trial.state is TrialState.RUNNING and trial.job_id:
+                await self._cancel_job(trial.job_id)
 
     async def _cancel_job(self, job_id: str) -> None:
         with contextlib.suppress(IllegalTransition):  # it ended meanwhile
@@ -456,8 +433,22 @@ def _drop_trial(number: int) -> Any:
     return change
 
 
-def _stopped(trial: TrialRecord) -> TrialRecord:
-    return replace(trial, state=TrialState.FAILED, error_reason="CANCELLED", error_message="the sweep was cancelled")
+def _ended(state: SweepState, trial_reason: str, trial_message: str, **fields: Any) -> Any:
+    """The sweep ends in `state` (with `fields`, such as its error); its running trials fail with the reason."""
+
+    def change(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]] | None:
+        if current.state in SWEEP_TERMINAL:
+            return None
+        stopped = [
+            replace(t, state=TrialState.FAILED, error_reason=trial_reason, error_message=trial_message)
+            if t.state is TrialState.RUNNING
+            else t
+            for t in current.trials
+        ]
+        ended = replace(current, state=state, trials=stopped, end_time=time.time(), **fields)
+        return ended, [sweep_convert.state_event(current.state, state)]
+
+    return change
 
 
 def _append_trial(trial: TrialRecord) -> Any:

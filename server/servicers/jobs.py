@@ -26,7 +26,7 @@ from server.job_states import TERMINAL, JobState
 from server.memory_estimate import memory_problem
 from server.model_exports import check_export_request, model_export
 from server.names import parse_name
-from server.pagination import fitting, make_token, parse_page
+from server.pagination import fit_page, make_token, parse_page
 from server.predict_inputs import check_predict_inputs
 from server.predictions import Predictions
 from server.records import JobRecord
@@ -124,11 +124,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         page = parse_page(request.page_size, request.page_token, query)
         scope = current_caller().scope
         records, cursor = await self._db.call(self._store.list_jobs, states, page.size, page.cursor, scope)
-        jobs = [convert.job_to_proto(r) for r in records]
-        shown = fitting(jobs)
-        if shown < len(jobs):  # large rows: the page ends early, the rest comes with the next token
-            cursor = records[shown - 1].order
-        return jobs_pb2.ListJobsResponse(jobs=jobs[:shown], next_page_token=make_token(cursor, query))
+        jobs, cursor = fit_page([convert.job_to_proto(r) for r in records], [r.order for r in records], cursor)
+        return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=make_token(cursor, query))
 
     @unary
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
@@ -177,10 +174,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         after = page.cursor or 0
         events = await self._db.call(self._store.list_events, record.id, after, page.size + 1)
         shown = events[: page.size]
-        protos = [convert.event_to_proto(e) for e in shown]
-        fit = fitting(protos)
-        cursor = shown[fit - 1].sequence if len(events) > page.size or fit < len(shown) else None
-        return jobs_pb2.ListJobEventsResponse(events=protos[:fit], next_page_token=make_token(cursor, record.id))
+        protos, cursor = fit_page(
+            [convert.event_to_proto(e) for e in shown],
+            [e.sequence for e in shown],
+            shown[-1].sequence if len(events) > page.size else None,
+        )
+        return jobs_pb2.ListJobEventsResponse(events=protos, next_page_token=make_token(cursor, record.id))
 
     @streaming
     async def DownloadArtifact(
@@ -291,8 +290,7 @@ async def check_fits(scheduler: Scheduler, spec: TrainingSpec) -> None:
         estimate, limit = problem
         raise failed_precondition(
             "NEVER_FITS",
-            f"the job needs about {estimate.total_bytes / 2**30:.1f} GiB ({estimate.describe()}) but a worker of "
-            f"this server can give one job {limit / 2**30:.1f} GiB; use fewer ranks or a smaller head",
+            estimate.refusal(limit),
             estimate_bytes=str(estimate.total_bytes),
             limit_bytes=str(limit),
         )

@@ -14,7 +14,7 @@ from server.errors import FieldViolation, invalid_argument
 from server.event_hub import EventHub
 from server.job_files import missing_file_choices, missing_files
 from server.names import parse_name
-from server.pagination import fitting, make_token, parse_page
+from server.pagination import fit_page, make_token, parse_page
 from server.scheduler import Scheduler
 from server.servicers.errors import streaming, unary
 from server.servicers.jobs import check_job_admission
@@ -74,11 +74,8 @@ class SweepServicer(sweeps_pb2_grpc.SweepServiceServicer):
         page = parse_page(request.page_size, request.page_token, "sweeps")
         scope = current_caller().scope
         records, cursor = await self._db.call(self._store.list_sweeps, page.size, page.cursor, scope)
-        sweeps = [sweep_to_proto(r) for r in records]
-        shown = fitting(sweeps)
-        if shown < len(sweeps):
-            cursor = records[shown - 1].order
-        return sweeps_pb2.ListSweepsResponse(sweeps=sweeps[:shown], next_page_token=make_token(cursor, "sweeps"))
+        sweeps, cursor = fit_page([sweep_to_proto(r) for r in records], [r.order for r in records], cursor)
+        return sweeps_pb2.ListSweepsResponse(sweeps=sweeps, next_page_token=make_token(cursor, "sweeps"))
 
     @unary
     async def CancelSweep(self, request: sweeps_pb2.CancelSweepRequest, context: Context) -> sweeps_pb2.Sweep:

@@ -22,7 +22,7 @@ from server.bounded import MAX_MESSAGE_CHARS, bounded
 from server.job_changes import finish
 from server.job_states import JobState
 from server.memory_estimate import RANK_PROCESS_BYTES, estimate_job_memory, memory_problem
-from server.pagination import fitting
+from server.pagination import fit_page, fitting
 from server.records import JobRecord
 from server.search_space import MAX_GRID_POINTS, make_sampler, plan_search
 from server.spec_validation import validate_spec
@@ -133,6 +133,10 @@ def test_a_list_page_ends_early_rather_than_pass_the_message_limit() -> None:
     assert fitting(big) == 3  # 3 MB a page
     assert fitting([jobs_pb2.Job(display_name="x" * 5_000_000)]) == 1, "a page always holds one"
     assert fitting([jobs_pb2.Job(name="jobs/a")] * 50) == 50
+    shown, cursor = fit_page(big, [50, 49, 48, 47, 46], None)
+    assert (len(shown), cursor) == (3, 48), "the next page starts after the last job shown"
+    small = [jobs_pb2.Job(name="jobs/a")] * 2
+    assert fit_page(small, [2, 1], 7) == (small, 7), "a page that fits keeps the store's cursor"
 
 
 def test_text_data_is_read_as_a_stream(tmp_path: Path) -> None:

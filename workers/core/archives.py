@@ -48,7 +48,7 @@ def _check_name(archive: str, name: str) -> None:
         raise InvalidDataset(f"{archive}: member {name!r} points outside the archive")
 
 
-def _check_totals(archive: str, count: int, total: int, stored_bytes: int, limits: ArchiveLimits) -> None:
+def _check_totals(archive: str, count: int, total: int, stored_bytes: int, limits: ArchiveLimits, target: Path) -> None:
     if count > limits.max_members:
         raise InvalidDataset(f"{archive}: {count} members is more than the limit of {limits.max_members}")
     if total > limits.max_unpacked_bytes:
@@ -60,6 +60,7 @@ def _check_totals(archive: str, count: int, total: int, stored_bytes: int, limit
             f"{archive}: unpacks to {total:,} bytes, {total / max(1, stored_bytes):,.0f} times its {stored_bytes:,} "
             f"bytes (at most {limits.max_compression_ratio:g} times), which looks like a decompression bomb"
         )
+    _check_disk(archive, target, total)
 
 
 def _check_disk(archive: str, target: Path, total: int) -> None:
@@ -73,7 +74,9 @@ def _check_disk(archive: str, target: Path, total: int) -> None:
         )
 
 
-def _check_tar(archive: str, tar: tarfile.TarFile, stored: int, limits: ArchiveLimits) -> list[tarfile.TarInfo]:
+def _check_tar(
+    archive: str, tar: tarfile.TarFile, stored: int, limits: ArchiveLimits, target: Path
+) -> list[tarfile.TarInfo]:
     members = tar.getmembers()
     for member in members:
         _check_name(archive, member.name)
@@ -81,11 +84,13 @@ def _check_tar(archive: str, tar: tarfile.TarFile, stored: int, limits: ArchiveL
             raise InvalidDataset(f"{archive}: member {member.name!r} is a link; only files and folders are allowed")
         if not (member.isfile() or member.isdir()):
             raise InvalidDataset(f"{archive}: member {member.name!r} is not a regular file or folder")
-    _check_totals(archive, len(members), sum(m.size for m in members), stored, limits)
+    _check_totals(archive, len(members), sum(m.size for m in members), stored, limits, target)
     return members
 
 
-def _check_zip(archive: str, zipped: zipfile.ZipFile, stored: int, limits: ArchiveLimits) -> list[zipfile.ZipInfo]:
+def _check_zip(
+    archive: str, zipped: zipfile.ZipFile, stored: int, limits: ArchiveLimits, target: Path
+) -> list[zipfile.ZipInfo]:
     members = zipped.infolist()
     for member in members:
         _check_name(archive, member.filename)
@@ -99,7 +104,7 @@ def _check_zip(archive: str, zipped: zipfile.ZipFile, stored: int, limits: Archi
                 f"{archive}: member {member.filename!r} unpacks {ratio:,.0f} times larger than it is stored, "
                 "which looks like a decompression bomb"
             )
-    _check_totals(archive, len(members), sum(m.file_size for m in members), stored, limits)
+    _check_totals(archive, len(members), sum(m.file_size for m in members), stored, limits, target)
     return members
 
 
@@ -112,13 +117,10 @@ def extract_archive(file: DataFile, target: Path, limits: ArchiveLimits | None =
     try:
         if zipfile.is_zipfile(file.path):
             with zipfile.ZipFile(file.path) as zipped:
-                members = _check_zip(file.filename, zipped, stored, limits)
-                _check_disk(file.filename, target, sum(m.file_size for m in members))
-                zipped.extractall(target, members=members)
+                zipped.extractall(target, members=_check_zip(file.filename, zipped, stored, limits, target))
         elif tarfile.is_tarfile(file.path):
             with tarfile.open(file.path, "r:*") as tar:
-                checked = _check_tar(file.filename, tar, stored, limits)
-                _check_disk(file.filename, target, sum(m.size for m in checked))
+                checked = _check_tar(file.filename, tar, stored, limits, target)
                 tar.extractall(target, members=checked, filter="data")
         else:
             raise InvalidDataset(f"{file.filename}: not a zip or tar archive")

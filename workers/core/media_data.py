@@ -13,7 +13,14 @@ from pathlib import Path
 from workers.core.archives import ArchiveLimits, extract_archive, is_hidden
 from workers.core.errors import InvalidDataset
 from workers.core.splits import training_split
-from workers.core.text_data import MAX_LABEL_CHARS, check_label_count, label_text, raw_records, sorted_labels
+from workers.core.text_data import (
+    MAX_LABEL_CHARS,
+    check_label_count,
+    label_rule,
+    label_text,
+    raw_records,
+    sorted_labels,
+)
 from workers.messages import DataFile
 from workers.spec import DataSettings
 
@@ -82,8 +89,7 @@ def _manifest_items(
         if not isinstance(name, str) or not name:
             raise InvalidDataset(f"{where} line {line}: missing column {file_column!r}")
         if target is None:
-            rule = f"must be a non-empty string of at most {max_chars} characters, or an integer"
-            raise InvalidDataset(f"{where} line {line}: {target_column!r} {rule}")
+            raise InvalidDataset(f"{where} line {line}: {target_column!r} {label_rule(max_chars)}")
         path = (root / name).resolve()
         if not path.is_relative_to(root.resolve()):
             raise InvalidDataset(f"{where} line {line}: {name!r} points outside the archive")

@@ -109,7 +109,9 @@ def label_text(value: Any, limit: int = MAX_LABEL_CHARS) -> str | None:
     return None
 
 
-LABEL_RULE = f"must be a non-empty string of at most {MAX_LABEL_CHARS} characters, or an integer"
+def label_rule(limit: int = MAX_LABEL_CHARS) -> str:
+    """What label_text accepts, in words."""
+    return f"must be a non-empty string of at most {limit} characters, or an integer"
 
 
 def check_label_count(filename: str, names: set[str]) -> None:
@@ -158,7 +160,7 @@ def _check_record(number: int, record: dict[str, Any], settings: DataSettings) -
         return f"missing column {settings.label_column!r}", None
     label = label_text(record[settings.label_column])
     if label is None:
-        return f"{settings.label_column!r} {LABEL_RULE}", None
+        return f"{settings.label_column!r} {label_rule()}", None
     return "", TextRow(number, text, pair, label)
 
 
