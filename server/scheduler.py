@@ -236,7 +236,6 @@ class Scheduler:
         record = await self._apply(job_id, cancel_change)
         if record is None:
             return None
-        await self._prune_if_ended(job_id)
         if record.state is JobState.CANCELLING:
             self._stop_worker_of(record, checkpoint_first=False)
         return record
@@ -393,7 +392,6 @@ class Scheduler:
                     else None
                 ),
             )
-            await self._prune_if_ended(record.id)
             return None
         return RunJob(
             job=record.id,
@@ -484,7 +482,6 @@ class Scheduler:
             await self._apply_fenced(
                 slot.job, event.worker, slot.attempt, self._lose(message), RetryReason.WORKER_EXITED
             )
-            await self._prune_if_ended(slot.job)
             await self.dispatch()  # a requeued job can go to an idle worker at once
 
     async def _job_finished(self, event: JobFinished) -> None:
@@ -502,7 +499,7 @@ class Scheduler:
             paused if event.outcome is Outcome.PAUSED else lambda r: finish_change(r, succeeded, reason, message)
         )
         await self._apply_fenced(event.job, event.worker, event.attempt, change)
-        await self._prune_if_ended(event.job)
+        await self._prune_if_ended(event.job)  # also when fenced out: a stale attempt may have written checkpoints
         slot = self._slots.get(event.worker)
         if slot is not None and slot.job == event.job:
             fresh = WorkerSlot(state="idle")  # the job's bookkeeping goes, what the worker is stays
@@ -561,7 +558,6 @@ class Scheduler:
         log.warning("%s on %s attempt %s", message, job, attempt)
         await self._apply_fenced(job, worker, attempt, self._lose(message), RetryReason.LEASE_EXPIRED)
         self._send(worker, CancelJob(job=job, attempt=attempt))
-        await self._prune_if_ended(job)
         await self.dispatch()
 
     def _lose(self, message: str) -> ChangeFn:
@@ -577,7 +573,8 @@ class Scheduler:
             await asyncio.to_thread(self._storage.delete_work, job_id)
 
     async def _apply(self, job_id: str, change: ChangeFn, retry_reason: RetryReason | None = None) -> JobRecord | None:
-        """Applies a change in the store, then tells metrics, watchers and listeners. retry_reason: why a lost
+        """Applies a change in the store, then tells metrics, watchers and listeners; a job that ended loses its
+        checkpoints and scratch space first (it resumes no more; the artifact stays). retry_reason: why a lost
         attempt's job, if this queues it again, is retried."""
         before: list[JobState] = []
 
@@ -593,6 +590,8 @@ class Scheduler:
             self._changed(before[0], record)
             if retry_reason is not None and before[0] in ACTIVE and record.state is JobState.QUEUED:
                 self._metrics.job_retried(retry_reason)
+            if record.state in TERMINAL:  # pruned before anyone hears of the end, so "ended" means "cleaned up"
+                await asyncio.to_thread(self._storage.delete_work, record.id)
         self._publish(record, events)
         self._tell_listeners(record, events)
         return record
