@@ -105,9 +105,13 @@ def test_every_family_maps_to_stem_blocks_top_and_head(model: nn.Module) -> None
     assert count(layout.head) > 0 and count(layout.stem) > 0
 
 
-def test_full_trains_everything(model: nn.Module) -> None:
+def test_full_trains_everything_but_a_speech_feature_encoder(model: nn.Module) -> None:
+    """wav2vec2-style models keep their convolutional feature encoder frozen, as their documentation recommends."""
     apply_adaptation(model, AdaptationSettings(AdaptationMethod.FULL))
-    assert trainable(model) == sum(p.numel() for p in model.parameters())
+    encoder = getattr(getattr(model, "wav2vec2", None), "feature_extractor", None)
+    frozen = count(list(encoder.parameters())) if encoder is not None else 0
+    assert trainable(model) == sum(p.numel() for p in model.parameters()) - frozen
+    assert (frozen > 0) == hasattr(model, "freeze_feature_encoder")
 
 
 def test_frozen_backbone_trains_the_head_only(model: nn.Module) -> None:

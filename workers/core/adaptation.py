@@ -135,7 +135,9 @@ def _set_trainable(parameters: list[nn.Parameter], trainable: bool) -> None:
 def apply_adaptation(model: nn.Module, settings: AdaptationSettings) -> TrainableSummary:
     """Sets requires_grad according to the method; the head always trains. (LoRA is applied by `lora.py`.)"""
     match settings.method:
-        case AdaptationMethod.FULL | AdaptationMethod.LORA:
+        case AdaptationMethod.FULL:
+            keep_feature_encoder_frozen(model)
+        case AdaptationMethod.LORA:
             pass
         case AdaptationMethod.FROZEN_BACKBONE:
             _set_trainable(list(backbone_of(model).parameters()), False)
@@ -148,6 +150,15 @@ def apply_adaptation(model: nn.Module, settings: AdaptationSettings) -> Trainabl
         case AdaptationMethod.GRADUAL_UNFREEZING:
             _set_trainable(list(backbone_of(model).parameters()), False)
     return summarize(model)
+
+
+def keep_feature_encoder_frozen(model: nn.Module) -> None:
+    """wav2vec2-style speech models keep their convolutional feature encoder frozen in full fine-tuning, as their
+    authors and transformers' own examples do: it learned from raw audio at a scale fine-tuning data does not
+    reach, and frozen it needs no backward pass (the costliest part of a step on raw audio)."""
+    freeze = getattr(model, "freeze_feature_encoder", None)
+    if callable(freeze):
+        freeze()
 
 
 def summarize(model: nn.Module) -> TrainableSummary:
