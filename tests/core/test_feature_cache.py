@@ -17,7 +17,7 @@ from torch import nn
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_vit, make_tiny_wav2vec2, write_shapes_zip, write_tones_zip
 from tests.tiny import keyword_rows, write_jsonl
-from workers.core.feature_cache import BUDGET_ENV
+from workers.core.feature_cache import BUDGET_ENV, length_sorted_batches
 from workers.messages import EvaluationDone, LogEmitted, Outcome, TrainingProgress
 from workers.spec import (
     AdaptationMethod,
@@ -113,6 +113,8 @@ def test_text_head_trains_on_kept_output_exactly_as_when_recomputed(
     kept, recomputed = compare(spec, data, tmp_path, "BertEmbeddings", monkeypatch)
     # 90 training and 30 validation sentences, in batches of 16: the backbone ran only in the one pass
     assert kept.backbone_calls == 6 + 2
+    # the head reads BERT's pooled output only: no token's hidden state is kept
+    assert kept.logged("kept its output (pooler_output: what the head reads)"), kept.log
     assert recomputed.backbone_calls > 5 * 12
 
 
@@ -120,12 +122,25 @@ def test_image_and_audio_heads_train_on_kept_output(tmp_path: Path, monkeypatch:
     vit = make_tiny_vit(tmp_path / "vit")
     spec = media_spec(vit, TaskKind.IMAGE_CLASSIFICATION, epochs=3)
     images = write_shapes_zip(tmp_path / "shapes.zip", per_class=8)
-    compare(spec, images, tmp_path / "image", "ViTEmbeddings", monkeypatch)
+    image, _ = compare(spec, images, tmp_path / "image", "ViTEmbeddings", monkeypatch)
+    assert image.logged("kept its output (last_hidden_state: what the head reads)"), image.log
     monkeypatch.delenv(BUDGET_ENV)
     wav2vec2 = make_tiny_wav2vec2(tmp_path / "wav2vec2")
     spec = media_spec(wav2vec2, TaskKind.AUDIO_CLASSIFICATION, epochs=3, clip_seconds=0.5)
     tones = write_tones_zip(tmp_path / "tones.zip", per_class=6)
-    compare(spec, tones, tmp_path / "audio", "Wav2Vec2FeatureEncoder", monkeypatch)
+    audio, _ = compare(spec, tones, tmp_path / "audio", "Wav2Vec2FeatureEncoder", monkeypatch)
+    # wav2vec2's head pools its hidden states; the convolutional features (extract_features) are not kept
+    assert audio.logged("kept its output (last_hidden_state: what the head reads)"), audio.log
+
+
+def test_the_feature_pass_runs_longest_first_in_batches_of_similar_length() -> None:
+    lengths = [5, 40, 7, 33, 12, 40, 6]
+    dataset = [{"input_ids": [0] * n} for n in lengths]
+    batches = length_sorted_batches(dataset, "input_ids", 3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert [[lengths[i] for i in batch] for batch in batches] == [[40, 40, 33], [12, 7, 6], [5]]
+    # media of one size keep file order
+    assert length_sorted_batches(list(range(4)), "input_values", 3) == [[0, 1, 2], [3]]
 
 
 def test_nothing_is_kept_when_inputs_change_between_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

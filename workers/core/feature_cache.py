@@ -6,6 +6,10 @@ Works on any transformers classifier without knowing its head: while replaying, 
 batch's kept output, so the model's own head code (pooling, dropout, projector, classifier) runs unchanged. A frozen
 backbone runs in eval mode throughout (no dropout, fixed normalisation statistics), which is what makes its output a
 function of the example alone; the result equals recomputing it every step, up to float rounding.
+
+The pass wastes nothing either: examples go through in batches of similar length (little padding), and only the
+output fields the head reads are kept (BERT's pooled output rather than every token's hidden state; wav2vec2's
+hidden states without the convolutional features), found by replaying the first batch without each field.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +55,9 @@ class FrozenBackboneModel(nn.Module):
         self.model, self.backbone = model, backbone
         self.output_type: Callable[..., Any] = dict
         self.main_input = str(getattr(model, "main_input_name", "input_ids"))
+        self.unread: dict[str, int] = {}
+        """Output fields the head does not read, not kept: replayed as empty placeholders (a tuple field as that
+        many empty tensors), so positional access to the other fields still finds them."""
 
     def train(self, mode: bool = True) -> FrozenBackboneModel:
         super().train(mode)
@@ -61,8 +68,37 @@ class FrozenBackboneModel(nn.Module):
         kept = {key[len(FEATURE) :]: batch.pop(key) for key in list(batch) if key.startswith(FEATURE)}
         if not kept:
             return self.model(**batch)
+        device = next(iter(kept.values())).device
+        for name, parts in self.unread.items():
+            placeholder = torch.empty(0, device=device)
+            kept.update({f"{name}.{i}": placeholder for i in range(parts)} if parts else {name: placeholder})
         with self._replaying(_rebuild(self.output_type, kept)):
             return self.model(**{self.main_input: None, **batch})
+
+    def fields_the_head_reads(self, inputs: Batch, fields: dict[str, torch.Tensor]) -> set[str]:
+        """The output fields (tuples by their name) the head's result depends on, for one batch in eval mode:
+        replaying without a field (an empty placeholder) either fails or changes the logits when it is read."""
+        names = {key.partition(".")[0] for key in fields}
+        reference = self._head(inputs, fields, {})
+        read = set()
+        for name in sorted(names):
+            parts = sum(1 for key in fields if key.partition(".")[0] == name and key != name)
+            try:
+                same = torch.equal(self._head(inputs, fields, {name: parts}), reference)
+            except (RuntimeError, IndexError, ValueError, TypeError, AttributeError):
+                same = False
+            if not same:
+                read.add(name)
+        return read
+
+    def _head(self, inputs: Batch, fields: dict[str, torch.Tensor], unread: dict[str, int]) -> torch.Tensor:
+        before, self.unread = self.unread, unread
+        try:
+            kept = {FEATURE + key: value for key, value in fields.items() if key.partition(".")[0] not in unread}
+            logits: torch.Tensor = self(**inputs, **kept).logits
+            return logits
+        finally:
+            self.unread = before
 
     @contextmanager
     def _replaying(self, output: Any) -> Iterator[None]:
@@ -79,6 +115,8 @@ class KeptFeatures(Dataset[dict[str, torch.Tensor]]):
 
     items: list[dict[str, torch.Tensor]]
     nbytes: int
+    fields: list[str] = field(default_factory=list)
+    """The backbone output fields kept (the ones the head reads)."""
 
     def __len__(self) -> int:
         return len(self.items)
@@ -133,20 +171,30 @@ def _output_fields(output: Any) -> dict[str, torch.Tensor]:
 
 def _per_example(batch: Batch, fields: dict[str, torch.Tensor], labels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Splits a batch into examples; sequences as long as the attention mask are cut to the example's own length,
-    so kept text is not stored with another batch's padding."""
+    so kept text is not stored with another batch's padding (an output field only when it has a sequence axis
+    before its features: a pooled vector as long as the batch's sequences is no sequence)."""
     mask = batch.get(MASK)
     items = []
     for i in range(labels.shape[0]):
         length = int(mask[i].sum()) if mask is not None else -1
         item = {"labels": labels[i].clone()}
-        named = {**batch, **{FEATURE + name: value for name, value in fields.items()}}
-        for key, value in named.items():
-            row = value[i]
-            if mask is not None and row.dim() and row.shape[0] == mask.shape[1]:
+        rows = [(key, value[i], 1) for key, value in batch.items()]
+        rows += [(FEATURE + name, value[i], 2) for name, value in fields.items()]
+        for key, row, sequence_rank in rows:
+            if mask is not None and row.dim() >= sequence_rank and row.shape[0] == mask.shape[1]:
                 row = row[:length]
             item[key] = row.detach().to("cpu", copy=True)
         items.append(item)
     return items
+
+
+def length_sorted_batches(dataset: Sequence[Any], main_input: str, batch_size: int) -> list[list[int]]:
+    """Batches of indices, longest examples first, when the examples' lengths are at hand (in-memory token lists);
+    in file order otherwise (media of one size)."""
+    indices = list(range(len(dataset)))
+    if isinstance(dataset, list) and dataset and isinstance(dataset[0], dict) and main_input in dataset[0]:
+        indices.sort(key=lambda i: -len(dataset[i][main_input]))
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
 def keep_features(
@@ -157,32 +205,52 @@ def keep_features(
     batch_size: int,
     budget: int,
 ) -> KeptFeatures | None:
-    """One no-grad pass over `dataset` through the whole model, keeping what the backbone returns for each example.
-    None when the outputs would not fit in `budget` bytes (the caller then recomputes them every step)."""
+    """One no-grad pass over `dataset` through the whole model (batches of similar length), keeping what the
+    head reads of the backbone's output for each example. None when that would not fit in `budget` bytes (the
+    caller then recomputes it every step)."""
     captured: list[Any] = []
     hook = model.backbone.register_forward_hook(lambda _module, _args, output: captured.append(output))
-    items: list[dict[str, torch.Tensor]] = []
+    items: list[dict[str, torch.Tensor] | None] = [None] * len(dataset)
     used = 0
+    read: set[str] | None = None
+    unread: dict[str, int] = {}
     model.eval()
     try:
         with torch.no_grad():
+            batches = length_sorted_batches(dataset, model.main_input, batch_size)
             # its own generator: a loader without one draws from the global generator the head's dropout uses
-            loader: DataLoader[Any] = DataLoader(dataset, batch_size, collate_fn=collate, generator=torch.Generator())  # type: ignore[arg-type]
-            for batch in loader:
+            loader: DataLoader[Any] = DataLoader(
+                dataset,  # type: ignore[arg-type]
+                batch_sampler=batches,
+                collate_fn=collate,
+                generator=torch.Generator(),
+            )
+            for indices, batch in zip(batches, loader, strict=True):
                 labels = batch.pop("labels")
                 inputs = {k: v for k, v in batch.items() if k != model.main_input}
                 model(**to_device(batch))
                 output = captured.pop()
                 model.output_type = type(output) if hasattr(output, "items") else tuple_output
-                examples = _per_example(inputs, _output_fields(output), labels)
+                fields = _output_fields(output)
+                if read is None:
+                    read = model.fields_the_head_reads(to_device(dict(inputs)), fields)
+                    unread = {
+                        name: sum(1 for key in fields if key.startswith(name + "."))
+                        for name in {key.partition(".")[0] for key in fields} - read
+                    }
+                    captured.clear()  # the replays went through the hook too
+                fields = {key: value for key, value in fields.items() if key.partition(".")[0] in read}
+                examples = _per_example(inputs, fields, labels)
                 used += sum(t.element_size() * t.nelement() for item in examples for t in item.values())
                 if used > budget:
                     return None
-                items += examples
+                for index, example in zip(indices, examples, strict=True):
+                    items[index] = example
     finally:
         hook.remove()
         model.train()
-    return KeptFeatures(items, used)
+    model.unread = unread
+    return KeptFeatures([item for item in items if item is not None], used, sorted(read or ()))
 
 
 def tuple_output(**fields: torch.Tensor) -> tuple[torch.Tensor, ...]:
