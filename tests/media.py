@@ -140,13 +140,15 @@ def tone_wav(pitch: float, rng: random.Random, rate: int = 16000, seconds: float
     return buffer.getvalue()
 
 
-def write_tones_zip(path: Path, per_class: int, seed: int = 0, rates: tuple[int, ...] = (16000,)) -> Path:
+def write_tones_zip(
+    path: Path, per_class: int, seed: int = 0, rates: tuple[int, ...] = (16000,), seconds: float = 0.5
+) -> Path:
     """Class folders of tones (`low/0001.wav`), at the given sample rates in turn (to exercise resampling)."""
     rng = random.Random(seed)
     with zipfile.ZipFile(path, "w") as archive:
         for name, pitch in PITCHES.items():
             for i in range(per_class):
-                archive.writestr(f"{name}/{i:04d}.wav", tone_wav(pitch, rng, rates[i % len(rates)]))
+                archive.writestr(f"{name}/{i:04d}.wav", tone_wav(pitch, rng, rates[i % len(rates)], seconds))
     return path
 
 

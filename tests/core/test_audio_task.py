@@ -88,3 +88,46 @@ def test_bad_audio_fails_with_the_file(tiny_wav2vec2: Path, tmp_path: Path, name
     with zipfile.ZipFile(archive, "a") as zipped:
         zipped.writestr(name, content(random.Random(0)))
     assert f"tones.zip:{name}: {message}" in failure_of(tiny_wav2vec2, archive, tmp_path)
+
+
+def unpacked_tones(tmp_path: Path, per_class: int, seconds: float) -> list:  # type: ignore[type-arg]
+    from workers.core.media_data import MediaExample
+
+    rng = random.Random(3)
+    folder = tmp_path / "clips"
+    folder.mkdir(parents=True)
+    examples = []
+    for i in range(per_class * 2):
+        path = folder / f"{i:03d}.wav"
+        path.write_bytes(tone_wav(220.0 if i % 2 else 880.0, rng, seconds=seconds))
+        examples.append(MediaExample(path, i % 2, path.name))
+    return examples
+
+
+def test_clips_are_decoded_once_ahead_and_only_when_nothing_is_random(tiny_wav2vec2: Path, tmp_path: Path) -> None:
+    """Clips of the clip length are decoded ahead on threads (the same inputs as one by one) and served from memory
+    afterwards; clips that need random crops are never kept, and looking ahead draws no random numbers."""
+    from transformers import AutoFeatureExtractor
+
+    from workers.core.audio_adapter import AudioDataset
+
+    extractor = AutoFeatureExtractor.from_pretrained(tiny_wav2vec2)
+    examples = unpacked_tones(tmp_path / "exact", per_class=4, seconds=0.5)
+    ahead = AudioDataset(examples, extractor, 0.5, None, True)
+    assert ahead.process_ahead(threads=3) == len(examples)
+    one_by_one = AudioDataset(examples, extractor, 0.5, None, True)
+    for index in range(len(examples)):
+        assert torch.equal(ahead[index]["input_values"], one_by_one[index]["input_values"])
+    examples[0].path.unlink()  # a second read could not decode it: it must come from memory
+    assert torch.equal(ahead[0]["input_values"], one_by_one[0]["input_values"])
+    assert not ahead.varies_per_epoch
+
+    long_clips = unpacked_tones(tmp_path / "long", per_class=2, seconds=0.5)
+    cropped = AudioDataset(long_clips, extractor, 0.25, None, True)
+    state = torch.random.get_rng_state()
+    assert cropped.process_ahead(threads=2) == 0
+    assert torch.equal(torch.random.get_rng_state(), state), "looking ahead must not draw random numbers"
+    assert cropped.varies_per_epoch
+    assert not torch.equal(cropped[0]["input_values"], cropped[0]["input_values"]), "a new window every time"
+    augmented = AudioDataset(examples[1:], extractor, 0.5, AugmentationSettings(), True)
+    assert augmented.process_ahead(threads=2) == 0

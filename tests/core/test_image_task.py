@@ -150,7 +150,7 @@ def test_processed_pixels_are_kept_only_when_nothing_is_random(tiny_vit: Path, t
 def test_images_are_processed_ahead_in_parallel_as_they_would_be_one_by_one(
     tiny_vit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.core import image_adapter
+    from workers.core import processed_cache
     from workers.core.image_adapter import ImageDataset
 
     examples, processor = unpacked_shapes(tiny_vit, tmp_path, per_class=5)
@@ -160,5 +160,5 @@ def test_images_are_processed_ahead_in_parallel_as_they_would_be_one_by_one(
     for index in range(len(examples)):
         assert torch.equal(ahead[index]["pixel_values"], one_by_one[index]["pixel_values"])
     size = one_by_one[0]["pixel_values"].nelement() * 4
-    monkeypatch.setattr(image_adapter, "PIXEL_CACHE_BYTES", size * 4)  # room for four
+    monkeypatch.setattr(processed_cache, "PROCESSED_CACHE_BYTES", size * 4)  # room for four
     assert ImageDataset(examples, processor, None).process_ahead(threads=2) == 4

@@ -3,6 +3,7 @@ extractor -> AutoModelForAudioClassification (wav2vec2, HuBERT, WavLM, AST, Whis
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from workers.core.archives import archive_limits
 from workers.core.audio import AUDIO_EXTENSIONS, augment_wave, check_audio, crop_or_pad, load_mono, spec_augment
 from workers.core.media_data import MediaExample, load_media_dataset
 from workers.core.models import load_classifier, load_pretrained
+from workers.core.processed_cache import ProcessedCache
 from workers.messages import RunJob
 from workers.spec import AugmentationSettings
 
@@ -23,7 +25,9 @@ SPECTROGRAM_INPUT = "input_features"
 
 
 class AudioDataset(torch.utils.data.Dataset[dict[str, Any]]):
-    """Decodes lazily; training crops at random offsets and augments, evaluation does neither."""
+    """Decodes lazily; training crops at random offsets and augments, evaluation does neither. A clip nothing
+    random happens to (no augmentation, no longer than the clip length) is processed once and kept (see
+    processed_cache)."""
 
     def __init__(
         self,
@@ -41,6 +45,7 @@ class AudioDataset(torch.utils.data.Dataset[dict[str, Any]]):
         self.train = train
         self.cropped_at_random = False
         """Set once a training clip longer than the clip length was cut at a random offset."""
+        self._cache = ProcessedCache()
 
     @property
     def varies_per_epoch(self) -> bool:
@@ -50,9 +55,23 @@ class AudioDataset(torch.utils.data.Dataset[dict[str, Any]]):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._cache.get(index)
+        if item is None:
+            item = self._process(index)
+            if not self.varies_per_epoch:
+                self._cache.keep(index, item)
+        return {**item, "labels": self.examples[index].label}
+
+    def _process(self, index: int, ahead: bool = False) -> dict[str, torch.Tensor]:
+        """The clip's model inputs. Ahead of training (on decode threads) nothing random may run: a clip that
+        needs a random crop only marks the data set as varying (and returns nothing)."""
         example = self.examples[index]
         wave = load_mono(example.path, example.source, self.rate)
-        self.cropped_at_random |= self.train and wave.shape[0] > self.length
+        if self.train and wave.shape[0] > self.length:
+            self.cropped_at_random = True
+            self._cache.clear()  # every epoch takes another window of this clip
+            if ahead:
+                return {}
         wave = crop_or_pad(wave, self.length, self.train, None)
         if self.augmentation is not None:
             wave = augment_wave(wave, self.augmentation, self.rate)
@@ -60,8 +79,20 @@ class AudioDataset(torch.utils.data.Dataset[dict[str, Any]]):
         item = {key: value[0] for key, value in features.items()}
         if self.augmentation is not None and self.augmentation.spec_augment and SPECTROGRAM_INPUT in item:
             item[SPECTROGRAM_INPUT] = spec_augment(item[SPECTROGRAM_INPUT])
-        item["labels"] = example.label
         return item
+
+    def process_ahead(self, threads: int) -> int:
+        """Without augmentation: decodes, resamples and extracts the clips on parallel threads until the cache is
+        full or a clip turns out to need random crops. Returns how many were kept."""
+        if self.augmentation is not None:
+            return 0
+        kept = self._cache.fill(
+            len(self.examples), lambda i: self._process(i, ahead=True), threads, lambda: not self.cropped_at_random
+        )
+        if self.cropped_at_random:
+            self._cache.clear()
+            return 0
+        return kept
 
 
 def collate_audio(items: list[dict[str, Any]]) -> Batch:
@@ -94,11 +125,17 @@ class AudioClassificationAdapter:
         extractor = load_pretrained(AutoFeatureExtractor, spec.base_model)
         model = load_classifier(AutoModelForAudioClassification, spec.base_model, data.labels)
         augmentation = spec.data.augmentation
+        train_set = AudioDataset(data.train, extractor, clip_seconds, augmentation, True)
+        validation_set = AudioDataset(data.validation, extractor, clip_seconds, None, False)
+        threads = os.cpu_count() or 1
+        kept = train_set.process_ahead(threads) + validation_set.process_ahead(threads)
+        if kept:
+            log(f"decoded {kept} clips ahead, on {threads} threads (kept in memory for every epoch)")
         return PreparedTask(
             model=model,
             processor=extractor,
-            train_set=AudioDataset(data.train, extractor, clip_seconds, augmentation, True),  # type: ignore[arg-type]
-            validation_set=AudioDataset(data.validation, extractor, clip_seconds, None, False),  # type: ignore[arg-type]
+            train_set=train_set,  # type: ignore[arg-type]
+            validation_set=validation_set,  # type: ignore[arg-type]
             collate=collate_audio,
             labels=data.labels,
             train_labels=[example.label for example in data.train],

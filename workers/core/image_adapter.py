@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from workers.core.input_limits import check_image as check_image_source
 from workers.core.input_limits import read_image
 from workers.core.media_data import MediaExample, MediaItem, load_media_dataset
 from workers.core.models import load_classifier, load_pretrained
+from workers.core.processed_cache import ProcessedCache
 from workers.messages import RunJob
 from workers.spec import AugmentationSettings
 
@@ -67,64 +67,40 @@ def image_augmentation(settings: AugmentationSettings | None, size: tuple[int, i
     return v2.Compose(steps) if steps else None
 
 
-PIXEL_CACHE_BYTES = 1 << 30
-"""Processed pixels kept per dataset when nothing is random about them (no augmentation)."""
-
-
 class ImageDataset(torch.utils.data.Dataset[dict[str, Any]]):
-    """Decodes lazily. Without augmentation the processed pixels are the same every epoch, so they are kept (up to
-    PIXEL_CACHE_BYTES) and later epochs skip decoding and resizing."""
+    """Decodes lazily. Without augmentation the processed pixels are the same every epoch, so they are kept (see
+    processed_cache) and later epochs skip decoding and resizing."""
 
     def __init__(self, examples: list[MediaExample], processor: Any, augment: Callable[[Any], Any] | None):
         self.examples = examples
         self.processor = processor
         self.augment = augment
         self.varies_per_epoch = augment is not None
-        self._cache: dict[int, torch.Tensor] = {}
-        self._cached_bytes = 0
+        self._cache = ProcessedCache()
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.examples[index]
-        pixels = self._cache.get(index)
-        if pixels is None:
-            pixels = self._process(example)
-            self._keep(index, pixels)
-        return {"pixel_values": pixels, "labels": example.label}
+        processed = self._cache.get(index)
+        if processed is None:
+            processed = self._process(index)
+            if self.augment is None:
+                self._cache.keep(index, processed)
+        return {**processed, "labels": self.examples[index].label}
 
-    def _process(self, example: MediaExample) -> torch.Tensor:
-        image = open_rgb(example)
+    def _process(self, index: int) -> dict[str, torch.Tensor]:
+        image = open_rgb(self.examples[index])
         if self.augment is not None:
             image = self.augment(image)
-        pixels: torch.Tensor = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
-        return pixels
-
-    def _keep(self, index: int, pixels: torch.Tensor) -> bool:
-        size = pixels.element_size() * pixels.nelement()
-        if self.augment is not None or self._cached_bytes + size > PIXEL_CACHE_BYTES:
-            return False
-        self._cache[index] = pixels
-        self._cached_bytes += size
-        return True
+        return {"pixel_values": self.processor(images=image, return_tensors="pt")["pixel_values"][0]}
 
     def process_ahead(self, threads: int) -> int:
-        """Without augmentation: decodes and processes examples in parallel threads (decoding releases the GIL)
-        until the cache is full, so the first epoch does not wait on them either. Returns how many were kept."""
+        """Without augmentation: decodes and processes the examples on parallel threads until the cache is full, so
+        the first epoch does not wait on them either. Returns how many were kept."""
         if self.augment is not None:
             return 0
-        kept, batch = 0, max(1, threads) * 8
-        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
-            for start in range(0, len(self.examples), batch):
-                indices = [i for i in range(start, min(start + batch, len(self.examples))) if i not in self._cache]
-                for index, pixels in zip(
-                    indices, pool.map(lambda i: self._process(self.examples[i]), indices), strict=True
-                ):
-                    if not self._keep(index, pixels):
-                        return kept
-                    kept += 1
-        return kept
+        return self._cache.fill(len(self.examples), self._process, threads, lambda: True)
 
 
 def collate_images(items: list[dict[str, Any]]) -> Batch:

@@ -1,0 +1,56 @@
+"""Media decoded once and off the training loop's critical path: when nothing random happens to an example
+(no augmentation, no random crop), its processed tensors are the same every epoch, so they are kept in memory (up
+to a budget per data set) and made ahead of training in parallel threads (decoding and resampling release the GIL).
+Images and audio clips share it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+PROCESSED_CACHE_BYTES = 1 << 30
+"""Processed inputs kept per data set."""
+
+Processed = dict[str, torch.Tensor]
+
+
+class ProcessedCache:
+    """Processed examples by index, within a byte budget."""
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget_bytes = PROCESSED_CACHE_BYTES if budget_bytes is None else budget_bytes
+        self.items: dict[int, Processed] = {}
+        self.nbytes = 0
+
+    def get(self, index: int) -> Processed | None:
+        return self.items.get(index)
+
+    def keep(self, index: int, item: Processed) -> bool:
+        """Keeps an example's tensors unless the budget is spent; returns whether they were kept."""
+        size = sum(value.element_size() * value.nelement() for value in item.values())
+        if self.nbytes + size > self.budget_bytes:
+            return False
+        self.items[index] = item
+        self.nbytes += size
+        return True
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.nbytes = 0
+
+    def fill(
+        self, count: int, process: Callable[[int], Processed], threads: int, keep_going: Callable[[], bool]
+    ) -> int:
+        """Processes examples 0..count-1 on `threads` threads, keeping each, until the budget is spent or
+        `keep_going()` turns false (an example turned out to vary). Returns how many were kept."""
+        kept, chunk = 0, max(1, threads) * 8
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
+            for start in range(0, count, chunk):
+                indices = [i for i in range(start, min(start + chunk, count)) if i not in self.items]
+                for index, item in zip(indices, pool.map(process, indices), strict=True):
+                    if not keep_going() or not self.keep(index, item):
+                        return kept
+                    kept += 1
+        return kept
