@@ -28,6 +28,7 @@ from workers.core.checkpoints import (
     save_best,
     save_checkpoint,
 )
+from workers.core.cpu_dropout import use_cpu_dropout
 from workers.core.device import autocast, autocast_dtype, to_channels_last, wants_channels_last
 from workers.core.distributed import (
     SINGLE,
@@ -120,6 +121,8 @@ class Trainer:
         self.keeps_state = True
         """False for throwaway runs (cross-validation folds): no checkpoints, no best weights on disk."""
         self.model = task.model.to(device)
+        if device.type == "cpu":
+            use_cpu_dropout(self.model)
         self.channels_last = wants_channels_last(self.model, device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -328,7 +331,10 @@ class Trainer:
         if not isinstance(model, FrozenBackboneModel) or self.task.compute_loss or self.task.evaluate:
             return
         budget = budget_bytes()
-        if varies_per_epoch(self.task.train_set) or budget <= 0:
+        if budget <= 0:
+            return
+        if varies_per_epoch(self.task.train_set):
+            self.reporter.log("the frozen backbone's output is recomputed every step (augmentation or random crops)")
             return
         started = time.perf_counter()
         size = self.plan.micro_batch_size * 2
@@ -343,8 +349,9 @@ class Trainer:
         self.validation_set = validation or self.task.validation_set
         kept_bytes = kept.nbytes + (validation.nbytes if validation else 0)
         self.reporter.log(
-            f"the backbone is frozen and its inputs do not change: kept its output for {len(kept)} training and "
-            f"{len(validation) if validation else 0} validation examples ({kept_bytes / 2**20:.1f} MiB, "
+            f"the backbone is frozen and its inputs do not change: kept its output ({', '.join(kept.fields)}: what "
+            f"the head reads) for {len(kept)} training and {len(validation) if validation else 0} validation examples "
+            f"({kept_bytes / 2**20:.1f} MiB, "
             f"{time.perf_counter() - started:.1f} s); training runs only the head"
         )
 
