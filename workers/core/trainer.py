@@ -52,6 +52,7 @@ from workers.core.feature_cache import (
     keep_features,
     varies_per_epoch,
 )
+from workers.core.first_position import FirstPositionBlock, first_position_block
 from workers.core.length_grouping import LengthGroupedBatchSampler
 from workers.core.optimization import balanced_sampler, build_optimizer, classification_loss, plan_steps
 from workers.core.reporting import Reporter
@@ -126,6 +127,8 @@ class Trainer:
         self.channels_last = wants_channels_last(self.model, device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.first_position = self._first_position_block()
+        """The last block computing only the position the head reads, while training (see first_position)."""
         backbone = frozen_backbone(self.model, unfreezer)
         self.forward_model: nn.Module = self.model if backbone is None else FrozenBackboneModel(self.model, backbone)
         """What batches go through: the model, or the model with its frozen backbone held in eval mode (compiled
@@ -158,6 +161,18 @@ class Trainer:
         self.result = TrainResult(steps=0)
         self.position: dict[str, Any] = {"step": 0, "epoch": 1, "step_in_epoch": 0}
         self.pending_rng: dict[str, Any] | None = None
+
+    def _first_position_block(self) -> FirstPositionBlock | None:
+        """Installs the first-position last block when a few training examples show the same logits with it."""
+        task = self.task
+        if task.compute_loss is not None or task.evaluate is not None or not len(task.train_set):
+            return None
+        sample = task.collate([task.train_set[i] for i in range(min(4, len(task.train_set)))])
+        sample.pop("labels", None)
+        block = first_position_block(self.model, self.on_device(sample))
+        if block is not None:
+            self.reporter.log("the last block computes only the first position, the one the head reads")
+        return block
 
     # ------------------------------------------------------------ data
 
@@ -506,6 +521,14 @@ class Trainer:
         self.result.baseline_metrics = self.result.final_metrics or self._measure()[0]
 
     def train(self) -> TrainResult:
+        """Trains (see _train); the model's last block is whole again afterwards, for saving and exporting."""
+        try:
+            return self._train()
+        finally:
+            if self.first_position is not None:
+                self.first_position.remove()
+
+    def _train(self) -> TrainResult:
         """The loop, top to bottom. After `resume()` it continues exactly where the checkpoint left off."""
         plan, ev = self.plan, self.spec.evaluation
         self.reporter.started(plan.total_steps, plan.epochs)
