@@ -119,6 +119,17 @@ def test_text_head_trains_on_kept_output_exactly_as_when_recomputed(
     assert recomputed.backbone_calls > 5 * 12
 
 
+def test_without_validation_data_the_head_still_finds_what_it_reads(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The empty validation pass must not forget which fields the head reads (BERT's head indexes its input)."""
+    data = write_jsonl(tmp_path / "train.jsonl", keyword_rows(48, seed=5))
+    spec = make_spec(tiny_bert, adaptation=FROZEN, hyperparameters=dataclasses.replace(FAST, epochs=3))
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, validation_fraction=0.0))
+    kept, _ = compare(spec, data, tmp_path, "BertEmbeddings", monkeypatch)
+    assert kept.logged("kept its output (pooler_output: what the head reads) for 48 training and 0 validation")
+
+
 def test_image_and_audio_heads_train_on_kept_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     vit = make_tiny_vit(tmp_path / "vit")
     spec = media_spec(vit, TaskKind.IMAGE_CLASSIFICATION, epochs=3)

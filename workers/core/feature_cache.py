@@ -249,7 +249,8 @@ def keep_features(
     finally:
         hook.remove()
         model.train()
-    model.unread = unread
+    if read is not None:  # an empty data set learns nothing about the head (and must not undo what one did)
+        model.unread = unread
     return KeptFeatures([item for item in items if item is not None], used, sorted(read or ()))
 
 
