@@ -104,15 +104,19 @@ def unpacked_tones(tmp_path: Path, per_class: int, seconds: float) -> list:  # t
     return examples
 
 
-def test_clips_are_decoded_once_ahead_and_only_when_nothing_is_random(tiny_wav2vec2: Path, tmp_path: Path) -> None:
+def test_clips_are_decoded_once_ahead_and_only_when_nothing_is_random(
+    tiny_wav2vec2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Clips of the clip length are decoded ahead on threads (the same inputs as one by one) and served from memory
     afterwards; clips that need random crops are never kept, and looking ahead draws no random numbers."""
     from transformers import AutoFeatureExtractor
 
+    from workers.core import processed_cache
     from workers.core.audio_adapter import AudioDataset
 
+    monkeypatch.setattr(processed_cache, "THREADED_FROM_S", 0.0)  # these short clips would stay on one thread
     extractor = AutoFeatureExtractor.from_pretrained(tiny_wav2vec2)
-    examples = unpacked_tones(tmp_path / "exact", per_class=4, seconds=0.5)
+    examples = unpacked_tones(tmp_path / "exact", per_class=12, seconds=0.5)
     ahead = AudioDataset(examples, extractor, 0.5, None, True)
     assert ahead.process_ahead(threads=3) == len(examples)
     one_by_one = AudioDataset(examples, extractor, 0.5, None, True)

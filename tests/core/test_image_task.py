@@ -153,7 +153,8 @@ def test_images_are_processed_ahead_in_parallel_as_they_would_be_one_by_one(
     from workers.core import processed_cache
     from workers.core.image_adapter import ImageDataset
 
-    examples, processor = unpacked_shapes(tiny_vit, tmp_path, per_class=5)
+    examples, processor = unpacked_shapes(tiny_vit, tmp_path, per_class=10)
+    monkeypatch.setattr(processed_cache, "THREADED_FROM_S", 0.0)  # these small images would stay on one thread
     ahead = ImageDataset(examples, processor, None)
     assert ahead.process_ahead(threads=3) == len(examples)
     one_by_one = ImageDataset(examples, processor, None)

@@ -1,10 +1,12 @@
 """Media decoded once and off the training loop's critical path: when nothing random happens to an example
 (no augmentation, no random crop), its processed tensors are the same every epoch, so they are kept in memory (up
-to a budget per data set) and made ahead of training in parallel threads (decoding and resampling release the GIL).
+to a budget per data set) and made ahead of training, on parallel threads when examples are slow enough to decode
+for threads to pay (decoding and resampling release the GIL; the processors' Python code does not).
 Images and audio clips share it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +14,9 @@ import torch
 
 PROCESSED_CACHE_BYTES = 1 << 30
 """Processed inputs kept per data set."""
+PROBE_EXAMPLES = 16
+THREADED_FROM_S = 0.004
+"""Seconds an example must take (over the first PROBE_EXAMPLES) for the rest to be processed on threads."""
 
 Processed = dict[str, torch.Tensor]
 
@@ -43,11 +48,26 @@ class ProcessedCache:
     def fill(
         self, count: int, process: Callable[[int], Processed], threads: int, keep_going: Callable[[], bool]
     ) -> int:
-        """Processes examples 0..count-1 on `threads` threads, keeping each, until the budget is spent or
-        `keep_going()` turns false (an example turned out to vary). Returns how many were kept."""
-        kept, chunk = 0, max(1, threads) * 8
-        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
-            for start in range(0, count, chunk):
+        """Processes examples 0..count-1, keeping each, until the budget is spent or `keep_going()` turns false (an
+        example turned out to vary). Returns how many were kept. The first examples run on this thread; the rest
+        go to `threads` threads only when an example takes long enough (THREADED_FROM_S) for threads to pay: small
+        files decode faster one after another than through a pool (measured in bench/media_decoding.py)."""
+        kept, probe = 0, min(count, PROBE_EXAMPLES)
+        started = time.perf_counter()
+        for index in range(probe):
+            if not keep_going() or not self.keep(index, process(index)):
+                return kept
+            kept += 1
+        threaded = threads > 1 and (time.perf_counter() - started) / max(1, probe) >= THREADED_FROM_S
+        if not threaded:
+            for index in range(probe, count):
+                if not keep_going() or not self.keep(index, process(index)):
+                    return kept
+                kept += 1
+            return kept
+        chunk = threads * 8
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+            for start in range(probe, count, chunk):
                 indices = [i for i in range(start, min(start + chunk, count)) if i not in self.items]
                 for index, item in zip(indices, pool.map(process, indices), strict=True):
                     if not keep_going() or not self.keep(index, item):
