@@ -1,12 +1,17 @@
-"""The control plane under load: while 2 jobs train (cancelled after --seconds), 200 concurrent WatchJob streams
-and a steady stream of GetJob and ListJobs calls, with 100,000 finished jobs already in the store. Reports p50/p99
-latencies, confirms every watcher got every event of its job, and times ListJobs' first page at that store size
-while idle.
+"""The control plane under load: while jobs train on 2 workers, 200 concurrent WatchJob streams and a steady
+stream of GetJob and ListJobs calls, with 100,000 finished jobs already in the store. Two layouts of the watchers:
+concentrated on 2 long jobs, and spread over 50 short jobs that take turns on the workers; each on SQLite and on
+PostgreSQL. Reports p50/p99 latencies from at least 1,000 calls per method, the delay from an event's commit to its
+arrival at the watchers (p50/p99), confirms every watcher got every event of its job, and times ListJobs' first
+page at that store size while idle.
 
-    .venv/bin/python bench/control_plane.py [--jobs-in-store 100000] [--watchers 200] [--rate 50]
+    .venv/bin/python bench/control_plane.py [--jobs-in-store 100000] [--watchers 200] [--rate 50] [--samples 1000]
+                                            [--stores sqlite,postgresql] [--layouts "2 jobs,50 jobs"]
 
-One server (2 workers, tiny BERT jobs logging every step) on loopback; the clients run in this process on
-grpc.aio. The baseline is the same calls on the idle server, measured in the same run.
+One server per run (2 workers, tiny BERT jobs logging every step) on loopback; the clients run in this process on
+grpc.aio, the watchers in 4 child processes (their traffic must not delay the timed calls). The baseline is the same
+listing calls on the idle server, measured in the same run. PostgreSQL is a private cluster started here (Debian's
+`postgresql` package).
 """
 
 from __future__ import annotations
@@ -47,14 +52,16 @@ def training_spec(model: Path, training_file: str, epochs: int, log_every_steps:
     )
 
 
-def seed_store(data_dir: Path, count: int, spec: bytes) -> float:
-    """`count` finished jobs written through the server's own store, as a busy server's history; returns seconds."""
+def seed_store(data_dir: Path, count: int, spec: bytes, dsn: str = "") -> float:
+    """`count` finished jobs written through the server's own store (SQLite in the data dir, or PostgreSQL at
+    `dsn`), as a busy server's history; returns seconds."""
     from server.job_states import JobState
     from server.records import JobRecord
+    from server.store.postgres import PostgresJobStore
     from server.store.sqlite import SqliteJobStore
 
     started = time.perf_counter()
-    store = SqliteJobStore(data_dir / "tuneforge.db")
+    store = PostgresJobStore(dsn) if dsn else SqliteJobStore(data_dir / "tuneforge.db")
     now = time.time()
     states = [JobState.SUCCEEDED, JobState.SUCCEEDED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]
     records = (
@@ -115,12 +122,18 @@ async def idle_listing(stub: jobs_pb2_grpc.JobServiceStub, latencies: Latencies,
         await timed(latencies, "ListJobs RUNNING (idle)", stub.ListJobs(running))
 
 
-async def watch(stub: jobs_pb2_grpc.JobServiceStub, name: str) -> list[int]:
-    """Every event sequence the stream delivers, from the start until the job ends."""
-    sequences = []
+async def watch(stub: jobs_pb2_grpc.JobServiceStub, name: str) -> tuple[list[int], list[float]]:
+    """Every event sequence the stream delivers, from the start until the job ends, and for each event committed
+    after the stream was opened (the history before it is a catch-up, not a delivery) the seconds from its commit
+    (the event's stored time) to its arrival here."""
+    sequences, delays = [], []
+    opened = time.time()
     async for event in stub.WatchJob(jobs_pb2.WatchJobRequest(name=name, after_sequence=0)):
+        committed = event.time.ToNanoseconds() / 1e9
         sequences.append(event.sequence)
-    return sequences
+        if committed >= opened:
+            delays.append(time.time() - committed)
+    return sequences, delays
 
 
 async def steady_load(
@@ -145,7 +158,7 @@ async def steady_load(
     await asyncio.gather(*in_flight)
 
 
-async def watch_all(target: str, names: list[str], watchers: int) -> list[list[int]]:
+async def watch_all(target: str, names: list[str], watchers: int) -> list[tuple[list[int], list[float]]]:
     """`watchers` streams, watcher i on job i mod len(names), each until its job ends."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = jobs_pb2_grpc.JobServiceStub(channel)
@@ -153,26 +166,33 @@ async def watch_all(target: str, names: list[str], watchers: int) -> list[list[i
 
 
 async def under_load(
-    target: str, names: list[str], rate: float, watchers: subprocess.Popen[str]
-) -> tuple[Latencies, list[list[int]]]:
-    """The steady calls, from this process, until the watchers' process has seen the jobs end; returns their
-    latencies and what each watcher received."""
+    target: str, names: list[str], rate: float, watchers: list[subprocess.Popen[str]], samples: int
+) -> tuple[Latencies, list[tuple[list[int], list[float]]]]:
+    """The steady calls, from this process, until the watchers' process has seen the jobs end and each method has
+    `samples` latencies; returns them and what each watcher received."""
     latencies = Latencies()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = jobs_pb2_grpc.JobServiceStub(channel)
         done = asyncio.Event()
         load = asyncio.ensure_future(steady_load(stub, names, latencies, rate, done))
-        output, _ = await asyncio.to_thread(watchers.communicate)
+        outputs = [(await asyncio.to_thread(process.communicate))[0] for process in watchers]
+        while min(len(latencies.calls.get(m, [])) for m in ("GetJob", "ListJobs")) < samples:
+            await asyncio.sleep(0.2)
         done.set()
         await load
-    return latencies, json.loads(output)
+    return latencies, [watcher for output in outputs for watcher in json.loads(output)]
 
 
-def start_watchers(target: str, names: list[str], watchers: int) -> subprocess.Popen[str]:
-    """The watchers run in their own process: their thousands of messages a second must not delay the event loop
-    that times the calls."""
-    command = [sys.executable, __file__, "--watch", target, *names, "--watchers", str(watchers)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+def start_watchers(target: str, names: list[str], watchers: int, processes: int) -> list[subprocess.Popen[str]]:
+    """The watchers run in `processes` processes of their own: their thousands of messages a second must not delay
+    the event loop that times the calls, nor queue behind each other in one client (which would time the client,
+    not the server). Watcher i watches job i mod len(names), whichever process holds it."""
+    started = []
+    for part in range(processes):
+        mine = [names[i % len(names)] for i in range(part, watchers, processes)]
+        command = [sys.executable, __file__, "--watch", target, *mine, "--watchers", str(len(mine))]
+        started.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+    return started
 
 
 async def idle(target: str, calls: int) -> Latencies:
@@ -182,13 +202,92 @@ async def idle(target: str, calls: int) -> Latencies:
     return latencies
 
 
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] if ordered else float("nan")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the watched jobs are laid out: 2 long jobs training throughout (cancelled once the load has its
+    samples), or 50 short jobs taking turns on the 2 workers."""
+
+    jobs: int
+    max_steps: int
+
+
+LAYOUTS = {"2 jobs": Layout(2, 0), "50 jobs": Layout(50, 25)}
+
+
+def scenario(store: str, layout_name: str, args: argparse.Namespace, model: Path, data: Path) -> bool:
+    """One server (2 workers) on `store` (sqlite, or a PostgreSQL DSN) with the history in it; the watchers and
+    the steady load while the layout's jobs train. Prints the figures; returns whether every watcher got every
+    event of its job in order."""
+    layout = LAYOUTS[layout_name]
+    data_dir = Path(tempfile.mkdtemp()) / "data"
+    data_dir.mkdir()
+    history = training_spec(model, "files/x", 1, 1).SerializeToString()
+    seeded = seed_store(data_dir, args.jobs_in_store, history, "" if store == "sqlite" else store)
+    extra = ["--log-level", "WARNING"] + ([] if store == "sqlite" else ["--store", store])
+    with local_server(data_dir, workers=2, model_roots=[model.parent], extra_args=extra) as server:
+        client = TuneforgeClient(server.target)
+        client.wait_until_serving()
+        baseline = asyncio.run(idle(server.target, 100))
+        file = client.upload_file(data)
+        epochs = 1000 if not layout.max_steps else 1
+        spec = training_spec(model, file.name, epochs, args.log_every_steps)
+        spec.hyperparameters.max_steps = layout.max_steps
+        names = [client.create_job(spec).name for _ in range(layout.jobs)]
+        stop = None
+        if not layout.max_steps:  # long jobs: the load starts once both train, and ends them when it has enough
+            for name in names:
+                next(e for e in client.watch(name) if e.WhichOneof("payload") == "training_metrics")
+            seconds = max(args.seconds, 2 * args.samples / args.rate)
+            stop = threading.Timer(seconds, lambda: [client.cancel_job(name) for name in names])
+            stop.start()
+        started = time.perf_counter()
+        watchers = start_watchers(server.target, names, args.watchers, args.watcher_processes)
+        latencies, received = asyncio.run(under_load(server.target, names, args.rate, watchers, args.samples))
+        load_seconds = time.perf_counter() - started
+        if stop is not None:
+            stop.join()
+        stored = {name: [e.sequence for e in client.list_job_events(name)] for name in names}
+        assert all(sequences == list(range(1, len(sequences) + 1)) for sequences in stored.values())
+        watched = [names[i % len(names)] for part in range(args.watcher_processes)
+                   for i in range(part, args.watchers, args.watcher_processes)]  # fmt: skip
+        complete = sum(got == stored[name] for name, (got, _) in zip(watched, received, strict=True))
+        delays = [delay * 1000 for _, watcher_delays in received for delay in watcher_delays]
+        client.close()
+    where = "SQLite" if store == "sqlite" else "PostgreSQL"
+    print(f"{where}, {args.jobs_in_store:,} jobs in the store (written in {seeded:.1f} s); {layout_name} watched")
+    print("  idle: " + baseline.line("ListJobs (idle)"))
+    print("  idle: " + baseline.line("ListJobs RUNNING (idle)"))
+    print(
+        f"  under load for {load_seconds:.0f} s: {layout.jobs} jobs ({sum(map(len, stored.values()))} events), "
+        f"{len(received)} watchers over {layout.jobs} jobs in {args.watcher_processes} processes, {args.rate:g} "
+        "calls/s, 2 workers training"
+    )
+    print("  " + latencies.line("GetJob"))
+    print("  " + latencies.line("ListJobs"))
+    print(
+        f"  event commit -> watcher: p50 {percentile(delays, 0.5):.1f} ms   p99 {percentile(delays, 0.99):.1f} ms   "
+        f"({len(delays)} deliveries; target p99 <= 50 ms)"
+    )
+    print(f"  watchers that got every event of their job, in order: {complete} of {len(received)}\n", flush=True)
+    return complete == len(received)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs-in-store", type=int, default=100_000)
     parser.add_argument("--watchers", type=int, default=200)
     parser.add_argument("--rate", type=float, default=50.0, help="GetJob + ListJobs calls per second under load")
+    parser.add_argument("--samples", type=int, default=1000, help="latencies per method under load, at least")
     parser.add_argument("--log-every-steps", type=int, default=5, help="training metrics events every N steps")
-    parser.add_argument("--seconds", type=float, default=30.0, help="how long the jobs train under the load")
+    parser.add_argument("--watcher-processes", type=int, default=4, help="client processes the watchers share")
+    parser.add_argument("--seconds", type=float, default=30.0, help="least time the long jobs train under load")
+    parser.add_argument("--stores", default="sqlite,postgresql", help="sqlite and/or postgresql (started here)")
+    parser.add_argument("--layouts", default="2 jobs,50 jobs")
     parser.add_argument("--watch", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.watch:
@@ -200,43 +299,21 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp())
     model = make_tiny_bert(scratch / "models" / "tiny-bert")
     data = write_jsonl(scratch / "train.jsonl", keyword_rows(160))
-    data_dir = scratch / "data"
-    data_dir.mkdir()
-    seconds = seed_store(data_dir, args.jobs_in_store, training_spec(model, "files/x", 1, 1).SerializeToString())
-    print(f"{args.jobs_in_store:,} finished jobs written to the store in {seconds:.1f} s")
-    with local_server(data_dir, workers=2, model_roots=[model.parent]) as server:
-        client = TuneforgeClient(server.target)
-        client.wait_until_serving()
-        baseline = asyncio.run(idle(server.target, 100))
-        file = client.upload_file(data)
-        names = [client.create_job(training_spec(model, file.name, 1000, args.log_every_steps)).name for _ in range(2)]
-        for name in names:  # load starts once both train
-            next(e for e in client.watch(name) if e.WhichOneof("payload") == "training_metrics")
-        stop = threading.Timer(args.seconds, lambda: [client.cancel_job(name) for name in names])
-        stop.start()
-        started = time.perf_counter()
-        watchers = start_watchers(server.target, names, args.watchers)
-        latencies, received = asyncio.run(under_load(server.target, names, args.rate, watchers))
-        load_seconds = time.perf_counter() - started
-        stop.join()
-        stored = [[e.sequence for e in client.list_job_events(name)] for name in names]
-        events = [len(sequences) for sequences in stored]
-        assert all(sequences == list(range(1, len(sequences) + 1)) for sequences in stored)
-        complete = sum(sequences == stored[i % len(names)] for i, sequences in enumerate(received))
-        total = len(received)
-        states = [jobs_pb2.Job.State.Name(client.get_job(name).state) for name in names]
-        client.close()
-    print(f"idle server, {args.jobs_in_store:,} jobs in the store:")
-    print("  " + baseline.line("ListJobs (idle)"))
-    print("  " + baseline.line("ListJobs RUNNING (idle)"))
-    print(
-        f"under load for {load_seconds:.0f} s: 2 jobs training ({', '.join(states)}; {sum(events)} events), "
-        f"{total} watchers, {args.rate:g} calls/s"
-    )
-    print("  " + latencies.line("GetJob"))
-    print("  " + latencies.line("ListJobs"))
-    print(f"watchers that got every event of their job, in order: {complete} of {total}")
-    return 0 if complete == total else 1
+    complete = True
+    for store in args.stores.split(","):
+        postgres = None
+        if store == "postgresql":
+            from tests.postgres import start_postgres
+
+            postgres = start_postgres()
+        try:
+            for layout in args.layouts.split(","):
+                dsn = "sqlite" if postgres is None else postgres.new_database()
+                complete &= scenario(dsn, layout, args, model, data)
+        finally:
+            if postgres is not None:
+                postgres.stop()
+    return 0 if complete else 1
 
 
 if __name__ == "__main__":
