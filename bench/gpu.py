@@ -80,6 +80,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # children inherit it: the dry run never touches a GPU
+        fair.LOSS_STEPS = 2  # its tiny data sets make 2-3 steps
     suite = workloads(args.dry_run)
     if args.child:
         fair.child(args.child, suite[args.workloads], args.model, args.data, args.epochs, False)
