@@ -68,7 +68,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-every", type=int, default=0)
     add("--checkpoint-every", type=int, default=0)
     add("--eval-before", action="store_true", help="evaluate the untuned model first")
-    add("--compile", action="store_true", help="torch.compile the model (faster steps on GPUs, slower start)")
+    add("--compile", action="store_true", help="torch.compile the model (for long GPU jobs; compiles at the start)")
     add("--gpus", type=int, default=0, help="GPUs for the job; more than one trains data-parallel, one rank per GPU")
     add("--ranks", type=int, default=0, help="data-parallel ranks (default: one per GPU, or one; on CPU: gloo)")
     add("--priority", type=int, default=0)

@@ -53,8 +53,9 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
 
 
 def wants_channels_last(model: nn.Module, device: torch.device) -> bool:
-    """Convolutional nets (ResNet, ConvNeXt, EfficientNet...) run faster on CUDA with channels-last (NHWC) tensors,
-    cuDNN's native layout under mixed precision. A single convolution (a ViT's patch embedding) does not count."""
+    """Convolutional nets (ResNet, ConvNeXt, EfficientNet...) train channels-last (NHWC) on CUDA, cuDNN's native
+    layout under mixed precision, as PyTorch's performance guide recommends. A single convolution (a ViT's patch
+    embedding) does not count."""
     return device.type == "cuda" and sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 
