@@ -8,6 +8,8 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from tests.core.test_audio_task import audio_spec, tiny_wav2vec2  # noqa: F401  (fixture)
 from tests.core.test_image_task import image_spec, tiny_vit  # noqa: F401  (fixture)
 from tests.core.test_training_core import FAST, make_spec, of_type, run
@@ -56,8 +58,38 @@ def test_text_few_shot_trains_on_the_shots_and_reports_the_baseline(
     assert any(n.startswith("few-shot baseline:") and "on 108 validation examples" in n for n in notes)
     [artifact] = of_type(events, ArtifactWritten)
     assert {"eval_accuracy", "prototype_accuracy"} <= set(artifact.metrics)
-    assert 0.0 <= artifact.metrics["prototype_accuracy"] <= 1.0
+    expected = nearest_class_mean_accuracy(tiny_bert, keyword_dataset, 4, 0)  # one example is 1/108
+    assert artifact.metrics["prototype_accuracy"] == pytest.approx(expected, abs=1e-6)
     assert saved_metrics(tmp_path)["prototype_accuracy"] == artifact.metrics["prototype_accuracy"]
+
+
+def nearest_class_mean_accuracy(model_dir: Path, data: Path, shots: int, seed: int) -> float:
+    """The baseline recomputed here with plain transformers: mean-pooled (masked) last hidden states of the
+    pretrained backbone, unit-normalised; each held-out sentence goes to the class whose normalised mean shot
+    vector has the highest cosine."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    train, held_out = training_split(rows, None, lambda row: row["label"], 0.0, shots, seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    backbone = AutoModel.from_pretrained(model_dir).eval()
+
+    def vectors(texts: list[str]) -> torch.Tensor:
+        encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = backbone(**encoded).last_hidden_state
+        mask = encoded["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    labels = sorted({row["label"] for row in rows})
+    shot_vectors = vectors([row["text"] for row in train])
+    means = torch.stack(
+        [shot_vectors[[i for i, row in enumerate(train) if row["label"] == label]].mean(0) for label in labels]
+    )
+    scores = vectors([row["text"] for row in held_out]) @ torch.nn.functional.normalize(means, dim=-1).T
+    predicted = [labels[i] for i in scores.argmax(1).tolist()]
+    return sum(p == row["label"] for p, row in zip(predicted, held_out, strict=True)) / len(held_out)
 
 
 def test_the_baseline_works_for_images_and_audio(

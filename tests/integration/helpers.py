@@ -112,6 +112,15 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+POLL_PAUSE_S = 0.05
+
+
+def poll_pause() -> None:
+    """A short pause between two polls of a condition that has its own deadline (the check decides; the pause only
+    keeps the loop from spinning a core the server needs)."""
+    time.sleep(POLL_PAUSE_S)
+
+
 def scrape_until(url: str, done: Callable[[Samples], bool], timeout_s: float) -> tuple[str, Samples]:
     """Scrapes until done(samples) holds; the last scrape, whatever it says, once timeout_s has passed."""
     deadline = time.monotonic() + timeout_s
@@ -119,3 +128,4 @@ def scrape_until(url: str, done: Callable[[Samples], bool], timeout_s: float) ->
         text, samples = scrape(url)
         if done(samples) or time.monotonic() > deadline:
             return text, samples
+        poll_pause()

@@ -67,7 +67,14 @@ def test_two_jobs_end_to_end_with_a_reconnecting_watcher(
         losses = [e.training_metrics.loss for e in stored if e.WhichOneof("payload") == "training_metrics"]
         assert losses[-1] < losses[0] * 0.5, losses
         assert final.latest_metrics["eval_accuracy"] >= 0.85, dict(final.latest_metrics)
-        assert final.best_metrics["eval_loss"] <= final.latest_metrics["eval_loss"]
+        evaluations = [
+            dict(e.evaluation_metrics.metrics) for e in stored if e.WhichOneof("payload") == "evaluation_metrics"
+        ]
+        latest_evaluation = {k: v for k, v in final.latest_metrics.items() if k.startswith("eval_")}
+        assert latest_evaluation == evaluations[-1]
+        assert dict(final.best_metrics) == min(evaluations, key=lambda metrics: metrics["eval_loss"]), (
+            "best by eval_loss"
+        )
         assert final.artifact.metrics["eval_accuracy"] == final.latest_metrics["eval_accuracy"]
         assert final.artifact.sha256 and final.attempt == 1
         assert not (server.data_dir / "work" / job.name.removeprefix("jobs/") / "attempt-1").exists(), "pruned"

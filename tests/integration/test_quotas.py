@@ -18,7 +18,7 @@ from clients.credentials import Credentials
 from clients.local_server import LocalServer, start_local_server
 from server.auth.access import token_digest
 from tests.integration.conftest import SERVER_ARGS
-from tests.integration.helpers import STATE, long_spec, refused, text_spec, wait_for_end, watch_until
+from tests.integration.helpers import STATE, long_spec, poll_pause, refused, text_spec, wait_for_end, watch_until
 from tests.tiny import keyword_rows, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -136,6 +136,7 @@ def next_stream_opens(client: TuneforgeClient, request: jobs_pb2.WatchJobRequest
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
+        poll_pause()
     return False
 
 

@@ -20,7 +20,7 @@ from clients.credentials import Credentials
 from clients.local_server import LocalServer, start_local_server
 from server.auth.access import token_digest
 from tests.integration.conftest import SERVER_ARGS
-from tests.integration.helpers import STATE, text_spec, wait_for_end
+from tests.integration.helpers import STATE, poll_pause, text_spec, wait_for_end
 from tests.integration.test_sweeps import sweep_spec
 
 pytestmark = pytest.mark.integration
@@ -187,6 +187,7 @@ def audit_lines(log: Path, until: Callable[[list[dict[str, Any]]], bool], timeou
         lines = [json.loads(line) for line in log.read_text().splitlines() if '"audit": true' in line]
         if until(lines) or time.monotonic() > deadline:
             return lines
+        poll_pause()
 
 
 def test_mutating_calls_are_audited(world: World) -> None:

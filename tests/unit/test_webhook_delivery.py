@@ -129,3 +129,18 @@ def test_an_unknown_name_is_a_retried_delivery(monkeypatch: pytest.MonkeyPatch) 
     asyncio.run(notifier._deliver("https://nowhere.example/hook", b"{}", "evt-1", "job.succeeded"))
     assert metrics.webhook_deliveries.labels("retried")._value.get() == 1
     assert metrics.webhook_deliveries.labels("failed")._value.get() == 1
+
+
+def test_the_shipped_verifier_refuses_stale_and_foreign_signatures() -> None:
+    import time
+
+    from server.webhooks import sign, verify_signature
+
+    secret, body = b"k" * 32, b'{"type": "job.succeeded"}'
+    now = int(time.time())
+    assert verify_signature(secret, sign(secret, now, body), body)
+    assert not verify_signature(secret, sign(secret, now - 301, body), body), "older than 5 minutes"
+    assert not verify_signature(secret, sign(secret, now + 301, body), body), "from the future"
+    assert not verify_signature(b"x" * 32, sign(secret, now, body), body)
+    assert not verify_signature(secret, sign(secret, now, body), body + b" "), "a changed body"
+    assert not verify_signature(secret, "v1=" + sign(secret, now, body).split("v1=")[1], body), "no timestamp"
