@@ -17,6 +17,8 @@ from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
 if TYPE_CHECKING:
     from tests.postgres import PostgresServer
 
+pytest_plugins = ["tests.ci_skips", "pytester"]
+
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

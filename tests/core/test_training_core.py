@@ -269,6 +269,7 @@ def test_models_that_could_run_code_fail_as_unsafe(tiny_bert: Path, keyword_data
         assert words in finished.message
 
 
+@pytest.mark.needs_gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_trains_on_cuda_with_bf16_autocast(tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:
     finished, events = run(make_spec(tiny_bert), keyword_dataset, tmp_path, device="cuda")
