@@ -55,11 +55,7 @@ class AudioDataset(torch.utils.data.Dataset[dict[str, Any]]):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self._cache.get(index)
-        if item is None:
-            item = self._process(index)
-            if not self.varies_per_epoch:
-                self._cache.keep(index, item)
+        item = self._cache.get_or_process(index, self._process, lambda: not self.varies_per_epoch)
         return {**item, "labels": self.examples[index].label}
 
     def _process(self, index: int, ahead: bool = False) -> dict[str, torch.Tensor]:

@@ -75,21 +75,21 @@ class FrozenBackboneModel(nn.Module):
         with self._replaying(_rebuild(self.output_type, kept)):
             return self.model(**{self.main_input: None, **batch})
 
-    def fields_the_head_reads(self, inputs: Batch, fields: dict[str, torch.Tensor]) -> set[str]:
-        """The output fields (tuples by their name) the head's result depends on, for one batch in eval mode:
-        replaying without a field (an empty placeholder) either fails or changes the logits when it is read."""
-        names = {key.partition(".")[0] for key in fields}
+    def fields_the_head_skips(self, inputs: Batch, fields: dict[str, torch.Tensor]) -> dict[str, int]:
+        """The output fields (tuples by their name, with their number of parts) the head's result does not depend
+        on, for one batch in eval mode: replaying without a field (an empty placeholder) either fails or changes
+        the logits when it is read."""
         reference = self._head(inputs, fields, {})
-        read = set()
-        for name in sorted(names):
-            parts = sum(1 for key in fields if key.partition(".")[0] == name and key != name)
+        skipped = {}
+        for name in sorted({key.partition(".")[0] for key in fields}):
+            parts = sum(1 for key in fields if key.startswith(name + "."))
             try:
                 same = torch.equal(self._head(inputs, fields, {name: parts}), reference)
             except (RuntimeError, IndexError, ValueError, TypeError, AttributeError):
                 same = False
-            if not same:
-                read.add(name)
-        return read
+            if same:
+                skipped[name] = parts
+        return skipped
 
     def _head(self, inputs: Batch, fields: dict[str, torch.Tensor], unread: dict[str, int]) -> torch.Tensor:
         before, self.unread = self.unread, unread
@@ -212,8 +212,8 @@ def keep_features(
     hook = model.backbone.register_forward_hook(lambda _module, _args, output: captured.append(output))
     items: list[dict[str, torch.Tensor] | None] = [None] * len(dataset)
     used = 0
-    read: set[str] | None = None
-    unread: dict[str, int] = {}
+    unread: dict[str, int] | None = None
+    read: list[str] = []
     model.eval()
     try:
         with torch.no_grad():
@@ -232,14 +232,11 @@ def keep_features(
                 output = captured.pop()
                 model.output_type = type(output) if hasattr(output, "items") else tuple_output
                 fields = _output_fields(output)
-                if read is None:
-                    read = model.fields_the_head_reads(to_device(dict(inputs)), fields)
-                    unread = {
-                        name: sum(1 for key in fields if key.startswith(name + "."))
-                        for name in {key.partition(".")[0] for key in fields} - read
-                    }
+                if unread is None:
+                    unread = model.fields_the_head_skips(to_device(dict(inputs)), fields)
+                    read = sorted({key.partition(".")[0] for key in fields} - set(unread))
                     captured.clear()  # the replays went through the hook too
-                fields = {key: value for key, value in fields.items() if key.partition(".")[0] in read}
+                fields = {key: value for key, value in fields.items() if key.partition(".")[0] not in unread}
                 examples = _per_example(inputs, fields, labels)
                 used += sum(t.element_size() * t.nelement() for item in examples for t in item.values())
                 if used > budget:
@@ -249,9 +246,9 @@ def keep_features(
     finally:
         hook.remove()
         model.train()
-    if read is not None:  # an empty data set learns nothing about the head (and must not undo what one did)
+    if unread is not None:  # an empty data set learns nothing about the head (and must not undo what one did)
         model.unread = unread
-    return KeptFeatures([item for item in items if item is not None], used, sorted(read or ()))
+    return KeptFeatures([item for item in items if item is not None], used, read)
 
 
 def tuple_output(**fields: torch.Tensor) -> tuple[torch.Tensor, ...]:

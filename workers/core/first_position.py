@@ -10,8 +10,7 @@ version whose internals differ falls back to the full block. Removed again befor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -105,15 +104,6 @@ class FirstPositionBlock:
 
     def remove(self) -> None:
         self.block.__dict__.pop("forward", None)
-
-    @contextmanager
-    def removed(self) -> Iterator[None]:
-        """The full block for a while (saving, exporting)."""
-        self.remove()
-        try:
-            yield
-        finally:
-            self.install()
 
 
 def first_position_block(model: nn.Module, batch: Batch) -> FirstPositionBlock | None:

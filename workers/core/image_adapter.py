@@ -82,11 +82,7 @@ class ImageDataset(torch.utils.data.Dataset[dict[str, Any]]):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        processed = self._cache.get(index)
-        if processed is None:
-            processed = self._process(index)
-            if self.augment is None:
-                self._cache.keep(index, processed)
+        processed = self._cache.get_or_process(index, self._process, lambda: self.augment is None)
         return {**processed, "labels": self.examples[index].label}
 
     def _process(self, index: int) -> dict[str, torch.Tensor]:

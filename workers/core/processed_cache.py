@@ -32,6 +32,16 @@ class ProcessedCache:
     def get(self, index: int) -> Processed | None:
         return self.items.get(index)
 
+    def get_or_process(self, index: int, process: Callable[[int], Processed], keep: Callable[[], bool]) -> Processed:
+        """The kept example, or a newly processed one, kept when `keep()` says so once it is made (processing can
+        show that the example varies, as a clip needing a random crop does)."""
+        item = self.items.get(index)
+        if item is None:
+            item = process(index)
+            if keep():
+                self.keep(index, item)
+        return item
+
     def keep(self, index: int, item: Processed) -> bool:
         """Keeps an example's tensors unless the budget is spent; returns whether they were kept."""
         size = sum(value.element_size() * value.nelement() for value in item.values())
@@ -52,24 +62,24 @@ class ProcessedCache:
         example turned out to vary). Returns how many were kept. The first examples run on this thread; the rest
         go to `threads` threads only when an example takes long enough (THREADED_FROM_S) for threads to pay: small
         files decode faster one after another than through a pool (measured in bench/media_decoding.py)."""
-        kept, probe = 0, min(count, PROBE_EXAMPLES)
-        started = time.perf_counter()
-        for index in range(probe):
+        kept, started = 0, time.perf_counter()
+        for index in range(count):
+            slow = index == PROBE_EXAMPLES and (time.perf_counter() - started) / index >= THREADED_FROM_S
+            if slow and threads > 1:
+                return kept + self._fill_on_threads(range(index, count), process, threads, keep_going)
             if not keep_going() or not self.keep(index, process(index)):
                 return kept
             kept += 1
-        threaded = threads > 1 and (time.perf_counter() - started) / max(1, probe) >= THREADED_FROM_S
-        if not threaded:
-            for index in range(probe, count):
-                if not keep_going() or not self.keep(index, process(index)):
-                    return kept
-                kept += 1
-            return kept
-        chunk = threads * 8
+        return kept
+
+    def _fill_on_threads(
+        self, indices: range, process: Callable[[int], Processed], threads: int, keep_going: Callable[[], bool]
+    ) -> int:
+        kept, chunk = 0, threads * 8
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-            for start in range(probe, count, chunk):
-                indices = [i for i in range(start, min(start + chunk, count)) if i not in self.items]
-                for index, item in zip(indices, pool.map(process, indices), strict=True):
+            for start in range(indices.start, indices.stop, chunk):
+                batch = [i for i in range(start, min(start + chunk, indices.stop)) if i not in self.items]
+                for index, item in zip(batch, pool.map(process, batch), strict=True):
                     if not keep_going() or not self.keep(index, item):
                         return kept
                     kept += 1
