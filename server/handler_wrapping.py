@@ -51,7 +51,7 @@ def status_name(context: Any, error: BaseException | None) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return str(code.name)
-    if error is not None and type(error).__name__ == "CancelledError":
+    if error is not None and type(error).__name__ in ("CancelledError", "GeneratorExit"):
         return "CANCELLED"
     if error is not None and not isinstance(error, grpc.aio.AbortError):
         return "UNKNOWN"

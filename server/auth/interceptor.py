@@ -144,6 +144,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
                 caller = await self._admit(context)
                 await self._begin_call(caller, context)
+                began, error = time.perf_counter(), None
                 try:
                     await self._open_stream(caller, context)
                     try:
@@ -152,8 +153,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
                                 yield response
                     finally:
                         self._close_stream(caller)
+                except BaseException as exc:
+                    error = exc
+                    raise
                 finally:
                     self._end_call(caller)
+                    if audited:  # ExportModel streams its file back, and writes one on the server
+                        _audit(caller, method, _target(request, None), status_name(context, error), began)
 
             return streaming
 

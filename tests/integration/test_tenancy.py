@@ -1,6 +1,7 @@
-"""Two tenants and an admin against every RPC of a real server with bearer tokens: each tenant sees only its own
-files, jobs, sweeps, events and artifacts; another tenant's resource is NOT_FOUND exactly like a missing one; admins
-see both. Unauthenticated calls are refused, health stays open, and every mutating call is in the audit log."""
+"""Two tenants and an admin against every RPC of a real server with bearer tokens. Each RPC has one exact expected
+outcome (status and reason) for the owner, another tenant and an admin: another tenant's resource is NOT_FOUND exactly
+like a missing one, admins act as the owner does. Lists show only the caller's tenant; unauthenticated calls are
+refused while health stays open; and the audit log holds exactly the mutating calls made, each once."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from tuneforge.v1 import files_pb2, jobs_pb2, sweeps_pb2
+from tuneforge.v1 import job_spec_pb2, jobs_pb2, sweeps_pb2
 
 from clients.client import TuneforgeClient, TuneforgeError
 from clients.credentials import Credentials
@@ -25,7 +26,12 @@ from tests.integration.test_sweeps import sweep_spec
 
 pytestmark = pytest.mark.integration
 
-TOKENS = {"alice": ("team-a", "user"), "bob": ("team-b", "user"), "root": ("ops", "admin")}
+TOKENS = {
+    "alice": ("team-a", "user"),
+    "bob": ("team-b", "user"),
+    "carol": ("team-c", "user"),
+    "root": ("ops", "admin"),
+}
 
 
 def access_file(path: Path, extra: str = "") -> Path:
@@ -95,38 +101,50 @@ def world(tmp_path_factory: pytest.TempPathFactory, model_root: Path, tiny_bert:
         assert server.stop() == 0
 
 
-def reads(w: World) -> dict[str, Callable[[TuneforgeClient, dict[str, str]], Any]]:
-    """Every RPC that reads or acts on one existing resource, given {kind: name}."""
-    return {
-        "GetFile": lambda c, n: c.get_file(n["file"]),
-        "DownloadFile": lambda c, n: c.files.DownloadFile(files_pb2.DownloadFileRequest(name=n["file"]), timeout=30),
-        "GetJob": lambda c, n: c.get_job(n["job"]),
-        "ListJobEvents": lambda c, n: c.list_job_events(n["job"]),
-        "WatchJob": lambda c, n: c.jobs.WatchJob(jobs_pb2.WatchJobRequest(name=n["job"]), timeout=30),
-        "DownloadArtifact": lambda c, n: c.jobs.DownloadArtifact(
-            jobs_pb2.DownloadArtifactRequest(name=n["job"]), timeout=30
-        ),
-        "CancelJob": lambda c, n: c.cancel_job(n["job"]),
-        "PauseJob": lambda c, n: c.pause_job(n["job"]),
-        "ResumeJob": lambda c, n: c.resume_job(n["job"]),
-        "GetSweep": lambda c, n: c.get_sweep(n["sweep"]),
-        "WatchSweep": lambda c, n: c.sweeps.WatchSweep(sweeps_pb2.WatchSweepRequest(name=n["sweep"]), timeout=30),
-        "CancelSweep": lambda c, n: c.cancel_sweep(n["sweep"]),
-    }
+OK = ("OK", "")
+ENDED = ("FAILED_PRECONDITION", "ILLEGAL_STATE")
+Call = Callable[[TuneforgeClient, dict[str, str], Path], Any]
+RPCS: dict[str, tuple[Call, tuple[str, str]]] = {
+    # every RPC that acts on one existing resource: (the call, the owner's and the admin's outcome)
+    "GetFile": (lambda c, n, _: c.get_file(n["file"]), OK),
+    "DownloadFile": (lambda c, n, to: c.download_file(n["file"], to / "file"), OK),
+    "GetJob": (lambda c, n, _: c.get_job(n["job"]), OK),
+    "ListJobEvents": (lambda c, n, _: c.list_job_events(n["job"]), OK),
+    "WatchJob": (lambda c, n, _: c.jobs.WatchJob(jobs_pb2.WatchJobRequest(name=n["job"]), timeout=30), OK),
+    "DownloadArtifact": (lambda c, n, to: c.download_artifact(n["job"], to / "artifact.tar"), OK),
+    "Predict": (lambda c, n, _: c.predict(n["job"], texts=["the striker scored a goal"]), OK),
+    "ExportModel": (lambda c, n, to: c.export_model(n["job"], job_spec_pb2.TORCHSCRIPT, to / "model.pt"), OK),
+    "CancelJob": (lambda c, n, _: c.cancel_job(n["job"]), ENDED),  # the job SUCCEEDED: nothing to cancel
+    "PauseJob": (lambda c, n, _: c.pause_job(n["job"]), ENDED),
+    "ResumeJob": (lambda c, n, _: c.resume_job(n["job"]), ENDED),
+    "GetSweep": (lambda c, n, _: c.get_sweep(n["sweep"]), OK),
+    "WatchSweep": (lambda c, n, _: c.sweeps.WatchSweep(sweeps_pb2.WatchSweepRequest(name=n["sweep"]), timeout=30), OK),
+    "CancelSweep": (lambda c, n, _: c.cancel_sweep(n["sweep"]), ENDED),
+}
+NOT_FOUND = {"file": ("NOT_FOUND", "FILE_NOT_FOUND"), "job": ("NOT_FOUND", "JOB_NOT_FOUND")}
+NOT_FOUND["sweep"] = ("NOT_FOUND", "SWEEP_NOT_FOUND")
 
 
-def test_another_tenants_resources_are_not_found_like_missing_ones(world: World) -> None:
+def kind_of(rpc: str) -> str:
+    return "file" if "File" in rpc else "sweep" if "Sweep" in rpc else "job"
+
+
+@pytest.mark.parametrize("rpc", list(RPCS))
+def test_every_rpc_has_one_outcome_for_owner_stranger_and_admin(world: World, rpc: str, tmp_path: Path) -> None:
+    call, expected = RPCS[rpc]
     mine = {"file": world.file, "job": world.job, "sweep": world.sweep}
     missing = {"file": "files/file-0000000000", "job": "jobs/ft-000000000000", "sweep": "sweeps/sw-000000000000"}
     with connect(world.server, "alice") as alice, connect(world.server, "bob") as bob, connect(
         world.server, "root"
     ) as root:  # fmt: skip
-        for rpc, call in reads(world).items():
-            owner = outcome(lambda c=call: c(alice, mine))
-            assert owner[0] != "NOT_FOUND", f"{rpc}: the owner was refused: {owner}"
-            assert outcome(lambda c=call: c(root, mine)) == owner, f"{rpc}: the admin saw something else"
-            stranger, nobody = outcome(lambda c=call: c(bob, mine)), outcome(lambda c=call: c(bob, missing))
-            assert stranger[0] == "NOT_FOUND" and stranger == nobody, f"{rpc}: {stranger} leaks (missing: {nobody})"
+        seen = {
+            "owner": outcome(lambda: call(alice, mine, tmp_path)),
+            "stranger": outcome(lambda: call(bob, mine, tmp_path)),
+            "missing": outcome(lambda: call(bob, missing, tmp_path)),
+            "admin": outcome(lambda: call(root, mine, tmp_path)),
+        }
+    gone = NOT_FOUND[kind_of(rpc)]
+    assert seen == {"owner": expected, "stranger": gone, "missing": gone, "admin": expected}
 
 
 def test_lists_show_only_the_callers_tenant_and_admins_see_all(world: World) -> None:
@@ -159,14 +177,24 @@ def test_another_tenants_file_cannot_be_trained_on(world: World, tiny_bert: Path
             assert results[0] == results[1] and results[0][0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_deleting_another_tenants_resources_is_not_found(world: World) -> None:
-    with connect(world.server, "bob") as bob, connect(world.server, "alice") as alice:
-        for delete, name in ((bob.delete_job, world.job), (bob.delete_file, world.file)):
-            with pytest.raises(TuneforgeError) as refused:
-                delete(name)
-            assert refused.value.code == grpc.StatusCode.NOT_FOUND
-        assert alice.get_job(world.job).state == STATE.SUCCEEDED
-        assert alice.get_file(world.file).name == world.file
+@pytest.mark.parametrize("deleter", ["bob", "root"])
+def test_deleting_is_not_found_for_a_stranger_and_allowed_to_the_owner_and_an_admin(
+    world: World, tiny_bert: Path, keyword_dataset: Path, deleter: str
+) -> None:
+    with connect(world.server, "alice") as alice, connect(world.server, "bob") as bob, connect(
+        world.server, deleter
+    ) as owner_or_admin:  # fmt: skip
+        file = bob.upload_file(keyword_dataset).name
+        job = bob.create_job(text_spec(tiny_bert, file, epochs=1)).name
+        bob.cancel_job(job)
+        assert wait_for_end(bob, job).state == STATE.CANCELLED  # ended, so deletable
+        assert outcome(lambda: alice.delete_job(job)) == NOT_FOUND["job"]
+        assert outcome(lambda: alice.delete_file(file)) == NOT_FOUND["file"]
+        assert bob.get_job(job).name == job and bob.get_file(file).name == file, "a refused delete kept both"
+        assert outcome(lambda: owner_or_admin.delete_job(job)) == OK
+        assert outcome(lambda: owner_or_admin.delete_file(file)) == OK
+        assert outcome(lambda: bob.get_job(job)) == NOT_FOUND["job"]
+        assert outcome(lambda: bob.get_file(file)) == NOT_FOUND["file"]
 
 
 def test_credentials_are_required_except_for_health(world: World) -> None:
@@ -190,17 +218,43 @@ def audit_lines(log: Path, until: Callable[[list[dict[str, Any]]], bool], timeou
         poll_pause()
 
 
-def test_mutating_calls_are_audited(world: World) -> None:
-    with connect(world.server, "bob") as bob:
-        outcome(lambda: bob.cancel_job(world.job))
+def test_exactly_the_mutating_calls_are_audited(
+    world: World, tiny_bert: Path, keyword_dataset: Path, tmp_path: Path
+) -> None:
+    """carol (a tenant no other test uses) makes every kind of call; the audit log then holds exactly her mutating
+    calls, in order, with their targets and codes, and none of her reads."""
+    with connect(world.server, "carol") as carol:
+        file = carol.upload_file(keyword_dataset).name
+        job = carol.create_job(text_spec(tiny_bert, file, epochs=1)).name
+        made: list[tuple[str, str, str]] = [("UploadFile", file, "OK"), ("CreateJob", job, "OK")]
+        assert outcome(lambda: carol.cancel_job(job)) == OK
+        assert wait_for_end(carol, job).state == STATE.CANCELLED
+        assert outcome(lambda: carol.pause_job(job)) == ENDED
+        assert outcome(lambda: carol.resume_job(job)) == ENDED
+        made += [("CancelJob", job, "OK"), ("PauseJob", job, ENDED[0]), ("ResumeJob", job, ENDED[0])]
+        reads: list[Callable[[], Any]] = [lambda: carol.get_job(job), carol.list_jobs, carol.list_files]
+        reads += [lambda: carol.list_job_events(job), lambda: carol.get_file(file), lambda: carol.watch(job)]
+        assert [outcome(read) for read in reads] == [OK] * len(reads), "reads are not audited"
+        unready = ("FAILED_PRECONDITION", "MODEL_NOT_READY")  # a cancelled job has no model
+        assert outcome(lambda: carol.predict(job, texts=["a goal"])) == unready  # Predict is not audited
+        assert outcome(lambda: carol.export_model(job, job_spec_pb2.TORCHSCRIPT, tmp_path / "model.pt")) == unready
+        made.append(("ExportModel", job, unready[0]))
+        spec = sweep_spec(tiny_bert, file)
+        spec.max_trials, spec.parallelism = 1, 1
+        sweep = carol.create_sweep(spec).name
+        assert carol.cancel_sweep(sweep).state == sweeps_pb2.Sweep.CANCELLED
+        made += [("CreateSweep", sweep, "OK"), ("CancelSweep", sweep, "OK")]
+        assert [outcome(lambda: carol.get_sweep(sweep)), outcome(carol.list_sweeps)] == [OK, OK]
+        assert outcome(lambda: carol.delete_file("files/file-0000000000")) == NOT_FOUND["file"]
+        made.append(("DeleteFile", "files/file-0000000000", "NOT_FOUND"))
+        for trial in carol.get_sweep(sweep).trials:
+            wait_for_end(carol, trial.job)
+        assert outcome(lambda: carol.delete_job(job)) == OK
+        made.append(("DeleteJob", job, "OK"))
 
-    def refused_cancel(line: dict[str, Any]) -> bool:
-        return line["method"] == "CancelJob" and line["subject"] == "bob" and line["target"] == world.job
+    def carols(lines: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+        return [(a["method"], a["target"], a["code"]) for a in lines if a["subject"] == "carol"]
 
-    audit = audit_lines(world.log, lambda lines: any(refused_cancel(line) for line in lines))
-    created = [a for a in audit if a["method"] == "CreateJob" and a["target"] == world.job]
-    assert created and created[0]["subject"] == "alice" and created[0]["tenant"] == "team-a"
-    assert created[0]["code"] == "OK"
-    assert {a["code"] for a in audit if refused_cancel(a)} == {"NOT_FOUND"}
-    assert {a["method"] for a in audit} >= {"UploadFile", "CreateJob", "CreateSweep", "CancelJob"}
-    assert not any(a["method"].startswith(("Get", "List", "Watch")) for a in audit)
+    audit = audit_lines(world.log, lambda lines: len(carols(lines)) >= len(made))
+    assert carols(audit) == made
+    assert {(a["tenant"], a["role"]) for a in audit if a["subject"] == "carol"} == {("team-c", "user")}
