@@ -20,6 +20,7 @@ from tuneforge.v1 import job_spec_pb2, sweeps_pb2
 
 from server.errors import FieldViolation
 from server.spec_validation import METRICS_BY_TASK, validate_spec
+from server.spec_validation import ROOT as SPEC_ROOT
 from workers.spec import TaskKind
 
 Distribution = optuna.distributions.BaseDistribution
@@ -63,10 +64,11 @@ def plan_search(spec: sweeps_pb2.SweepSpec, model_roots: list[Path]) -> tuple[Se
     bad: list[FieldViolation] = []
     base_result = validate_spec(spec.base, model_roots)
     for violation in base_result.violations + base_result.unimplemented:
-        bad.append(FieldViolation(f"sweep.spec.base.{violation.field}", violation.description))
+        inside = violation.field.removeprefix(f"{SPEC_ROOT}.")  # the job validator's paths start at a job
+        bad.append(FieldViolation(f"sweep.spec.base.{inside}", violation.description))
     distributions = _distributions(spec, bad)
-    if not bad:
-        bad += _probe(spec.base, distributions, model_roots)
+    base_fields = {violation.field for violation in base_result.violations + base_result.unimplemented}
+    bad += _probe(spec, distributions, model_roots, base_fields)
     metric, maximize = _objective(spec, base_result.spec.task if base_result.spec else None, bad)
     max_trials, parallelism, budget_s = _limits(spec, bad)
     algorithm = spec.algorithm or sweeps_pb2.SweepSpec.TPE
@@ -317,11 +319,17 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 
 
 def _probe(
-    base: job_spec_pb2.JobSpec, distributions: dict[str, Distribution], model_roots: list[Path]
+    spec: sweeps_pb2.SweepSpec, distributions: dict[str, Distribution], model_roots: list[Path], base_fields: set[str]
 ) -> list[FieldViolation]:
-    """Each parameter at the ends of its domain (every choice of a categorical) must make a valid job."""
+    """Each parameter at the ends of its domain (every choice of a categorical) must make a valid job. Only what
+    the point itself breaks counts (the base's own problems are reported once, as the base's), so a parameter's
+    range is checked even when something else in the sweep is wrong too."""
+    index_of: dict[str, int] = {}
+    for index, parameter in enumerate(spec.parameters):
+        index_of.setdefault(parameter.field, index)
     problems: list[FieldViolation] = []
-    for index, (name, distribution) in enumerate(distributions.items()):
+    base = spec.base
+    for name, distribution in distributions.items():
         points: list[Any]
         if isinstance(distribution, optuna.distributions.CategoricalDistribution):
             points = list(distribution.choices)
@@ -329,9 +337,8 @@ def _probe(
             points = [distribution.low, distribution.high]  # type: ignore[attr-defined]
         for point in points:
             result = validate_spec(trial_spec(base, {name: point}, base.evaluation.best_metric), model_roots)
-            for violation in result.violations + result.unimplemented:
-                problems.append(
-                    FieldViolation(f"sweep.spec.parameters[{index}]", f"{name}={point!r}: {violation.description}")
-                )
-                break
+            new = [v for v in result.violations + result.unimplemented if v.field not in base_fields]
+            if new:
+                where = f"sweep.spec.parameters[{index_of[name]}]"
+                problems.append(FieldViolation(where, f"{name}={point!r}: {new[0].description}"))
     return problems

@@ -1,13 +1,17 @@
-"""Sweeps through the real server: TPE with successive halving over learning rate and freeze policy, two trials at a
-time on two workers, weak trials pruned (their workers freed), a server restart mid-way, the best trial's model
-downloadable; and a bad search space refused field by field."""
+"""Sweeps through the real server: random search with the median pruner, two trials at a time, weak trials pruned
+(their workers freed) across a server restart, the best trial's model downloadable; TPE with successive halving one
+trial at a time, replayed decision by decision against Optuna; a grid run to its end; budgets and cancels; and a
+bad search space refused field by field."""
 
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import optuna
 import pytest
 from google.protobuf import struct_pb2
 from tuneforge.v1 import sweeps_pb2 as sw
@@ -111,62 +115,139 @@ def test_a_sweep_prunes_weak_trials_survives_a_restart_and_keeps_the_best_model(
         assert server.stop() == 0
 
 
-def test_a_bad_search_space_is_refused_field_by_field(tmp_path: Path, model_root: Path, tiny_bert: Path) -> None:
-    server = start_local_server(tmp_path / "data", 0, [model_root], SERVER_ARGS)
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, model_root: Path, keyword_dataset: Path) -> Iterator[Shared]:
+    """One server with two workers for the tests that need no restart of their own."""
+    server = start_local_server(tmp_path_factory.mktemp("sweeps"), 2, [model_root], SERVER_ARGS)
     try:
-        with TuneforgeClient(server.target) as client:
-            client.wait_until_serving(60)
-            spec = sweep_spec(tiny_bert, "files/does-not-exist")
-            spec.parameters[0].float_range.max = 50.0  # the job validator caps learning_rate at 10
-            spec.parameters.append(sw.Parameter(field="hyperparameters.nope", int_range=sw.IntRange(min=1, max=2)))
-            spec.parameters.append(sw.Parameter(field="adaptation.method", categorical=choices("FULL", "SIDEWAYS")))
-            spec.objective.metric = "eval_wer"
-            with pytest.raises(TuneforgeError) as refused:
-                client.create_sweep(spec)
-            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
-            fields = set(refused.value.field_violations)
-            assert {
-                "sweep.spec.parameters[2].field",
-                "sweep.spec.parameters[3].categorical.values[1]",
-                "sweep.spec.objective.metric",
-                "sweep.spec.base.data.training_file",
-            } <= fields, fields
-            assert client.list_sweeps() == []
-    finally:
-        assert server.stop() == 0
-
-
-def test_budget_stops_new_trials_and_cancel_stops_running_ones(
-    tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
-) -> None:
-    server = start_local_server(tmp_path / "data", 2, [model_root], SERVER_ARGS)
-    try:
-        with TuneforgeClient(server.target) as client:
+        with TuneforgeClient(server.target, timeout_s=30) as client:
             client.wait_until_serving(120)
-            file = client.upload_file(keyword_dataset)
-            budgeted = sweep_spec(tiny_bert, file.name)
-            budgeted.pruner = sw.SweepSpec.NONE
-            budgeted.algorithm = sw.SweepSpec.RANDOM
-            budgeted.max_trials, budgeted.parallelism = 20, 1
-            budgeted.worker_time_budget.FromMilliseconds(10)  # spent by the first trial, however fast
-            swept = client.create_sweep(budgeted)
-            for _ in client.watch_sweep(swept.name, timeout_s=300):
-                pass
-            final = client.get_sweep(swept.name)
-            assert final.state == sw.Sweep.SUCCEEDED and len(final.trials) == 1, final
-            assert final.worker_time_used.ToTimedelta().total_seconds() >= 0.01
-
-            endless = sweep_spec(tiny_bert, file.name)
-            endless.base.hyperparameters.epochs = 1000
-            endless.pruner = sw.SweepSpec.NONE
-            running = client.create_sweep(endless)
-            cancelled = client.cancel_sweep(running.name)
-            assert cancelled.state == sw.Sweep.CANCELLED
-            assert {t.error.reason for t in cancelled.trials} == {"CANCELLED"}
-            for trial in cancelled.trials:
-                assert wait_for_end(client, trial.job).state == STATE.CANCELLED
-            with pytest.raises(TuneforgeError) as again:
-                client.cancel_sweep(running.name)
-            assert again.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            yield Shared(client, client.upload_file(keyword_dataset).name)
     finally:
         assert server.stop() == 0
+
+
+@dataclass
+class Shared:
+    client: TuneforgeClient
+    file: str
+
+
+def run_to_end(client: TuneforgeClient, spec: sw.SweepSpec) -> sw.Sweep:
+    sweep = client.create_sweep(spec)
+    for _ in client.watch_sweep(sweep.name, timeout_s=300):
+        pass
+    return client.get_sweep(sweep.name)
+
+
+def param_value(value: struct_pb2.Value) -> object:
+    return value.string_value if value.WhichOneof("kind") == "string_value" else value.number_value
+
+
+def test_tpe_with_successive_halving_proposes_and_prunes_as_optuna_does(shared: Shared, tiny_bert: Path) -> None:
+    """One trial at a time, so every decision is deterministic: Optuna's own TPE sampler and successive-halving
+    pruner, fed the evaluations each trial's job reported, must propose the same points and prune the same trials
+    at the same evaluation; a random search would have proposed other points."""
+    spec = sweep_spec(tiny_bert, shared.file)
+    spec.objective.metric = "eval_loss"  # continuous: no ties at full accuracy, so the rungs rank every trial
+    spec.max_trials, spec.parallelism = 5, 1
+    spec.base.hyperparameters.epochs = 3
+    final = run_to_end(shared.client, spec)
+    assert final.state == sw.Sweep.SUCCEEDED, final.error
+    assert [t.number for t in final.trials] == list(range(5))
+
+    distributions = {
+        "hyperparameters.learning_rate": optuna.distributions.FloatDistribution(1e-5, 3e-2, log=True),
+        "adaptation.method": optuna.distributions.CategoricalDistribution(["FULL", "FROZEN_BACKBONE"]),
+    }
+    sampler = optuna.samplers.TPESampler(seed=7, n_startup_trials=2, constant_liar=True)
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    study = optuna.create_study(sampler=sampler, pruner=pruner, direction="minimize")
+    randomly = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=7))
+    for trial in final.trials:
+        proposed = study.ask(distributions)
+        assert {k: param_value(v) for k, v in trial.params.items()} == proposed.params, trial.number
+        if trial.number >= 2:
+            assert randomly.ask(distributions).params != proposed.params, "TPE guided this point"
+        events = shared.client.list_job_events(trial.job)
+        losses = [e.evaluation_metrics.metrics["eval_loss"] for e in events if e.HasField("evaluation_metrics")]
+        pruned_at = None
+        for index, loss in enumerate(losses, start=1):
+            proposed.report(loss, index)
+            if proposed.should_prune():
+                pruned_at = index
+                break
+        if pruned_at is None:
+            assert trial.state == TRIAL.COMPLETE and trial.value == min(losses), trial
+            study.tell(proposed, trial.value)
+        else:
+            assert (trial.state, trial.evaluations) == (TRIAL.PRUNED, pruned_at), trial
+            study.tell(proposed, state=optuna.trial.TrialState.PRUNED)
+    states = [t.state for t in final.trials]
+    assert TRIAL.PRUNED in states and TRIAL.COMPLETE in states, "both paths were taken"
+
+
+def test_a_grid_sweep_runs_every_point_to_its_end(shared: Shared, tiny_bert: Path) -> None:
+    spec = sweep_spec(tiny_bert, shared.file)
+    del spec.parameters[:]
+    spec.parameters.extend([
+        sw.Parameter(field="hyperparameters.epochs", int_range=sw.IntRange(min=1, max=2)),
+        sw.Parameter(field="adaptation.method", categorical=choices("FULL", "FROZEN_BACKBONE")),
+    ])  # fmt: skip
+    spec.algorithm, spec.pruner, spec.max_trials = sw.SweepSpec.GRID, sw.SweepSpec.NONE, 0
+    final = run_to_end(shared.client, spec)
+    assert final.state == sw.Sweep.SUCCEEDED, final.error
+    points = sorted((int(t.params["hyperparameters.epochs"].number_value), t.params["adaptation.method"].string_value)
+                    for t in final.trials)  # fmt: skip
+    assert points == [(1, "FROZEN_BACKBONE"), (1, "FULL"), (2, "FROZEN_BACKBONE"), (2, "FULL")]
+    assert [t.state for t in final.trials] == [TRIAL.COMPLETE] * 4
+    for trial in final.trials:
+        assert wait_for_end(shared.client, trial.job).state == STATE.SUCCEEDED
+    assert final.best_trial.value == max(t.value for t in final.trials)
+
+
+def test_a_bad_search_space_is_refused_field_by_field(shared: Shared, tiny_bert: Path) -> None:
+    before = shared.client.list_sweeps()
+    spec = sweep_spec(tiny_bert, "files/does-not-exist")
+    spec.parameters[0].float_range.max = 50.0  # the job validator caps learning_rate at 10
+    spec.parameters.append(sw.Parameter(field="hyperparameters.nope", int_range=sw.IntRange(min=1, max=2)))
+    spec.parameters.append(sw.Parameter(field="adaptation.method", categorical=choices("FULL", "SIDEWAYS")))
+    spec.objective.metric = "eval_wer"
+    with pytest.raises(TuneforgeError) as refused:
+        shared.client.create_sweep(spec)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(refused.value.field_violations) == {
+        "sweep.spec.parameters[0]",  # its upper end, 50, is a learning rate no job accepts
+        "sweep.spec.parameters[2].field",
+        "sweep.spec.parameters[3].categorical.values[1]",
+        "sweep.spec.parameters[3].field",  # adaptation.method a second time
+        "sweep.spec.objective.metric",
+        "sweep.spec.base.data.training_file",
+    }, sorted(refused.value.field_violations)
+    assert shared.client.list_sweeps() == before
+
+
+def test_budget_stops_new_trials_and_cancel_stops_running_ones(shared: Shared, tiny_bert: Path) -> None:
+    client = shared.client
+    budgeted = sweep_spec(tiny_bert, shared.file)
+    budgeted.pruner = sw.SweepSpec.NONE
+    budgeted.algorithm = sw.SweepSpec.RANDOM
+    budgeted.max_trials, budgeted.parallelism = 20, 1
+    budgeted.base.hyperparameters.epochs = 1
+    budgeted.worker_time_budget.FromMilliseconds(10)  # spent by the first trial, however fast
+    final = run_to_end(client, budgeted)
+    assert final.state == sw.Sweep.SUCCEEDED and len(final.trials) == 1, final
+    assert final.worker_time_used.ToTimedelta().total_seconds() >= 0.01
+
+    endless = sweep_spec(tiny_bert, shared.file)
+    endless.base.hyperparameters.epochs = 1000
+    endless.pruner = sw.SweepSpec.NONE
+    running = client.create_sweep(endless)
+    cancelled = client.cancel_sweep(running.name)
+    assert cancelled.state == sw.Sweep.CANCELLED
+    assert {t.error.reason for t in cancelled.trials} == {"CANCELLED"}
+    for trial in cancelled.trials:
+        assert wait_for_end(client, trial.job).state == STATE.CANCELLED
+    with pytest.raises(TuneforgeError) as again:
+        client.cancel_sweep(running.name)
+    assert again.value.code == grpc.StatusCode.FAILED_PRECONDITION

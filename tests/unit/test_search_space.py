@@ -100,6 +100,22 @@ def test_domain_ends_the_job_would_refuse_are_refused_at_creation() -> None:
     assert "hyperparameters.learning_rate=50.0" in bad[0].description
 
 
+def test_a_domain_end_is_refused_at_its_own_index_alongside_other_problems() -> None:
+    """The probe counts only what a point itself breaks, so it runs even when the base and another parameter are
+    wrong too, and names the parameter by its place in the request."""
+    nope = sw.Parameter(field="hyperparameters.nope", int_range=sw.IntRange(min=1, max=2))
+    too_high = sw.Parameter(field="hyperparameters.learning_rate", float_range=sw.FloatRange(min=1e-3, max=50.0))
+    broken = spec(nope, too_high)
+    broken.base.data.validation_fraction = 2.0
+    plan, bad = plan_search(broken, [])
+    assert plan is None
+    assert {v.field: v.description.split(":")[0] for v in bad} == {
+        "sweep.spec.parameters[0].field": "'hyperparameters.nope' is not a scalar field of JobSpec",
+        "sweep.spec.parameters[1]": "hyperparameters.learning_rate=50.0",
+        "sweep.spec.base.data.validation_fraction": "must be in [0.0, 0.5], got 2.0",
+    }, bad
+
+
 def test_limits_objective_and_algorithm_rules() -> None:
     _, bad = plan_search(spec(LR, max_trials=5000, parallelism=-1, objective=sw.Objective(metric="eval_wer")), [])
     assert {v.field for v in bad} == {"sweep.spec.max_trials", "sweep.spec.parallelism", "sweep.spec.objective.metric"}
