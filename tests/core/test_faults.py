@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,34 @@ def test_out_of_memory_halves_the_micro_batch_and_the_run_is_the_same(
     assert_same_run(tmp_path / "reference", tmp_path / "backed-off")
 
 
+def test_out_of_memory_mid_accumulation_restarts_the_step_cleanly(
+    tiny_bert: Path, keyword_dataset: Path, tmp_path: Path, inject: object
+) -> None:
+    """Micro-batches of 4, two per step: the 6th micro-batch (the second half of step 3) runs out of memory after
+    the first half's gradients were added up. The retry must not carry them over: the run equals one made with
+    micro-batches of 2 from the start."""
+    hp = dataclasses.replace(FAST, epochs=2, seed=3, gradient_accumulation_steps=2)
+    spec = make_spec(
+        tiny_bert, hyperparameters=hp, evaluation=EvaluationSettings(log_every_steps=1, eval_every_steps=6)
+    )
+    inject(oom_at_micro_batches=[6])  # type: ignore[operator]
+    finished, events = run(spec, keyword_dataset, tmp_path / "backed-off")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    notes = [n for n in warnings(events) if n.startswith("out of memory")]
+    assert notes == [
+        "out of memory with a micro-batch of 4 (injected: micro-batch 6 ran out of memory): retrying with "
+        "micro-batches of 2 and 4 accumulation steps (effective batch 8 unchanged), from the newest checkpoint"
+    ]
+    steps = [e.step for e in of_type(events, TrainingProgress)]
+    assert steps[:5] == [1, 2, 1, 2, 3], "steps 1-2, the lost step 3, then from the start (no checkpoint yet)"
+
+    inject()  # type: ignore[operator]
+    reference = dataclasses.replace(spec, hyperparameters=dataclasses.replace(hp, gradient_accumulation_steps=4))
+    finished, _ = run(reference, keyword_dataset, tmp_path / "reference")
+    assert finished.outcome is Outcome.SUCCEEDED
+    assert_same_run(tmp_path / "reference", tmp_path / "backed-off")
+
+
 def test_out_of_memory_at_a_micro_batch_of_one_fails(
     tiny_bert: Path, keyword_dataset: Path, tmp_path: Path, inject: object
 ) -> None:
@@ -83,12 +112,28 @@ def test_a_non_finite_step_is_skipped_when_allowed(
     assert all(e.loss == e.loss for e in of_type(events, TrainingProgress)), "reported losses stay finite"
 
 
-def test_a_diverging_run_fails_after_its_skips(tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:
-    hp = dataclasses.replace(FAST, learning_rate=1e30, max_grad_norm=0.0, max_skipped_non_finite_steps=2)
+@pytest.mark.parametrize(
+    ("skips", "message"),
+    [
+        (0, r"the training loss became (nan|inf|-inf) at step \d+; lower the learning rate or enable clipping"),
+        (
+            2,
+            r"the training loss was (nan|inf|-inf) at step \d+, after 2 skipped steps; lower the learning rate or "
+            r"enable clipping",
+        ),
+    ],
+    ids=["no-skips", "after-two-skips"],
+)
+def test_a_diverging_run_fails_with_the_step(
+    tiny_bert: Path, keyword_dataset: Path, tmp_path: Path, skips: int, message: str
+) -> None:
+    """Diverging for real (a learning rate of 1e30, no clipping): without skips allowed, the first report with a
+    non-finite mean fails the job; with two allowed, the third non-finite step does."""
+    hp = dataclasses.replace(FAST, learning_rate=1e30, max_grad_norm=0.0, max_skipped_non_finite_steps=skips)
     finished, events = run(make_spec(tiny_bert, hyperparameters=hp), keyword_dataset, tmp_path)
     assert (finished.outcome, finished.reason) == (Outcome.FAILED, "NON_FINITE_LOSS"), finished
-    assert "after 2 skipped steps" in finished.message
-    assert len([n for n in warnings(events) if "skipped without an update" in n]) == 2
+    assert re.fullmatch(message, finished.message), finished.message
+    assert len([n for n in warnings(events) if "skipped without an update" in n]) == skips
 
 
 def test_max_runtime_ends_the_run_after_a_checkpoint(tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +39,9 @@ pytestmark = pytest.mark.integration
 
 POISON = "poison.jsonl"
 DIVERGING = "diverging.jsonl"
+FULL_DISK = "full-disk.jsonl"
 FAULTS = {
+    "disk_full_for_training_file": FULL_DISK,
     "exit_when_training_file": POISON,
     "oom_above_micro_batch": 4,
     "non_finite_loss_at_steps": [3],
@@ -222,6 +225,27 @@ def test_a_non_finite_loss_fails_with_its_step_and_out_of_memory_backs_off(
     assert wait_for_end(fclient, fine.name).state == STATE.SUCCEEDED
     notes = log_lines(fclient.list_job_events(fine.name))
     assert any(n.startswith("out of memory with a micro-batch of 8") for n in notes)
+
+
+def test_an_injected_full_disk_fails_the_job_and_the_server_carries_on(
+    fault_server: FaultServer, fclient: TuneforgeClient, tiny_bert: Path, keyword_dataset: Path
+) -> None:
+    """ENOSPC at the first checkpoint by fault injection, so this runs without root (the test below fills a real
+    small file system where it can mount one)."""
+    full_path = keyword_dataset.parent / FULL_DISK
+    shutil.copy(keyword_dataset, full_path)
+    spec = text_spec(tiny_bert, fclient.upload_file(full_path).name, epochs=1)
+    spec.evaluation.checkpoint_every_steps = 2
+    final = wait_for_end(fclient, fclient.create_job(spec).name)
+    assert (final.state, final.error.reason) == (STATE.FAILED, "DISK_FULL"), final.error
+    assert re.fullmatch(
+        r"the server's disk is full \(\[Errno 28\] No space left on device \(injected\): '[^']+/model\.safetensors'\); "
+        r"free space on the server or keep fewer checkpoints",
+        final.error.message,
+    ), final.error.message
+    data_file = fclient.upload_file(keyword_dataset).name
+    after = fclient.create_job(text_spec(tiny_bert, data_file, epochs=1))
+    assert wait_for_end(fclient, after.name).state == STATE.SUCCEEDED
 
 
 def test_a_full_disk_fails_the_job_and_the_server_carries_on(

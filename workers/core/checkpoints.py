@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from workers.core.faults import check_disk_write
+
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 POSITION = "trainer_state.json"
@@ -80,6 +82,7 @@ def save_checkpoint(
     final = directory / f"step-{step:06d}"
     temporary = _fresh(directory / f".step-{step:06d}.{os.getpid()}.tmp")
     try:
+        check_disk_write(temporary / WEIGHTS)
         save_model(model, str(temporary / WEIGHTS))
         torch.save({**training, "rng": rng_state()}, temporary / STATE)
         (temporary / POSITION).write_text(json.dumps(position))
@@ -110,6 +113,7 @@ def save_best(model: nn.Module, directory: Path, step: int, metric: str, value: 
     """Replaces `best/` with the current weights."""
     temporary = _fresh(directory / f".best.{os.getpid()}.tmp")
     try:
+        check_disk_write(temporary / WEIGHTS)
         save_model(model, str(temporary / WEIGHTS))
         (temporary / POSITION).write_text(json.dumps({"step": step, metric: value}))
         _replace_atomically(temporary, directory / "best")

@@ -6,10 +6,12 @@ check here is a cheap no-op.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,12 @@ class InjectedFaults:
     """Kill the worker process when it starts a job whose training file has this name (a poison job)."""
     raise_when_training_file: str = ""
     """Raise an unexpected error (a bug, its message naming a server path) when a job with this file starts."""
+    disk_full_for_training_file: str = ""
+    """Every checkpoint of a job with this training file fails as a full disk does (ENOSPC), without needing a
+    small file system to fill."""
+    oom_at_micro_batches: tuple[int, ...] = ()
+    """Training micro-batches (counted from 1 in this process) that run out of memory, once each: a later
+    micro-batch of an accumulation step fails after the earlier ones' gradients were added up."""
 
 
 @functools.cache
@@ -40,13 +48,23 @@ def injected_faults() -> InjectedFaults:
         return InjectedFaults()
     values = json.loads(text)
     values["non_finite_loss_at_steps"] = tuple(values.get("non_finite_loss_at_steps", ()))
+    values["oom_at_micro_batches"] = tuple(values.get("oom_at_micro_batches", ()))
     return InjectedFaults(**values)
 
 
+_micro_batches_seen = 0
+
+
 def check_micro_batch(samples: int) -> None:
-    limit = injected_faults().oom_above_micro_batch
+    global _micro_batches_seen
+    faults = injected_faults()
+    limit = faults.oom_above_micro_batch
     if limit >= 0 and samples > limit:
         raise torch.OutOfMemoryError(f"injected: a micro-batch of {samples} does not fit (limit {limit})")
+    if faults.oom_at_micro_batches:
+        _micro_batches_seen += 1
+        if _micro_batches_seen in faults.oom_at_micro_batches:
+            raise torch.OutOfMemoryError(f"injected: micro-batch {_micro_batches_seen} ran out of memory")
 
 
 _current_training_file = ""
@@ -71,3 +89,10 @@ def check_job_start(training_filename: str) -> None:
     bug = injected_faults().raise_when_training_file
     if bug and training_filename == bug:
         raise IndexError(f"injected: list index out of range in {os.path.abspath(__file__)}")
+
+
+def check_disk_write(what: Path) -> None:
+    """About to write `what`: a job whose training file the test named finds the disk full."""
+    full = injected_faults().disk_full_for_training_file
+    if full and _current_training_file == full:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", str(what))
