@@ -1,6 +1,7 @@
 """Each optimisation option shows its effect where it is built: the optimizer's groups carry the head rate, the
 layer-wise decayed rates and the no-decay parameters; SGD carries Nesterov momentum; BF16 autocasts in bf16 on the
-CPU. (Training with them end to end is tests/core/test_toolbox.py.)"""
+CPU; label smoothing and class weights change the loss by the documented amounts. (Training with them end to end is
+tests/core/test_toolbox.py.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from workers.core.adaptation import plan_parameters
 from workers.core.device import autocast_dtype
-from workers.core.optimization import build_optimizer
-from workers.spec import Hyperparameters, OptimizerKind, Precision
+from workers.core.optimization import build_optimizer, classification_loss
+from workers.spec import ClassBalance, Hyperparameters, OptimizerKind, Precision
 
 CPU = torch.device("cpu")
 
@@ -61,3 +62,21 @@ def test_precision_chooses_the_autocast_dtype() -> None:
     assert autocast_dtype(Precision.BF16, CPU) is torch.bfloat16
     assert autocast_dtype(Precision.AUTO, CPU) is None and autocast_dtype(Precision.FP32, CPU) is None
     assert autocast_dtype(Precision.AUTO, torch.device("cuda")) is torch.bfloat16
+
+
+def test_label_smoothing_and_class_weights_change_the_loss_as_documented() -> None:
+    labels = [0] * 90 + [1] * 10
+    confident = torch.tensor([[20.0, -20.0], [-20.0, 20.0]])  # right about both rows, certain of it
+    targets = torch.tensor([0, 1])
+    plain = classification_loss(Hyperparameters(), labels, 2, CPU)(confident, targets)
+    smoothed = classification_loss(Hyperparameters(label_smoothing=0.2), labels, 2, CPU)(confident, targets)
+    assert float(plain) < 1e-6
+    assert float(smoothed) == pytest.approx(0.1 * 40, rel=1e-3), "smoothing 0.2 over 2 classes: 10% aimed at the other"
+
+    wrong = torch.tensor([[2.0, -2.0], [2.0, -2.0]])  # says class 0 for a common and a rare row
+    per_row = torch.nn.functional.cross_entropy(wrong, targets, reduction="none")
+    weighted = classification_loss(Hyperparameters(class_balance=ClassBalance.WEIGHTED_LOSS), labels, 2, CPU)
+    w_common, w_rare = 100 / 180, 100 / 20  # inverse frequency, normalised
+    expected = (w_common * per_row[0] + w_rare * per_row[1]) / (w_common + w_rare)
+    assert float(weighted(wrong, targets)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(weighted(wrong, targets)) > float(per_row.mean()), "missing the rare class costs more"
