@@ -1,5 +1,7 @@
-"""Webhooks through the real server: a local receiver answers 500 first and 200 after; the job's end arrives signed
-(HMAC-SHA256 over the timestamp and body), with the job in the payload, and the same event id on the retry."""
+"""Webhooks through the real server: a job's end arrives signed (HMAC-SHA256 over the timestamp and body, recomputed
+here), with the job in the payload; a 5xx is retried with the same event, a 4xx is given up at once, a receiver that
+never answers well is given up after the last attempt; the tenant's webhooks from the access file hear every job,
+failed ones too; and the delivery counters agree with what the receivers got."""
 
 from __future__ import annotations
 
@@ -9,17 +11,20 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from tuneforge.v1 import jobs_pb2
 
 from clients.client import TuneforgeClient
+from clients.credentials import Credentials
 from clients.local_server import start_local_server
-from server.webhooks import SIGNATURE_HEADER, verify_signature
+from server.auth.access import token_digest
+from server.webhooks import SIGNATURE_HEADER
 from tests.integration.conftest import SERVER_ARGS
-from tests.integration.helpers import STATE, sample, scrape_until, text_spec, wait_for_end
+from tests.integration.helpers import STATE, Samples, long_spec, sample, scrape_until, text_spec, wait_for_end
 
 pytestmark = pytest.mark.integration
 
@@ -62,53 +67,95 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver([500])
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def receivers() -> Iterator[Callable[[list[int]], Receiver]]:
+    """Starts receivers answering the given statuses in turn (then 200), and stops them all afterwards."""
+    started: list[tuple[Receiver, threading.Thread]] = []
+
+    def start(statuses: list[int]) -> Receiver:
+        server = Receiver(statuses)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
-def test_a_finished_job_is_announced_signed_and_retried(
-    receiver: Receiver, tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
+def drained(receiver: Receiver) -> list[tuple[dict[str, str], bytes, int]]:
+    requests = []
+    while not receiver.received.empty():
+        requests.append(receiver.received.get_nowait())
+    return requests
+
+
+def test_deliveries_are_signed_retried_given_up_and_counted(
+    receivers: Callable[[list[int]], Receiver],
+    tmp_path: Path,
+    model_root: Path,
+    tiny_bert: Path,
+    keyword_dataset: Path,
 ) -> None:
+    """A job that succeeds (its receiver answers 500, then 200) and a job that fails (one receiver answers 404, one
+    503 every time), with the tenant's own receiver from the access file hearing about both. Each receiver gets
+    exactly the requests the retry rules say; the counters agree."""
+    flaky, tenant, gone, down = receivers([500]), receivers([]), receivers([404]), receivers([503, 503, 503])
     secret_file = tmp_path / "webhook.key"
     secret_file.write_text(SECRET)
+    access = tmp_path / "access.toml"
+    access.write_text(
+        f'[[tokens]]\nname = "alice"\nsha256 = "{token_digest("alice-secret")}"\ntenant = "team-a"\nrole = "user"\n'
+        f'[webhooks]\nteam-a = ["{tenant.url}"]\n'
+    )
     args = [*SERVER_ARGS, "--webhook-secret-file", str(secret_file), "--webhook-allow-private"]
-    args += ["--webhook-backoff-s", "0.2"]
+    args += ["--webhook-backoff-s", "0.05", "--webhook-max-attempts", "3", "--access-file", str(access)]
     server = start_local_server(tmp_path / "data", workers=1, model_roots=[model_root], extra_args=args)
     try:
-        with TuneforgeClient(server.target, timeout_s=30) as client:
+        with TuneforgeClient(server.target, timeout_s=30, credentials=Credentials(token="alice-secret")) as client:
             client.wait_until_serving(120)
-            spec = text_spec(tiny_bert, client.upload_file(keyword_dataset).name, epochs=1)
-            spec.notifications.webhook_urls.append(receiver.url)
-            job = client.create_job(spec)
-            final = wait_for_end(client, job.name)
-            assert final.state == STATE.SUCCEEDED
-            first = receiver.received.get(timeout=60)
-            second = receiver.received.get(timeout=60)
-            assert receiver.received.empty()
-            for (headers, body, _), attempt in zip((first, second), ("1", "2"), strict=True):
-                assert signed_by(SECRET.encode(), headers[SIGNATURE_HEADER], body)
-                assert not signed_by(b"another secret of thirty-two chars!", headers[SIGNATURE_HEADER], body)
-                assert verify_signature(SECRET.encode(), headers[SIGNATURE_HEADER], body)  # the shipped verifier agrees
-                assert headers["Tuneforge-Event"] == "job.succeeded"
-                assert headers["Tuneforge-Delivery-Attempt"] == attempt
-            assert (first[2], second[2]) == (500, 200)
-            assert first[1] == second[1]  # the same event, sent again
-            payload = json.loads(second[1])
-            assert payload["id"] == first[0]["Tuneforge-Event-Id"] == second[0]["Tuneforge-Event-Id"]
-            assert payload["type"] == "job.succeeded"
-            assert payload["job"]["name"] == job.name and payload["job"]["state"] == "SUCCEEDED"
-            assert payload["job"]["artifact"]["sha256"] == final.artifact.sha256
+            file = client.upload_file(keyword_dataset).name
+            succeeding = text_spec(tiny_bert, file, epochs=1)
+            succeeding.notifications.webhook_urls.append(flaky.url)
+            failing = long_spec(tiny_bert, file)
+            failing.resources.max_runtime.seconds = 1
+            failing.notifications.webhook_urls.extend([gone.url, down.url])
+            succeeded = wait_for_end(client, client.create_job(succeeding).name)
+            failed = wait_for_end(client, client.create_job(failing).name)
+            assert (succeeded.state, failed.state) == (STATE.SUCCEEDED, STATE.FAILED)
             assert server.metrics_url is not None
-            _, samples = scrape_until(
-                server.metrics_url,
-                lambda s: sample(s, "tuneforge_webhook_deliveries_total", outcome="delivered") == 1,
-                timeout_s=30,
-            )
-            assert sample(samples, "tuneforge_webhook_deliveries_total", outcome="retried") == 1
+            expected = {"delivered": 3, "retried": 3, "failed": 2, "refused": 0}  # see each receiver below
+
+            def counted(samples: Samples) -> dict[str, float]:
+                return {o: sample(samples, "tuneforge_webhook_deliveries_total", outcome=o) for o in expected}
+
+            _, samples = scrape_until(server.metrics_url, lambda s: counted(s) == expected, timeout_s=60)
+            assert counted(samples) == expected
     finally:
         assert server.stop() == 0
+
+    requests = {name: drained(r) for name, r in (("flaky", flaky), ("tenant", tenant), ("gone", gone), ("down", down))}
+    seen = {
+        name: [(h["Tuneforge-Event"], h["Tuneforge-Delivery-Attempt"], status) for h, _, status in got]
+        for name, got in requests.items()
+    }
+    assert seen["flaky"] == [("job.succeeded", "1", 500), ("job.succeeded", "2", 200)]
+    assert sorted(seen["tenant"]) == [("job.failed", "1", 200), ("job.succeeded", "1", 200)]
+    assert seen["gone"] == [("job.failed", "1", 404)], "a 4xx is not retried"
+    assert seen["down"] == [("job.failed", str(n), 503) for n in (1, 2, 3)], "three attempts, then given up"
+    for name, got in requests.items():
+        for headers, body, _ in got:
+            assert signed_by(SECRET.encode(), headers[SIGNATURE_HEADER], body), name
+            assert not signed_by(b"another secret of thirty-two chars!", headers[SIGNATURE_HEADER], body), name
+            payload = json.loads(body)
+            assert payload["id"] == headers["Tuneforge-Event-Id"] and payload["type"] == headers["Tuneforge-Event"]
+            job = succeeded if payload["type"] == "job.succeeded" else failed
+            assert payload["job"]["name"] == job.name
+            assert payload["job"]["state"] == jobs_pb2.Job.State.Name(job.state)
+        bodies = {h["Tuneforge-Event-Id"]: body for h, body, _ in got}
+        assert len(bodies) == len({body for _, body, _ in got}), f"{name}: a retry resends its event's very body"
+    assert [len({h["Tuneforge-Event-Id"] for h, _, _ in requests[name]}) for name in ("flaky", "down")] == [1, 1]
+    assert json.loads(requests["flaky"][1][1])["job"]["artifact"]["sha256"] == succeeded.artifact.sha256
+    assert json.loads(requests["down"][0][1])["job"]["error"]["reason"] == "DEADLINE_EXCEEDED"
