@@ -55,9 +55,11 @@ def test_predict_matches_the_artifact_loaded_locally(client: TuneforgeClient, tr
     assert all(len(p.labels) == 2 and p.labels[0].probability >= p.labels[1].probability for p in predictions)
 
 
-def test_fifty_concurrent_calls_are_batched_and_all_answered(
+def test_fifty_concurrent_calls_are_all_answered_in_fewer_passes(
     server: LocalServer, client: TuneforgeClient, trained: str
 ) -> None:
+    """Through the real server, calls from 50 connections arrive spread out, so how many share a pass varies; the
+    batching window itself is counted exactly in tests/unit/test_prediction_batching.py."""
     texts = [row["text"] for row in keyword_rows(50, seed=7)]
     reference = {p.labels[0].label for p in client.predict(trained, texts=texts[:3])}
     assert reference
