@@ -52,7 +52,10 @@ def test_ctc_learns_and_reports_error_rates(tiny_ctc: Path, tmp_path: Path) -> N
     assert all(f"<td>{name}</td>" in report for name in ("eval_wer", "eval_cer"))
     assert metrics["baseline"]["eval_cer"] >= min(m["eval_cer"] for m in evaluations)
     examples = metrics["classes"]["error_examples"]
-    assert not examples or f"<td>{examples[0]['reference']}</td>" in report
+    assert bool(examples) == (metrics["best"]["eval_wer"] > 0), "error examples exactly when some word was wrong"
+    assert all(example["reference"] != example["hypothesis"] for example in examples)
+    for example in examples:
+        assert f"<tr><td>{example['reference']}</td><td>{example['hypothesis']}</td></tr>" in report
 
 
 def test_bad_transcripts_and_long_clips_fail_precisely(tiny_ctc: Path, tmp_path: Path) -> None:

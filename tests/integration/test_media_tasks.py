@@ -132,7 +132,7 @@ def test_speech_recognition_job(client: TuneforgeClient, media_models: dict[str,
     train = client.upload_file(write_words_zip(tmp_path / "train.zip", 120, seed=1)).name
     validation_zip = write_words_zip(tmp_path / "validation.zip", 16, seed=2)
     validation = client.upload_file(validation_zip).name
-    spec = media_spec(pb.SPEECH_RECOGNITION, media_models["ctc"], train, validation, 40, 3e-3, "eval_cer")
+    spec = media_spec(pb.SPEECH_RECOGNITION, media_models["ctc"], train, validation, 20, 3e-3, "eval_cer")
     job, losses, folder = finish(client, spec, tmp_path)
     assert losses[-1] < losses[0] / 4
     assert job.best_metrics["eval_cer"] <= CER_BOUND

@@ -145,8 +145,8 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint(
         with TuneforgeClient(server.target) as client:
             client.wait_until_serving(60)
             file = client.upload_file(keyword_dataset)
-            spec = text_spec(tiny_bert, file.name, epochs=40)
-            spec.evaluation.checkpoint_every_steps = 20
+            spec = text_spec(tiny_bert, file.name, epochs=10)  # 120 steps: most of them after the kill
+            spec.evaluation.checkpoint_every_steps = 8
             job = client.create_job(spec)
             saved = watch_until(client, job.name, "checkpoint_saved")
             [worker_pid] = worker_pids(server.process.pid).values()
