@@ -79,27 +79,46 @@ def screenshot(page: Path, size: str) -> Image.Image:
     return Image.open(shot)
 
 
+CELL = 1000
+"""Each figure alone in its own 1000-pixel square of one page (one Chromium start renders all four)."""
+
+
+def figures_apart(style: str, figures: list[str], folder: Path, name: str) -> list[Image.Image]:
+    """The figures, each in its own square, rendered once; the squares cut out of the screenshot."""
+    cells = "".join(
+        f'<div style="position:absolute; left:0; top:{i * CELL}px; width:{CELL}px; height:{CELL}px; '
+        f'overflow:hidden">{figure}</div>'
+        for i, figure in enumerate(figures)
+    )
+    html = folder / f"{name}.html"
+    html.write_text(f"<!DOCTYPE html><html><head>{style}</head><body>{cells}</body></html>")
+    image = screenshot(html, f"{CELL},{CELL * len(figures)}").convert("RGB")
+    return [image.crop((0, i * CELL, CELL, (i + 1) * CELL)) for i in range(len(figures))]
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian package `chromium`; make test installs it)")
 def test_headless_chromium_renders_each_figure(report: Path, tmp_path: Path) -> None:
-    """Each figure alone on a page with the report's style, rendered by Chromium: it must show its own marks, and
-    the same page with the figure's SVG taken out must not (so the thresholds are not met by text and frames).
-    The whole report then renders with the marks of all four together."""
+    """Each figure alone, with the report's style, rendered by Chromium: it must show its own marks, and the same
+    figure with its SVG taken out must not (so the thresholds are not met by captions and frames). The whole report
+    then renders with the marks of all four together."""
     page = (report / "report.html").read_text()
     style = re.search(r"<style>.*?</style>", page, re.S)
     assert style is not None
+    elements = [re.search(rf'<figure id="{figure}">.*?</figure>', page, re.S) for figure in MARKS]
+    assert all(elements), [figure for figure, element in zip(MARKS, elements, strict=True) if element is None]
+    drawn = [element[0] for element in elements if element is not None]
+    blank = [re.sub(r"<svg.*?</svg>", "", figure, flags=re.S) for figure in drawn]
     found = {}
-    for figure, least in MARKS.items():
-        element = re.search(rf'<figure id="{figure}">.*?</figure>', page, re.S)
-        assert element is not None, figure
-        for variant, html in (("drawn", element[0]), ("blank", re.sub(r"<svg.*?</svg>", "", element[0], flags=re.S))):
-            alone = tmp_path / f"{figure}-{variant}.html"
-            alone.write_text(f"<!DOCTYPE html><html><head>{style[0]}</head><body>{html}</body></html>")
-            seen = marks(screenshot(alone, "1000,1000"))
-            if variant == "drawn":
-                found[figure] = seen
-                assert all(seen[mark] >= count for mark, count in least.items()), (figure, seen, least)
-            else:
-                assert all(seen[mark] < count // 10 for mark, count in least.items()), (figure, "blank", seen)
+    for figure, shown, empty in zip(
+        MARKS,
+        figures_apart(style[0], drawn, tmp_path, "drawn"),
+        figures_apart(style[0], blank, tmp_path, "blank"),
+        strict=True,
+    ):
+        least, seen, without = MARKS[figure], marks(shown), marks(empty)
+        assert all(seen[mark] >= count for mark, count in least.items()), (figure, seen, least)
+        assert all(without[mark] < count // 10 for mark, count in least.items()), (figure, "blank", without)
+        found[figure] = seen
     whole = marks(screenshot(report / "report.html", "1000,4000"))
     for mark in ("blue line", "orange line", "blue fill"):
         assert whole[mark] >= 0.9 * sum(seen[mark] for seen in found.values()), (mark, whole, found)
