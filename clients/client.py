@@ -6,6 +6,7 @@ Only the generated stubs and grpc are used, so `pip install tuneforge` (without 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 import uuid
@@ -440,21 +441,27 @@ class TuneforgeClient:
 
 def _write_checked(stream: Any, header: str, metadata: Any, destination: Path) -> None:
     """Writes a download stream (a header message with `sha256`, then chunks) to destination atomically, after
-    checking the digest of what arrived."""
+    checking the digest of what arrived. A refused call raises its status before anything is created, and a stream
+    that breaks off leaves no partial file behind."""
+    messages = iter(stream)
+    first = next(messages, None)  # the server's refusal arrives here
     digest = hashlib.sha256()
     temporary = destination.with_name(destination.name + ".part")
-    with open(temporary, "wb") as handle:
-        for message in stream:
-            if message.HasField(header):
-                metadata.CopyFrom(getattr(message, header))
-            else:
-                handle.write(message.chunk)
-                digest.update(message.chunk)
-    if digest.hexdigest() != metadata.sha256:
+    try:
+        with open(temporary, "wb") as handle:
+            for message in itertools.chain([] if first is None else [first], messages):
+                if message.HasField(header):
+                    metadata.CopyFrom(getattr(message, header))
+                else:
+                    handle.write(message.chunk)
+                    digest.update(message.chunk)
+        if digest.hexdigest() != metadata.sha256:
+            raise TuneforgeError(
+                grpc.StatusCode.DATA_LOSS,
+                f"{header} digest {digest.hexdigest()} does not match the server's {metadata.sha256}",
+                "DIGEST_MISMATCH",
+            )
+        temporary.replace(destination)
+    except BaseException:
         temporary.unlink(missing_ok=True)
-        raise TuneforgeError(
-            grpc.StatusCode.DATA_LOSS,
-            f"{header} digest {digest.hexdigest()} does not match the server's {metadata.sha256}",
-            "DIGEST_MISMATCH",
-        )
-    temporary.replace(destination)
+        raise

@@ -237,7 +237,8 @@ def test_exactly_the_mutating_calls_are_audited(
         assert [outcome(read) for read in reads] == [OK] * len(reads), "reads are not audited"
         unready = ("FAILED_PRECONDITION", "MODEL_NOT_READY")  # a cancelled job has no model
         assert outcome(lambda: carol.predict(job, texts=["a goal"])) == unready  # Predict is not audited
-        assert outcome(lambda: carol.export_model(job, job_spec_pb2.TORCHSCRIPT, tmp_path / "model.pt")) == unready
+        nowhere = tmp_path / "no-such-folder" / "model.pt"  # the server's refusal comes before the client writes
+        assert outcome(lambda: carol.export_model(job, job_spec_pb2.TORCHSCRIPT, nowhere)) == unready
         made.append(("ExportModel", job, unready[0]))
         spec = sweep_spec(tiny_bert, file)
         spec.max_trials, spec.parallelism = 1, 1
