@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import secrets
@@ -251,19 +250,25 @@ def cmd_files(client: TuneforgeClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
-    """Commands that need more than the light client are resolved by name, only when used."""
+def _serve(args: argparse.Namespace) -> int:
+    """`tuneforge serve`: the server, imported only when the command runs (it needs the [server] extra). The
+    import is written out so the import contracts see it (pyproject.toml allows exactly this one)."""
+    try:
+        from server import main as server_main
+    except ImportError as exc:
+        console.print(f"[red]`tuneforge serve` needs the server: `pip install 'tuneforge[server]'` ({exc})")
+        return 2
+    return int(server_main.run(args))
 
-    def run(args: argparse.Namespace) -> int:
-        try:
-            target = importlib.import_module(module)
-        except ImportError as exc:
-            console.print(f"[red]this command needs `pip install 'tuneforge[server]'` ({exc})")
-            return 2
-        result: int = target.run(args)
-        return result
 
-    return run
+def _demo(args: argparse.Namespace) -> int:
+    """`tuneforge demo`: needs the server too, and plain transformers to load the model it downloads."""
+    try:
+        from clients import demo
+    except ImportError as exc:
+        console.print(f"[red]`tuneforge demo` needs the server: `pip install 'tuneforge[server]'` ({exc})")
+        return 2
+    return int(demo.run(args))
 
 
 def _env_path(name: str) -> Path | None:
@@ -332,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_commands(command)
 
     serve = sub.add_parser("serve", help="run the server (needs tuneforge[server])")
-    serve.set_defaults(local=_delegate("server.main"))
+    serve.set_defaults(local=_serve)
     _add_serve_arguments(serve)
     verify = sub.add_parser("verify", help="check a downloaded artifact's files against its manifest")
     verify.add_argument("artifact", type=Path)
@@ -343,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     new_token.add_argument("--role", choices=["user", "admin"], default="user")
     new_token.add_argument("--name", default="", help="shown in the server's audit log")
     demo = sub.add_parser("demo", help="fine-tune MiniLM on BBC News through a fresh local server")
-    demo.set_defaults(local=_delegate("clients.demo"))
+    demo.set_defaults(local=_demo)
     demo.add_argument("--examples-per-class", type=int, default=120, help="training subset size per topic")
     demo.add_argument("--keep", action="store_true", help="keep the demo's data dir")
     return parser
@@ -352,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The server's flags, when the server is installed (the light client works without it)."""
     try:
-        server_main = importlib.import_module("server.main")
+        from server import main as server_main
     except ImportError:
         return
     server_main.add_arguments(parser)

@@ -361,7 +361,7 @@ class Scheduler:
         """Builds the worker's command; a job whose inputs vanished fails here with the reason."""
         spec_proto = job_spec_pb2.JobSpec.FromString(record.spec)
         result = await asyncio.to_thread(validate_spec, spec_proto, self._model_roots)  # reads model folders
-        problem = "; ".join(f"{v.field}: {v.description}" for v in result.violations + result.unimplemented)
+        problem = "; ".join(f"{v.field}: {v.description}" for v in result.violations)
         files: dict[str, DataFile] = {}
         for resource in filter(None, [spec_proto.data.training_file, spec_proto.data.validation_file]):
             file = await self._db.call(self._store.get_file, resource.removeprefix("files/"))

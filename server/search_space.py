@@ -63,11 +63,11 @@ def plan_search(spec: sweeps_pb2.SweepSpec, model_roots: list[Path]) -> tuple[Se
     """Checks the sweep spec; returns the plan (None when anything is wrong) and every violation."""
     bad: list[FieldViolation] = []
     base_result = validate_spec(spec.base, model_roots)
-    for violation in base_result.violations + base_result.unimplemented:
+    for violation in base_result.violations:
         inside = violation.field.removeprefix(f"{SPEC_ROOT}.")  # the job validator's paths start at a job
         bad.append(FieldViolation(f"sweep.spec.base.{inside}", violation.description))
     distributions = _distributions(spec, bad)
-    base_fields = {violation.field for violation in base_result.violations + base_result.unimplemented}
+    base_fields = {violation.field for violation in base_result.violations}
     bad += _probe(spec, distributions, model_roots, base_fields)
     metric, maximize = _objective(spec, base_result.spec.task if base_result.spec else None, bad)
     max_trials, parallelism, budget_s = _limits(spec, bad)
@@ -337,7 +337,7 @@ def _probe(
             points = [distribution.low, distribution.high]  # type: ignore[attr-defined]
         for point in points:
             result = validate_spec(trial_spec(base, {name: point}, base.evaluation.best_metric), model_roots)
-            new = [v for v in result.violations + result.unimplemented if v.field not in base_fields]
+            new = [v for v in result.violations if v.field not in base_fields]
             if new:
                 where = f"sweep.spec.parameters[{index_of[name]}]"
                 problems.append(FieldViolation(where, f"{name}={point!r}: {new[0].description}"))

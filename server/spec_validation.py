@@ -1,7 +1,6 @@
 """JobSpec (API) -> TrainingSpec (worker): every rule checked, every problem reported at once, defaults filled.
 
-Bad values become BadRequest field violations named by their path from the request (`job.spec.data...`);
-options the server cannot run yet are listed separately so the caller gets UNIMPLEMENTED naming them.
+Bad values become BadRequest field violations named by their path from the request (`job.spec.data...`).
 """
 
 from __future__ import annotations
@@ -60,7 +59,6 @@ TASKS = {
     pb.AUDIO_CLASSIFICATION: TaskKind.AUDIO_CLASSIFICATION,
     pb.SPEECH_RECOGNITION: TaskKind.SPEECH_RECOGNITION,
 }
-IMPLEMENTED_TASKS = set(TaskKind)
 METHODS = {
     pb.Adaptation.METHOD_UNSPECIFIED: AdaptationMethod.FULL,
     pb.Adaptation.FULL: AdaptationMethod.FULL,
@@ -112,11 +110,10 @@ SCHEDULES = {
 
 @dataclass
 class ValidationResult:
-    """The converted spec (when valid), the bad fields, and the options not built yet."""
+    """The converted spec (when valid) and the bad fields."""
 
     spec: TrainingSpec | None = None
     violations: list[FieldViolation] = field(default_factory=list)
-    unimplemented: list[FieldViolation] = field(default_factory=list)
 
 
 class _Checker:
@@ -124,13 +121,9 @@ class _Checker:
 
     def __init__(self) -> None:
         self.violations: list[FieldViolation] = []
-        self.unimplemented: list[FieldViolation] = []
 
     def bad(self, path: str, description: str) -> None:
         self.violations.append(FieldViolation(f"{ROOT}.{path}", description))
-
-    def not_built(self, path: str, description: str) -> None:
-        self.unimplemented.append(FieldViolation(f"{ROOT}.{path}", description))
 
     def int_range(self, path: str, value: int, low: int, high: int) -> int:
         if not low <= value <= high:
@@ -201,7 +194,7 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
     max_runtime_s = spec.resources.max_runtime.ToTimedelta().total_seconds()
     if max_runtime_s < 0 or spec.resources.max_runtime.nanos < 0:
         check.bad("resources.max_runtime", f"must not be negative, got {max_runtime_s} s")
-    result = ValidationResult(violations=check.violations, unimplemented=check.unimplemented)
+    result = ValidationResult(violations=check.violations)
     if task is not None and data is not None:
         candidate = TrainingSpec(
             task=task,
@@ -221,7 +214,7 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
         candidate = _few_shot(check, candidate, spec)
         _needs_validation(check, candidate)
         _task_rules(check, candidate, spec.data)
-        if not check.violations and not check.unimplemented:
+        if not check.violations:
             result.spec = candidate
     return result
 
@@ -233,8 +226,6 @@ def _task(check: _Checker, spec: pb.JobSpec) -> TaskKind | None:
             "task",
             "required: one of TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, AUDIO_CLASSIFICATION, SPEECH_RECOGNITION",
         )
-    elif task not in IMPLEMENTED_TASKS:
-        check.not_built("task", f"{pb.Task.Name(spec.task)} is not available on this server yet")
     return task
 
 

@@ -253,7 +253,7 @@ class SweepController:
         params = dict(optuna_trial.params)
         spec = trial_spec(live.base, params, live.plan.metric)
         result = await asyncio.to_thread(validate_spec, spec, self._model_roots)
-        problems = [f"{v.field}: {v.description}" for v in result.violations + result.unimplemented]
+        problems = [f"{v.field}: {v.description}" for v in result.violations]
         missing = await missing_files(self._store, self._db, spec, "job.spec", sweep.tenant)  # a file parameter
         problems += [f"{v.field}: {v.description}" for v in missing]  # may only name the tenant's own files
         if result.spec is not None:

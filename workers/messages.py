@@ -1,7 +1,7 @@
 """The typed message catalogue that crosses the server/worker boundary.
 
 Commands go from the server to one worker; events come back. Every message is a frozen, picklable dataclass, so
-the same catalogue serves a spawned local process today and a remote actor later. Workers only report what
+the same catalogue serves a spawned local process and a Ray actor alike. Workers only report what
 happened: the server alone decides job states.
 """
 

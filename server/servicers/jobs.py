@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
-import grpc
 from google.protobuf import empty_pb2
 from tuneforge.v1 import job_spec_pb2, jobs_pb2, jobs_pb2_grpc
 
@@ -17,7 +16,7 @@ from server import convert
 from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
 from server.auth.caller import current_caller
 from server.db import StoreRunner
-from server.errors import ApiError, FieldViolation, failed_precondition, invalid_argument, quota_exceeded
+from server.errors import FieldViolation, failed_precondition, invalid_argument, quota_exceeded
 from server.event_hub import EventHub
 from server.exports import Exports
 from server.job_factory import JobFactory
@@ -86,17 +85,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         violations += await missing_files(self._store, self._db, job.spec, "job.spec", tenant)
         if violations:
             raise invalid_argument(violations)
-        assert result is not None
-        if result.unimplemented:
-            names = ", ".join(f"{v.field} ({v.description})" for v in result.unimplemented)
-            raise ApiError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "NOT_IMPLEMENTED",
-                f"not available yet: {names}",
-                {"fields": ",".join(v.field for v in result.unimplemented)},
-                result.unimplemented,
-            )
-        assert result.spec is not None
+        assert result is not None and result.spec is not None
         await check_job_admission(self._store, self._db, self._scheduler, self._quotas, tenant, job.spec)
         await check_fits(self._scheduler, result.spec)
         stored = await self._jobs.create(

@@ -1,4 +1,5 @@
-"""The job store interface. SQLite implements it today; PostgreSQL can later without touching its callers.
+"""The job store interface, implemented by SQLite (the default) and PostgreSQL (for replicas), so callers never
+know which one they talk to.
 
 Every mutation of a job is a pure function (JobRecord -> JobChange) applied inside one write transaction, so the
 state machine lives in Python and the store only guarantees atomicity and gap-free event sequences.

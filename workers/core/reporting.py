@@ -1,6 +1,7 @@
 """The training core's only way out: typed events sent through a callable, and the cancel flag coming in.
 
-The core knows nothing about how events travel (a pipe today, an actor call later) or what the server makes of them.
+The core knows nothing about how events travel (a pipe to a local worker, a Ray actor call) or what the server makes
+of them.
 """
 
 from __future__ import annotations
