@@ -9,6 +9,7 @@ import tarfile
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -99,3 +100,64 @@ def test_resume_at_an_epoch_boundary_with_augmented_images(tmp_path: Path) -> No
     events = interrupted_then_resumed(spec, archive, tmp_path / "resumed", stop_at=4)  # 3 steps an epoch
     assert len(of_type(events, EvaluationDone)) == 2, "the finished epoch is not evaluated again"
     assert_same_run(tmp_path / "plain", tmp_path / "resumed")
+
+
+def stopped_at_a_checkpoint(tiny_bert: Path, data: Path, work: Path) -> tuple[TrainingSpec, Path]:
+    """A run cancelled at step 7, its newest checkpoint at step 5; the spec and that checkpoint's state file."""
+    spec = make_spec(
+        tiny_bert,
+        hyperparameters=dataclasses.replace(FAST, epochs=2, seed=3),
+        evaluation=EvaluationSettings(log_every_steps=1, checkpoint_every_steps=5),
+    )
+    cancel = threading.Event()
+    first, _ = run(spec, data, work, cancel, lambda e: isinstance(e, TrainingProgress) and e.step >= 7 and cancel.set())
+    assert first.outcome is Outcome.CANCELLED
+    return spec, work / "checkpoints" / "step-000005" / "trainer_state.json"
+
+
+def test_a_checkpoint_in_the_older_layout_resumes(tiny_bert: Path, keyword_dataset: Path, tmp_path: Path) -> None:
+    """Layout 1: no `layout`, no train_history, baseline_metrics or skipped_non_finite, plateau as a list. It is
+    upgraded and resumes exactly (the weights and the evaluation history are the uninterrupted run's)."""
+    spec, state_file = stopped_at_a_checkpoint(tiny_bert, keyword_dataset, tmp_path / "resumed")
+    state = json.loads(state_file.read_text())
+    assert state["layout"] == 2
+    for newer in ("layout", "train_history", "baseline_metrics", "skipped_non_finite"):
+        del state[newer]
+    state_file.write_text(json.dumps(state))
+    resumed, events = run(spec, keyword_dataset, tmp_path / "resumed")
+    assert resumed.outcome is Outcome.SUCCEEDED, resumed.message
+    assert "resumed from the checkpoint at step 5 (attempt 1)" in [e.message for e in of_type(events, LogEmitted)]
+    plain, _ = run(spec, keyword_dataset, tmp_path / "plain")
+    assert plain.outcome is Outcome.SUCCEEDED
+    weights_a, metrics_a = artifact_state(tmp_path / "plain")
+    weights_b, metrics_b = artifact_state(tmp_path / "resumed")
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+    assert metrics_a["history"] == metrics_b["history"] and metrics_a["best"] == metrics_b["best"]
+    assert metrics_b["train_history"] == metrics_a["train_history"][5:], "the older layout kept no training history"
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"layout": 3}, "it has layout 3, and this version reads layouts 1 to 2"),
+        ({"epoch": None, "step_in_epoch": None}, "its state lacks ['epoch', 'step_in_epoch'] and has unknown []"),
+    ],
+    ids=["newer-layout", "fields-missing"],
+)
+def test_a_checkpoint_this_version_cannot_read_fails_the_job_with_the_reason(
+    tiny_bert: Path, keyword_dataset: Path, tmp_path: Path, change: dict[str, object], why: str
+) -> None:
+    spec, state_file = stopped_at_a_checkpoint(tiny_bert, keyword_dataset, tmp_path)
+    state = json.loads(state_file.read_text())
+    for key, value in change.items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    state_file.write_text(json.dumps(state))
+    finished, _ = run(spec, keyword_dataset, tmp_path)
+    assert (finished.outcome, finished.reason) == (Outcome.FAILED, "CHECKPOINT_INCOMPATIBLE"), finished
+    assert finished.message == (
+        f"the checkpoint step-000005 cannot be resumed by this version: {why}; cancel the job and start it again "
+        "(or resume it with the Tuneforge version that wrote the checkpoint)"
+    )

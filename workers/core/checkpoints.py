@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from workers.core.checkpoint_state import CheckpointState
 from workers.core.faults import check_disk_write
 
 WEIGHTS = "model.safetensors"
@@ -71,21 +72,21 @@ def _fresh(path: Path) -> Path:
 
 
 def save_checkpoint(
-    directory: Path, model: nn.Module, training: dict[str, Any], position: dict[str, Any], keep: int = 1
+    directory: Path, model: nn.Module, training: dict[str, Any], state: CheckpointState, keep: int = 1
 ) -> tuple[Path, int]:
     """Writes `step-NNNNNN/` (weights, training state, position) and keeps the `keep` newest such checkpoints.
 
     The temporary folder is private to this process, and pruning keeps the highest steps, so a stale attempt that
     is still writing cannot remove a newer attempt's checkpoints.
     """
-    step = int(position["step"])
+    step = state.step
     final = directory / f"step-{step:06d}"
     temporary = _fresh(directory / f".step-{step:06d}.{os.getpid()}.tmp")
     try:
         check_disk_write(temporary / WEIGHTS)
         save_model(model, str(temporary / WEIGHTS))
         torch.save({**training, "rng": rng_state()}, temporary / STATE)
-        (temporary / POSITION).write_text(json.dumps(position))
+        (temporary / POSITION).write_text(state.to_json())
         size = _replace_atomically(temporary, final)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)  # a failed write (disk full) leaves nothing behind
@@ -101,12 +102,13 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return max(complete, key=lambda p: (p.name.removeprefix(DISPLACED), not p.name.startswith(DISPLACED)), default=None)
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Loads the weights into model; returns the training state (optimizer, scheduler, scaler, rng) and position."""
+def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], CheckpointState]:
+    """Loads the weights into model; returns the training state (optimizer, scheduler, scaler, rng) and the run's
+    position. JobFailure(CHECKPOINT_INCOMPATIBLE) before anything is loaded when this version cannot resume it."""
+    state = CheckpointState.from_json((path / POSITION).read_text(), path.name)
     load_model(model, str(path / WEIGHTS))
     training: dict[str, Any] = torch.load(path / STATE, weights_only=True)
-    position: dict[str, Any] = json.loads((path / POSITION).read_text())
-    return training, position
+    return training, state
 
 
 def save_best(model: nn.Module, directory: Path, step: int, metric: str, value: float) -> None:

@@ -20,6 +20,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from workers.core.adaptation import GradualUnfreezer, TrainableParameter, frozen_backbone, summarize
 from workers.core.adapters import Batch, PreparedTask
+from workers.core.checkpoint_state import CheckpointState, PlateauState
 from workers.core.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -284,25 +285,25 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else {},
         }
         plateau = self.plateau
-        position = {
-            "step": step,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "epoch_complete": epoch_complete,
-            "final_metrics": self.result.final_metrics,
-            "best_metrics": self.result.best_metrics,
-            "best_step": self.result.best_step,
-            "best_details": self.result.best_details,
-            "history": self.result.history,
-            "train_history": self.result.train_history,
-            "baseline_metrics": self.result.baseline_metrics,
-            "without_improvement": self.evaluations_without_improvement,
-            "plateau": [plateau.scale, plateau.best, plateau.bad_evaluations] if plateau else None,
-            "skipped_non_finite": self.skipped_non_finite,
-        }
+        state = CheckpointState(
+            step=step,
+            epoch=epoch,
+            step_in_epoch=step_in_epoch,
+            epoch_complete=epoch_complete,
+            final_metrics=self.result.final_metrics,
+            best_metrics=self.result.best_metrics,
+            best_step=self.result.best_step,
+            best_details=self.result.best_details,
+            history=self.result.history,
+            train_history=self.result.train_history,
+            baseline_metrics=self.result.baseline_metrics,
+            without_improvement=self.evaluations_without_improvement,
+            plateau=PlateauState(plateau.scale, plateau.best, plateau.bad_evaluations) if plateau else None,
+            skipped_non_finite=self.skipped_non_finite,
+        )
         keep = self.spec.evaluation.keep_checkpoints
         began = time.perf_counter()
-        path, size = save_checkpoint(self.checkpoint_dir, self.model, training, position, keep)
+        path, size = save_checkpoint(self.checkpoint_dir, self.model, training, state, keep)
         save_serving_skeleton(self.checkpoint_dir, self.model, self.task.processor, self.spec)
         self.reporter.checkpoint(step, size, str(path), time.perf_counter() - began)
 
@@ -311,31 +312,32 @@ class Trainer:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return None
-        training, position = load_checkpoint(path, self.model)
+        training, state = load_checkpoint(path, self.model)
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         if self.scaler and training["scaler"]:
             self.scaler.load_state_dict(training["scaler"])
-        self.result.steps = position["step"]
-        self.result.final_metrics = position["final_metrics"]
-        self.result.best_metrics = position["best_metrics"]
-        self.result.best_step = position["best_step"]
-        self.result.best_details = position["best_details"]
-        self.result.history = position["history"]
-        self.result.train_history = position.get("train_history", [])
-        self.result.baseline_metrics = position.get("baseline_metrics", {})
-        self.evaluations_without_improvement = position["without_improvement"]
-        self.skipped_non_finite = position.get("skipped_non_finite", 0)
-        if self.plateau is not None and position["plateau"] is not None:
-            self.plateau.scale, self.plateau.best, self.plateau.bad_evaluations = position["plateau"]
-        done = position["epoch_complete"]
+        self.result.steps = state.step
+        self.result.final_metrics = state.final_metrics
+        self.result.best_metrics = state.best_metrics
+        self.result.best_step = state.best_step
+        self.result.best_details = state.best_details
+        self.result.history = state.history
+        self.result.train_history = state.train_history
+        self.result.baseline_metrics = state.baseline_metrics
+        self.evaluations_without_improvement = state.without_improvement
+        self.skipped_non_finite = state.skipped_non_finite
+        if self.plateau is not None and state.plateau is not None:
+            self.plateau.scale, self.plateau.best = state.plateau.scale, state.plateau.best
+            self.plateau.bad_evaluations = state.plateau.bad_evaluations
+        done = state.epoch_complete
         self.position = {
-            "step": position["step"],
-            "epoch": position["epoch"] + 1 if done else position["epoch"],
-            "step_in_epoch": 0 if done else position["step_in_epoch"],
+            "step": state.step,
+            "epoch": state.epoch + 1 if done else state.epoch,
+            "step_in_epoch": 0 if done else state.step_in_epoch,
         }
         self.pending_rng = training["rng"]  # restored after the consumed batches are skipped
-        return int(position["step"])
+        return state.step
 
     # ------------------------------------------------------------ frozen backbone: its output once, not every epoch
 
