@@ -19,6 +19,8 @@ from server.records import DEFAULT_TENANT, JobRecord
 from server.scheduler import Scheduler
 from server.store.base import JobStore, QuotaExceeded
 from workers.logs import job_fields
+from workers.spec import TrainingSpec
+from workers.spec_json import spec_to_json
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,10 @@ class JobFactory:
         sweep_id: str = "",
         trial_number: int = 0,
         tenant: str = DEFAULT_TENANT,
+        resolved: TrainingSpec | None = None,
     ) -> JobRecord:
-        """The spec must already be valid. Returns the stored job (the first one for a repeated request_id).
+        """The spec must already be valid, and `resolved` is what it resolved to (stored: every attempt trains it).
+        Returns the stored job (the first one for a repeated request_id).
         RESOURCE_EXHAUSTED when the tenant's queued jobs would pass its quota (counted in the insert's transaction,
         so concurrent creates cannot all slip under it)."""
         now = time.time()
@@ -65,6 +69,7 @@ class JobFactory:
             sweep_id=sweep_id,
             trial_number=trial_number,
             tenant=tenant,
+            resolved_spec=spec_to_json(resolved) if resolved is not None else "",
         )
         first = convert.created_event(record)
         limit = self._quotas(tenant).max_queued_jobs

@@ -69,6 +69,9 @@ class JobRecord:
     """Insertion order (newest-first listing and FIFO within a priority)."""
     tenant: str = DEFAULT_TENANT
     """Who owns the job: only that tenant (and admins) can see or change it."""
+    resolved_spec: str = ""
+    """The TrainingSpec accepted at creation, every default filled (workers.spec_json): each attempt trains exactly
+    this, whatever the server's model roots or defaults are by then. Empty for jobs stored before it existed."""
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ from workers.messages import (
     WorkerReady,
 )
 from workers.pool import WorkerPool
+from workers.spec import TrainingSpec
+from workers.spec_json import spec_from_json
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +359,21 @@ class Scheduler:
                 record.id, worker, record.attempt, self._lose(message), RetryReason.WORKER_UNREACHABLE
             )
 
-    async def _run_command(self, record: JobRecord) -> RunJob | None:
-        """Builds the worker's command; a job whose inputs vanished fails here with the reason."""
-        spec_proto = job_spec_pb2.JobSpec.FromString(record.spec)
+    async def _accepted_spec(
+        self, record: JobRecord, spec_proto: job_spec_pb2.JobSpec
+    ) -> tuple[TrainingSpec | None, str]:
+        """The job's resolved spec as stored at creation, so a restart with other model roots or defaults changes
+        nothing for it; a job stored before specs were kept is validated now, as it used to be."""
+        if record.resolved_spec:
+            return spec_from_json(record.resolved_spec), ""
         result = await asyncio.to_thread(validate_spec, spec_proto, self._model_roots)  # reads model folders
-        problem = "; ".join(f"{v.field}: {v.description}" for v in result.violations)
+        return result.spec, "; ".join(f"{v.field}: {v.description}" for v in result.violations)
+
+    async def _run_command(self, record: JobRecord) -> RunJob | None:
+        """Builds the worker's command from the spec resolved when the job was accepted; a job whose data files
+        vanished fails here with the reason."""
+        spec_proto = job_spec_pb2.JobSpec.FromString(record.spec)
+        spec, problem = await self._accepted_spec(record, spec_proto)
         files: dict[str, DataFile] = {}
         for resource in filter(None, [spec_proto.data.training_file, spec_proto.data.validation_file]):
             file = await self._db.call(self._store.get_file, resource.removeprefix("files/"))
@@ -370,7 +382,6 @@ class Scheduler:
             else:
                 files[resource] = DataFile(self._storage.file_location(file.id), file.filename)
         reason = "INVALID_INPUT"
-        spec = result.spec
         time_limit_s = 0.0
         if spec is not None and spec.max_runtime_s:
             time_limit_s = spec.max_runtime_s - record.run_seconds

@@ -38,6 +38,7 @@ from server.search_space import SearchPlan, make_pruner, make_sampler, plan_sear
 from server.spec_validation import validate_spec
 from server.store.base import JobStore
 from server.sweep_records import SWEEP_TERMINAL, SweepRecord, SweepState, TrialRecord, TrialState
+from workers.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -273,7 +274,7 @@ class SweepController:
         recorded = await self._update(sweep.id, _append_trial(trial))  # recorded before the job exists
         live.running[number] = optuna_trial
         try:
-            await self._create_job(sweep, trial, spec)
+            await self._create_job(sweep, trial, spec, result.spec)
         except ApiError as error:
             if error.reason != "QUOTA_EXCEEDED":
                 raise
@@ -287,10 +288,14 @@ class SweepController:
         limit = self._quotas(tenant).max_queued_jobs
         return limit < UNLIMITED and await self._db.call(self._store.count_jobs, tenant, [JobState.QUEUED]) >= limit
 
-    async def _create_job(self, sweep: SweepRecord, trial: TrialRecord, spec: job_spec_pb2.JobSpec) -> None:
+    async def _create_job(
+        self, sweep: SweepRecord, trial: TrialRecord, spec: job_spec_pb2.JobSpec, resolved: TrainingSpec | None
+    ) -> None:
         name = f"{sweep.display_name or sweep.id} trial {trial.number}"
         request_id = f"{sweep.id}/trial-{trial.number}"
-        await self._jobs.create(spec, name[:200], request_id, trial.job_id, sweep.id, trial.number, sweep.tenant)
+        await self._jobs.create(
+            spec, name[:200], request_id, trial.job_id, sweep.id, trial.number, sweep.tenant, resolved=resolved
+        )
 
     async def _budget_spent(self, sweep: SweepRecord, plan: SearchPlan) -> bool:
         if not plan.budget_s:
@@ -366,8 +371,10 @@ class SweepController:
             optuna_trial.report(value, index)
         live.running[trial.number] = optuna_trial
         job = await self._db.call(self._store.get_job, trial.job_id)
-        if job is None:
-            await self._create_job(sweep, trial, trial_spec(live.base, trial.params, live.plan.metric))
+        if job is None:  # a spec that no longer validates is stored unresolved: its first attempt fails with why
+            spec = trial_spec(live.base, trial.params, live.plan.metric)
+            result = await asyncio.to_thread(validate_spec, spec, self._model_roots)
+            await self._create_job(sweep, trial, spec, result.spec)
         elif job.state in TERMINAL:
             await self._trial_ended(job, live)
         elif trial.pruning:

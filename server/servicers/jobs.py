@@ -89,7 +89,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         await check_job_admission(self._store, self._db, self._scheduler, self._quotas, tenant, job.spec)
         await check_fits(self._scheduler, result.spec)
         stored = await self._jobs.create(
-            job.spec, job.display_name, scoped_request_id(request.request_id), tenant=tenant
+            job.spec, job.display_name, scoped_request_id(request.request_id), tenant=tenant, resolved=result.spec
         )
         return convert.job_to_proto(stored)
 

@@ -9,10 +9,11 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 from tuneforge.v1 import jobs_pb2
 
-from clients.client import TuneforgeClient
+from clients.client import TuneforgeClient, TuneforgeError
 from clients.local_server import start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import (
@@ -168,3 +169,34 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint(
             assert not (server.data_dir / "work" / job.name.removeprefix("jobs/")).exists(), "checkpoints pruned"
     finally:
         assert server.stop() == 0
+
+
+def test_an_accepted_job_trains_its_accepted_spec_after_a_restart_with_other_model_roots(
+    tmp_path: Path, model_root: Path, tiny_bert: Path, keyword_dataset: Path
+) -> None:
+    """Accepted while the tiny model's folder is under a model root, queued (no workers), then the server restarts
+    with another model root: the job still trains what was accepted, while a new job naming that folder is refused."""
+    data_dir = tmp_path / "data"
+    first = start_local_server(data_dir, workers=0, model_roots=[model_root], extra_args=SERVER_ARGS)
+    try:
+        with TuneforgeClient(first.target) as client:
+            client.wait_until_serving(60)
+            file = client.upload_file(keyword_dataset).name
+            job = client.create_job(text_spec(tiny_bert, file, epochs=1)).name
+            assert client.get_job(job).state == STATE.QUEUED
+    finally:
+        assert first.stop() == 0
+    elsewhere = tmp_path / "other-models"
+    elsewhere.mkdir()
+    second = start_local_server(data_dir, workers=1, model_roots=[elsewhere], extra_args=SERVER_ARGS)
+    try:
+        with TuneforgeClient(second.target) as client:
+            client.wait_until_serving(120)
+            final = wait_for_end(client, job)
+            assert final.state == STATE.SUCCEEDED, final.error
+            with pytest.raises(TuneforgeError) as refused:
+                client.create_job(text_spec(tiny_bert, file, epochs=1))
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert set(refused.value.field_violations) == {"job.spec.base_model"}
+    finally:
+        assert second.stop() == 0
