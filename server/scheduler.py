@@ -34,6 +34,7 @@ from server.job_states import ACTIVE, TERMINAL, JobState
 from server.metrics.service_metrics import RetryReason, ServiceMetrics
 from server.metrics.snapshots import WorkerView
 from server.records import EventRecord, JobChange, JobRecord, NewEvent
+from server.settings import ServerSettings
 from server.spec_validation import validate_spec
 from server.storage import AttemptPlaces, Storage
 from server.store.base import ChangeFn, JobStore
@@ -79,20 +80,19 @@ class WorkerCalls(Protocol):
     def on_worker_lost(self, worker: str) -> None: ...
 
 
+_DEFAULTS = ServerSettings()
+
+
 @dataclass(frozen=True)
 class SchedulerPolicy:
-    """How hard the scheduler tries, and how long it waits, before it gives up on a worker or a job."""
+    """How hard the scheduler tries, and how long it waits, before it gives up on a worker or a job. The defaults
+    and meanings are the settings' (server/settings.py), defined there once."""
 
-    max_restarts: int = 3
-    """Times a job whose worker died or hung is queued again to resume from its checkpoint before it fails."""
-    replica: str = ""
-    """This server's name among replicas sharing a store (its workers are `NAME-worker-N`); empty: the only one."""
-    restart_backoff_s: float = 5.0
-    """Wait before a lost job's next attempt, doubling with each restart (a poison job cannot hog the pool)."""
-    lease_timeout_s: float = 30.0
-    """A worker silent this long on a job loses it: the job is queued again and the worker is told to stop."""
-    kill_grace_s: float = 15.0
-    """A worker still on a job this long after a cancel or an expired lease is killed (and replaced)."""
+    max_restarts: int = _DEFAULTS.max_restarts
+    replica: str = _DEFAULTS.replica
+    restart_backoff_s: float = _DEFAULTS.restart_backoff_s
+    lease_timeout_s: float = _DEFAULTS.lease_timeout_s
+    kill_grace_s: float = _DEFAULTS.kill_grace_s
     worker_memory_bytes: int = 0
     """Memory a worker can give one job (0: not checked); larger estimates are refused at creation."""
 
