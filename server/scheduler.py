@@ -1,13 +1,13 @@
 """The scheduler: places queued jobs on idle workers and turns worker events into stored job changes.
 
-A free worker goes to the tenant with the fewest running jobs for its weight (weighted fair share), among tenants
-under their running-jobs quota; on a tie, to the tenant served least recently (so one worker alternates between
-two tenants instead of draining the older queue first), then by priority and age. Within a tenant, priority then
-FIFO (the store's claim order). A tenant alone can use the whole pool.
-
-Events arrive from the pool's thread and are applied one at a time on the event loop, in the order each worker sent
-them. The server decides every state; a worker only reports, and a
-report from an attempt that no longer holds its job is ignored.
+Its parts live beside it, each with its own unit tests: whose job starts next and why a job waits
+(`fair_share.py`: weighted fair share, ties to the tenant served least recently, then priority and age), what the
+scheduler knows of each worker and which one answers Predict and export calls (`worker_slots.py`), when a silent
+worker loses its lease or a deaf one is killed (`leases.py`), and what one worker report does to its job
+(`worker_reports.py`). What stays here is the order of things: dispatch, starting an attempt from the spec stored
+when the job was accepted, applying events one at a time on the event loop (in the order each worker sent them,
+fenced on the attempt that holds the job), and the lease clock. The server decides every state; a worker only
+reports. tests/unit/test_scheduler_with_fake_workers.py drives all of it with fake workers and no processes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -27,10 +27,12 @@ from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
 from server.db import StoreRunner
 from server.errors import is_disk_full
 from server.event_hub import EventHub
+from server.fair_share import next_tenant, wait_reason
 from server.job_changes import cancel as cancel_change
 from server.job_changes import claim, held_by, lose_attempt, pause, paused, requeue, resume, transition
 from server.job_changes import finish as finish_change
 from server.job_states import ACTIVE, TERMINAL, JobState
+from server.leases import due, taken_over
 from server.metrics.service_metrics import RetryReason, ServiceMetrics
 from server.metrics.snapshots import WorkerView
 from server.records import EventRecord, JobChange, JobRecord, NewEvent
@@ -38,21 +40,18 @@ from server.settings import ServerSettings
 from server.spec_validation import validate_spec
 from server.storage import AttemptPlaces, Storage
 from server.store.base import ChangeFn, JobStore
+from server.worker_reports import death_reason, report_change
+from server.worker_slots import WorkerSlot, WorkerSlots
 from workers.logs import job_context, job_fields
 from workers.messages import (
-    ArtifactWritten,
-    AutoChosen,
     CancelJob,
     CheckpointWritten,
     DataFile,
-    EvaluationDone,
     ExportArtifact,
     ExportReady,
-    Heartbeat,
     JobEventBase,
     JobFinished,
     JobStarted,
-    LogEmitted,
     Outcome,
     PredictBatch,
     PredictionsReady,
@@ -97,33 +96,6 @@ class SchedulerPolicy:
     """Memory a worker can give one job (0: not checked); larger estimates are refused at creation."""
 
 
-@dataclass
-class WorkerSlot:
-    """What the scheduler knows of one worker."""
-
-    state: str = "starting"
-    """starting, idle or busy."""
-    device: str = ""
-    job: str | None = None
-    attempt: int = 0
-    last_heard: float = field(default_factory=time.monotonic)
-    """When the worker last sent anything (monotonic clock): the lease runs from here."""
-    lease_expired: bool = False
-    """The job was taken from this worker; whatever it still reports about it is ignored."""
-    kill_at: float | None = None
-    """Monotonic time at which a worker that has not let go of its job is killed."""
-    killed: bool = False
-    """The scheduler had the process killed: its death is no surprise."""
-    dispatched_at: float = 0.0
-    """Monotonic time the current job was sent (its start-up time runs from here)."""
-    loop_started: bool = False
-    """The current attempt reported that its training loop began."""
-    gpu_uuid: str = ""
-    gpu_name: str = ""
-    gpus: int = 0
-    host: str = ""
-
-
 class Scheduler:
     """Owns the pool: dispatch, cancel, and the application of every worker event."""
 
@@ -150,7 +122,7 @@ class Scheduler:
         self._quotas = quotas
         self._last_served: dict[str, float] = {}
         """When each tenant last had a job started (monotonic): the fair-share tie-break."""
-        self._slots: dict[str, WorkerSlot] = {}
+        self._slots = WorkerSlots()
         self._inbox: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         self._dispatch_lock = asyncio.Lock()
         self._consumer: asyncio.Task[None] | None = None
@@ -164,11 +136,7 @@ class Scheduler:
 
     def worker_views(self) -> list[WorkerView]:
         """The pool as it is now, for metrics (safe to call from any thread: it copies the slots first)."""
-        wall_offset = time.time() - time.monotonic()
-        return [
-            WorkerView(name, slot.state, slot.last_heard + wall_offset, slot.device, slot.gpu_uuid, slot.gpu_name)
-            for name, slot in sorted(dict(self._slots).items())
-        ]
+        return self._slots.views()
 
     def add_listener(self, listener: JobListener) -> None:
         """listener(record, events) runs on the loop after every job change the scheduler applies; it must not
@@ -185,8 +153,8 @@ class Scheduler:
             loop.call_soon_threadsafe(self._inbox.put_nowait, event)
 
         self._pool.start(sink)
-        self._slots = {worker: WorkerSlot() for worker in self._pool.worker_ids}
-        if not self._slots:
+        self._slots = WorkerSlots(self._pool.worker_ids)
+        if not len(self._slots):
             self.all_ready.set()
         self._consumer = asyncio.create_task(self._consume(), name="scheduler-events")
         self._maintainer = asyncio.create_task(self._maintain(), name="scheduler-leases")
@@ -218,14 +186,10 @@ class Scheduler:
     async def _expire_remote_leases(self) -> None:
         """Replicas: a job held by another replica's worker that has not reported for a lease is that replica's
         loss (it died or was cut off): the job is queued again, fenced on the holder and attempt read here."""
-        cutoff = time.time() - self._policy.lease_timeout_s
-        for record in await self._db.call(self._store.jobs_in_states, list(ACTIVE)):
-            heard = record.heartbeat_time or record.start_time or 0.0
-            if self._owns(record.worker) or heard >= cutoff or record.worker is None:
-                continue
-            message = (
-                f"{record.worker} (another replica) sent nothing for {time.time() - heard:.0f} s: its lease expired"
-            )
+        active = await self._db.call(self._store.jobs_in_states, list(ACTIVE))
+        for record, silent_s in taken_over(active, time.time(), self._policy.lease_timeout_s, self._owns):
+            assert record.worker is not None
+            message = f"{record.worker} (another replica) sent nothing for {silent_s:.0f} s: its lease expired"
             log.warning("%s", message, extra=job_fields(record.id, record.attempt))
             await self._apply_fenced(
                 record.id, record.worker, record.attempt, self._lose(message), RetryReason.LEASE_EXPIRED
@@ -261,7 +225,7 @@ class Scheduler:
             return
         self._send(record.worker, CancelJob(job=record.id, attempt=record.attempt, checkpoint_first=checkpoint_first))
         slot = self._slots.get(record.worker)
-        if slot is not None and (slot.job, slot.attempt) == (record.id, record.attempt):
+        if slot is not None and slot.holds(record.id, record.attempt):
             slot.kill_at = time.monotonic() + self._policy.kill_grace_s  # a worker deaf to the request goes
 
     def wake(self) -> None:
@@ -274,8 +238,9 @@ class Scheduler:
     async def dispatch(self) -> None:
         """Gives each idle worker the next queued job of the tenant whose turn it is."""
         async with self._dispatch_lock:
-            for worker in list(self._slots):
-                if self._slots[worker].state != "idle" or self._stopping:
+            for worker in self._slots.idle():
+                slot = self._slots.get(worker)
+                if self._stopping or slot is None or slot.state != "idle":  # it may have died meanwhile
                     continue
                 tenant = await self._next_tenant()
                 if tenant is None:
@@ -291,27 +256,17 @@ class Scheduler:
                 await self._start_on(worker, record)
 
     async def _next_tenant(self) -> str | None:
-        """Weighted fair share: the tenant with the fewest running jobs per unit of weight, among those with a
-        claimable job and under their running-jobs quota; ties go to the tenant served least recently, then to the
-        higher priority, then to the older job."""
+        """Whose job starts next (weighted fair share, server/fair_share.py)."""
         heads = await self._db.call(self._store.queue_heads)
         if not heads:
             return None
         running = await self._db.call(self._store.active_jobs_by_tenant, list(ACTIVE))
-        turns = []
-        for head in heads:
-            quota = self._quotas(head.tenant)
-            active = running.get(head.tenant, 0)
-            if active < quota.max_running_jobs:
-                served = self._last_served.get(head.tenant, float("-inf"))
-                turns.append((active / quota.weight, served, -head.priority, head.order, head.tenant))
-        return min(turns)[-1] if turns else None
+        return next_tenant(heads, running, self._quotas, self._last_served)
 
     def worker_for_calls(self) -> str | None:
         """A ready worker for a Predict batch or an export: an idle one first (the same one, so its loaded models
         get used)."""
-        ready = [(slot.state != "idle", name) for name, slot in self._slots.items() if slot.state in ("idle", "busy")]
-        return min(ready)[1] if ready else None
+        return self._slots.for_calls()
 
     def send_call(self, worker: str, command: PredictBatch | ExportArtifact) -> None:
         """KeyError when the worker cannot be reached."""
@@ -323,27 +278,18 @@ class Scheduler:
 
     def gpus_per_worker(self) -> int | None:
         """The most GPUs one worker has; None until every worker has said which device it has."""
-        slots = list(dict(self._slots).values())
-        if not slots or any(slot.state == "starting" for slot in slots):
-            return None
-        return max(slot.gpus for slot in slots)
+        return self._slots.gpus_per_worker()
 
     async def wait_reason(self, record: JobRecord, position: int) -> str:
-        """Why a QUEUED job has not started yet, in words."""
-        now = time.time()
-        if record.not_before is not None and record.not_before > now:
-            return f"restart back-off: its next attempt may start in {record.not_before - now:.0f} s"
-        quota = self._quotas(record.tenant)
+        """Why a QUEUED job has not started yet, in words (server/fair_share.py)."""
         running = (await self._db.call(self._store.active_jobs_by_tenant, list(ACTIVE))).get(record.tenant, 0)
-        if running >= quota.max_running_jobs:
-            return f"tenant {record.tenant} has {running} running jobs, its max_running_jobs quota"
-        ahead = f"; {position - 1} of the tenant's jobs are ahead of it" if position > 1 else ""
-        if not any(slot.state == "idle" for slot in dict(self._slots).values()):
-            return f"every worker is busy ({len(self._slots)} in the pool){ahead}"
-        return f"a worker is free: starting{ahead}"
+        quota = self._quotas(record.tenant)
+        idle, size = len(self._slots.idle()), len(self._slots)
+        return wait_reason(record.not_before, time.time(), record.tenant, running, quota, position, idle, size)
 
     async def _start_on(self, worker: str, record: JobRecord) -> None:
-        slot = self._slots[worker]
+        slot = self._slots.get(worker)
+        assert slot is not None
         slot.state, slot.job, slot.attempt, slot.last_heard = "busy", record.id, record.attempt, time.monotonic()
         slot.dispatched_at, slot.loop_started = slot.last_heard, False
         command = await self._run_command(record)
@@ -445,16 +391,8 @@ class Scheduler:
             self._observe(event, slot)
         match event:
             case WorkerReady():
-                self._slots[event.worker] = WorkerSlot(
-                    state="idle",
-                    device=event.device,
-                    gpu_uuid=event.gpu_uuid,
-                    gpu_name=event.gpu_name,
-                    gpus=event.gpus,
-                    host=event.host,
-                )
                 log.info("%s ready on %s, %s (pid %s)", event.worker, event.host, event.device, event.pid)
-                if all(slot.state != "starting" for slot in self._slots.values()):
+                if self._slots.ready(event):
                     self.all_ready.set()
                 await self.dispatch()
             case WorkerDied():
@@ -478,15 +416,14 @@ class Scheduler:
                 )
             case CheckpointWritten():
                 self._metrics.checkpoint_saved(event.seconds, event.size_bytes)
-            case JobStarted() if (slot.job, slot.attempt) == (event.job, event.attempt) and not slot.loop_started:
+            case JobStarted() if slot.holds(event.job, event.attempt) and not slot.loop_started:
                 slot.loop_started = True
                 self._metrics.startup.observe(time.monotonic() - slot.dispatched_at)
             case WorkerDied():
-                self._metrics.worker_restarts.labels(_death_reason(event, slot)).inc()
+                self._metrics.worker_restarts.labels(death_reason(event, slot.killed)).inc()
 
     async def _worker_died(self, event: WorkerDied) -> None:
-        slot = self._slots.get(event.worker, WorkerSlot())
-        self._slots[event.worker] = WorkerSlot()
+        slot = self._slots.restarting(event.worker)
         if slot.job is not None:
             await asyncio.to_thread(self._storage.delete_work_dir, slot.job, slot.attempt)
             message = f"{event.worker} exited (code {event.exitcode}) during the job"
@@ -513,15 +450,7 @@ class Scheduler:
         await self._prune_if_ended(event.job)  # also when fenced out: a stale attempt may have written checkpoints
         slot = self._slots.get(event.worker)
         if slot is not None and slot.job == event.job:
-            fresh = WorkerSlot(state="idle")  # the job's bookkeeping goes, what the worker is stays
-            self._slots[event.worker] = replace(
-                fresh,
-                device=slot.device,
-                gpu_uuid=slot.gpu_uuid,
-                gpu_name=slot.gpu_name,
-                gpus=slot.gpus,
-                host=slot.host,
-            )
+            self._slots.freed(event.worker)
         await self.dispatch()
 
     async def _job_report(self, event: JobEventBase) -> None:
@@ -547,16 +476,15 @@ class Scheduler:
                 log.exception("lease check failed")
 
     async def _check_leases(self) -> None:
-        now = time.monotonic()
-        for worker, slot in list(self._slots.items()):
-            if slot.job is None:
-                continue
-            if slot.kill_at is not None and now >= slot.kill_at:
+        for action in due(self._slots.items(), time.monotonic(), self._policy.lease_timeout_s):
+            slot = self._slots.get(action.worker)
+            assert slot is not None
+            if action.kill:
                 slot.kill_at, slot.killed = None, True
-                log.warning("%s still holds %s attempt %s: killing it", worker, slot.job, slot.attempt)
-                self._pool.kill(worker)  # its death comes back as WorkerDied
-            elif not slot.lease_expired and now - slot.last_heard > self._policy.lease_timeout_s:
-                await self._expire_lease(worker, slot, now - slot.last_heard)
+                log.warning("%s still holds %s attempt %s: killing it", action.worker, slot.job, slot.attempt)
+                self._pool.kill(action.worker)  # its death comes back as WorkerDied
+            else:
+                await self._expire_lease(action.worker, slot, action.silent_s)
 
     async def _expire_lease(self, worker: str, slot: WorkerSlot, silent_s: float) -> None:
         """The worker went quiet: its job is queued again at once; the worker, should it wake, is told to stop,
@@ -644,69 +572,8 @@ class Scheduler:
             log.warning("could not deliver %r to %s", command, worker)
 
 
-def _death_reason(event: WorkerDied, slot: WorkerSlot) -> str:
-    """The `reason` label of a worker restart."""
-    if slot.killed:
-        return "killed_by_server"
-    if event.exitcode is None or event.exitcode < 0:
-        return "signal"
-    return "error_exit" if event.exitcode else "clean_exit"
-
-
 def _requeue_if_active(note: NewEvent) -> ChangeFn:
     def change(record: JobRecord) -> JobChange | None:
         return requeue(record, note) if record.state in ACTIVE else None
 
     return change
-
-
-def report_change(record: JobRecord, event: JobEventBase) -> JobChange | None:
-    """How a progress report from the holding worker changes the job (no state change)."""
-    match event:
-        case JobStarted():
-            return JobChange(replace(record, total_steps=event.total_steps, total_epochs=event.total_epochs))
-        case Heartbeat():
-            return JobChange(replace(record, heartbeat_time=_now()))
-        case TrainingProgress():
-            latest = {
-                **record.latest_metrics,
-                "loss": event.loss,
-                "learning_rate": event.learning_rate,
-                "samples_per_second": event.samples_per_second,
-            }
-            return JobChange(
-                replace(
-                    record,
-                    step=event.step,
-                    total_steps=event.total_steps,
-                    epoch=event.epoch,
-                    latest_metrics=latest,
-                    heartbeat_time=_now(),
-                ),
-                [convert.training_metrics_event(event)],
-            )
-        case EvaluationDone():
-            best = record.best_metrics
-            if not best or event.metrics.get("eval_loss", float("inf")) < best.get("eval_loss", float("inf")):
-                best = dict(event.metrics)
-            return JobChange(
-                replace(record, latest_metrics={**record.latest_metrics, **event.metrics}, best_metrics=best),
-                [convert.evaluation_event(event)],
-            )
-        case LogEmitted():
-            return JobChange(record, [convert.log_event(event.severity, event.message, event.attempt)])
-        case CheckpointWritten():
-            return JobChange(record, [convert.checkpoint_event(event)])
-        case AutoChosen():
-            choices = {**record.auto_choices, event.field: event.value}
-            return JobChange(replace(record, auto_choices=choices), [convert.auto_choice_event(event)])
-        case ArtifactWritten():
-            updated = replace(
-                record, artifact_size=event.size_bytes, artifact_sha256=event.sha256, artifact_metrics=event.metrics
-            )
-            return JobChange(updated, [convert.artifact_event(updated)])
-    return None
-
-
-def _now() -> float:
-    return time.time()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from server.job_states import JobState
 from server.records import JobRecord
-from server.scheduler import report_change
+from server.worker_reports import report_change
 from workers.messages import EvaluationDone
 
 
