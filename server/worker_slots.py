@@ -47,6 +47,10 @@ class WorkerSlots:
     def __init__(self, names: list[str] | None = None):
         self._slots: dict[str, WorkerSlot] = {name: WorkerSlot() for name in names or []}
 
+    def reset(self, names: list[str]) -> None:
+        """The pool (re)started: every worker is starting."""
+        self._slots = {name: WorkerSlot() for name in names}
+
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._slots))
 
