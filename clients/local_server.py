@@ -48,22 +48,26 @@ class LocalServer:
 
 
 def _read_ready_lines(process: subprocess.Popen[str], timeout_s: float) -> tuple[str, str]:
-    """(gRPC target, metrics URL or "")."""
+    """(gRPC target, metrics URL or ""). Reads the pipe's bytes itself: the server may write both lines in one go,
+    and a buffered readline would keep the second where select() cannot see it, waiting for bytes that never come."""
     assert process.stdout is not None
-    metrics_url = ""
+    descriptor = process.stdout.fileno()
+    metrics_url, pending = "", b""
     deadline = time.monotonic() + timeout_s
     with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(descriptor, selectors.EVENT_READ)
         while (remaining := deadline - time.monotonic()) > 0:
             if not selector.select(remaining):
                 break
-            line = process.stdout.readline()
-            if not line:
+            chunk = os.read(descriptor, 65536)
+            if not chunk:
                 raise RuntimeError(f"the server exited (code {process.wait()}) before listening; see its log")
-            if line.startswith(METRICS_PREFIX):
-                metrics_url = line.removeprefix(METRICS_PREFIX).strip()
-            if line.startswith(READY_PREFIX):
-                return line.removeprefix(READY_PREFIX).strip(), metrics_url
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in (raw.decode(errors="replace") for raw in lines):
+                if line.startswith(METRICS_PREFIX):
+                    metrics_url = line.removeprefix(METRICS_PREFIX).strip()
+                if line.startswith(READY_PREFIX):
+                    return line.removeprefix(READY_PREFIX).strip(), metrics_url
     raise TimeoutError(f"the server did not listen within {timeout_s:.0f} s")
 
 
