@@ -227,7 +227,7 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
         server,
     )
     jobs = JobFactory(store, db, hub, scheduler, metrics, quotas)
-    sweeps = SweepController(store, db, scheduler, jobs, hub, roots, quotas)
+    sweeps = SweepController(store, db, scheduler, jobs, hub, roots, quotas, settings.replica, settings.lease_timeout_s)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(
         JobServicer(store, db, storage, scheduler, hub, roots, jobs, predictions, exports, quotas), server
     )

@@ -69,3 +69,7 @@ class SweepRecord:
     order: int = 0
     tenant: str = DEFAULT_TENANT
     """Who owns the sweep (and its trials' jobs)."""
+    driver: str = ""
+    """The replica driving the sweep (empty without replicas): only it starts trials and applies their outcomes."""
+    driver_heartbeat: float = 0.0
+    """When the driver last renewed its lease (wall clock); a lease older than the lease timeout may be taken."""

@@ -54,10 +54,23 @@ class LiveSweep:
     running: dict[int, optuna.trial.Trial] = field(default_factory=dict)
     parked: optuna.trial.Trial | None = None
     """A point asked for but not started because the tenant's queued-jobs quota was full: started first next time."""
+    read: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Per trial job: the last event sequence read from the store, and how many evaluations that included."""
+
+
+class LostLease(Exception):
+    """Another replica drives this sweep now: this one lets it go."""
 
 
 class SweepController:
-    """Owns every running sweep. All changes go through one lock, on the event loop."""
+    """Drives running sweeps: asks Optuna for points, starts their jobs, reads the jobs' evaluations and ends from
+    the store, prunes, and ends the sweep. All changes go through one lock, on the event loop.
+
+    With replicas, exactly one replica drives a sweep at a time: it holds the sweep's lease (`driver` and
+    `driver_heartbeat` in the store), renews it every third of a lease, and every change it makes is fenced on still
+    holding it. A replica that stops renewing loses the sweep to the next that finds the lease expired, which
+    rebuilds the study from the stored trials and goes on; trial outcomes come from the store, so it does not matter
+    which replica's workers ran them."""
 
     def __init__(
         self,
@@ -68,33 +81,37 @@ class SweepController:
         hub: EventHub,
         model_roots: list[Path],
         quotas: QuotaLookup = no_quotas,
+        replica: str = "",
+        lease_timeout_s: float = 30.0,
     ):
         self._quotas = quotas
+        self._replica, self._lease_timeout_s = replica, lease_timeout_s
         self._store, self._db, self._scheduler, self._jobs, self._hub = store, db, scheduler, jobs, hub
         self._model_roots = model_roots
         self._live: dict[str, LiveSweep] = {}
         self._waiting: dict[str, str] = {}
         """Sweeps held back by their tenant's queued-jobs quota, to the tenant: any of its jobs starting frees room."""
         self._lock = asyncio.Lock()
-        self._inbox: asyncio.Queue[tuple[JobRecord, list[EventRecord]]] = asyncio.Queue()
-        self._consumer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._driver: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Rebuilds every running sweep from the store and tops up its trials."""
+        """Takes up every running sweep no other replica drives, and starts following them."""
         self._scheduler.add_listener(self._job_changed)
-        for record in await self._db.call(self._store.sweeps_in_states, [SweepState.RUNNING]):
-            try:
-                await self._restore(record)
-            except Exception as exc:  # one sweep that cannot be rebuilt ends; the server and the others go on
-                log.exception("could not restore sweep %s", record.id)
-                await self._fail_unrestorable(record, exc)
-        self._consumer = asyncio.create_task(self._consume(), name="sweeps")
+        async with self._lock:
+            await self._claim_free_sweeps()
+        self._driver = asyncio.create_task(self._drive(), name="sweeps")
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            self._consumer.cancel()
+        if self._driver is not None:
+            self._driver.cancel()
+
+    @property
+    def _tick_s(self) -> float:
+        """How often running sweeps are read from the store even without a wake-up (and their leases renewed)."""
+        return max(0.2, min(2.0, self._lease_timeout_s / 3))
 
     # ------------------------------------------------------------ API-facing actions
 
@@ -115,6 +132,8 @@ class SweepController:
             create_time=now,
             update_time=now,
             tenant=tenant,
+            driver=self._replica,
+            driver_heartbeat=now,
         )
         stored, created = await self._db.call(
             self._store.create_sweep, record, [sweep_convert.state_event(None, SweepState.RUNNING)], request_id
@@ -135,50 +154,120 @@ class SweepController:
             if record.state in SWEEP_TERMINAL:
                 raise IllegalTransition(record.state, SweepState.CANCELLED, "sweep")
             self._forget(sweep_id)
-            updated = await self._update(sweep_id, _ended(SweepState.CANCELLED, "CANCELLED", "the sweep was cancelled"))
+            cancelled = _ended(SweepState.CANCELLED, "CANCELLED", "the sweep was cancelled")
+            updated = await self._update(sweep_id, cancelled, fenced=False)  # any replica may cancel
             await self._cancel_running_jobs(record)
             return updated
 
-    # ------------------------------------------------------------ job events
+    # ------------------------------------------------------------ following trials through the store
 
     def _job_changed(self, record: JobRecord, events: list[EventRecord]) -> None:
-        if record.sweep_id or (record.state is not JobState.QUEUED and record.tenant in self._waiting.values()):
-            self._inbox.put_nowait((record, events))
+        """A job changed on this replica: a hint to read the store now rather than at the next tick (the store is
+        what counts, so trials that run on other replicas are followed all the same)."""
+        if record.sweep_id in self._live or record.tenant in self._waiting.values():
+            self._wake.set()
 
-    async def _consume(self) -> None:
+    async def _drive(self) -> None:
         while True:
-            record, events = await self._inbox.get()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._tick_s)  # a wake-up or the tick, whichever first
+            self._wake.clear()
             try:
                 async with self._lock:
-                    if record.sweep_id:
-                        await self._apply_job_change(record, events)
-                    for sweep_id in [s for s, tenant in self._waiting.items() if tenant == record.tenant]:
-                        await self._fill(sweep_id)  # a job of the tenant left the queue: room for a trial
-            except Exception:  # one bad event must not stop the sweeps
-                log.exception("sweep %s: failed to apply a change of %s", record.sweep_id, record.id)
+                    await self._claim_free_sweeps()
+                    for sweep_id in list(self._live):
+                        try:
+                            await self._sync(sweep_id)
+                        except LostLease:
+                            log.warning("sweep %s: another replica drives it now", sweep_id)
+                            self._forget(sweep_id)
+            except Exception:  # one bad read must not stop the sweeps
+                log.exception("sweeps: a pass over the running sweeps failed")
 
-    async def _apply_job_change(self, job: JobRecord, events: list[EventRecord]) -> None:
-        live = self._live.get(job.sweep_id)
+    async def _sync(self, sweep_id: str) -> None:
+        """Renews the lease, applies what the store says about each running trial's job (new evaluations, its
+        end), then starts trials while there is room."""
+        live = self._live.get(sweep_id)
         if live is None:
             return
-        for event in events:
-            if event.kind == "evaluation_metrics":
-                await self._report(job, live, jobs_pb2.JobEvent.FromString(event.payload).evaluation_metrics.metrics)
+        sweep = await self._update(sweep_id, self._renew)
+        if sweep.state is not SweepState.RUNNING:
+            self._forget(sweep_id)
+            return
+        for trial in sweep.trials:
+            if trial.state is TrialState.RUNNING and trial.job_id:
+                await self._follow(trial.job_id, live)
+        await self._fill(sweep_id)
+
+    async def _follow(self, job_id: str, live: LiveSweep) -> None:
+        """Reads a trial job's events past those already read: each evaluation counts once (by its place among the
+        job's evaluations, so a replica taking over repeats none), then the job's end."""
+        job = await self._db.call(self._store.get_job, job_id)  # read before its events: an end has them all
+        if job is None:
+            return
+        after, evaluations = live.read.get(job_id, (0, 0))
+        while True:
+            events = await self._db.call(self._store.list_events, job_id, after, 500)
+            for event in events:
+                after = event.sequence
+                if event.kind != "evaluation_metrics":
+                    continue
+                evaluations += 1
+                metrics = jobs_pb2.JobEvent.FromString(event.payload).evaluation_metrics.metrics
+                await self._report(job, live, metrics, evaluations)
+            live.read[job_id] = (after, evaluations)
+            if len(events) < 500:
+                break
         if job.state in TERMINAL:
             await self._trial_ended(job, live)
-            await self._fill(job.sweep_id)
 
-    async def _report(self, job: JobRecord, live: LiveSweep, metrics: Any) -> None:
-        """An evaluation of a trial: recorded, told to the pruner, and the trial cancelled if the pruner says so."""
+    def _renew(self, current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]] | None:
+        """The lease renewed, at most twice a tick (a pass may run at every job event)."""
+        now = time.time()
+        if current.state is not SweepState.RUNNING or now - current.driver_heartbeat < self._tick_s / 2:
+            return None
+        return replace(current, driver=self._replica, driver_heartbeat=now), []
+
+    def _claimable(self, record: SweepRecord) -> bool:
+        expired = record.driver_heartbeat < time.time() - self._lease_timeout_s
+        return not self._replica or record.driver in ("", self._replica) or expired
+
+    async def _claim_free_sweeps(self) -> None:
+        """Takes up running sweeps nobody drives: every one at a start without replicas, else those whose driver's
+        lease expired (or that name this replica, after its restart). The claim is one store transaction, so two
+        replicas never both win it."""
+        for record in await self._db.call(self._store.sweeps_in_states, [SweepState.RUNNING]):
+            if record.id in self._live or not self._claimable(record):
+                continue
+
+            def claim(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]] | None:
+                if current.state is not SweepState.RUNNING or not self._claimable(current):
+                    return None
+                return replace(current, driver=self._replica, driver_heartbeat=time.time()), []
+
+            claimed = await self._db.call(self._store.update_sweep, record.id, claim)
+            if claimed is None or claimed[0].driver != self._replica or not claimed[0].driver_heartbeat:
+                continue
+            if record.driver and record.driver != self._replica:
+                log.warning("sweep %s: %s stopped renewing its lease; %s drives it now", record.id, record.driver,
+                            self._replica)  # fmt: skip
+            try:
+                await self._restore(claimed[0])
+            except Exception as exc:  # one sweep that cannot be rebuilt ends; the server and the others go on
+                log.exception("could not restore sweep %s", record.id)
+                await self._fail_unrestorable(record, exc)
+
+    async def _report(self, job: JobRecord, live: LiveSweep, metrics: Any, index: int) -> None:
+        """The job's `index`-th evaluation: recorded, told to the pruner, and the trial cancelled if the pruner says
+        so. An evaluation already recorded (read again after a takeover) changes nothing."""
         optuna_trial = live.running.get(job.trial_number)
         if optuna_trial is None or live.plan.metric not in metrics:
             return
         value = float(metrics[live.plan.metric])
         sweep = await self._get(job.sweep_id)
         trial = sweep.trials[job.trial_number]
-        if trial.state is not TrialState.RUNNING or trial.pruning:
+        if trial.state is not TrialState.RUNNING or trial.pruning or (trial.reports and index <= trial.reports[-1][0]):
             return
-        index = len(trial.reports) + 1
         try:
             optuna_trial.report(value, index)
             prune = bool(optuna_trial.should_prune())  # pruners may answer with a numpy bool, which JSON refuses
@@ -355,16 +444,16 @@ class SweepController:
                     state=state,
                 )
             )
-        self._live[record.id] = live
-        async with self._lock:
-            for trial in record.trials:
-                if trial.state is TrialState.RUNNING:
-                    await self._resume_trial(record, trial, live)
-            await self._fill(record.id)
+        self._live[record.id] = live  # the caller holds the lock
+        for trial in record.trials:
+            if trial.state is TrialState.RUNNING:
+                await self._resume_trial(record, trial, live)
+        await self._fill(record.id)
 
     async def _resume_trial(self, sweep: SweepRecord, trial: TrialRecord, live: LiveSweep) -> None:
-        """A trial running when the server stopped: asked again with its parameters, reports replayed; its job is
-        created if the crash came first, and its end applied if it ended unseen."""
+        """A trial running when its sweep was last driven: asked again with its parameters, reports replayed; its job
+        is created if the crash came first. What its job did since (evaluations, its end) is read from the store
+        by the next pass, like any trial's."""
         live.study.enqueue_trial(trial.params)
         optuna_trial = live.study.ask(live.plan.distributions)
         for index, value in trial.reports:
@@ -375,9 +464,7 @@ class SweepController:
             spec = trial_spec(live.base, trial.params, live.plan.metric)
             result = await asyncio.to_thread(validate_spec, spec, self._model_roots)
             await self._create_job(sweep, trial, spec, result.spec)
-        elif job.state in TERMINAL:
-            await self._trial_ended(job, live)
-        elif trial.pruning:
+        elif trial.pruning and job.state not in TERMINAL:
             await self._cancel_job(job.id)
 
     async def _fail_unrestorable(self, record: SweepRecord, exc: Exception) -> None:
@@ -410,10 +497,19 @@ class SweepController:
         assert record is not None, sweep_id
         return record
 
-    async def _update(self, sweep_id: str, change: Any) -> SweepRecord:
-        result = await self._db.call(self._store.update_sweep, sweep_id, change)
+    async def _update(self, sweep_id: str, change: Any, fenced: bool = True) -> SweepRecord:
+        """Applies a change to the sweep; `fenced`: only while this replica holds its lease (LostLease otherwise)."""
+
+        def guarded(current: SweepRecord) -> Any:
+            if fenced and current.driver != self._replica:
+                return None
+            return change(current)
+
+        result = await self._db.call(self._store.update_sweep, sweep_id, guarded)
         assert result is not None, sweep_id
         record, events = result
+        if fenced and record.driver != self._replica:
+            raise LostLease(sweep_id)
         if events:
             self._hub.publish(sweep_id, events, record.state in SWEEP_TERMINAL)
         return record

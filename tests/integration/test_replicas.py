@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tuneforge.v1 import sweeps_pb2 as sw
 
 from clients.client import TuneforgeClient
 from clients.local_server import LocalServer, start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, sample, scrape, state_changes, text_spec, wait_for_end, watch_until
+from tests.integration.test_sweeps import sweep_spec
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +31,11 @@ def replicas(tmp_path: Path, postgres: Any, model_root: Path) -> Iterator[list[L
         for name in ("r1", "r2"):
             started.append(
                 start_local_server(
-                    tmp_path / "data", workers=1, model_roots=[model_root], extra_args=[*args, "--replica", name]
+                    tmp_path / "data",
+                    workers=1,
+                    model_roots=[model_root],
+                    extra_args=[*args, "--replica", name],
+                    log_path=tmp_path / f"{name}.log",
                 )
             )
         for server in started:
@@ -87,3 +93,37 @@ def test_a_dead_replicas_job_is_taken_over_by_the_other(
         )
         logged = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
         assert sum(bool(lease.fullmatch(message)) for message in logged) == 1, [m for m in logged if "lease" in m]
+
+
+def test_a_sweep_goes_on_when_its_driving_replica_dies(
+    replicas: list[LocalServer], tiny_bert: Path, keyword_dataset: Path, tmp_path: Path
+) -> None:
+    """r1 creates, so drives, a sweep of 4 trials, 2 at a time; once a trial has completed r1 is SIGKILLed. r2 takes
+    the sweep's lease when it expires, follows the trials from the store (their jobs taken over too) and finishes
+    it: 4 trials, each with exactly one job, none lost and none run twice."""
+    first, second = replicas
+    with TuneforgeClient(first.target) as one:
+        file = one.upload_file(keyword_dataset).name
+        spec = sweep_spec(tiny_bert, file)
+        spec.algorithm, spec.pruner, spec.max_trials, spec.parallelism = sw.SweepSpec.RANDOM, sw.SweepSpec.NONE, 4, 2
+        spec.base.hyperparameters.epochs = 2
+        sweep = one.create_sweep(spec).name
+        for event in one.watch_sweep(sweep, timeout_s=300):
+            if event.HasField("trial") and event.trial.state == sw.Trial.COMPLETE:
+                break
+        assert one.get_sweep(sweep).state == sw.Sweep.RUNNING, "killed mid-sweep"
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(30)
+    with TuneforgeClient(second.target) as two:
+        for _ in two.watch_sweep(sweep, timeout_s=120):
+            pass
+        final = two.get_sweep(sweep)
+        assert final.state == sw.Sweep.SUCCEEDED, final.error
+        assert [(t.number, t.state) for t in final.trials] == [(n, sw.Trial.COMPLETE) for n in range(4)]
+        sweep_jobs = sorted(j.name for j in two.list_jobs() if j.sweep == sweep)
+        assert sweep_jobs == sorted(t.job for t in final.trials), "one job per trial: none lost, none run twice"
+        for trial in final.trials:
+            assert wait_for_end(two, trial.job).state == STATE.SUCCEEDED
+    sweep_id = sweep.removeprefix("sweeps/")
+    takeover = f"sweep {sweep_id}: r1 stopped renewing its lease; r2 drives it now"
+    assert sum(takeover in line for line in (tmp_path / "r2.log").read_text().splitlines()) == 1
