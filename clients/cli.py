@@ -37,8 +37,8 @@ from clients.sweep_cli import add_sweep_commands
 from clients.watch_view import render_watch
 
 STATE = jobs_pb2.Job.State
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, markup=False)  # server and user text is printed as is, never read as markup
+out = Console(markup=False)
 
 
 def _print_json(message: Message | Sequence[Message]) -> None:
@@ -83,7 +83,7 @@ def cmd_watch(client: TuneforgeClient, args: argparse.Namespace) -> int:
         final = client.get_job(args.job).state
     if final != STATE.SUCCEEDED:
         job = client.get_job(args.job)
-        console.print(f"[red]{args.job} ended {STATE.Name(job.state)}: {job.error.reason} {job.error.message}")
+        console.print(f"{args.job} ended {STATE.Name(job.state)}: {job.error.reason} {job.error.message}", style="red")
         return 1
     return 0
 
@@ -196,7 +196,7 @@ def cmd_report(client: TuneforgeClient, args: argparse.Namespace) -> int:
         try:
             page = read_member(archive, REPORT)
         except KeyError:
-            console.print(f"[red]{args.job}'s artifact has no report (it was made before reports existed)")
+            console.print(f"{args.job}'s artifact has no report (it was made before reports existed)", style="red")
             return 1
     target.write_bytes(page)
     print(json.dumps({"report": str(target)}) if args.json else f"report saved to {target}")
@@ -229,12 +229,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(result) | {"ok": result.ok}))
     elif result.ok:
-        out.print(f"[green]{args.artifact}: all {result.checked} files match the manifest")
+        out.print(f"{args.artifact}: all {result.checked} files match the manifest", style="green")
     else:
         problems = (("differs", result.mismatched), ("missing", result.missing), ("unlisted", result.unlisted))
         for label, names in problems:
             for name in names:
-                out.print(f"[red]{label}: {name}")
+                out.print(f"{label}: {name}", style="red")
     return 0 if result.ok else 1
 
 
@@ -250,13 +250,17 @@ def cmd_files(client: TuneforgeClient, args: argparse.Namespace) -> int:
     return 0
 
 
+EXTRA = "'tuneforge[server]'"
+"""What to install for the commands beyond the light client."""
+
+
 def _serve(args: argparse.Namespace) -> int:
     """`tuneforge serve`: the server, imported only when the command runs (it needs the [server] extra). The
     import is written out so the import contracts see it (pyproject.toml allows exactly this one)."""
     try:
         from server import main as server_main
     except ImportError as exc:
-        console.print(f"[red]`tuneforge serve` needs the server: `pip install 'tuneforge[server]'` ({exc})")
+        console.print(f"`tuneforge serve` needs the server: `pip install {EXTRA}` ({exc})", style="red")
         return 2
     return int(server_main.run(args))
 
@@ -266,7 +270,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         from clients import demo
     except ImportError as exc:
-        console.print(f"[red]`tuneforge demo` needs the server: `pip install 'tuneforge[server]'` ({exc})")
+        console.print(f"`tuneforge demo` needs the server: `pip install {EXTRA}` ({exc})", style="red")
         return 2
     return int(demo.run(args))
 
@@ -374,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args.handler(client, args))
         except TuneforgeError as error:
-            console.print(f"[red]error:[/red] {error}")
+            console.print(f"error: {error}", style="red")
             for field, description in error.field_violations.items():
                 console.print(f"  {field}: {description}")
             for subject, description in error.quota_violations.items():

@@ -29,7 +29,7 @@ NEW_SENTENCES = [
     "The striker scored twice in the second half as the club moved to the top of the league table.",
     "Shares in the bank fell sharply after it warned that annual profits would miss forecasts.",
 ]
-console = Console()
+console = Console(markup=False)
 
 
 def write_bbc_subset(
@@ -117,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
         final = render_watch(client.watch(job.name), console)
         if final != jobs_pb2.Job.SUCCEEDED:
             failed = client.get_job(job.name)
-            console.print(f"[red]job ended {jobs_pb2.Job.State.Name(failed.state)}: {failed.error.message}")
+            console.print(f"job ended {jobs_pb2.Job.State.Name(failed.state)}: {failed.error.message}", style="red")
             return 1
         before, after = accuracy_before_and_after(client.list_job_events(job.name))
-        console.print(f"validation accuracy before fine-tuning: {before:.1%}   after: [bold]{after:.1%}")
+        console.print(f"validation accuracy before fine-tuning: {before:.1%}   after: {after:.1%}", style="bold")
         archive = scratch / "model.tar"
         client.download_artifact(job.name, archive)
         model_dir = scratch / "model"

@@ -18,8 +18,8 @@ from clients.spec_flags import add_spec_file_arguments, load_sweep_file, set_dat
 SWEEP = sweeps_pb2.Sweep.State
 TRIAL = sweeps_pb2.Trial.State
 Command = Callable[[str, Callable[..., int], str], argparse.ArgumentParser]
-out = Console()
-console = Console(stderr=True)
+out = Console(markup=False)
+console = Console(stderr=True, markup=False)
 
 
 def cmd_create(client: TuneforgeClient, args: argparse.Namespace) -> int:
@@ -81,10 +81,10 @@ def cmd_watch(client: TuneforgeClient, args: argparse.Namespace) -> int:
             trial = event.trial
             console.print(f"trial {trial.number} {TRIAL.Name(trial.state)} value {trial.value:.4g} {trial.job}")
         elif event.HasField("best_trial"):
-            console.print(f"[green]best: trial {event.best_trial.number} = {event.best_trial.value:.4g}")
+            console.print(f"best: trial {event.best_trial.number} = {event.best_trial.value:.4g}", style="green")
     sweep = client.get_sweep(args.sweep)
     if sweep.state != SWEEP.SUCCEEDED:
-        console.print(f"[red]{sweep.name} ended {SWEEP.Name(sweep.state)}: {sweep.error.message}")
+        console.print(f"{sweep.name} ended {SWEEP.Name(sweep.state)}: {sweep.error.message}", style="red")
         return 1
     print(sweep.best_trial.job)
     return 0

