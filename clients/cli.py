@@ -250,8 +250,10 @@ def cmd_files(client: TuneforgeClient, args: argparse.Namespace) -> int:
     return 0
 
 
-EXTRA = "'tuneforge[server]'"
-"""What to install for the commands beyond the light client."""
+def _needs_server(command: str, exc: ImportError) -> int:
+    """A command beyond the light client, run where the server is not installed: what to install."""
+    console.print(f"`tuneforge {command}` needs the server: `pip install 'tuneforge[server]'` ({exc})", style="red")
+    return 2
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -260,8 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from server import main as server_main
     except ImportError as exc:
-        console.print(f"`tuneforge serve` needs the server: `pip install {EXTRA}` ({exc})", style="red")
-        return 2
+        return _needs_server("serve", exc)
     return int(server_main.run(args))
 
 
@@ -270,8 +271,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         from clients import demo
     except ImportError as exc:
-        console.print(f"`tuneforge demo` needs the server: `pip install {EXTRA}` ({exc})", style="red")
-        return 2
+        return _needs_server("demo", exc)
     return int(demo.run(args))
 
 
