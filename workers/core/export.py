@@ -32,7 +32,10 @@ CHECKS = "checks.json"
 DEFAULT_OPSET = 18
 FIXED_TEXT_LENGTH = 128
 FIXED_SPEECH_SECONDS = 10.0
-RELATIVE_TOLERANCE = 1e-4
+RELATIVE_TOLERANCE = {TaskKind.AUDIO_CLASSIFICATION: 1e-3, TaskKind.SPEECH_RECOGNITION: 1e-3}
+"""How far an export's logits may be from the model's, relative to their largest magnitude: 1e-4, except for audio,
+whose convolutional feature encoder over 10 s of samples makes onnxruntime and PyTorch differ by float32 rounding
+alone (up to 1.1e-4 on a tiny wav2vec2, the same for a clip alone as in a batch), so 1e-3 there."""
 
 
 class ExportFormat(StrEnum):
@@ -144,8 +147,10 @@ def _reference(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> np.ndarr
         return np.asarray(loaded.model(**inputs).logits.float().numpy())
 
 
-def _compare(reference: np.ndarray, produced: np.ndarray, inputs: dict[str, torch.Tensor]) -> ExportCheck:
-    tolerance = RELATIVE_TOLERANCE * max(1.0, float(np.abs(reference).max()))
+def _compare(
+    loaded: LoadedModel, reference: np.ndarray, produced: np.ndarray, inputs: dict[str, torch.Tensor]
+) -> ExportCheck:
+    tolerance = RELATIVE_TOLERANCE.get(loaded.task, 1e-4) * max(1.0, float(np.abs(reference).max()))
     difference = float(np.abs(reference - produced).max()) if reference.shape == produced.shape else float("inf")
     shapes = {name: list(tensor.shape) for name, tensor in inputs.items()}
     return ExportCheck(int(reference.shape[0]), difference, tolerance, difference <= tolerance, shapes)
@@ -177,7 +182,7 @@ def _onnx(loaded: LoadedModel, target: Path, opset: int) -> ExportCheck:
     checked = loaded.inputs(sample_items(loaded, 3, seed=2))  # other batch size and lengths
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     produced = session.run(["logits"], {name: tensor.numpy() for name, tensor in checked.items()})[0]
-    return _compare(_reference(loaded, checked), produced, checked)
+    return _compare(loaded, _reference(loaded, checked), produced, checked)
 
 
 def _torchscript(loaded: LoadedModel, target: Path) -> ExportCheck:
@@ -197,7 +202,7 @@ def _torchscript(loaded: LoadedModel, target: Path) -> ExportCheck:
     reloaded = torch.jit.load(str(target))  # type: ignore[no-untyped-call]
     with torch.inference_mode():
         produced = reloaded(*checked.values()).float().numpy()
-    return _compare(_reference(loaded, checked), produced, checked)
+    return _compare(loaded, _reference(loaded, checked), produced, checked)
 
 
 def _merged_lora(folder: Path, loaded: LoadedModel) -> ExportCheck:
@@ -223,7 +228,7 @@ def _merged_lora(folder: Path, loaded: LoadedModel) -> ExportCheck:
     checked = loaded.inputs(sample_items(loaded, 3, seed=2))
     with torch.inference_mode():
         produced = with_adapter(**checked).logits.float().numpy()
-    return _compare(_reference(loaded, checked), produced, checked)
+    return _compare(loaded, _reference(loaded, checked), produced, checked)
 
 
 def export_model(folder: Path, format: ExportFormat, opset: int = DEFAULT_OPSET) -> ExportResult:
