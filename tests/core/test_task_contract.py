@@ -1,0 +1,111 @@
+"""The contract every task keeps, walked through for each registered task on a tiny model: it trains, its artifact
+answers predictions of its own input kind, its ONNX export is made and checked against the model, and its report
+shows its metrics. A task added to TaskKind without a case here fails this test."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.core.test_training_core import FAST, make_spec, run
+from tests.media import (
+    make_tiny_vit,
+    make_tiny_wav2vec2,
+    make_tiny_wav2vec2_ctc,
+    shape_png,
+    spoken_word,
+    tone_wav,
+    write_shapes_zip,
+    write_tones_zip,
+    write_words_zip,
+)
+from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
+from workers.core.prediction import load_model
+from workers.messages import Outcome
+from workers.spec import DataSettings, EvaluationSettings, TaskKind
+
+
+@dataclass(frozen=True)
+class Case:
+    model: Callable[[Path], Path]
+    data: Callable[[Path], Path]
+    inputs: Callable[[random.Random], list[tuple[str, Any]]]
+    metric: str
+    epochs: int = 2
+
+
+CASES = {
+    TaskKind.TEXT_CLASSIFICATION: Case(
+        lambda folder: make_tiny_bert(folder, num_labels=3),
+        lambda folder: write_jsonl(folder / "train.jsonl", keyword_rows(60)),
+        lambda rng: [("text", "the striker scored a goal"), ("text", "rain and wind tonight")],
+        "eval_accuracy",
+    ),
+    TaskKind.IMAGE_CLASSIFICATION: Case(
+        make_tiny_vit,
+        lambda folder: write_shapes_zip(folder / "shapes.zip", per_class=6),
+        lambda rng: [("image", shape_png("red", rng)), ("image", shape_png("blue", rng))],
+        "eval_accuracy",
+    ),
+    TaskKind.AUDIO_CLASSIFICATION: Case(
+        make_tiny_wav2vec2,
+        lambda folder: write_tones_zip(folder / "tones.zip", per_class=6),
+        lambda rng: [("audio", tone_wav(220.0, rng)), ("audio", tone_wav(880.0, rng))],
+        "eval_accuracy",
+    ),
+    TaskKind.SPEECH_RECOGNITION: Case(
+        make_tiny_wav2vec2_ctc,
+        lambda folder: write_words_zip(folder / "words.zip", 20),
+        lambda rng: [("audio", spoken_word("abc", rng)), ("audio", spoken_word("ca", rng))],
+        "eval_cer",
+    ),
+}
+
+
+def test_every_task_has_a_case() -> None:
+    assert set(CASES) == set(TaskKind)
+
+
+@pytest.mark.parametrize("task", list(CASES), ids=[task.value for task in CASES])
+def test_a_task_trains_predicts_exports_and_reports(task: TaskKind, tmp_path: Path) -> None:
+    case = CASES[task]
+    model, data = case.model(tmp_path / "base"), case.data(tmp_path)
+    spec = make_spec(
+        model,
+        task=task,
+        data=DataSettings(training_file="files/train", validation_fraction=0.25),
+        hyperparameters=dataclasses.replace(FAST, epochs=case.epochs, learning_rate=3e-3),
+        evaluation=EvaluationSettings(log_every_steps=2),
+        export_formats=("onnx",),
+    )
+    finished, _ = run(spec, data, tmp_path / "work")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    with tarfile.open(tmp_path / "work" / "artifact.tar") as tar:
+        tar.extractall(tmp_path / "model", filter="data")
+
+    checks = json.loads((tmp_path / "model" / "exports" / "checks.json").read_text())
+    assert checks["onnx"]["check"]["passed"], checks
+
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert case.metric in metrics["final"]
+    assert f"<td>{case.metric}</td>" in (tmp_path / "model" / "report.html").read_text()
+
+    loaded = load_model(tmp_path / "model")
+    items = case.inputs(random.Random(3))
+    answers = loaded.answer([loaded.decode(item) for item in items], top_k=2)
+    assert len(answers) == len(items)
+    for answer in answers:
+        if task is TaskKind.SPEECH_RECOGNITION:
+            assert set(answer) == {"transcript"} and isinstance(answer["transcript"], str)
+        else:
+            labels = answer["labels"]
+            assert len(labels) == 2 and {label for label, _ in labels} <= set(loaded.labels)
+            assert labels[0][1] >= labels[1][1] and 0.0 < sum(p for _, p in labels) <= 1.0 + 1e-6
