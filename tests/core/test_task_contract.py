@@ -28,6 +28,7 @@ from tests.media import (
     write_words_zip,
 )
 from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
+from workers.core.adapters import ADAPTERS
 from workers.core.prediction import load_model
 from workers.messages import Outcome
 from workers.spec import DataSettings, EvaluationSettings, TaskKind
@@ -70,8 +71,8 @@ CASES = {
 }
 
 
-def test_every_task_has_a_case() -> None:
-    assert set(CASES) == set(TaskKind)
+def test_every_task_has_a_case_and_an_adapter() -> None:
+    assert set(CASES) == set(TaskKind) == set(ADAPTERS)
 
 
 @pytest.mark.parametrize("task", list(CASES), ids=[task.value for task in CASES])
