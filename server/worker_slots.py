@@ -65,10 +65,7 @@ class WorkerSlots:
 
     def ready(self, event: WorkerReady) -> bool:
         """A worker said it is ready: its slot is idle with what it has. True once no worker is still starting."""
-        self._slots[event.worker] = WorkerSlot(
-            state="idle", device=event.device, gpu_uuid=event.gpu_uuid, gpu_name=event.gpu_name, gpus=event.gpus,
-            host=event.host,
-        )  # fmt: skip
+        self._slots[event.worker] = _idle_as(event)
         return all(slot.state != "starting" for slot in self._slots.values())
 
     def restarting(self, worker: str) -> WorkerSlot:
@@ -79,11 +76,7 @@ class WorkerSlots:
 
     def freed(self, worker: str) -> None:
         """The worker's job ended: its bookkeeping goes, what the worker is (device, GPUs, host) stays."""
-        slot = self._slots[worker]
-        self._slots[worker] = WorkerSlot(
-            state="idle", device=slot.device, gpu_uuid=slot.gpu_uuid, gpu_name=slot.gpu_name, gpus=slot.gpus,
-            host=slot.host,
-        )  # fmt: skip
+        self._slots[worker] = _idle_as(self._slots[worker])
 
     def idle(self) -> list[str]:
         return [name for name, slot in self.items() if slot.state == "idle"]
@@ -108,3 +101,12 @@ class WorkerSlots:
             WorkerView(name, slot.state, slot.last_heard + wall_offset, slot.device, slot.gpu_uuid, slot.gpu_name)
             for name, slot in sorted(self.items())
         ]
+
+
+IDENTITY = ("device", "gpu_uuid", "gpu_name", "gpus", "host")
+"""What a worker is, as its WorkerReady says and its slot keeps across jobs."""
+
+
+def _idle_as(source: WorkerReady | WorkerSlot) -> WorkerSlot:
+    """An idle slot for the worker `source` describes, with no job's bookkeeping."""
+    return WorkerSlot(state="idle", **{name: getattr(source, name) for name in IDENTITY})
