@@ -163,8 +163,13 @@ class SweepController:
 
     def _job_changed(self, record: JobRecord, events: list[EventRecord]) -> None:
         """A job changed on this replica: a hint to read the store now rather than at the next tick (the store is
-        what counts, so trials that run on other replicas are followed all the same)."""
-        if record.sweep_id in self._live or record.tenant in self._waiting.values():
+        what counts, so trials that run on other replicas are followed all the same). Only what a sweep acts on
+        wakes it: a trial's evaluation or change of state, or a waiting tenant's job leaving the queue; training
+        progress, the bulk of the events, does not."""
+        kinds = {event.kind for event in events}
+        trial = record.sweep_id in self._live and bool(kinds & {"evaluation_metrics", "state_change"})
+        room = record.tenant in self._waiting.values() and "state_change" in kinds
+        if trial or room:
             self._wake.set()
 
     async def _drive(self) -> None:
@@ -222,11 +227,14 @@ class SweepController:
             await self._trial_ended(job, live)
 
     def _renew(self, current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]] | None:
-        """The lease renewed, at most twice a tick (a pass may run at every job event)."""
-        now = time.time()
-        if current.state is not SweepState.RUNNING or now - current.driver_heartbeat < self._tick_s / 2:
+        """The lease renewed, at most twice a tick (a pass may run at every trial's evaluation)."""
+        if current.state is not SweepState.RUNNING or time.time() - current.driver_heartbeat < self._tick_s / 2:
             return None
-        return replace(current, driver=self._replica, driver_heartbeat=now), []
+        return self._held(current), []
+
+    def _held(self, current: SweepRecord) -> SweepRecord:
+        """The sweep with this replica's lease on it, from now."""
+        return replace(current, driver=self._replica, driver_heartbeat=time.time())
 
     def _claimable(self, record: SweepRecord) -> bool:
         expired = record.driver_heartbeat < time.time() - self._lease_timeout_s
@@ -239,23 +247,31 @@ class SweepController:
         for record in await self._db.call(self._store.sweeps_in_states, [SweepState.RUNNING]):
             if record.id in self._live or not self._claimable(record):
                 continue
-
-            def claim(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]] | None:
-                if current.state is not SweepState.RUNNING or not self._claimable(current):
-                    return None
-                return replace(current, driver=self._replica, driver_heartbeat=time.time()), []
-
-            claimed = await self._db.call(self._store.update_sweep, record.id, claim)
-            if claimed is None or claimed[0].driver != self._replica or not claimed[0].driver_heartbeat:
+            claimed = await self._claim(record.id)
+            if claimed is None:
                 continue
             if record.driver and record.driver != self._replica:
                 log.warning("sweep %s: %s stopped renewing its lease; %s drives it now", record.id, record.driver,
                             self._replica)  # fmt: skip
             try:
-                await self._restore(claimed[0])
+                await self._restore(claimed)
             except Exception as exc:  # one sweep that cannot be rebuilt ends; the server and the others go on
                 log.exception("could not restore sweep %s", record.id)
                 await self._fail_unrestorable(record, exc)
+
+    async def _claim(self, sweep_id: str) -> SweepRecord | None:
+        """The sweep with this replica's lease on it, if it is still running and claimable; None otherwise."""
+        won: list[SweepRecord] = []
+
+        def claim(current: SweepRecord) -> tuple[SweepRecord, list[NewEvent]] | None:
+            won.clear()  # the last call counts: the store may run it again
+            if current.state is not SweepState.RUNNING or not self._claimable(current):
+                return None
+            won.append(self._held(current))
+            return won[0], []
+
+        claimed = await self._db.call(self._store.update_sweep, sweep_id, claim)
+        return claimed[0] if claimed is not None and won else None
 
     async def _report(self, job: JobRecord, live: LiveSweep, metrics: Any, index: int) -> None:
         """The job's `index`-th evaluation: recorded, told to the pruner, and the trial cancelled if the pruner says
