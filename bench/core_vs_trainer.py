@@ -521,12 +521,11 @@ def core_spec(
         Hyperparameters,
         ScheduleKind,
         ScheduleSettings,
-        TaskKind,
         TrainingSpec,
     )
 
     return TrainingSpec(
-        task=TaskKind[task],
+        task=task.lower(),
         base_model=str(model),
         data=DataSettings(training_file="files/train", max_sequence_length=128, clip_seconds=clip_seconds),
         hyperparameters=Hyperparameters(
@@ -627,9 +626,9 @@ IMPORTS = {
     "features_once": ["transformers"],
     "core": [
         "workers.core.runner",
-        "workers.core.text_adapter",
-        "workers.core.image_adapter",
-        "workers.core.audio_adapter",
+        "workers.tasks.text_classification.runtime",
+        "workers.tasks.image_classification.runtime",
+        "workers.tasks.audio_classification.runtime",
     ],
 }
 """Imported before the clock starts: a script pays them once, a Tuneforge worker when it starts (warm workers)."""

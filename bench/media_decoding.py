@@ -62,8 +62,8 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoFeatureExtractor, AutoImageProcessor
 
-    from workers.core.audio_adapter import AudioDataset
-    from workers.core.image_adapter import ImageDataset
+    from workers.tasks.audio_classification.runtime import AudioDataset
+    from workers.tasks.image_classification.runtime import ImageDataset
 
     scratch = Path(tempfile.mkdtemp())
     fair.build_vit(scratch / "vit")

@@ -52,8 +52,8 @@ PHASES = ("cold worker", "warm worker, cold model", "warm model")
 
 def in_process(model: Path, data: Path, epochs: int, spawned_at: float) -> dict[str, Any]:
     """This child's sequence: the probe (from the process's start), then the full job twice."""
-    from workers.core.adapters import import_all_adapters
     from workers.messages import LogEmitted, WorkerEvent
+    from workers.tasks.runtime import import_every_runtime
 
     def timed_run(spec: Any, since: float) -> dict[str, float]:
         marks: dict[str, float] = {}
@@ -65,7 +65,7 @@ def in_process(model: Path, data: Path, epochs: int, spawned_at: float) -> dict[
         run_core_job(spec, data, send)
         return {"first_step": marks["first_step"], "seconds": time.time() - since}
 
-    import_all_adapters()  # as a worker does when it starts
+    import_every_runtime()  # as a worker does when it starts
     probe = core_spec("TEXT_CLASSIFICATION", model, 1, max_steps=FIRST_PROBE_STEPS)
     probe = dataclasses.replace(probe, hyperparameters=dataclasses.replace(probe.hyperparameters, seed=1))
     cold_worker = timed_run(probe, spawned_at)

@@ -1,4 +1,5 @@
-"""`tuneforge submit` flags <-> JobSpec: one flag per common field, named as a person would say it."""
+"""`tuneforge submit` flags <-> JobSpec: one flag per common field, named as a person would say it, and the flags
+each task declares for its own fields (workers/tasks/*/__init__.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from google.protobuf import json_format
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import sweeps_pb2
 
-TASKS = {
-    "text-classification": pb.TEXT_CLASSIFICATION,
-    "image-classification": pb.IMAGE_CLASSIFICATION,
-    "audio-classification": pb.AUDIO_CLASSIFICATION,
-    "speech-recognition": pb.SPEECH_RECOGNITION,
-}
+from workers.tasks import registry
+from workers.tasks.definition import TaskFlag
+
+TASKS = {task.cli_name: pb.Task.Value(task.enum_name) for task in registry.definitions().values()}
 ADAPTATIONS = {
     "full": pb.Adaptation.FULL,
     "frozen-backbone": pb.Adaptation.FROZEN_BACKBONE,
@@ -40,10 +39,9 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     add("--train", required=True, help="training file name (files/ID) from `upload`")
     add("--validation", help="validation file name (files/ID)")
     add("--validation-fraction", type=float, default=0.0, help="hold out this fraction of --train instead")
-    add("--text-column", default="")
-    add("--text-pair-column", default="")
     add("--label-column", default="")
-    add("--max-seq-length", type=int, default=0)
+    for flag, (task_flag, tasks) in task_flags().items():
+        add(flag, dest=_dest(task_flag), type=task_flag.type, help=f"{task_flag.help} [{', '.join(tasks)}]")
     add("--adaptation", choices=ADAPTATIONS, default="full")
     add("--frozen-blocks", type=int, default=0, help="blocks frozen by --adaptation freeze-first-blocks")
     add("--head-hidden", type=int, nargs="*", default=None, help="custom head hidden sizes, e.g. 1024")
@@ -103,10 +101,7 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
             training_file=args.train,
             validation_file=args.validation or "",
             validation_fraction=args.validation_fraction,
-            text_column=args.text_column,
-            text_pair_column=args.text_pair_column,
             label_column=args.label_column,
-            max_sequence_length=args.max_seq_length,
         ),
         adaptation=pb.Adaptation(method=ADAPTATIONS[args.adaptation], num_frozen_blocks=args.frozen_blocks),
         hyperparameters=hp,
@@ -119,6 +114,10 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
         resources=pb.Resources(gpus=args.gpus, ranks=args.ranks),
         priority=args.priority,
     )
+    for task_flag, _ in task_flags().values():
+        value = getattr(args, _dest(task_flag))
+        if value is not None:
+            _set_field(spec, task_flag.field, value)
     if args.head_hidden is not None:
         spec.head.CopyFrom(
             pb.HeadSpec(
@@ -126,6 +125,31 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
             )
         )
     return spec
+
+
+def task_flags() -> dict[str, tuple[TaskFlag, list[str]]]:
+    """Every task's own flags, each once, with the tasks (CLI names) that take it."""
+    flags: dict[str, tuple[TaskFlag, list[str]]] = {}
+    for task in registry.definitions().values():
+        for flag in task.flags:
+            known = flags.setdefault(flag.flag, (flag, []))
+            if known[0] != flag:
+                raise TypeError(f"{task.name} declares {flag.flag} unlike another task: share one TaskFlag")
+            known[1].append(task.cli_name)
+    return flags
+
+
+def _dest(flag: TaskFlag) -> str:
+    return "task_" + flag.field.replace(".", "_")
+
+
+def _set_field(spec: pb.JobSpec, path: str, value: object) -> None:
+    """Sets a JobSpec field by its dotted path (a task flag's field)."""
+    *parents, name = path.split(".")
+    holder = spec
+    for parent in parents:
+        holder = getattr(holder, parent)
+    setattr(holder, name, value)
 
 
 def load_spec_file(path: Path) -> pb.JobSpec:

@@ -7,21 +7,20 @@ import re
 from tuneforge.v1 import job_spec_pb2, jobs_pb2
 
 from server.errors import FieldViolation, invalid_argument
+from server.spec_validation import task_of
 
 CHECKPOINT = re.compile(r"latest|step-\d{6}")
 MAX_INPUTS = 64
 MAX_TEXT_CHARS = 100_000
-MODALITY = {
-    job_spec_pb2.TEXT_CLASSIFICATION: "text",
-    job_spec_pb2.IMAGE_CLASSIFICATION: "image",
-    job_spec_pb2.AUDIO_CLASSIFICATION: "audio",
-    job_spec_pb2.SPEECH_RECOGNITION: "audio",
-}
 
 
-def check_predict_inputs(request: jobs_pb2.PredictRequest, task: int) -> list[tuple[str, str | bytes]]:
-    """The inputs as (kind, value) pairs; INVALID_ARGUMENT naming every input of the wrong kind."""
-    wanted = MODALITY[job_spec_pb2.Task.ValueType(task)]
+def check_predict_inputs(request: jobs_pb2.PredictRequest, spec: job_spec_pb2.JobSpec) -> list[tuple[str, str | bytes]]:
+    """The inputs as (kind, value) pairs (the kind the job's task takes); INVALID_ARGUMENT naming every input of the
+    wrong kind."""
+    task = task_of(spec)
+    if task is None:
+        raise ValueError(f"a stored job has no known task ({spec.task})")
+    wanted = task.modality
     violations = []
     if not 1 <= len(request.inputs) <= MAX_INPUTS:
         violations.append(FieldViolation("inputs", f"give 1 to {MAX_INPUTS} inputs, got {len(request.inputs)}"))

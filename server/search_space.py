@@ -19,9 +19,9 @@ from google.protobuf.message import Message
 from tuneforge.v1 import job_spec_pb2, sweeps_pb2
 
 from server.errors import FieldViolation
-from server.spec_validation import METRICS_BY_TASK, validate_spec
 from server.spec_validation import ROOT as SPEC_ROOT
-from workers.spec import TaskKind
+from server.spec_validation import validate_spec
+from workers.tasks import registry
 
 Distribution = optuna.distributions.BaseDistribution
 ParamValue = str | int | float | bool
@@ -115,14 +115,15 @@ def _distributions(spec: sweeps_pb2.SweepSpec, bad: list[FieldViolation]) -> dic
     return distributions
 
 
-def _objective(spec: sweeps_pb2.SweepSpec, task: TaskKind | None, bad: list[FieldViolation]) -> tuple[str, bool]:
+def _objective(spec: sweeps_pb2.SweepSpec, task_name: str | None, bad: list[FieldViolation]) -> tuple[str, bool]:
     metric = spec.objective.metric or "eval_loss"
-    if task is not None and metric not in METRICS_BY_TASK[task]:
-        allowed = ", ".join(METRICS_BY_TASK[task])
+    task = registry.definition(task_name) if task_name is not None else None
+    if task is not None and metric not in task.metrics:
+        allowed = ", ".join(task.metrics)
         bad.append(FieldViolation("sweep.spec.objective.metric", f"must be one of {allowed}, got {metric!r}"))
     if spec.objective.goal:
         return metric, spec.objective.goal == sweeps_pb2.Objective.MAXIMIZE
-    return metric, not metric.endswith(("loss", "wer", "cer"))
+    return metric, task.maximizes(metric) if task is not None else not metric.endswith("loss")
 
 
 def _limits(spec: sweeps_pb2.SweepSpec, bad: list[FieldViolation]) -> tuple[int, int, float]:

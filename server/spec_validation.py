@@ -33,9 +33,10 @@ from workers.spec import (
     Precision,
     ScheduleKind,
     ScheduleSettings,
-    TaskKind,
     TrainingSpec,
 )
+from workers.tasks import registry
+from workers.tasks.definition import TASK_FIELDS, TaskDefinition
 
 T = TypeVar("T")
 ROOT = "job.spec"
@@ -43,22 +44,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 FILE_NAME = re.compile(r"^files/[a-z0-9][a-z0-9-]{0,62}$")
 MAX_COLUMN_CHARS = 256
 MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]{0,127}$")
-CLASSIFICATION_METRICS = ("eval_loss", "eval_accuracy", "eval_macro_f1")
-METRICS_BY_TASK = {
-    TaskKind.TEXT_CLASSIFICATION: CLASSIFICATION_METRICS,
-    TaskKind.IMAGE_CLASSIFICATION: CLASSIFICATION_METRICS,
-    TaskKind.AUDIO_CLASSIFICATION: CLASSIFICATION_METRICS,
-    TaskKind.SPEECH_RECOGNITION: ("eval_loss", "eval_wer", "eval_cer"),
-}
-MEDIA_TASKS = (TaskKind.IMAGE_CLASSIFICATION, TaskKind.AUDIO_CLASSIFICATION, TaskKind.SPEECH_RECOGNITION)
-AUDIO_TASKS = (TaskKind.AUDIO_CLASSIFICATION, TaskKind.SPEECH_RECOGNITION)
-
-TASKS = {
-    pb.TEXT_CLASSIFICATION: TaskKind.TEXT_CLASSIFICATION,
-    pb.IMAGE_CLASSIFICATION: TaskKind.IMAGE_CLASSIFICATION,
-    pb.AUDIO_CLASSIFICATION: TaskKind.AUDIO_CLASSIFICATION,
-    pb.SPEECH_RECOGNITION: TaskKind.SPEECH_RECOGNITION,
-}
 METHODS = {
     pb.Adaptation.METHOD_UNSPECIFIED: AdaptationMethod.FULL,
     pb.Adaptation.FULL: AdaptationMethod.FULL,
@@ -197,7 +182,7 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
     result = ValidationResult(violations=check.violations)
     if task is not None and data is not None:
         candidate = TrainingSpec(
-            task=task,
+            task=task.name,
             base_model=spec.base_model,
             data=data,
             adaptation=adaptation,
@@ -213,19 +198,22 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
         )
         candidate = _few_shot(check, candidate, spec)
         _needs_validation(check, candidate)
-        _task_rules(check, candidate, spec.data)
+        _task_rules(check, task, candidate, spec)
         if not check.violations:
             result.spec = candidate
     return result
 
 
-def _task(check: _Checker, spec: pb.JobSpec) -> TaskKind | None:
-    task = TASKS.get(spec.task)
+def task_of(spec: pb.JobSpec) -> TaskDefinition | None:
+    """The task a JobSpec names (None when unset or unknown)."""
+    return registry.by_enum_name(pb.Task.Name(spec.task)) if spec.task in pb.Task.values() else None
+
+
+def _task(check: _Checker, spec: pb.JobSpec) -> TaskDefinition | None:
+    task = task_of(spec)
     if task is None:
-        check.bad(
-            "task",
-            "required: one of TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, AUDIO_CLASSIFICATION, SPEECH_RECOGNITION",
-        )
+        names = ", ".join(definition.enum_name for definition in registry.definitions().values())
+        check.bad("task", f"required: one of {names}")
     return task
 
 
@@ -457,16 +445,14 @@ def _few_shot(check: _Checker, candidate: TrainingSpec, raw: pb.JobSpec) -> Trai
     if not shots:
         return candidate
     check.int_range("data.shots_per_class", shots, 1, 10_000)
-    if candidate.task is TaskKind.SPEECH_RECOGNITION:
-        check.bad("data.shots_per_class", "only for classification tasks")
-        return candidate
+    if not registry.definition(candidate.task).classifies:
+        return candidate  # refused with the other fields its task does not read
     hp, evaluation, data = candidate.hyperparameters, candidate.evaluation, candidate.data
     if not raw.hyperparameters.epochs and not hp.auto.epochs:
         hp = replace(hp, epochs=FEW_SHOT_EPOCHS)
     if not raw.evaluation.early_stopping_patience:
         evaluation = replace(evaluation, early_stopping_patience=FEW_SHOT_PATIENCE)
-    media = candidate.task in (TaskKind.IMAGE_CLASSIFICATION, TaskKind.AUDIO_CLASSIFICATION)
-    if media and not raw.data.augmentation.enabled:
+    if "data.augmentation" in registry.definition(candidate.task).reads and not raw.data.augmentation.enabled:
         data = replace(data, augmentation=AugmentationSettings())
     return replace(candidate, hyperparameters=hp, evaluation=evaluation, data=replace(data, shots_per_class=shots))
 
@@ -593,32 +579,34 @@ def _evaluation(check: _Checker, evaluation: pb.EvaluationSpec) -> EvaluationSet
     )
 
 
-def _task_rules(check: _Checker, spec: TrainingSpec, raw: pb.DataSpec) -> None:
-    """Fields that only some tasks read are refused elsewhere rather than ignored."""
-    allowed = METRICS_BY_TASK[spec.task]
-    if spec.evaluation.best_metric not in allowed:
+def _task_rules(check: _Checker, task: TaskDefinition, spec: TrainingSpec, raw: pb.JobSpec) -> None:
+    """The task's metrics; fields that only some tasks read are refused elsewhere rather than ignored."""
+    if spec.evaluation.best_metric not in task.metrics:
         check.bad(
             "evaluation.best_metric",
-            f"must be one of {', '.join(allowed)} for {spec.task.name}, got {spec.evaluation.best_metric!r}",
+            f"must be one of {', '.join(task.metrics)} for {task.enum_name}, got {spec.evaluation.best_metric!r}",
         )
-    if spec.data.augmentation is not None and spec.task is TaskKind.TEXT_CLASSIFICATION:
-        check.bad("data.augmentation", "augmentation is available for images and audio, not text")
-    if raw.clip_seconds and spec.task not in AUDIO_TASKS:
-        check.bad("data.clip_seconds", "only used with audio tasks")
-    if raw.transcript_column and spec.task is not TaskKind.SPEECH_RECOGNITION:
-        check.bad("data.transcript_column", "only used with SPEECH_RECOGNITION")
-    if spec.task in MEDIA_TASKS:
-        for name in ("max_sequence_length", "text_column", "text_pair_column"):
-            if getattr(raw, name):
-                check.bad(f"data.{name}", "only used with TEXT_CLASSIFICATION")
-    if spec.task is TaskKind.SPEECH_RECOGNITION:
-        if spec.head is not None:
-            check.bad("head", "speech recognition keeps the model's CTC head")
-        hp = spec.hyperparameters
-        if hp.label_smoothing:
-            check.bad("hyperparameters.label_smoothing", "only used with classification tasks")
-        if hp.class_balance is not ClassBalance.NONE:
-            check.bad("hyperparameters.class_balance", "only used with classification tasks")
+    for path in TASK_FIELDS:
+        if path not in task.reads and _is_set(raw, path):
+            readers = " or ".join(reader.enum_name for reader in registry.readers(path)) or "no task"
+            check.bad(path, f"only used with {readers}, not {task.enum_name}")
+
+
+def _is_set(spec: pb.JobSpec, path: str) -> bool:
+    """Whether the request gives a task-specific field: a message that is present (augmentation: enabled), a value
+    other than its zero (class balance: other than NONE)."""
+    *parents, name = path.split(".")
+    holder: Any = spec
+    for parent in parents:
+        holder = getattr(holder, parent)
+    value = getattr(holder, name)
+    if name == "augmentation":
+        return bool(value.enabled)
+    if name == "class_balance":
+        return value not in (pb.Hyperparameters.CLASS_BALANCE_UNSPECIFIED, pb.Hyperparameters.NONE)
+    if hasattr(value, "ListFields"):
+        return bool(holder.HasField(name))
+    return bool(value)
 
 
 def _needs_validation(check: _Checker, spec: TrainingSpec) -> None:

@@ -222,15 +222,15 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
         os.nice(settings.nice)
     configure_logging(settings.log_level, settings.log_format, worker)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Imported here, in the child: loading torch, transformers and every adapter once per worker is the warm-up.
+    # Imported here, in the child: loading torch, transformers and every task runtime once per worker is the warm-up.
     import torch
 
-    from workers.core.adapters import import_all_adapters
     from workers.core.device import configure_torch, gpu_identity, select_device
     from workers.core.model_cache import configure
     from workers.core.prediction import ModelCache, PredictionServer
+    from workers.tasks.runtime import import_every_runtime
 
-    import_all_adapters()
+    import_every_runtime()
     configure(settings.model_cache_mb * 2**20)
     configure_torch(settings.torch_threads)
     device = select_device(settings.device)

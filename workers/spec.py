@@ -10,15 +10,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 
-class TaskKind(StrEnum):
-    """What the job trains the model to do."""
-
-    TEXT_CLASSIFICATION = "text_classification"
-    IMAGE_CLASSIFICATION = "image_classification"
-    AUDIO_CLASSIFICATION = "audio_classification"
-    SPEECH_RECOGNITION = "speech_recognition"
-
-
 class AdaptationMethod(StrEnum):
     """Which weights train."""
 
@@ -238,17 +229,13 @@ class EvaluationSettings:
     keep_checkpoints: int = 1
     """Newest resumable checkpoints kept (the best one is kept besides)."""
 
-    @property
-    def maximize(self) -> bool:
-        """Losses and error rates are minimised; everything else is maximised."""
-        return not self.best_metric.endswith(("loss", "wer", "cer"))
-
 
 @dataclass(frozen=True)
 class TrainingSpec:
     """Everything the training core needs to know about a job, defaults resolved."""
 
-    task: TaskKind
+    task: str
+    """The task's name: its package under workers/tasks (`text_classification` ...)."""
     base_model: str
     data: DataSettings
     adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
@@ -264,3 +251,10 @@ class TrainingSpec:
     export_formats: tuple[str, ...] = ()
     """Exports made and checked when training ends (workers.core.export.ExportFormat values)."""
     onnx_opset: int = 18
+
+    @property
+    def maximize(self) -> bool:
+        """Whether a higher best_metric is better, as the task says (losses and error rates are minimised)."""
+        from workers.tasks import registry
+
+        return registry.definition(self.task).maximizes(self.evaluation.best_metric)

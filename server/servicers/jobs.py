@@ -189,7 +189,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @unary
     async def Predict(self, request: jobs_pb2.PredictRequest, context: Context) -> jobs_pb2.PredictResponse:
         record = await self._get(request.name)
-        inputs = check_predict_inputs(request, job_spec_pb2.JobSpec.FromString(record.spec).task)
+        inputs = check_predict_inputs(request, job_spec_pb2.JobSpec.FromString(record.spec))
         if request.checkpoint:
             if record.state in TERMINAL:
                 raise failed_precondition(

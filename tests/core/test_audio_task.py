@@ -18,7 +18,7 @@ import torch
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_wav2vec2, tone_wav, write_tones_zip
 from workers.messages import EvaluationDone, Outcome, TrainingProgress
-from workers.spec import AugmentationSettings, DataSettings, TaskKind
+from workers.spec import AugmentationSettings, DataSettings
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def tiny_wav2vec2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def audio_spec(model: Path, **data: object):  # type: ignore[no-untyped-def]
     spec = make_spec(
         model,
-        task=TaskKind.AUDIO_CLASSIFICATION,
+        task="audio_classification",
         hyperparameters=dataclasses.replace(FAST, epochs=6, learning_rate=3e-3),
     )
     return dataclasses.replace(
@@ -112,7 +112,7 @@ def test_clips_are_decoded_once_ahead_and_only_when_nothing_is_random(
     from transformers import AutoFeatureExtractor
 
     from workers.core import processed_cache
-    from workers.core.audio_adapter import AudioDataset
+    from workers.tasks.audio_classification.runtime import AudioDataset
 
     monkeypatch.setattr(processed_cache, "THREADED_FROM_S", 0.0)  # these short clips would stay on one thread
     extractor = AutoFeatureExtractor.from_pretrained(tiny_wav2vec2)

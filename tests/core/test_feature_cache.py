@@ -25,7 +25,6 @@ from workers.spec import (
     AugmentationSettings,
     DataSettings,
     HeadSettings,
-    TaskKind,
     TrainingSpec,
 )
 
@@ -97,7 +96,7 @@ def compare(
     return kept, recomputed
 
 
-def media_spec(model: Path, task: TaskKind, epochs: int, clip_seconds: float = 0.0) -> TrainingSpec:
+def media_spec(model: Path, task: str, epochs: int, clip_seconds: float = 0.0) -> TrainingSpec:
     hyperparameters = dataclasses.replace(FAST, epochs=epochs, learning_rate=3e-3)
     data = DataSettings(training_file="files/t", validation_fraction=0.25, clip_seconds=clip_seconds)
     return make_spec(model, task=task, adaptation=FROZEN, hyperparameters=hyperparameters, data=data)
@@ -132,13 +131,13 @@ def test_without_validation_data_the_head_still_finds_what_it_reads(
 
 def test_image_and_audio_heads_train_on_kept_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     vit = make_tiny_vit(tmp_path / "vit")
-    spec = media_spec(vit, TaskKind.IMAGE_CLASSIFICATION, epochs=3)
+    spec = media_spec(vit, "image_classification", epochs=3)
     images = write_shapes_zip(tmp_path / "shapes.zip", per_class=8)
     image, _ = compare(spec, images, tmp_path / "image", "ViTEmbeddings", monkeypatch)
     assert image.logged("kept its output (last_hidden_state: what the head reads)"), image.log
     monkeypatch.delenv(BUDGET_ENV)
     wav2vec2 = make_tiny_wav2vec2(tmp_path / "wav2vec2")
-    spec = media_spec(wav2vec2, TaskKind.AUDIO_CLASSIFICATION, epochs=3, clip_seconds=0.5)
+    spec = media_spec(wav2vec2, "audio_classification", epochs=3, clip_seconds=0.5)
     tones = write_tones_zip(tmp_path / "tones.zip", per_class=6)
     audio, _ = compare(spec, tones, tmp_path / "audio", "Wav2Vec2FeatureEncoder", monkeypatch)
     # wav2vec2's head pools its hidden states; the convolutional features (extract_features) are not kept
@@ -159,7 +158,7 @@ def test_nothing_is_kept_when_inputs_change_between_epochs(tmp_path: Path, monke
     """Random crops of longer clips, augmentation, and outputs over the memory budget all recompute."""
     wav2vec2 = make_tiny_wav2vec2(tmp_path / "wav2vec2")
     tones = write_tones_zip(tmp_path / "tones.zip", per_class=4)  # 0.5 s clips, cut to 0.25 s at random offsets
-    cropped = media_spec(wav2vec2, TaskKind.AUDIO_CLASSIFICATION, epochs=2, clip_seconds=0.25)
+    cropped = media_spec(wav2vec2, "audio_classification", epochs=2, clip_seconds=0.25)
     cropped_run = train(cropped, tones, tmp_path / "cropped", "Wav2Vec2FeatureEncoder")
     assert cropped_run.logged(RECOMPUTED) and not cropped_run.logged(KEPT)
     augmented = dataclasses.replace(

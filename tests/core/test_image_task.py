@@ -14,7 +14,7 @@ import torch
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_vit, shape_png, write_shapes_zip, write_tar
 from workers.messages import EvaluationDone, Outcome, TrainingProgress
-from workers.spec import AugmentationSettings, DataSettings, TaskKind
+from workers.spec import AugmentationSettings, DataSettings
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def image_spec(model: Path, **data: object):  # type: ignore[no-untyped-def]
     spec = make_spec(
         model,
-        task=TaskKind.IMAGE_CLASSIFICATION,
+        task="image_classification",
         hyperparameters=dataclasses.replace(FAST, epochs=6, learning_rate=3e-3),
     )
     return dataclasses.replace(spec, data=DataSettings(training_file="files/t", validation_fraction=0.25, **data))
@@ -134,8 +134,8 @@ def unpacked_shapes(tiny_vit: Path, tmp_path: Path, per_class: int) -> tuple[lis
 
 
 def test_processed_pixels_are_kept_only_when_nothing_is_random(tiny_vit: Path, tmp_path: Path) -> None:
-    from workers.core.image_adapter import ImageDataset, image_augmentation
     from workers.spec import AugmentationSettings
+    from workers.tasks.image_classification.runtime import ImageDataset, image_augmentation
 
     examples, processor = unpacked_shapes(tiny_vit, tmp_path, per_class=2)
     plain = ImageDataset(examples, processor, None)
@@ -151,7 +151,7 @@ def test_images_are_processed_ahead_in_parallel_as_they_would_be_one_by_one(
     tiny_vit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from workers.core import processed_cache
-    from workers.core.image_adapter import ImageDataset
+    from workers.tasks.image_classification.runtime import ImageDataset
 
     examples, processor = unpacked_shapes(tiny_vit, tmp_path, per_class=10)
     monkeypatch.setattr(processed_cache, "THREADED_FROM_S", 0.0)  # these small images would stay on one thread

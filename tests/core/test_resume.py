@@ -22,7 +22,6 @@ from workers.spec import (
     EvaluationSettings,
     ScheduleKind,
     ScheduleSettings,
-    TaskKind,
     TrainingSpec,
 )
 
@@ -85,7 +84,7 @@ def test_resume_at_an_epoch_boundary_with_augmented_images(tmp_path: Path) -> No
     archive = write_shapes_zip(tmp_path / "shapes.zip", per_class=8)
     spec = make_spec(
         model,
-        task=TaskKind.IMAGE_CLASSIFICATION,
+        task="image_classification",
         hyperparameters=dataclasses.replace(FAST, epochs=3, learning_rate=3e-3, seed=5),
         evaluation=EvaluationSettings(log_every_steps=1),
     )

@@ -13,7 +13,7 @@ import pytest
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_wav2vec2_ctc, spoken_word, write_words_zip
 from workers.messages import EvaluationDone, LogEmitted, Outcome, TrainingProgress
-from workers.spec import DataSettings, EvaluationSettings, TaskKind
+from workers.spec import DataSettings, EvaluationSettings
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def tiny_ctc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def speech_spec(model: Path, epochs: int = 30, **data: object):  # type: ignore[no-untyped-def]
     spec = make_spec(
         model,
-        task=TaskKind.SPEECH_RECOGNITION,
+        task="speech_recognition",
         hyperparameters=dataclasses.replace(FAST, epochs=epochs, learning_rate=3e-3),
         evaluation=EvaluationSettings(log_every_steps=10, best_metric="eval_cer"),
     )

@@ -1,6 +1,7 @@
 """The contract every task keeps, walked through for each registered task on a tiny model: it trains, its artifact
 answers predictions of its own input kind, its ONNX export is made and checked against the model, and its report
-shows its metrics. A task added to TaskKind without a case here fails this test."""
+shows its metrics, and the light parts (proto enum, metrics, flags, Predict input kind) agree with it. A task package
+added under workers/tasks without a case here fails this test."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from tuneforge.v1 import job_spec_pb2
 
 from tests.core.test_training_core import FAST, make_spec, run
 from tests.media import (
@@ -28,10 +31,10 @@ from tests.media import (
     write_words_zip,
 )
 from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
-from workers.core.adapters import ADAPTERS
 from workers.core.prediction import load_model
 from workers.messages import Outcome
-from workers.spec import DataSettings, EvaluationSettings, TaskKind
+from workers.spec import DataSettings, EvaluationSettings
+from workers.tasks import registry
 
 
 @dataclass(frozen=True)
@@ -44,25 +47,25 @@ class Case:
 
 
 CASES = {
-    TaskKind.TEXT_CLASSIFICATION: Case(
+    "text_classification": Case(
         lambda folder: make_tiny_bert(folder, num_labels=3),
         lambda folder: write_jsonl(folder / "train.jsonl", keyword_rows(60)),
         lambda rng: [("text", "the striker scored a goal"), ("text", "rain and wind tonight")],
         "eval_accuracy",
     ),
-    TaskKind.IMAGE_CLASSIFICATION: Case(
+    "image_classification": Case(
         make_tiny_vit,
         lambda folder: write_shapes_zip(folder / "shapes.zip", per_class=6),
         lambda rng: [("image", shape_png("red", rng)), ("image", shape_png("blue", rng))],
         "eval_accuracy",
     ),
-    TaskKind.AUDIO_CLASSIFICATION: Case(
+    "audio_classification": Case(
         make_tiny_wav2vec2,
         lambda folder: write_tones_zip(folder / "tones.zip", per_class=6),
         lambda rng: [("audio", tone_wav(220.0, rng)), ("audio", tone_wav(880.0, rng))],
         "eval_accuracy",
     ),
-    TaskKind.SPEECH_RECOGNITION: Case(
+    "speech_recognition": Case(
         make_tiny_wav2vec2_ctc,
         lambda folder: write_words_zip(folder / "words.zip", 20),
         lambda rng: [("audio", spoken_word("abc", rng)), ("audio", spoken_word("ca", rng))],
@@ -71,12 +74,13 @@ CASES = {
 }
 
 
-def test_every_task_has_a_case_and_an_adapter() -> None:
-    assert set(CASES) == set(TaskKind) == set(ADAPTERS)
+def test_every_task_has_a_case_and_a_proto_enum_value() -> None:
+    proto = {name.lower() for name in job_spec_pb2.Task.DESCRIPTOR.values_by_name if name != "TASK_UNSPECIFIED"}
+    assert set(CASES) == set(registry.definitions()) == proto
 
 
-@pytest.mark.parametrize("task", list(CASES), ids=[task.value for task in CASES])
-def test_a_task_trains_predicts_exports_and_reports(task: TaskKind, tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", list(CASES))
+def test_a_task_trains_predicts_exports_and_reports(task: str, tmp_path: Path) -> None:
     case = CASES[task]
     model, data = case.model(tmp_path / "base"), case.data(tmp_path)
     spec = make_spec(
@@ -95,16 +99,22 @@ def test_a_task_trains_predicts_exports_and_reports(task: TaskKind, tmp_path: Pa
     checks = json.loads((tmp_path / "model" / "exports" / "checks.json").read_text())
     assert checks["onnx"]["check"]["passed"], checks
 
+    definition = registry.definition(task)
     metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
-    assert case.metric in metrics["final"]
-    assert f"<td>{case.metric}</td>" in (tmp_path / "model" / "report.html").read_text()
+    assert case.metric in definition.metrics and set(definition.metrics) <= set(metrics["final"])
+    report = (tmp_path / "model" / "report.html").read_text()
+    assert f"<td>{case.metric}</td>" in report
+    sections = registry.runtime(task).report_sections(metrics)
+    assert sections and all(section in report for section in sections)
 
     loaded = load_model(tmp_path / "model")
     items = case.inputs(random.Random(3))
+    samples = [loaded.runtime.sample_input(np.random.default_rng(0), index) for index in range(2)]
+    assert {kind for kind, _ in items + samples} == {definition.modality}
     answers = loaded.answer([loaded.decode(item) for item in items], top_k=2)
     assert len(answers) == len(items)
     for answer in answers:
-        if task is TaskKind.SPEECH_RECOGNITION:
+        if task == "speech_recognition":
             assert set(answer) == {"transcript"} and isinstance(answer["transcript"], str)
         else:
             labels = answer["labels"]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
 
 from tests.tiny import keyword_rows, write_jsonl
 from workers.core.artifact import load_artifact_model
@@ -39,7 +40,6 @@ from workers.spec import (
     OptimizerKind,
     ScheduleKind,
     ScheduleSettings,
-    TaskKind,
     TrainingSpec,
 )
 
@@ -50,7 +50,7 @@ FAST = Hyperparameters(
 
 def make_spec(model: Path, **changes: Any) -> TrainingSpec:
     spec = TrainingSpec(
-        task=TaskKind.TEXT_CLASSIFICATION,
+        task="text_classification",
         base_model=str(model),
         data=DataSettings(training_file="files/train", validation_fraction=0.25),
         hyperparameters=FAST,
@@ -183,7 +183,7 @@ def test_custom_head_round_trips_through_the_artifact(tiny_bert: Path, keyword_d
     assert of_type(events, EvaluationDone)[-1].metrics["eval_accuracy"] >= 0.85
     with tarfile.open(tmp_path / "artifact.tar") as tar:
         tar.extractall(tmp_path / "model", filter="data")
-    model = load_artifact_model(tmp_path / "model")
+    model = load_artifact_model(tmp_path / "model", AutoModelForSequenceClassification)
     head = model.get_submodule("classifier")
     assert isinstance(head, torch.nn.Sequential) and head[0].out_features == 24
     from transformers import AutoTokenizer

@@ -33,7 +33,7 @@ from workers.core.models import load_pretrained
 from workers.core.text_data import MAX_LABEL_CHARS, load_text_dataset, raw_records
 from workers.messages import DataFile, RunJob
 from workers.process import _crashed
-from workers.spec import DataSettings, HeadSettings, TaskKind, TrainingSpec
+from workers.spec import DataSettings, HeadSettings, TrainingSpec
 
 SEEDS = sw.Parameter(field="hyperparameters.seed", int_range=sw.IntRange(min=0, max=150_000_000))
 
@@ -81,7 +81,7 @@ def test_a_hub_id_that_exists_as_a_relative_path_is_a_local_path(
 
 def training(head: tuple[int, ...] = (), ranks: int = 1, base_model: str = "org/m") -> TrainingSpec:
     return TrainingSpec(
-        TaskKind.TEXT_CLASSIFICATION,
+        "text_classification",
         base_model,
         DataSettings("files/f"),
         head=HeadSettings(head) if head else None,

@@ -11,7 +11,7 @@ import pytest
 from server.gpu_partition import AUTO, partition
 from workers.messages import DataFile, JobFinished, RunJob, WorkerDied, WorkerEvent
 from workers.pool import LocalProcessPool
-from workers.spec import DataSettings, TaskKind, TrainingSpec
+from workers.spec import DataSettings, TrainingSpec
 
 
 def collect(pool: LocalProcessPool) -> queue.Queue[tuple[float, WorkerEvent]]:
@@ -26,7 +26,7 @@ def test_commands_and_events_cross_the_process_boundary() -> None:
     try:
         ready = {events.get(timeout=30)[1].worker for _ in range(2)}
         assert ready == {"worker-0", "worker-1"}
-        spec = TrainingSpec(TaskKind.TEXT_CLASSIFICATION, "m", DataSettings(training_file="files/f"))
+        spec = TrainingSpec("text_classification", "m", DataSettings(training_file="files/f"))
         pool.send("worker-1", RunJob("job-a", 3, spec, DataFile("/x", "x.jsonl"), None, "/w", "/w/c", "/a.tar"))
         _, finished = events.get(timeout=30)
         assert isinstance(finished, JobFinished) and (finished.worker, finished.job, finished.attempt) == (

@@ -7,7 +7,7 @@ from pathlib import Path
 from tuneforge.v1 import job_spec_pb2 as pb
 
 from server.spec_validation import validate_spec
-from workers.spec import AdaptationMethod, OptimizerKind, ScheduleKind, TaskKind
+from workers.spec import AdaptationMethod, OptimizerKind, ScheduleKind
 
 
 def minimal(base_model: str = "org/model") -> pb.JobSpec:
@@ -22,7 +22,7 @@ def test_minimal_spec_gets_documented_defaults() -> None:
     result = validate_spec(minimal(), [])
     assert not result.violations
     spec = result.spec
-    assert spec is not None and spec.task is TaskKind.TEXT_CLASSIFICATION
+    assert spec is not None and spec.task == "text_classification"
     hp = spec.hyperparameters
     assert (hp.epochs, hp.batch_size, hp.learning_rate, hp.weight_decay) == (3, 16, 5e-5, 0.01)
     assert hp.optimizer is OptimizerKind.ADAMW and hp.schedule.kind is ScheduleKind.LINEAR and hp.max_grad_norm == 1.0
@@ -174,7 +174,7 @@ def test_toolbox_fields_convert_with_defaults() -> None:
     ) == (4, 8.0)
     hp = converted.hyperparameters
     assert hp.nesterov and hp.momentum == 0.9 and hp.layer_decay == 0.8 and hp.label_smoothing == 0.1
-    assert hp.schedule.patience == 1 and converted.evaluation.maximize
+    assert hp.schedule.patience == 1 and converted.maximize
 
 
 def test_toolbox_fields_are_checked() -> None:

@@ -87,22 +87,21 @@ def write_artifact(
     return pack_archive(folder, archive)
 
 
-def load_artifact_model(folder: str | Path) -> nn.Module:
-    """Loads an artifact's classifier, rebuilding a custom head first when the config records one."""
+def load_artifact_model(folder: str | Path, model_class: Any) -> nn.Module:
+    """Loads an artifact's model with its task's auto class, rebuilding a custom head first when the config records
+    one (any classifier may have one)."""
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     head = getattr(config, HEAD_CONFIG_KEY, None)
     if not head:
-        model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
-            str(folder), use_safetensors=True, trust_remote_code=False
-        )
+        model: nn.Module = model_class.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False)
         return model
     settings = HeadSettings(
         hidden_sizes=tuple(head["hidden_sizes"]), activation=Activation(head["activation"]), dropout=head["dropout"]
     )
-    model = AutoModelForSequenceClassification.from_config(config)  # type: ignore[no-untyped-call]
+    model = model_class.from_config(config)
     replace_head(model, config.num_labels, settings)
     load_model(model, str(Path(folder) / "model.safetensors"))
     model.eval()

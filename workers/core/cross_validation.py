@@ -14,13 +14,13 @@ import torch
 import transformers
 from torch.utils.data import Subset
 
-from workers.core.adapters import adapter_for
 from workers.core.model_setup import adapt_model
 from workers.core.prototypes import prototype_accuracy
 from workers.core.reporting import Reporter
 from workers.core.trainer import Trainer
 from workers.messages import RunJob
 from workers.spec import AutoSettings, TrainingSpec
+from workers.tasks import registry
 
 MAX_FOLDS = 5
 
@@ -64,7 +64,7 @@ def cross_validate(
     folds = min(MAX_FOLDS, min(Counter(labels).values()))
     if folds < 2:
         return None
-    metric, maximize = spec.evaluation.best_metric, spec.evaluation.maximize
+    metric, maximize = spec.evaluation.best_metric, spec.maximize
     fold_spec = replace(
         spec,
         hyperparameters=replace(spec.hyperparameters, auto=AutoSettings()),
@@ -108,7 +108,7 @@ def _run_fold(
 ) -> tuple[list[dict[str, float]], float | None]:
     """A fresh pretrained model trained on the other folds and evaluated on this one after every epoch."""
     transformers.set_seed(spec.hyperparameters.seed)
-    task = adapter_for(spec.task).prepare(job, lambda message: None)
+    task = registry.runtime(spec.task).prepare(job, lambda message: None)
     held = set(held_out)
     kept = [i for i in range(len(task.train_set)) if i not in held]
     task.validation_set = Subset(task.train_set, held_out)  # type: ignore[arg-type,assignment]

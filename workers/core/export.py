@@ -7,7 +7,6 @@ reason a person can act on.
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -16,26 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile
 import torch
-from PIL import Image
 from torch import nn
 from torch.jit._trace import TracerWarning
 
 from workers.core.lineage import file_digest
 from workers.core.prediction import LoadedModel, load_model
 from workers.messages import Severity
-from workers.spec import TaskKind
 
 EXPORTS = "exports"
 CHECKS = "checks.json"
 DEFAULT_OPSET = 18
-FIXED_TEXT_LENGTH = 128
-FIXED_SPEECH_SECONDS = 10.0
-RELATIVE_TOLERANCE = {TaskKind.AUDIO_CLASSIFICATION: 1e-3, TaskKind.SPEECH_RECOGNITION: 1e-3}
-"""How far an export's logits may be from the model's, relative to their largest magnitude: 1e-4, except for audio,
-whose convolutional feature encoder over 10 s of samples makes onnxruntime and PyTorch differ by float32 rounding
-alone (up to 1.1e-4 on a tiny wav2vec2, the same for a clip alone as in a batch), so 1e-3 there."""
 
 
 class ExportFormat(StrEnum):
@@ -93,52 +83,12 @@ class LogitsOf(nn.Module):
 def sample_items(loaded: LoadedModel, count: int, seed: int) -> list[tuple[str, Any]]:
     """Made-up inputs of the model's modality, of varied lengths (no real data is needed to check an export)."""
     rng = np.random.default_rng(seed)
-    items: list[tuple[str, Any]] = []
-    for index in range(count):
-        match loaded.task:
-            case TaskKind.TEXT_CLASSIFICATION:
-                words = ["sample", "input", "text", "model", "check", "export", "value", "token"]
-                items.append(("text", " ".join(rng.choice(words, size=3 + 4 * index))))
-            case TaskKind.IMAGE_CLASSIFICATION:
-                pixels = rng.integers(0, 256, size=(48 + 16 * index, 64, 3), dtype=np.uint8)
-                buffer = io.BytesIO()
-                Image.fromarray(pixels).save(buffer, format="PNG")
-                items.append(("image", buffer.getvalue()))
-            case _:
-                rate = 16_000
-                wave = (0.1 * rng.standard_normal(int(rate * (0.5 + 0.25 * index)))).astype(np.float32)
-                buffer = io.BytesIO()
-                soundfile.write(buffer, wave, rate, format="WAV")
-                items.append(("audio", buffer.getvalue()))
-    return items
+    return [loaded.runtime.sample_input(rng, index) for index in range(count)]
 
 
 def fixed_shape_inputs(loaded: LoadedModel, items: list[tuple[str, Any]]) -> dict[str, torch.Tensor]:
-    """Inputs padded to the one shape a traced model accepts (images and classified clips have one already)."""
-    match loaded.task:
-        case TaskKind.TEXT_CLASSIFICATION:
-            limits = (
-                loaded.data.get("max_sequence_length") or FIXED_TEXT_LENGTH,
-                FIXED_TEXT_LENGTH,
-                int(getattr(loaded.processor, "model_max_length", FIXED_TEXT_LENGTH) or FIXED_TEXT_LENGTH),
-                int(getattr(loaded.model.config, "max_position_embeddings", FIXED_TEXT_LENGTH) or FIXED_TEXT_LENGTH),
-            )
-            length = min(limits)
-            texts = [str(value) for _, value in items]
-            encoded = loaded.processor(
-                texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt"
-            )
-            return dict(encoded)
-        case TaskKind.SPEECH_RECOGNITION:
-            inputs = loaded.inputs(items)
-            samples = int(FIXED_SPEECH_SECONDS * loaded.processor.feature_extractor.sampling_rate)
-            padded = {}
-            for name, tensor in inputs.items():
-                grown = torch.zeros(tensor.shape[0], samples, dtype=tensor.dtype)
-                grown[:, : tensor.shape[1]] = tensor[:, :samples]
-                padded[name] = grown
-            return padded
-    return loaded.inputs(items)
+    """Inputs padded to the one shape a traced model accepts (the task decides the shape)."""
+    return loaded.runtime.fixed_shape_inputs(loaded, items)
 
 
 def _reference(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> np.ndarray:
@@ -150,7 +100,7 @@ def _reference(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> np.ndarr
 def _compare(
     loaded: LoadedModel, reference: np.ndarray, produced: np.ndarray, inputs: dict[str, torch.Tensor]
 ) -> ExportCheck:
-    tolerance = RELATIVE_TOLERANCE.get(loaded.task, 1e-4) * max(1.0, float(np.abs(reference).max()))
+    tolerance = loaded.runtime.export_tolerance * max(1.0, float(np.abs(reference).max()))
     difference = float(np.abs(reference - produced).max()) if reference.shape == produced.shape else float("inf")
     shapes = {name: list(tensor.shape) for name, tensor in inputs.items()}
     return ExportCheck(int(reference.shape[0]), difference, tolerance, difference <= tolerance, shapes)

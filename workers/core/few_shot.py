@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from workers.core.adapters import PreparedTask
 from workers.core.checkpoints import write_json_atomically
 from workers.core.cross_validation import CrossValidation, cross_validate
+from workers.core.prepared_task import PreparedTask
 from workers.core.prototypes import prototype_accuracy
 from workers.core.reporting import Reporter
 from workers.messages import RunJob, Severity

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from workers.core.adaptation import backbone_of, blocks_of
-from workers.core.adapters import Batch
 from workers.core.errors import JobFailure
+from workers.core.prepared_task import Batch
 
 Block = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
 

@@ -13,8 +13,8 @@ from workers.core.adaptation import (
     replace_head,
     summarize,
 )
-from workers.core.adapters import PreparedTask
 from workers.core.lora import apply_lora
+from workers.core.prepared_task import PreparedTask
 from workers.spec import AdaptationMethod, TrainingSpec
 
 

@@ -24,29 +24,26 @@ from typing import Any
 import torch
 
 from workers.core.artifact import load_artifact_model
-from workers.core.audio import crop_or_pad, load_mono
 from workers.core.errors import InvalidDataset
-from workers.core.input_limits import read_image
-from workers.core.serving import model_classes, rebuild
-from workers.core.speech_adapter import DEFAULT_MAX_SECONDS, normalise
-from workers.core.text_adapter import sequence_limit
+from workers.core.serving import rebuild
 from workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady, WorkerEvent
 from workers.remote_storage import filesystem, get_folder, is_remote
-from workers.spec import TaskKind
+from workers.tasks import registry
+from workers.tasks.runtime import TaskRuntime, auto_class
 
 log = logging.getLogger(__name__)
 
 MAX_FORWARD_ROWS = 64
 DECODED_BUDGET_BYTES = 256 << 20
 """Decoded inputs one forward pass may hold (a batch of large images is run in several passes)."""
-DEFAULT_CLIP_SECONDS = 10.0
 
 
 @dataclass
 class LoadedModel:
-    """One artifact, ready to answer."""
+    """One artifact, ready to answer; its task's runtime decodes, batches and answers."""
 
-    task: TaskKind
+    task: str
+    runtime: TaskRuntime
     model: Any
     processor: Any
     labels: list[str]
@@ -54,45 +51,12 @@ class LoadedModel:
     """The spec's data settings (sequence length, clip length) as training used them."""
 
     def decode(self, item: tuple[str, Any]) -> Any:
-        """One raw input made ready for the processor: text, an RGB image, or a mono wave at the model's rate
-        (cut or padded to the clip length for classification). InvalidDataset when it cannot be read."""
-        _, value = item
-        match self.task:
-            case TaskKind.TEXT_CLASSIFICATION:
-                return str(value)
-            case TaskKind.IMAGE_CLASSIFICATION:
-                return read_image(value, "the image")
-            case TaskKind.AUDIO_CLASSIFICATION:
-                rate = int(self.processor.sampling_rate)
-                length = int((self.data.get("clip_seconds") or DEFAULT_CLIP_SECONDS) * rate)
-                return crop_or_pad(load_mono(value, "the clip", rate), length, False, None).numpy()
-            case TaskKind.SPEECH_RECOGNITION:
-                wave = load_mono(value, "the clip", int(self.processor.feature_extractor.sampling_rate))
-                longest = self.data.get("clip_seconds") or DEFAULT_MAX_SECONDS
-                if wave.shape[0] > longest * int(self.processor.feature_extractor.sampling_rate):
-                    raise InvalidDataset(f"the clip is longer than the model was trained for ({longest:g} s)")
-                return wave.numpy()
-        raise ValueError(f"unknown task {self.task}")
+        """One raw input made ready for the processor. InvalidDataset (or ValueError) when it cannot be read."""
+        return self.runtime.decode(self, item[1])
 
     def batch(self, decoded: list[Any]) -> dict[str, torch.Tensor]:
         """The model's inputs for decoded items, batched and padded."""
-        processor = self.processor
-        match self.task:
-            case TaskKind.TEXT_CLASSIFICATION:
-                limit = sequence_limit(int(self.data.get("max_sequence_length") or 0), processor, self.model)
-                return dict(processor(decoded, truncation=True, max_length=limit, padding=True, return_tensors="pt"))
-            case TaskKind.IMAGE_CLASSIFICATION:
-                return {"pixel_values": processor(images=decoded, return_tensors="pt")["pixel_values"]}
-            case TaskKind.AUDIO_CLASSIFICATION:
-                return dict(processor(decoded, sampling_rate=int(processor.sampling_rate), return_tensors="pt"))
-            case TaskKind.SPEECH_RECOGNITION:
-                extractor = processor.feature_extractor
-                rate = int(extractor.sampling_rate)
-                features = extractor(
-                    decoded, sampling_rate=rate, return_tensors="pt", padding=True, return_attention_mask=True
-                )
-                return dict(features)
-        raise ValueError(f"unknown task {self.task}")
+        return self.runtime.batch(self, decoded)
 
     def inputs(self, items: list[tuple[str, Any]]) -> dict[str, torch.Tensor]:
         """The model's inputs for raw items (all of this model's modality), batched and padded."""
@@ -102,37 +66,23 @@ class LoadedModel:
         """One forward pass over decoded items (the caller keeps batches small enough)."""
         with torch.inference_mode():
             logits = self.model(**self.batch(decoded)).logits.float()
-        if self.task is TaskKind.SPEECH_RECOGNITION:
-            texts = self.processor.tokenizer.batch_decode(logits.argmax(dim=-1))
-            return [{"transcript": normalise(text)} for text in texts]
-        probabilities = logits.softmax(dim=-1)
-        k = min(max(1, top_k), probabilities.shape[-1])
-        values, indices = probabilities.topk(k, dim=-1)
-        return [
-            {"labels": [(self.labels[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)]}
-            for row_p, row_i in zip(values, indices, strict=True)
-        ]
+        return self.runtime.answer(self, logits, top_k)
 
 
 def load_model(folder: Path) -> LoadedModel:
-    """The artifact folder's model and processor, by the task its job_spec.json names."""
-
+    """The artifact folder's model (a custom head rebuilt) and processor, by the task its job_spec.json names."""
     spec = json.loads((folder / "job_spec.json").read_text())
-    task = TaskKind(spec["task"])
-    model_class, processor_class = model_classes(task)
-    if task is TaskKind.TEXT_CLASSIFICATION:
-        model: Any = load_artifact_model(folder)  # rebuilds a custom head
-    else:
-        model = model_class.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False)
-    return as_loaded(model, processor_class.from_pretrained(str(folder)), spec)
+    runtime = registry.runtime(spec["task"])
+    model = load_artifact_model(folder, auto_class(runtime.model_class))
+    return as_loaded(model, auto_class(runtime.processor_class).from_pretrained(str(folder)), spec)
 
 
 def as_loaded(model: Any, processor: Any, spec: dict[str, Any]) -> LoadedModel:
-    task = TaskKind(spec["task"])
+    task = str(spec["task"])
     model.eval()
-    classifies = task is not TaskKind.SPEECH_RECOGNITION
+    classifies = registry.definition(task).classifies
     labels = [model.config.id2label[i] for i in range(len(model.config.id2label))] if classifies else []
-    return LoadedModel(task, model, processor, labels, spec.get("data", {}))
+    return LoadedModel(task, registry.runtime(task), model, processor, labels, spec.get("data", {}))
 
 
 class ModelCache:

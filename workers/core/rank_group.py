@@ -117,14 +117,14 @@ def run_helper(job: RunJob, ranks: Ranks, device_name: str, threads: int) -> Non
     _die_with_parent()
     import torch
 
-    from workers.core.adapters import import_all_adapters
     from workers.core.device import configure_torch
     from workers.core.distributed import join, leave, rank_device
     from workers.core.errors import JobFailure, TrainingCancelled
     from workers.core.reporting import Reporter
     from workers.core.runner import train_rank
+    from workers.tasks.runtime import import_every_runtime
 
-    import_all_adapters()
+    import_every_runtime()
     configure_torch(threads)
     device = rank_device(torch.device(device_name), ranks.rank)
     if device.type == "cuda":

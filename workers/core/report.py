@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 REPORT = "report.html"
 METADATA = re.compile(r"<metadata>.*?</metadata>", re.DOTALL)
-ERROR_RATES = ("eval_wer", "eval_cer", "eval_loss")
 
 TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
     """<!DOCTYPE html>
@@ -46,28 +46,13 @@ figure { margin: 1rem 0; } svg { max-width: 100%; height: auto; }
 {% if loss_plot %}<figure id="loss-curve">{{ loss_plot }}<figcaption>Training loss</figcaption></figure>{% endif %}
 {% if metric_plot %}<figure id="metric-curves">{{ metric_plot }}<figcaption>Validation metrics</figcaption></figure>
 {% endif %}
-{% if per_class %}<h2 id="classes">Per class</h2>
-<table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
-{% for name, row in per_class %}<tr><td>{{ name }}</td><td>{{ "%.3f"|format(row.precision) }}</td>
-<td>{{ "%.3f"|format(row.recall) }}</td><td>{{ "%.3f"|format(row.f1) }}</td><td>{{ row.support }}</td></tr>
-{% endfor %}</table>{% endif %}
-{% if matrix_plot %}<figure id="confusion-matrix">{{ matrix_plot }}<figcaption>Confusion matrix (rows: true class,
-columns: predicted)</figcaption></figure>{% endif %}
-{% if calibration %}<h2 id="calibration">Calibration</h2>
-<p>Expected calibration error: <strong id="ece">{{ "%.4f"|format(calibration.ece) }}</strong> (0 when the model's
-confidence matches how often it is right)</p>
-<figure id="reliability">{{ reliability_plot }}<figcaption>Reliability: accuracy against confidence</figcaption>
-</figure>{% endif %}
-{% if error_examples %}<h2 id="errors">Example errors</h2>
-<table id="error-examples"><tr><th>reference</th><th>hypothesis</th></tr>
-{% for example in error_examples %}<tr><td>{{ example.reference }}</td><td>{{ example.hypothesis }}</td></tr>
-{% endfor %}</table>{% endif %}
-</body></html>
+{% for section in sections %}{{ section }}
+{% endfor %}</body></html>
 """
 )
 
 
-def _figure(size: tuple[float, float]) -> Figure:
+def figure(size: tuple[float, float]) -> Figure:
     """A figure without pyplot (no global state, no display); matplotlib loads only when a report is drawn."""
     import matplotlib
     from matplotlib.figure import Figure
@@ -76,17 +61,17 @@ def _figure(size: tuple[float, float]) -> Figure:
     return Figure(figsize=size)
 
 
-def _svg(figure: Figure) -> str:
+def svg(drawing: Figure) -> str:
     """The figure as inline SVG markup (its XML prologue dropped)."""
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    drawing.savefig(buffer, format="svg", bbox_inches="tight")
     text = buffer.getvalue()
     return METADATA.sub("", text[text.index("<svg") :])  # no creation date: the same run, the same page
 
 
 def _curve(points: list[dict[str, float]], keys: list[str], ylabel: str, baseline: dict[str, float]) -> str:
-    figure = _figure((7, 3.2))
-    axes = figure.subplots()
+    drawing = figure((7, 3.2))
+    axes = drawing.subplots()
     for key in keys:
         steps = [p["step"] for p in points if key in p]
         (line,) = axes.plot(steps, [p[key] for p in points if key in p], marker="o", markersize=3, label=key)
@@ -96,49 +81,19 @@ def _curve(points: list[dict[str, float]], keys: list[str], ylabel: str, baselin
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    return _svg(figure)
+    return svg(drawing)
 
 
-def _matrix(matrix: list[list[int]], labels: list[str]) -> str:
-    size = max(3.0, 0.6 * len(labels) + 1.5)
-    figure = _figure((size, size))
-    axes = figure.subplots()
-    image = axes.imshow(matrix, cmap="Blues")
-    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    axes.set_yticks(range(len(labels)), labels)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    peak = max((max(row) for row in matrix), default=0)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            axes.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
-    figure.colorbar(image, ax=axes, fraction=0.046)
-    return _svg(figure)
-
-
-def _reliability(bins: list[dict[str, float]]) -> str:
-    figure = _figure((4, 4))
-    axes = figure.subplots()
-    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect")
-    centres = [(b["low"] + b["high"]) / 2 for b in bins]
-    axes.bar(centres, [b["accuracy"] for b in bins], width=0.09, alpha=0.7, label="accuracy")
-    axes.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label="observed")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1)
-    axes.set_xlabel("confidence")
-    axes.set_ylabel("accuracy")
-    axes.legend(fontsize=8)
-    return _svg(figure)
-
-
-def _comparison(baseline: dict[str, float], tuned: dict[str, float]) -> list[dict[str, str]]:
+def _comparison(
+    baseline: dict[str, float], tuned: dict[str, float], maximizes: Callable[[str], bool]
+) -> list[dict[str, str]]:
     rows = []
     for name in sorted(set(tuned) | set(baseline)):
         before, after = baseline.get(name), tuned.get(name)
         change, verdict = "", ""
         if before is not None and after is not None:
             delta = after - before
-            lower_is_better = name in ERROR_RATES or name.endswith("loss")
+            lower_is_better = not maximizes(name)
             verdict = "better" if (delta < 0) == lower_is_better and delta != 0 else ("worse" if delta else "")
             change = f"{delta:+.4f}"
         rows.append(
@@ -158,9 +113,7 @@ def render_report(job: str, spec: dict[str, Any], metrics: dict[str, Any]) -> st
     history: list[dict[str, float]] = metrics.get("history", [])
     tuned = metrics.get("best") or metrics.get("final") or {}
     baseline = metrics.get("baseline", {})
-    classes = metrics.get("classes") or {}
     metric_keys = sorted({k for row in history for k in row if k.startswith("eval_") and k != "eval_loss"})
-    calibration = classes.get("calibration")
     train_history = metrics.get("train_history", [])
     return TEMPLATE.render(
         job=job,
@@ -170,20 +123,37 @@ def render_report(job: str, spec: dict[str, Any], metrics: dict[str, Any]) -> st
         steps=metrics.get("steps", 0),
         best_metric=spec.get("evaluation", {}).get("best_metric", ""),
         best_step=metrics.get("best_step"),
-        comparison=_comparison(baseline, tuned),
-        loss_plot=_markup(_curve(train_history, ["loss"], "loss", {}) if train_history else ""),
-        metric_plot=_markup(_curve(history, metric_keys, "value", baseline) if metric_keys else ""),
-        per_class=sorted(classes.get("per_class", {}).items()),
-        matrix_plot=_markup(_matrix(classes["confusion_matrix"], classes["labels"]) if "labels" in classes else ""),
-        calibration=calibration,
-        reliability_plot=_markup(_reliability(calibration["bins"]) if calibration else ""),
-        error_examples=classes.get("error_examples", []),
+        comparison=_comparison(baseline, tuned, _direction(spec)),
+        loss_plot=markup(_curve(train_history, ["loss"], "loss", {}) if train_history else ""),
+        metric_plot=markup(_curve(history, metric_keys, "value", baseline) if metric_keys else ""),
+        sections=[Markup(section) for section in _task_sections(spec, metrics)],
     )
 
 
-def _markup(svg: str) -> Markup | str:
+def _task_sections(spec: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """The task's own sections (per class, example errors ...); none when the spec names no known task."""
+    from workers.tasks import registry
+
+    try:
+        runtime = registry.runtime(str(spec.get("task", "")))
+    except registry.UnknownTask:
+        return []
+    return runtime.report_sections(metrics)
+
+
+def markup(svg: str) -> Markup | str:
     """SVG made here by matplotlib goes in as markup; everything from the user is escaped by the template."""
     return Markup(svg) if svg else ""
+
+
+def _direction(spec: dict[str, Any]) -> Callable[[str], bool]:
+    """Whether a metric is better higher, as the spec's task says (losses are lower-is-better for every task)."""
+    from workers.tasks import registry
+
+    try:
+        return registry.definition(str(spec.get("task", ""))).maximizes
+    except registry.UnknownTask:
+        return lambda name: not name.endswith("loss")
 
 
 def write_report(folder: Path, job: str, spec: dict[str, Any], metrics: dict[str, Any]) -> None:

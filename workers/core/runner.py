@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import transformers
 
-from workers.core.adapters import adapter_for
 from workers.core.artifact import spec_to_json, write_artifact
 from workers.core.auto_tuning import apply_choices, choose_all, chosen_micro_batch, load_choices, save_choices
 from workers.core.checkpoints import write_json_atomically
@@ -38,6 +37,7 @@ from workers.core.reporting import Reporter
 from workers.core.trainer import Trainer, TrainResult
 from workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
 from workers.spec import TrainingSpec
+from workers.tasks import registry
 
 
 def run_job(
@@ -202,9 +202,9 @@ def train_rank(
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # the job log reports what matters
     transformers.set_seed(spec.hyperparameters.seed)  # before loading: the new head's init depends on it
-    reporter.log(f"preparing {spec.task.value} on {device} from {spec.base_model}")
+    reporter.log(f"preparing {spec.task} on {device} from {spec.base_model}")
     hits = CACHE.model_hits
-    task = adapter_for(spec.task).prepare(job, reporter.log)
+    task = registry.runtime(spec.task).prepare(job, reporter.log)
     if CACHE.model_hits > hits:
         reporter.log(f"warm start: {spec.base_model} was still in this worker's memory")
     reporter.check_cancelled()

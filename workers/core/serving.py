@@ -17,7 +17,9 @@ from safetensors.torch import load_model
 from torch import nn
 
 from workers.core.artifact import HEAD_CONFIG_KEY, spec_to_json
-from workers.spec import Activation, HeadSettings, LoraSettings, TaskKind, TrainingSpec
+from workers.spec import Activation, HeadSettings, LoraSettings, TrainingSpec
+from workers.tasks import registry
+from workers.tasks.runtime import auto_class
 
 SERVING = "serving"
 SPEC_FILE = "job_spec.json"
@@ -44,27 +46,6 @@ def save_serving_skeleton(checkpoint_dir: Path, model: nn.Module, processor: Any
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def model_classes(task: TaskKind) -> tuple[Any, Any]:
-    """The task's model class and the class that loads its processor."""
-    from transformers import (
-        AutoFeatureExtractor,
-        AutoImageProcessor,
-        AutoModelForAudioClassification,
-        AutoModelForCTC,
-        AutoModelForImageClassification,
-        AutoModelForSequenceClassification,
-        AutoProcessor,
-        AutoTokenizer,
-    )
-
-    return {
-        TaskKind.TEXT_CLASSIFICATION: (AutoModelForSequenceClassification, AutoTokenizer),
-        TaskKind.IMAGE_CLASSIFICATION: (AutoModelForImageClassification, AutoImageProcessor),
-        TaskKind.AUDIO_CLASSIFICATION: (AutoModelForAudioClassification, AutoFeatureExtractor),
-        TaskKind.SPEECH_RECOGNITION: (AutoModelForCTC, AutoProcessor),
-    }[task]
-
-
 def rebuild(serving: Path, weights: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     """The model with a checkpoint's weights (LoRA merged), its processor and the resolved spec."""
     from transformers import AutoConfig
@@ -73,7 +54,8 @@ def rebuild(serving: Path, weights: Path) -> tuple[nn.Module, Any, dict[str, Any
     from workers.core.lora import apply_lora
 
     spec = json.loads((serving / SPEC_FILE).read_text())
-    model_class, processor_class = model_classes(TaskKind(spec["task"]))
+    runtime = registry.runtime(spec["task"])
+    model_class, processor_class = auto_class(runtime.model_class), auto_class(runtime.processor_class)
     config = AutoConfig.from_pretrained(str(serving), trust_remote_code=False)
     model: Any = model_class.from_config(config)
     head = getattr(config, HEAD_CONFIG_KEY, None)

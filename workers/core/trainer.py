@@ -2,7 +2,7 @@
 clipping, the schedule, gradual unfreezing, periodic evaluation with early stopping and the best checkpoint, logging
 and checkpoints. It sees only a PreparedTask, the parameters to train and the resolved spec.
 
-It does not decode data, pick models or talk to the server: adapters and the Reporter do that.
+It does not decode data, pick models or talk to the server: the task runtimes and the Reporter do that.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from torch.amp.grad_scaler import GradScaler
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from workers.core.adaptation import GradualUnfreezer, TrainableParameter, frozen_backbone, summarize
-from workers.core.adapters import Batch, PreparedTask
 from workers.core.checkpoint_state import CheckpointState, PlateauState
 from workers.core.checkpoints import (
     latest_checkpoint,
@@ -56,6 +55,7 @@ from workers.core.feature_cache import (
 from workers.core.first_position import FirstPositionBlock, first_position_block
 from workers.core.length_grouping import LengthGroupedBatchSampler
 from workers.core.optimization import balanced_sampler, build_optimizer, classification_loss, plan_steps
+from workers.core.prepared_task import Batch, PreparedTask
 from workers.core.reporting import Reporter
 from workers.core.schedules import PlateauScale, lr_multiplier
 from workers.core.serving import save_serving_skeleton
@@ -142,9 +142,8 @@ class Trainer:
         self.train_set: Any = task.train_set
         self.validation_set: Any = task.validation_set
         self.optimizer = build_optimizer(parameters, self.hp, device)
-        ev = spec.evaluation
         self.plateau = (
-            PlateauScale(self.hp.schedule.gamma or 0.5, self.hp.schedule.patience, ev.maximize)
+            PlateauScale(self.hp.schedule.gamma or 0.5, self.hp.schedule.patience, self.spec.maximize)
             if self.hp.schedule.kind is ScheduleKind.REDUCE_ON_PLATEAU
             else None
         )
@@ -262,7 +261,7 @@ class Trainer:
     def _track_best(self, step: int, metrics: dict[str, float], details: dict[str, Any]) -> None:
         ev = self.spec.evaluation
         value, best = metrics[ev.best_metric], self.result.best_metrics.get(ev.best_metric)
-        gain = math.inf if best is None else (value - best if ev.maximize else best - value)
+        gain = math.inf if best is None else (value - best if self.spec.maximize else best - value)
         if gain > ev.early_stopping_min_delta:
             self.result.best_metrics, self.result.best_step, self.result.best_details = metrics, step, details
             self.evaluations_without_improvement = 0

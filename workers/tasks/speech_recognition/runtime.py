@@ -1,35 +1,49 @@
-"""Speech recognition: archive of utterances with a transcript manifest -> CTC fine-tuning of wav2vec2-style models
-(AutoModelForCTC). When the base model has no tokenizer, a character vocabulary is built from the transcripts.
-Evaluation decodes greedily and reports word and character error rates (jiwer)."""
+"""Speech recognition's torch side: archive of utterances with a transcript manifest -> CTC fine-tuning of
+wav2vec2-style models (AutoModelForCTC). When the base model has no tokenizer, a character vocabulary is built from
+the transcripts. Evaluation decodes greedily and reports word and character error rates (jiwer); Predict decodes the
+same way."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import jinja2
 import jiwer
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
 
-from workers.core.adapters import Batch, PreparedTask
 from workers.core.archives import ArchiveLimits, archive_limits, extract_archive
-from workers.core.audio import AUDIO_EXTENSIONS, check_audio, load_mono
+from workers.core.audio import AUDIO_EXTENSIONS, check_audio, load_mono, sample_wav
 from workers.core.errors import InvalidDataset
 from workers.core.evaluation import Evaluation
 from workers.core.media_data import MediaItem, find_items
 from workers.core.models import load_pretrained
+from workers.core.prepared_task import Batch, PreparedTask
 from workers.core.splits import stratified_split
 from workers.messages import DataFile, RunJob
 from workers.spec import DataSettings
+
+if TYPE_CHECKING:
+    from workers.core.prediction import LoadedModel
 
 DEFAULT_MAX_SECONDS = 30.0
 MAX_TRANSCRIPT_CHARS = 100_000
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "delimiter": "|"}
 ERROR_EXAMPLES = 10
+FIXED_SECONDS = 10.0
+"""The clip length a TorchScript export is traced at."""
+ERRORS_SECTION = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
+    """{% if error_examples %}<h2 id="errors">Example errors</h2>
+<table id="error-examples"><tr><th>reference</th><th>hypothesis</th></tr>
+{% for example in error_examples %}<tr><td>{{ example.reference }}</td><td>{{ example.hypothesis }}</td></tr>
+{% endfor %}</table>{% endif %}"""
+)
 
 
 def normalise(transcript: str) -> str:
@@ -126,8 +140,13 @@ def evaluate_ctc(tokenizer: Any) -> Callable[..., Evaluation]:
     return run
 
 
-class SpeechRecognitionAdapter:
+class SpeechRecognitionRuntime:
     """CTC fine-tuning of wav2vec2, HuBERT, WavLM and other AutoModelForCTC models."""
+
+    model_class = "AutoModelForCTC"
+    processor_class = "AutoProcessor"
+    export_tolerance = 1e-3
+    """As for audio classification: the feature encoder's float32 rounding over 10 s of samples."""
 
     def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
         spec, work_dir = job.spec, Path(job.work_dir)
@@ -187,3 +206,46 @@ class SpeechRecognitionAdapter:
             return tokenizer
         log("the base model has no CTC vocabulary: building one from the transcripts")
         return build_tokenizer(transcripts, folder)
+
+    def decode(self, loaded: LoadedModel, value: str | bytes) -> Any:
+        """A mono wave at the model's rate; longer than training allowed is refused (CTC memory grows with it)."""
+        rate = int(loaded.processor.feature_extractor.sampling_rate)
+        wave = load_mono(value, "the clip", rate)
+        longest = loaded.data.get("clip_seconds") or DEFAULT_MAX_SECONDS
+        if wave.shape[0] > longest * rate:
+            raise InvalidDataset(f"the clip is longer than the model was trained for ({longest:g} s)")
+        return wave.numpy()
+
+    def batch(self, loaded: LoadedModel, decoded: list[Any]) -> Batch:
+        extractor = loaded.processor.feature_extractor
+        rate = int(extractor.sampling_rate)
+        return dict(
+            extractor(decoded, sampling_rate=rate, return_tensors="pt", padding=True, return_attention_mask=True)
+        )
+
+    def answer(self, loaded: LoadedModel, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
+        """Greedy CTC decoding, normalised as training's references were."""
+        texts = loaded.processor.tokenizer.batch_decode(logits.argmax(dim=-1))
+        return [{"transcript": normalise(text)} for text in texts]
+
+    def sample_input(self, rng: np.random.Generator, index: int) -> tuple[str, bytes | str]:
+        return "audio", sample_wav(rng, index)
+
+    def fixed_shape_inputs(self, loaded: LoadedModel, items: list[tuple[str, Any]]) -> Batch:
+        """Every clip zero-padded (or cut) to FIXED_SECONDS."""
+        inputs = loaded.inputs(items)
+        samples = int(FIXED_SECONDS * loaded.processor.feature_extractor.sampling_rate)
+        padded = {}
+        for name, tensor in inputs.items():
+            grown = torch.zeros(tensor.shape[0], samples, dtype=tensor.dtype)
+            grown[:, : tensor.shape[1]] = tensor[:, :samples]
+            padded[name] = grown
+        return padded
+
+    def report_sections(self, metrics: dict[str, Any]) -> list[str]:
+        """The validation utterances it got wrong, reference beside hypothesis."""
+        errors = (metrics.get("classes") or {}).get("error_examples", [])
+        return [ERRORS_SECTION.render(error_examples=errors)]
+
+
+RUNTIME = SpeechRecognitionRuntime()

@@ -1,4 +1,5 @@
-"""Image classification: archive of images -> decoded, augmented, processed pixels -> AutoModelForImageClassification.
+"""Image classification's torch side: archive of images -> decoded, augmented, processed pixels ->
+AutoModelForImageClassification.
 
 Augmentation (torchvision.transforms.v2) runs on the decoded image before the model's own image processor, so
 every backbone keeps its exact preprocessing; evaluation never augments.
@@ -6,25 +7,31 @@ every backbone keeps its exact preprocessing; evaluation never augments.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from workers.core.adapters import Batch, PreparedTask
 from workers.core.archives import archive_limits
 from workers.core.input_limits import check_image as check_image_source
 from workers.core.input_limits import read_image
 from workers.core.media_data import MediaExample, MediaItem, load_media_dataset
 from workers.core.models import load_classifier, load_pretrained
+from workers.core.prepared_task import Batch, PreparedTask
 from workers.core.processed_cache import ProcessedCache
 from workers.messages import RunJob
 from workers.spec import AugmentationSettings
+from workers.tasks.classifier import ClassifierRuntime
+
+if TYPE_CHECKING:
+    from workers.core.prediction import LoadedModel
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -106,8 +113,11 @@ def collate_images(items: list[dict[str, Any]]) -> Batch:
     }
 
 
-class ImageClassificationAdapter:
+class ImageClassificationRuntime(ClassifierRuntime):
     """Any transformers image classifier (ViT, ResNet, ConvNeXt, Swin, EfficientNet, MobileNet ...)."""
+
+    model_class = "AutoModelForImageClassification"
+    processor_class = "AutoImageProcessor"
 
     def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
         spec = job.spec
@@ -143,3 +153,18 @@ class ImageClassificationAdapter:
             labels=data.labels,
             train_labels=[example.label for example in data.train],
         )
+
+    def decode(self, loaded: LoadedModel, value: str | bytes) -> Any:
+        return read_image(value, "the image")
+
+    def batch(self, loaded: LoadedModel, decoded: list[Any]) -> Batch:
+        return {"pixel_values": loaded.processor(images=decoded, return_tensors="pt")["pixel_values"]}
+
+    def sample_input(self, rng: np.random.Generator, index: int) -> tuple[str, bytes | str]:
+        pixels = rng.integers(0, 256, size=(48 + 16 * index, 64, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return "image", buffer.getvalue()
+
+
+RUNTIME = ImageClassificationRuntime()

@@ -1,19 +1,28 @@
-"""Text classification: JSONL/CSV rows -> tokenised examples -> AutoModelForSequenceClassification."""
+"""Text classification's torch side: JSONL/CSV rows -> tokenised examples -> AutoModelForSequenceClassification;
+Predict tokenises the same way, cut to the same length."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from workers.core.adapters import Batch, PreparedTask
 from workers.core.models import load_classifier, load_pretrained
+from workers.core.prepared_task import Batch, PreparedTask
 from workers.core.text_data import TextExample, load_text_dataset
 from workers.messages import RunJob
+from workers.tasks.classifier import ClassifierRuntime
+
+if TYPE_CHECKING:
+    from workers.core.prediction import LoadedModel
 
 DEFAULT_MAX_LENGTH = 512
+FIXED_TEXT_LENGTH = 128
+"""The sequence length a TorchScript export is traced at (or the job's own, when shorter)."""
+SAMPLE_WORDS = ("sample", "input", "text", "model", "check", "export", "value", "token")
 
 
 def sequence_limit(requested: int, tokenizer: Any, model: Any) -> int:
@@ -27,8 +36,11 @@ def sequence_limit(requested: int, tokenizer: Any, model: Any) -> int:
     return min(requested, limit) if requested > 0 else limit
 
 
-class TextClassificationAdapter:
+class TextClassificationRuntime(ClassifierRuntime):
     """Single texts or text pairs to one of N labels."""
+
+    model_class = "AutoModelForSequenceClassification"
+    processor_class = "AutoTokenizer"
 
     def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
         spec = job.spec
@@ -39,7 +51,7 @@ class TextClassificationAdapter:
         )
         tokenizer = load_pretrained(AutoTokenizer, spec.base_model)
         model = load_classifier(AutoModelForSequenceClassification, spec.base_model, data.labels)
-        max_length = self._max_length(spec.data.max_sequence_length, tokenizer, model)
+        max_length = sequence_limit(spec.data.max_sequence_length, tokenizer, model)
         train_set = self._encode(data.train, tokenizer, max_length)
         return PreparedTask(
             model=model,
@@ -51,10 +63,6 @@ class TextClassificationAdapter:
             train_labels=[example.label for example in data.train],
             lengths=[len(item["input_ids"]) for item in train_set],
         )
-
-    @staticmethod
-    def _max_length(requested: int, tokenizer: Any, model: Any) -> int:
-        return sequence_limit(requested, tokenizer, model)
 
     @staticmethod
     def _encode(examples: list[TextExample], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
@@ -82,3 +90,26 @@ class TextClassificationAdapter:
             return batch
 
         return collate
+
+    def decode(self, loaded: LoadedModel, value: str | bytes) -> Any:
+        return str(value)
+
+    def batch(self, loaded: LoadedModel, decoded: list[Any]) -> Batch:
+        limit = sequence_limit(int(loaded.data.get("max_sequence_length") or 0), loaded.processor, loaded.model)
+        return dict(loaded.processor(decoded, truncation=True, max_length=limit, padding=True, return_tensors="pt"))
+
+    def sample_input(self, rng: np.random.Generator, index: int) -> tuple[str, bytes | str]:
+        return "text", " ".join(rng.choice(SAMPLE_WORDS, size=3 + 4 * index))
+
+    def fixed_shape_inputs(self, loaded: LoadedModel, items: list[tuple[str, Any]]) -> Batch:
+        """Padded to the job's sequence length, at most FIXED_TEXT_LENGTH and what the model takes."""
+        length = min(
+            int(loaded.data.get("max_sequence_length") or FIXED_TEXT_LENGTH),
+            sequence_limit(FIXED_TEXT_LENGTH, loaded.processor, loaded.model),
+        )
+        texts = [str(value) for _, value in items]
+        encoded = loaded.processor(texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt")
+        return dict(encoded)
+
+
+RUNTIME = TextClassificationRuntime()

@@ -1,0 +1,137 @@
+"""The tasks' light definitions as the server and the client use them: every task-specific JobSpec field is accepted
+for exactly the tasks that read it and refused, by its path, for the others; every task flag of `tuneforge submit`
+sets its field; each task is the proto enum value of its name and takes Predict inputs of its own kind."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from tuneforge.v1 import job_spec_pb2 as pb
+from tuneforge.v1 import jobs_pb2
+
+from clients.spec_flags import TASKS, add_spec_arguments, spec_from_arguments, task_flags
+from server.errors import ApiError
+from server.predict_inputs import check_predict_inputs
+from server.spec_validation import validate_spec
+from workers.tasks import registry
+from workers.tasks.definition import TASK_FIELDS
+
+GIVEN = {
+    "data.text_column": "body",
+    "data.text_pair_column": "second",
+    "data.max_sequence_length": 64,
+    "data.augmentation": pb.Augmentation(enabled=True),
+    "data.clip_seconds": 2.0,
+    "data.transcript_column": "words",
+    "data.shots_per_class": 4,
+    "head": pb.HeadSpec(hidden_sizes=[8]),
+    "hyperparameters.label_smoothing": 0.1,
+    "hyperparameters.class_balance": pb.Hyperparameters.WEIGHTED_LOSS,
+}
+"""A valid, non-default value for every task-specific field."""
+TASK_NAMES = list(registry.definitions())
+
+
+def spec_for(task: str) -> pb.JobSpec:
+    return pb.JobSpec(
+        task=pb.Task.Value(task.upper()), base_model="org/model", data=pb.DataSpec(training_file="files/f1")
+    )
+
+
+def given(spec: pb.JobSpec, path: str) -> pb.JobSpec:
+    *parents, name = path.split(".")
+    holder = spec
+    for parent in parents:
+        holder = getattr(holder, parent)
+    value = GIVEN[path]
+    if hasattr(value, "ListFields"):
+        getattr(holder, name).CopyFrom(value)
+    else:
+        setattr(holder, name, value)
+    return spec
+
+
+def test_every_task_field_has_a_value_here() -> None:
+    assert set(GIVEN) == set(TASK_FIELDS)
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("path", TASK_FIELDS)
+def test_a_task_field_is_accepted_only_by_the_tasks_that_read_it(task: str, path: str) -> None:
+    definition = registry.definition(task)
+    result = validate_spec(given(spec_for(task), path), [])
+    problems = {v.field: v.description for v in result.violations}
+    if path in definition.reads:
+        assert problems == {} and result.spec is not None
+    else:
+        readers = " or ".join(reader.enum_name for reader in registry.readers(path))
+        assert problems == {f"job.spec.{path}": f"only used with {readers}, not {definition.enum_name}"}
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_a_best_metric_must_be_one_the_task_reports(task: str) -> None:
+    definition = registry.definition(task)
+    for metric in definition.metrics:
+        spec = spec_for(task)
+        spec.evaluation.best_metric = metric
+        assert validate_spec(spec, []).spec is not None
+    spec = spec_for(task)
+    spec.evaluation.best_metric = "eval_bleu"
+    problems = {v.field: v.description for v in validate_spec(spec, []).violations}
+    assert problems == {
+        "job.spec.evaluation.best_metric": f"must be one of {', '.join(definition.metrics)} for "
+        f"{definition.enum_name}, got 'eval_bleu'"
+    }
+
+
+def test_each_task_is_the_proto_enum_value_of_its_name_and_an_unknown_one_is_refused() -> None:
+    assert {name.lower() for name in pb.Task.DESCRIPTOR.values_by_name if name != "TASK_UNSPECIFIED"} == set(TASK_NAMES)
+    assert sorted(TASKS) == sorted(name.replace("_", "-") for name in TASK_NAMES)
+    spec = spec_for(TASK_NAMES[0])
+    spec.task = 999
+    problems = {v.field: v.description for v in validate_spec(spec, []).violations}
+    assert problems["job.spec.task"] == "required: one of " + ", ".join(name.upper() for name in TASK_NAMES)
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_predict_takes_the_kind_of_input_the_task_declares(task: str) -> None:
+    wanted = registry.definition(task).modality
+    value: str | bytes = "words" if wanted == "text" else b"\x00"
+    right = jobs_pb2.PredictRequest(inputs=[jobs_pb2.PredictInput(**{wanted: value})])
+    assert check_predict_inputs(right, spec_for(task)) == [(wanted, value)]
+    other = "image" if wanted != "image" else "audio"
+    wrong = jobs_pb2.PredictRequest(inputs=[jobs_pb2.PredictInput(**{other: b"\x00"})])
+    with pytest.raises(ApiError) as refused:
+        check_predict_inputs(wrong, spec_for(task))
+    assert [(v.field, v.description) for v in refused.value.violations] == [
+        ("inputs[0]", f"this job's model takes {wanted}, not {other}")
+    ]
+
+
+FLAG_VALUES = {int: "64", float: "2.5", str: "body"}
+
+
+@pytest.mark.parametrize("flag", sorted(task_flags()))
+def test_a_task_flag_sets_its_field_and_the_tasks_it_names_accept_it(flag: str) -> None:
+    declared, cli_names = task_flags()[flag]
+    parser = argparse.ArgumentParser()
+    add_spec_arguments(parser)
+    for cli_name in TASKS:
+        text = FLAG_VALUES[declared.type]  # type: ignore[index]
+        args = parser.parse_args(["--task", cli_name, "--model", "org/model", "--train", "files/f1", flag, text])
+        spec = spec_from_arguments(args)
+        holder = spec
+        *parents, name = declared.field.split(".")
+        for parent in parents:
+            holder = getattr(holder, parent)
+        assert getattr(holder, name) == declared.type(text)
+        problems = {v.field for v in validate_spec(spec, []).violations}
+        assert problems == (set() if cli_name in cli_names else {f"job.spec.{declared.field}"})
+
+
+def test_without_task_flags_the_spec_leaves_those_fields_unset() -> None:
+    parser = argparse.ArgumentParser()
+    add_spec_arguments(parser)
+    spec = spec_from_arguments(parser.parse_args(["--model", "org/model", "--train", "files/f1"]))
+    assert spec.data.max_sequence_length == 0 and spec.data.clip_seconds == 0 and spec.data.text_column == ""

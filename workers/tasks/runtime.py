@@ -1,0 +1,78 @@
+"""A task's torch side, as the shared trainer, Predict, export and the report use it.
+
+Each task package's `runtime.py` defines `RUNTIME`, an object with these members; `registry.runtime(name)` imports
+it. Classifiers share most of theirs (`classifier.ClassifierRuntime`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from workers.core.prepared_task import Batch, PreparedTask
+from workers.messages import RunJob
+
+if TYPE_CHECKING:
+    from workers.core.prediction import LoadedModel
+
+
+class TaskRuntime(Protocol):
+    """Training, Predict, export checks and report sections for one task."""
+
+    model_class: str
+    """The transformers auto class its models load with (`AutoModelForCTC` ...)."""
+    processor_class: str
+    """The transformers auto class its processor loads with (saved with every artifact)."""
+    export_tolerance: float
+    """How far an export's logits may be from the model's, relative to their largest magnitude."""
+
+    def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
+        """Reads the job's data and loads the model: what the shared trainer trains."""
+        ...
+
+    def decode(self, loaded: LoadedModel, value: str | bytes) -> Any:
+        """One raw Predict input made ready for the processor; InvalidDataset or ValueError when unreadable."""
+        ...
+
+    def batch(self, loaded: LoadedModel, decoded: list[Any]) -> Batch:
+        """The model's inputs for decoded items, batched and padded."""
+        ...
+
+    def answer(self, loaded: LoadedModel, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
+        """One answer per row of logits: `{"labels": [(label, p), ...]}` or `{"transcript": text}`."""
+        ...
+
+    def sample_input(self, rng: np.random.Generator, index: int) -> tuple[str, bytes | str]:
+        """A made-up Predict input (kind, value), longer as index grows: export checks need no real data."""
+        ...
+
+    def fixed_shape_inputs(self, loaded: LoadedModel, items: list[tuple[str, Any]]) -> Batch:
+        """Inputs padded to the one shape a traced (TorchScript) model accepts."""
+        ...
+
+    def report_sections(self, metrics: dict[str, Any]) -> list[str]:
+        """The report's task-specific sections (HTML, escaped), from the artifact's metrics.json."""
+        ...
+
+
+def auto_class(name: str) -> Any:
+    """A transformers auto class by name (imported when first used)."""
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def import_every_runtime() -> None:
+    """Imports every task's runtime and the model classes they use (a worker does this at start, not at its first
+    job)."""
+    from workers.tasks import registry
+
+    for name in registry.definitions():
+        runtime = registry.runtime(name)
+        auto_class(runtime.model_class)
+        auto_class(runtime.processor_class)
+    import peft  # noqa: F401  # LoRA
+    import transformers.trainer_utils  # noqa: F401  # set_seed
