@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from tuneforge.v1 import job_spec_pb2
 
 from tests.core.test_training_core import FAST, make_spec, run
@@ -33,7 +35,7 @@ from tests.media import (
 from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
 from workers.core.prediction import load_model
 from workers.messages import Outcome
-from workers.spec import DataSettings, EvaluationSettings
+from workers.spec import DataSettings, EvaluationSettings, HeadSettings
 from workers.tasks import registry
 
 
@@ -90,6 +92,7 @@ def test_a_task_trains_predicts_exports_and_reports(task: str, tmp_path: Path) -
         hyperparameters=dataclasses.replace(FAST, epochs=case.epochs, learning_rate=3e-3),
         evaluation=EvaluationSettings(log_every_steps=2),
         export_formats=("onnx",),
+        head=HeadSettings(hidden_sizes=(16,)) if registry.definition(task).classifies else None,
     )
     finished, _ = run(spec, data, tmp_path / "work")
     assert finished.outcome is Outcome.SUCCEEDED, finished.message
@@ -108,6 +111,9 @@ def test_a_task_trains_predicts_exports_and_reports(task: str, tmp_path: Path) -
     assert sections and all(section in report for section in sections)
 
     loaded = load_model(tmp_path / "model")
+    loaded.model.save_pretrained(tmp_path / "again")  # the loaded model holds every trained weight, head included
+    saved, again = (load_file(tmp_path / folder / "model.safetensors") for folder in ("model", "again"))
+    assert set(saved) == set(again) and all(torch.equal(saved[name], again[name]) for name in saved)
     items = case.inputs(random.Random(3))
     samples = [loaded.runtime.sample_input(np.random.default_rng(0), index) for index in range(2)]
     assert {kind for kind, _ in items + samples} == {definition.modality}

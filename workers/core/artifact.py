@@ -88,21 +88,24 @@ def write_artifact(
 
 
 def load_artifact_model(folder: str | Path, model_class: Any) -> nn.Module:
-    """Loads an artifact's model with its task's auto class, rebuilding a custom head first when the config records
-    one (any classifier may have one)."""
-    from safetensors.torch import load_model
+    """Loads an artifact's model with its task's auto class; a custom head (any classifier may have one) is rebuilt
+    after loading and gets its weights from the file. The backbone goes through `from_pretrained`, which maps
+    checkpoint names across transformers versions (ViT's `encoder.layer` -> `layers` ...); a plain state-dict load
+    would not."""
+    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     head = getattr(config, HEAD_CONFIG_KEY, None)
-    if not head:
-        model: nn.Module = model_class.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False)
-        return model
-    settings = HeadSettings(
-        hidden_sizes=tuple(head["hidden_sizes"]), activation=Activation(head["activation"]), dropout=head["dropout"]
-    )
-    model = model_class.from_config(config)
-    replace_head(model, config.num_labels, settings)
-    load_model(model, str(Path(folder) / "model.safetensors"))
+    model: nn.Module = model_class.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False)
+    if head:
+        settings = HeadSettings(
+            hidden_sizes=tuple(head["hidden_sizes"]), activation=Activation(head["activation"]), dropout=head["dropout"]
+        )
+        path = replace_head(model, config.num_labels, settings)
+        prefix = f"{path}."
+        weights = load_file(str(Path(folder) / "model.safetensors"))
+        head_weights = {name[len(prefix) :]: value for name, value in weights.items() if name.startswith(prefix)}
+        model.get_submodule(path).load_state_dict(head_weights)
     model.eval()
     return model
