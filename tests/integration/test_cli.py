@@ -199,12 +199,16 @@ def test_health_exits_zero_only_when_serving(server: LocalServer) -> None:
     assert (nobody.returncode, nobody.stdout.strip()) == (1, "UNREACHABLE")
 
 
-NOT_IN_THE_LIGHT_CLIENT = ("torch", "transformers", "numpy", "optuna", "safetensors", "peft", "server", "workers")
+NOT_IN_THE_LIGHT_CLIENT = ("torch", "transformers", "numpy", "optuna", "safetensors", "peft")
+"""The [server] extra's libraries, which a client-only install lacks."""
+NEVER_LOADED_BY_THE_CLIENT = ("server", "workers.core", "workers.process", "workers.tasks.runtime")
+"""Its own modules that need them (a task's runtime too): the client reads only the tasks' light definitions."""
 LIGHT = f"""
 import importlib.abc, sys
 class Missing(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {NOT_IN_THE_LIGHT_CLIENT!r}:
+        heavy = name.startswith({NEVER_LOADED_BY_THE_CLIENT!r}) or name.endswith(".runtime")
+        if name.split(".")[0] in {NOT_IN_THE_LIGHT_CLIENT!r} or heavy:
             raise ModuleNotFoundError(f"No module named {{name!r}} (not in the light client)", name=name)
 sys.meta_path.insert(0, Missing())
 from clients.cli import main
