@@ -33,11 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
+
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import local_server
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2, jobs_pb2_grpc
-
-from clients.client import TuneforgeClient
-from clients.local_server import local_server
 
 
 def training_spec(model: Path, training_file: str, epochs: int, log_every_steps: int) -> pb.JobSpec:
@@ -55,10 +55,10 @@ def training_spec(model: Path, training_file: str, epochs: int, log_every_steps:
 def seed_store(data_dir: Path, count: int, spec: bytes, dsn: str = "") -> float:
     """`count` finished jobs written through the server's own store (SQLite in the data dir, or PostgreSQL at
     `dsn`), as a busy server's history; returns seconds."""
-    from server.job_states import JobState
-    from server.records import JobRecord
-    from server.store.postgres import PostgresJobStore
-    from server.store.sqlite import SqliteJobStore
+    from tuneforge.server.job_states import JobState
+    from tuneforge.server.records import JobRecord
+    from tuneforge.server.store.postgres import PostgresJobStore
+    from tuneforge.server.store.sqlite import SqliteJobStore
 
     started = time.perf_counter()
     store = PostgresJobStore(dsn) if dsn else SqliteJobStore(data_dir / "tuneforge.db")

@@ -287,7 +287,7 @@ def core_batches(lengths: list[int] | None, examples: int, epoch: int) -> list[l
     import torch
     from torch.utils.data import DataLoader
 
-    from workers.core.length_grouping import LengthGroupedBatchSampler
+    from tuneforge.workers.core.length_grouping import LengthGroupedBatchSampler
 
     generator = torch.Generator().manual_seed(SEED * 1000 + epoch)
     if lengths is not None:
@@ -315,7 +315,7 @@ def optimizer_for(network: Any) -> Any:
     weights, only trainable parameters."""
     import torch
 
-    from workers.core.optimization import NO_DECAY_MARKERS, fused_available
+    from tuneforge.workers.core.optimization import NO_DECAY_MARKERS, fused_available
 
     trainable = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
     groups = [
@@ -513,7 +513,7 @@ def core_spec(
 ) -> Any:
     """The resolved spec the core gets for these benchmarks' shared hyperparameters (every step logged when
     `max_steps` is set, for first-step timings)."""
-    from workers.spec import (
+    from tuneforge.workers.spec import (
         AdaptationMethod,
         AdaptationSettings,
         DataSettings,
@@ -546,8 +546,8 @@ def run_core_job(spec: Any, data: Path, send: Callable[[Any], None]) -> None:
     """`run_job` in this process, on CUDA when present; the job must succeed."""
     import torch
 
-    from workers.core.runner import run_job
-    from workers.messages import DataFile, Outcome, RunJob
+    from tuneforge.workers.core.runner import run_job
+    from tuneforge.workers.messages import DataFile, Outcome, RunJob
 
     work = Path(tempfile.mkdtemp())
     job = RunJob(
@@ -561,7 +561,7 @@ def run_core_job(spec: Any, data: Path, send: Callable[[Any], None]) -> None:
 def run_core(workload: Workload, model: Path, data: Path, epochs: int, frozen: bool) -> dict[str, Any]:
     """Tuneforge's training core (`run_job`, in this process): its window runs from its training loop's start to
     the last step's report; its per-epoch checkpoints fall inside, its set-up and final artifact outside."""
-    from workers.messages import LogEmitted, TrainingProgress, WorkerEvent
+    from tuneforge.workers.messages import LogEmitted, TrainingProgress, WorkerEvent
 
     marks: dict[str, float] = {"begun": time.perf_counter()}
     reports: list[TrainingProgress] = []
@@ -625,10 +625,10 @@ IMPORTS = {
     "hand_loop": ["transformers"],
     "features_once": ["transformers"],
     "core": [
-        "workers.core.runner",
-        "workers.tasks.text_classification.runtime",
-        "workers.tasks.image_classification.runtime",
-        "workers.tasks.audio_classification.runtime",
+        "tuneforge.workers.core.runner",
+        "tuneforge.workers.tasks.text_classification.runtime",
+        "tuneforge.workers.tasks.image_classification.runtime",
+        "tuneforge.workers.tasks.audio_classification.runtime",
     ],
 }
 """Imported before the clock starts: a script pays them once, a Tuneforge worker when it starts (warm workers)."""

@@ -16,12 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.demo import write_bbc_subset
+from tuneforge.clients.local_server import local_server
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
-
-from clients.client import TuneforgeClient
-from clients.demo import write_bbc_subset
-from clients.local_server import local_server
 
 
 def main() -> int:

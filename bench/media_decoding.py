@@ -27,7 +27,7 @@ import core_vs_trainer as fair
 
 
 def examples(archive: Path, folder: Path) -> list[Any]:
-    from workers.core.media_data import MediaExample
+    from tuneforge.workers.core.media_data import MediaExample
 
     with zipfile.ZipFile(archive) as zipped:
         zipped.extractall(folder)
@@ -62,8 +62,8 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoFeatureExtractor, AutoImageProcessor
 
-    from workers.tasks.audio_classification.runtime import AudioDataset
-    from workers.tasks.image_classification.runtime import ImageDataset
+    from tuneforge.workers.tasks.audio_classification.runtime import AudioDataset
+    from tuneforge.workers.tasks.image_classification.runtime import ImageDataset
 
     scratch = Path(tempfile.mkdtemp())
     fair.build_vit(scratch / "vit")

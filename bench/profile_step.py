@@ -34,7 +34,7 @@ def profile(name: str, contender: str, steps: int, rows: int) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     profiler = torch.profiler.profile(activities=activities)
     if contender == "core":
-        from workers.messages import LogEmitted, WorkerEvent
+        from tuneforge.workers.messages import LogEmitted, WorkerEvent
 
         def send(event: WorkerEvent) -> None:  # profiling starts as the training loop does
             if isinstance(event, LogEmitted) and event.message.startswith("training: "):

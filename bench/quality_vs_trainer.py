@@ -26,8 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients.demo import TOPICS as DEMO_TOPICS
-from clients.demo import write_bbc_subset
+from tuneforge.clients.demo import TOPICS as DEMO_TOPICS
+from tuneforge.clients.demo import write_bbc_subset
 
 TOPICS = sorted(DEMO_TOPICS.values())
 EPOCHS, BATCH, LEARNING_RATE, MAX_TOKENS = 1, 16, 5e-5, 128
@@ -112,12 +112,11 @@ def train_with_trainer(train: Path, seed: int, output: Path) -> None:
 def train_with_service(train: Path, test: Path, seed: int, output: Path) -> float:
     """The same job through a real server: upload, CreateJob, watch, download the artifact to `output`; returns
     the accuracy of the service's own Predict on the test articles."""
+    from tuneforge.clients.archive import extract_archive
+    from tuneforge.clients.client import TuneforgeClient
+    from tuneforge.clients.local_server import local_server
     from tuneforge.v1 import job_spec_pb2 as pb
     from tuneforge.v1 import jobs_pb2
-
-    from clients.archive import extract_archive
-    from clients.client import TuneforgeClient
-    from clients.local_server import local_server
 
     scratch = Path(tempfile.mkdtemp(prefix="tuneforge-quality-"))
     with (

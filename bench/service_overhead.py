@@ -52,8 +52,8 @@ PHASES = ("cold worker", "warm worker, cold model", "warm model")
 
 def in_process(model: Path, data: Path, epochs: int, spawned_at: float) -> dict[str, Any]:
     """This child's sequence: the probe (from the process's start), then the full job twice."""
-    from workers.messages import LogEmitted, WorkerEvent
-    from workers.tasks.runtime import import_every_runtime
+    from tuneforge.workers.messages import LogEmitted, WorkerEvent
+    from tuneforge.workers.tasks.runtime import import_every_runtime
 
     def timed_run(spec: Any, since: float) -> dict[str, float]:
         marks: dict[str, float] = {}
@@ -97,8 +97,8 @@ def job_spec(model: Path, training_file: str, epochs: int, max_steps: int, seed:
 
 def through_service(model: Path, data: Path, epochs: int) -> dict[str, Any]:
     """A fresh server with one worker: the probe as soon as it listens, then the full job twice."""
-    from clients.client import TuneforgeClient
-    from clients.local_server import local_server
+    from tuneforge.clients.client import TuneforgeClient
+    from tuneforge.clients.local_server import local_server
 
     def timed_job(client: TuneforgeClient, since: float, max_steps: int, seed: int, scratch: Path) -> dict[str, float]:
         file = client.upload_file(data)

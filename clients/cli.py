@@ -20,21 +20,21 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
-from tuneforge.v1 import job_spec_pb2, jobs_pb2
 
-from clients.archive import extract_archive
-from clients.artifacts import REPORT, read_member, verify_artifact
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.credentials import Credentials
-from clients.spec_flags import (
+from tuneforge.clients.archive import extract_archive
+from tuneforge.clients.artifacts import REPORT, read_member, verify_artifact
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.credentials import Credentials
+from tuneforge.clients.spec_flags import (
     add_spec_arguments,
     add_spec_file_arguments,
     load_spec_file,
     set_data_files,
     spec_from_arguments,
 )
-from clients.sweep_cli import add_sweep_commands
-from clients.watch_view import render_watch
+from tuneforge.clients.sweep_cli import add_sweep_commands
+from tuneforge.clients.watch_view import render_watch
+from tuneforge.v1 import job_spec_pb2, jobs_pb2
 
 STATE = jobs_pb2.Job.State
 console = Console(stderr=True, markup=False)  # server and user text is printed as is, never read as markup
@@ -260,7 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
     """`tuneforge serve`: the server, imported only when the command runs (it needs the [server] extra). The
     import is written out so the import contracts see it (pyproject.toml allows exactly this one)."""
     try:
-        from server import main as server_main
+        from tuneforge.server import main as server_main
     except ImportError as exc:
         return _needs_server("serve", exc)
     return int(server_main.run(args))
@@ -269,7 +269,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """`tuneforge demo`: needs the server too, and plain transformers to load the model it downloads."""
     try:
-        from clients import demo
+        from tuneforge.clients import demo
     except ImportError as exc:
         return _needs_server("demo", exc)
     return int(demo.run(args))
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The server's flags, when the server is installed (the light client works without it)."""
     try:
-        from server import main as server_main
+        from tuneforge.server import main as server_main
     except ImportError:
         return
     server_main.add_arguments(parser)

@@ -19,6 +19,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+
+from tuneforge.clients.credentials import Credentials, open_channel
 from tuneforge.v1 import (
     files_pb2,
     files_pb2_grpc,
@@ -28,8 +30,6 @@ from tuneforge.v1 import (
     sweeps_pb2,
     sweeps_pb2_grpc,
 )
-
-from clients.credentials import Credentials, open_channel
 
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 4 << 20

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+
+from tuneforge.clients.archive import extract_archive
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import local_server
+from tuneforge.clients.watch_view import render_watch
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
-
-from clients.archive import extract_archive
-from clients.client import TuneforgeClient
-from clients.local_server import local_server
-from clients.watch_view import render_watch
 
 TOPICS = {0: "tech", 1: "business", 2: "politics", 3: "sport", 4: "entertainment"}
 NEW_SENTENCES = [

@@ -97,7 +97,7 @@ def start_local_server(
     command = [
         sys.executable,
         "-m",
-        "server",
+        "tuneforge.server",
         "--host",
         "127.0.0.1",
         "--port",

@@ -7,11 +7,11 @@ import argparse
 from pathlib import Path
 
 from google.protobuf import json_format
+
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import sweeps_pb2
-
-from workers.tasks import registry
-from workers.tasks.definition import TaskFlag
+from tuneforge.workers.tasks import registry
+from tuneforge.workers.tasks.definition import TaskFlag
 
 TASKS = {task.cli_name: pb.Task.Value(task.enum_name) for task in registry.definitions().values()}
 ADAPTATIONS = {

@@ -10,10 +10,10 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
-from tuneforge.v1 import sweeps_pb2
 
-from clients.client import TuneforgeClient
-from clients.spec_flags import add_spec_file_arguments, load_sweep_file, set_data_files
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.spec_flags import add_spec_file_arguments, load_sweep_file, set_data_files
+from tuneforge.v1 import sweeps_pb2
 
 SWEEP = sweeps_pb2.Sweep.State
 TRIAL = sweeps_pb2.Trial.State

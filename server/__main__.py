@@ -1,10 +1,10 @@
-"""`python -m server ...` is `tuneforge serve ...` (used where the client's CLI is not on PATH)."""
+"""`python -m tuneforge.server ...` is `tuneforge serve ...` (used where the client's CLI is not on PATH)."""
 
 import argparse
 import sys
 
-from server.main import add_arguments, run
+from tuneforge.server.main import add_arguments, run
 
-parser = argparse.ArgumentParser(prog="python -m server")
+parser = argparse.ArgumentParser(prog="python -m tuneforge.server")
 add_arguments(parser)
 sys.exit(run(parser.parse_args()))

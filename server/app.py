@@ -15,36 +15,36 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc, sweeps_pb2, sweeps_pb2_grpc
 
-from server.auth.access import AccessFile, quotas_of, webhooks_of
-from server.auth.interceptor import AuthInterceptor, CallLimits
-from server.change_feed import ChangeFeed
-from server.db import StoreRunner
-from server.event_hub import EventHub
-from server.exports import Exports
-from server.gpu_partition import partition, visible_gpus
-from server.job_factory import JobFactory
-from server.memory_estimate import physical_memory_bytes
-from server.metrics.exposition import MetricsEndpoint
-from server.metrics.gpus import GpuSampler
-from server.metrics.grpc_metrics import GrpcMetrics
-from server.metrics.service_metrics import ServiceMetrics
-from server.metrics.snapshots import JobsCollector, PoolCollector, StorageCollector
-from server.object_storage import ObjectStorage
-from server.predictions import Predictions
-from server.scheduler import Scheduler, SchedulerPolicy
-from server.servicers.files import FileServicer
-from server.servicers.jobs import JobServicer
-from server.servicers.sweeps import SweepServicer
-from server.settings import ServerSettings, SettingsError
-from server.storage import LocalStorage, Storage
-from server.store.sql import SqlJobStore
-from server.store.sqlite import SqliteJobStore
-from server.sweeps import SweepController
-from server.transport import server_credentials
-from server.webhooks import WebhookNotifier, WebhookSettings, load_secret
-from workers.pool import LocalProcessPool, WorkerPool, WorkerSettings
+from tuneforge.server.auth.access import AccessFile, quotas_of, webhooks_of
+from tuneforge.server.auth.interceptor import AuthInterceptor, CallLimits
+from tuneforge.server.change_feed import ChangeFeed
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.event_hub import EventHub
+from tuneforge.server.exports import Exports
+from tuneforge.server.gpu_partition import partition, visible_gpus
+from tuneforge.server.job_factory import JobFactory
+from tuneforge.server.memory_estimate import physical_memory_bytes
+from tuneforge.server.metrics.exposition import MetricsEndpoint
+from tuneforge.server.metrics.gpus import GpuSampler
+from tuneforge.server.metrics.grpc_metrics import GrpcMetrics
+from tuneforge.server.metrics.service_metrics import ServiceMetrics
+from tuneforge.server.metrics.snapshots import JobsCollector, PoolCollector, StorageCollector
+from tuneforge.server.object_storage import ObjectStorage
+from tuneforge.server.predictions import Predictions
+from tuneforge.server.scheduler import Scheduler, SchedulerPolicy
+from tuneforge.server.servicers.files import FileServicer
+from tuneforge.server.servicers.jobs import JobServicer
+from tuneforge.server.servicers.sweeps import SweepServicer
+from tuneforge.server.settings import ServerSettings, SettingsError
+from tuneforge.server.storage import LocalStorage, Storage
+from tuneforge.server.store.sql import SqlJobStore
+from tuneforge.server.store.sqlite import SqliteJobStore
+from tuneforge.server.sweeps import SweepController
+from tuneforge.server.transport import server_credentials
+from tuneforge.server.webhooks import WebhookNotifier, WebhookSettings, load_secret
+from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2, jobs_pb2_grpc, sweeps_pb2, sweeps_pb2_grpc
+from tuneforge.workers.pool import LocalProcessPool, WorkerPool, WorkerSettings
 
 log = logging.getLogger(__name__)
 SERVICES = (
@@ -100,7 +100,7 @@ class RunningServer:
 def open_store(settings: ServerSettings, metrics: ServiceMetrics) -> SqlJobStore:
     """SQLite in the data dir, or PostgreSQL when --store names it (imported only then)."""
     if settings.store.startswith(("postgresql://", "postgres://")):
-        from server.store.postgres import PostgresJobStore
+        from tuneforge.server.store.postgres import PostgresJobStore
 
         return PostgresJobStore(settings.store)
     if settings.store:
@@ -121,7 +121,7 @@ def make_pool(settings: ServerSettings) -> WorkerPool:
     )
     prefix = f"{settings.replica}-" if settings.replica else ""
     if settings.pool == "ray":
-        from server.ray_pool import RayPool, RayPoolSettings  # Ray is imported only by servers that use it
+        from tuneforge.server.ray_pool import RayPool, RayPoolSettings  # Ray is imported only by servers that use it
 
         ray_settings = RayPoolSettings(
             address=settings.ray_address,

@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from server.event_hub import EventHub
+from tuneforge.server.event_hub import EventHub
 
 log = logging.getLogger(__name__)
 Listen = Callable[[Callable[[str], None], threading.Event, threading.Event], None]

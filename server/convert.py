@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 
 from google.protobuf import timestamp_pb2
-from tuneforge.v1 import files_pb2, jobs_pb2
 
-from server.bounded import bounded
-from server.job_states import JobState
-from server.names import file_name, job_name
-from server.records import EventRecord, FileRecord, JobRecord, NewEvent
-from workers.messages import AutoChosen, CheckpointWritten, EvaluationDone, Severity, TrainingProgress
+from tuneforge.server.bounded import bounded
+from tuneforge.server.job_states import JobState
+from tuneforge.server.names import file_name, job_name
+from tuneforge.server.records import EventRecord, FileRecord, JobRecord, NewEvent
+from tuneforge.v1 import files_pb2, jobs_pb2
+from tuneforge.workers.messages import AutoChosen, CheckpointWritten, EvaluationDone, Severity, TrainingProgress
 
 PURPOSES: dict[str, files_pb2.File.Purpose.ValueType] = {"DATASET": files_pb2.File.DATASET}
 SEVERITIES = {

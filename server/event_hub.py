@@ -15,7 +15,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from server.records import EventRecord
+from tuneforge.server.records import EventRecord
 
 TAIL_EVENTS = 1000
 """Newest events kept per job or sweep."""

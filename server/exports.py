@@ -10,8 +10,8 @@ from typing import Any
 
 import grpc
 
-from server.errors import ApiError, failed_precondition
-from workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady
+from tuneforge.server.errors import ApiError, failed_precondition
+from tuneforge.workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady
 
 
 class Exports:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from server.auth.access import QuotaLookup, TenantQuota
-from server.store.base import QueueHead
+from tuneforge.server.auth.access import QuotaLookup, TenantQuota
+from tuneforge.server.store.base import QueueHead
 
 
 def next_tenant(

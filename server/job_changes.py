@@ -10,11 +10,11 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from server.bounded import MAX_REASON_CHARS, bounded
-from server.convert import log_event, state_change_event
-from server.job_states import ACTIVE, IllegalTransition, JobState, check_transition
-from server.records import JobChange, JobRecord, NewEvent
-from workers.messages import Severity
+from tuneforge.server.bounded import MAX_REASON_CHARS, bounded
+from tuneforge.server.convert import log_event, state_change_event
+from tuneforge.server.job_states import ACTIVE, IllegalTransition, JobState, check_transition
+from tuneforge.server.records import JobChange, JobRecord, NewEvent
+from tuneforge.workers.messages import Severity
 
 
 def transition(record: JobRecord, target: JobState, extra: list[NewEvent] | None = None, **fields: Any) -> JobChange:

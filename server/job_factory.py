@@ -5,22 +5,21 @@ from __future__ import annotations
 import logging
 import time
 
+from tuneforge.server import convert
+from tuneforge.server.auth.access import UNLIMITED, QuotaLookup, no_quotas
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.errors import quota_exceeded
+from tuneforge.server.event_hub import EventHub
+from tuneforge.server.job_states import JobState
+from tuneforge.server.metrics.service_metrics import ServiceMetrics
+from tuneforge.server.names import new_id
+from tuneforge.server.records import DEFAULT_TENANT, JobRecord
+from tuneforge.server.scheduler import Scheduler
+from tuneforge.server.store.base import JobStore, QuotaExceeded
 from tuneforge.v1 import job_spec_pb2
-
-from server import convert
-from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
-from server.db import StoreRunner
-from server.errors import quota_exceeded
-from server.event_hub import EventHub
-from server.job_states import JobState
-from server.metrics.service_metrics import ServiceMetrics
-from server.names import new_id
-from server.records import DEFAULT_TENANT, JobRecord
-from server.scheduler import Scheduler
-from server.store.base import JobStore, QuotaExceeded
-from workers.logs import job_fields
-from workers.spec import TrainingSpec
-from workers.spec_json import spec_to_json
+from tuneforge.workers.logs import job_fields
+from tuneforge.workers.spec import TrainingSpec
+from tuneforge.workers.spec_json import spec_to_json
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,10 @@ and once more before each attempt starts, so no path can train one tenant's job 
 
 from __future__ import annotations
 
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.errors import FieldViolation
+from tuneforge.server.store.base import JobStore
 from tuneforge.v1 import job_spec_pb2, sweeps_pb2
-
-from server.db import StoreRunner
-from server.errors import FieldViolation
-from server.store.base import JobStore
 
 FILE_FIELDS = ("data.training_file", "data.validation_file")
 """JobSpec fields that name a stored file."""

@@ -9,17 +9,17 @@ import logging
 import time
 from collections.abc import Callable
 
-from server.db import StoreRunner
-from server.event_hub import EventHub
-from server.job_changes import held_by
-from server.job_states import ACTIVE, TERMINAL, JobState
-from server.metrics.service_metrics import RetryReason, ServiceMetrics
-from server.records import EventRecord, JobChange, JobRecord
-from server.storage import Storage
-from server.store.base import ChangeFn, JobStore
-from workers.logs import job_fields
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.event_hub import EventHub
+from tuneforge.server.job_changes import held_by
+from tuneforge.server.job_states import ACTIVE, TERMINAL, JobState
+from tuneforge.server.metrics.service_metrics import RetryReason, ServiceMetrics
+from tuneforge.server.records import EventRecord, JobChange, JobRecord
+from tuneforge.server.storage import Storage
+from tuneforge.server.store.base import ChangeFn, JobStore
+from tuneforge.workers.logs import job_fields
 
-log = logging.getLogger("server.scheduler")
+log = logging.getLogger("tuneforge.server.scheduler")
 
 JobListener = Callable[[JobRecord, list[EventRecord]], None]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from server.records import JobRecord
-from server.worker_slots import WorkerSlot
+from tuneforge.server.records import JobRecord
+from tuneforge.server.worker_slots import WorkerSlot
 
 
 @dataclass(frozen=True)

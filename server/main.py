@@ -7,10 +7,10 @@ import asyncio
 import os
 import sys
 
-from server import settings_cli
-from server.app import serve
-from server.settings import SettingsError
-from workers.logs import configure_logging
+from tuneforge.server import settings_cli
+from tuneforge.server.app import serve
+from tuneforge.server.settings import SettingsError
+from tuneforge.workers.logs import configure_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.spec import TrainingSpec
+from tuneforge.workers.spec import TrainingSpec
 
 BYTES_PER_TRAINED_PARAMETER = 16
 """fp32 weight, gradient and Adam's two moments."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from tuneforge.server.errors import FieldViolation, invalid_argument
+from tuneforge.server.records import JobRecord
+from tuneforge.server.spec_validation import ONNX_OPSETS
 from tuneforge.v1 import job_spec_pb2, jobs_pb2
-
-from server.errors import FieldViolation, invalid_argument
-from server.records import JobRecord
-from server.spec_validation import ONNX_OPSETS
 
 
 def check_export_request(request: jobs_pb2.ExportModelRequest) -> tuple[str, int]:

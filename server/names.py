@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 
-from server.errors import FieldViolation, invalid_argument
+from tuneforge.server.errors import FieldViolation, invalid_argument
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 

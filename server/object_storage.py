@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from server.storage import CHUNK_BYTES, AttemptPlaces, Upload
-from workers.remote_storage import filesystem
+from tuneforge.server.storage import CHUNK_BYTES, AttemptPlaces, Upload
+from tuneforge.workers.remote_storage import filesystem
 
 
 class ObjectStorage:

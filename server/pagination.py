@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from server.errors import FieldViolation, invalid_argument
+from tuneforge.server.errors import FieldViolation, invalid_argument
 
 M = TypeVar("M", bound=Message)
 MAX_PAGE_SIZE = 1000

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
+from tuneforge.server.errors import FieldViolation, invalid_argument
+from tuneforge.server.spec_validation import task_of
 from tuneforge.v1 import job_spec_pb2, jobs_pb2
-
-from server.errors import FieldViolation, invalid_argument
-from server.spec_validation import task_of
 
 CHECKPOINT = re.compile(r"latest|step-\d{6}")
 MAX_INPUTS = 64

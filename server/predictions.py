@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 
-from server.errors import ApiError
-from server.metrics.service_metrics import ServiceMetrics
-from workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady
+from tuneforge.server.errors import ApiError
+from tuneforge.server.metrics.service_metrics import ServiceMetrics
+from tuneforge.workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from workers.messages import Shutdown, WorkerCommand, WorkerDied, WorkerEvent
-from workers.pool import DEFAULT_ENTRY, EventSink, Respawner, WorkerSettings, deliver, emit_to
-from workers.ray_actor import WorkerHost
+from tuneforge.workers.messages import Shutdown, WorkerCommand, WorkerDied, WorkerEvent
+from tuneforge.workers.pool import DEFAULT_ENTRY, EventSink, Respawner, WorkerSettings, deliver, emit_to
+from tuneforge.workers.ray_actor import WorkerHost
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.job_states import JobState
+from tuneforge.server.job_states import JobState
 
 DEFAULT_TENANT = "default"
 """The tenant of every caller when authentication is off, and of data stored before tenants existed."""

@@ -8,18 +8,17 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.server.auth.access import UNLIMITED, QuotaLookup
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.errors import is_disk_full
+from tuneforge.server.records import JobRecord
+from tuneforge.server.spec_validation import validate_spec
+from tuneforge.server.storage import AttemptPlaces, Storage
+from tuneforge.server.store.base import JobStore
 from tuneforge.v1 import job_spec_pb2
-
-from server.auth.access import UNLIMITED, QuotaLookup
-from server.db import StoreRunner
-from server.errors import is_disk_full
-from server.records import JobRecord
-from server.spec_validation import validate_spec
-from server.storage import AttemptPlaces, Storage
-from server.store.base import JobStore
-from workers.messages import DataFile, RunJob
-from workers.spec import TrainingSpec
-from workers.spec_json import spec_from_json
+from tuneforge.workers.messages import DataFile, RunJob
+from tuneforge.workers.spec import TrainingSpec
+from tuneforge.workers.spec_json import spec_from_json
 
 
 @dataclass(frozen=True)

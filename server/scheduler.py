@@ -18,28 +18,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from server import convert
-from server.auth.access import QuotaLookup, no_quotas
-from server.db import StoreRunner
-from server.event_hub import EventHub
-from server.fair_share import next_tenant, wait_reason
-from server.job_changes import cancel as cancel_change
-from server.job_changes import claim, lose_attempt, pause, requeue, resume, transition
-from server.job_states import ACTIVE, JobState
-from server.job_updates import JobListener, JobUpdates
-from server.leases import due, taken_over
-from server.metrics.service_metrics import RetryReason, ServiceMetrics
-from server.metrics.snapshots import WorkerView
-from server.records import JobChange, JobRecord, NewEvent
-from server.run_commands import CannotRun, RunCommands
-from server.settings import ServerSettings
-from server.storage import Storage
-from server.store.base import ChangeFn, JobStore
-from server.worker_events import WorkerEvents
-from server.worker_slots import WorkerSlot, WorkerSlots
-from workers.logs import job_context, job_fields
-from workers.messages import CancelJob, ExportArtifact, JobEventBase, PredictBatch, Severity, WorkerEvent
-from workers.pool import WorkerPool
+from tuneforge.server import convert
+from tuneforge.server.auth.access import QuotaLookup, no_quotas
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.event_hub import EventHub
+from tuneforge.server.fair_share import next_tenant, wait_reason
+from tuneforge.server.job_changes import cancel as cancel_change
+from tuneforge.server.job_changes import claim, lose_attempt, pause, requeue, resume, transition
+from tuneforge.server.job_states import ACTIVE, JobState
+from tuneforge.server.job_updates import JobListener, JobUpdates
+from tuneforge.server.leases import due, taken_over
+from tuneforge.server.metrics.service_metrics import RetryReason, ServiceMetrics
+from tuneforge.server.metrics.snapshots import WorkerView
+from tuneforge.server.records import JobChange, JobRecord, NewEvent
+from tuneforge.server.run_commands import CannotRun, RunCommands
+from tuneforge.server.settings import ServerSettings
+from tuneforge.server.storage import Storage
+from tuneforge.server.store.base import ChangeFn, JobStore
+from tuneforge.server.worker_events import WorkerEvents
+from tuneforge.server.worker_slots import WorkerSlot, WorkerSlots
+from tuneforge.workers.logs import job_context, job_fields
+from tuneforge.workers.messages import CancelJob, ExportArtifact, JobEventBase, PredictBatch, Severity, WorkerEvent
+from tuneforge.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 

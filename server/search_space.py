@@ -16,12 +16,12 @@ from typing import Any
 import optuna
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from tuneforge.v1 import job_spec_pb2, sweeps_pb2
 
-from server.errors import FieldViolation
-from server.spec_validation import ROOT as SPEC_ROOT
-from server.spec_validation import validate_spec
-from workers.tasks import registry
+from tuneforge.server.errors import FieldViolation
+from tuneforge.server.spec_validation import ROOT as SPEC_ROOT
+from tuneforge.server.spec_validation import validate_spec
+from tuneforge.v1 import job_spec_pb2, sweeps_pb2
+from tuneforge.workers.tasks import registry
 
 Distribution = optuna.distributions.BaseDistribution
 ParamValue = str | int | float | bool

@@ -1,7 +1,7 @@
 """`tuneforge serve`'s flags, the settings they make, and the README's flag table: all three made from the one
 definition of each setting in server/settings.py.
 
-    python -m server.settings_cli --readme README.md    # rewrites the README's table after a setting changes
+    python -m tuneforge.server.settings_cli --readme README.md    # rewrites the README's table after a setting changes
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from server.settings import ServerSettings
+from tuneforge.server.settings import ServerSettings
 
-TABLE_BEGIN = "<!-- serve flags: made from server/settings.py by `python -m server.settings_cli --readme README.md` -->"
+TABLE_BEGIN = (
+    "<!-- serve flags: made from server/settings.py by `python -m tuneforge.server.settings_cli --readme README.md` -->"
+)
 TABLE_END = "<!-- end of serve flags -->"
 
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tuneforge.server.errors import FieldViolation
 from tuneforge.v1 import job_spec_pb2 as pb
-
-from server.errors import FieldViolation
-from workers.spec import (
+from tuneforge.workers.spec import (
     Activation,
     AdaptationMethod,
     AdaptationSettings,
@@ -35,8 +34,8 @@ from workers.spec import (
     ScheduleSettings,
     TrainingSpec,
 )
-from workers.tasks import registry
-from workers.tasks.definition import TASK_FIELDS, TaskDefinition
+from tuneforge.workers.tasks import registry
+from tuneforge.workers.tasks.definition import TASK_FIELDS, TaskDefinition
 
 T = TypeVar("T")
 ROOT = "job.spec"

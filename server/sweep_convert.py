@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from google.protobuf import struct_pb2
-from tuneforge.v1 import jobs_pb2, sweeps_pb2
 
-from server.convert import timestamp
-from server.records import EventRecord, NewEvent
-from server.sweep_records import SweepRecord, SweepState, TrialRecord
+from tuneforge.server.convert import timestamp
+from tuneforge.server.records import EventRecord, NewEvent
+from tuneforge.server.sweep_records import SweepRecord, SweepState, TrialRecord
+from tuneforge.v1 import jobs_pb2, sweeps_pb2
 
 
 def trial_to_proto(trial: TrialRecord) -> sweeps_pb2.Trial:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from server.records import DEFAULT_TENANT
+from tuneforge.server.records import DEFAULT_TENANT
 
 
 class SweepState(StrEnum):

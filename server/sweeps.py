@@ -19,26 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from tuneforge.v1 import job_spec_pb2, jobs_pb2, sweeps_pb2
 
-from server import sweep_convert
-from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
-from server.bounded import bounded
-from server.db import StoreRunner
-from server.errors import ApiError
-from server.event_hub import EventHub
-from server.job_factory import JobFactory
-from server.job_files import missing_files
-from server.job_states import TERMINAL, IllegalTransition, JobState
-from server.memory_estimate import memory_problem
-from server.names import new_id
-from server.records import DEFAULT_TENANT, EventRecord, JobRecord, NewEvent
-from server.scheduler import Scheduler
-from server.search_space import SearchPlan, make_pruner, make_sampler, plan_search, trial_spec
-from server.spec_validation import validate_spec
-from server.store.base import JobStore
-from server.sweep_records import SWEEP_TERMINAL, SweepRecord, SweepState, TrialRecord, TrialState
-from workers.spec import TrainingSpec
+from tuneforge.server import sweep_convert
+from tuneforge.server.auth.access import UNLIMITED, QuotaLookup, no_quotas
+from tuneforge.server.bounded import bounded
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.errors import ApiError
+from tuneforge.server.event_hub import EventHub
+from tuneforge.server.job_factory import JobFactory
+from tuneforge.server.job_files import missing_files
+from tuneforge.server.job_states import TERMINAL, IllegalTransition, JobState
+from tuneforge.server.memory_estimate import memory_problem
+from tuneforge.server.names import new_id
+from tuneforge.server.records import DEFAULT_TENANT, EventRecord, JobRecord, NewEvent
+from tuneforge.server.scheduler import Scheduler
+from tuneforge.server.search_space import SearchPlan, make_pruner, make_sampler, plan_search, trial_spec
+from tuneforge.server.spec_validation import validate_spec
+from tuneforge.server.store.base import JobStore
+from tuneforge.server.sweep_records import SWEEP_TERMINAL, SweepRecord, SweepState, TrialRecord, TrialState
+from tuneforge.v1 import job_spec_pb2, jobs_pb2, sweeps_pb2
+from tuneforge.workers.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)

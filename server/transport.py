@@ -6,7 +6,7 @@ import ipaddress
 
 import grpc
 
-from server.settings import ServerSettings, SettingsError
+from tuneforge.server.settings import ServerSettings, SettingsError
 
 
 class TransportError(SettingsError):

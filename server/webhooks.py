@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
-from tuneforge.v1 import job_spec_pb2
 
-from server import convert
-from server.job_states import TERMINAL
-from server.metrics.service_metrics import ServiceMetrics
-from server.records import EventRecord, JobRecord
+from tuneforge.server import convert
+from tuneforge.server.job_states import TERMINAL
+from tuneforge.server.metrics.service_metrics import ServiceMetrics
+from tuneforge.server.records import EventRecord, JobRecord
+from tuneforge.v1 import job_spec_pb2
 
 log = logging.getLogger(__name__)
 

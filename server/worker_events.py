@@ -10,19 +10,19 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from server.db import StoreRunner
-from server.errors import is_disk_full
-from server.job_changes import finish as finish_change
-from server.job_changes import held_by, paused
-from server.job_states import TERMINAL
-from server.job_updates import JobUpdates
-from server.metrics.service_metrics import RetryReason, ServiceMetrics
-from server.records import JobChange, JobRecord
-from server.storage import Storage
-from server.store.base import ChangeFn, JobStore
-from server.worker_reports import death_reason, report_change
-from server.worker_slots import WorkerSlot, WorkerSlots
-from workers.messages import (
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.errors import is_disk_full
+from tuneforge.server.job_changes import finish as finish_change
+from tuneforge.server.job_changes import held_by, paused
+from tuneforge.server.job_states import TERMINAL
+from tuneforge.server.job_updates import JobUpdates
+from tuneforge.server.metrics.service_metrics import RetryReason, ServiceMetrics
+from tuneforge.server.records import JobChange, JobRecord
+from tuneforge.server.storage import Storage
+from tuneforge.server.store.base import ChangeFn, JobStore
+from tuneforge.server.worker_reports import death_reason, report_change
+from tuneforge.server.worker_slots import WorkerSlot, WorkerSlots
+from tuneforge.workers.messages import (
     CheckpointWritten,
     ExportReady,
     JobEventBase,
@@ -36,7 +36,7 @@ from workers.messages import (
     WorkerReady,
 )
 
-log = logging.getLogger("server.scheduler")
+log = logging.getLogger("tuneforge.server.scheduler")
 
 
 class WorkerCalls(Protocol):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from server import convert
-from server.records import JobChange, JobRecord
-from workers.messages import (
+from tuneforge.server import convert
+from tuneforge.server.records import JobChange, JobRecord
+from tuneforge.workers.messages import (
     ArtifactWritten,
     AutoChosen,
     CheckpointWritten,

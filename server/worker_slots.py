@@ -7,8 +7,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from server.metrics.snapshots import WorkerView
-from workers.messages import WorkerReady
+from tuneforge.server.metrics.snapshots import WorkerView
+from tuneforge.workers.messages import WorkerReady
 
 
 @dataclass

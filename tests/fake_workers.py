@@ -6,8 +6,8 @@ import os
 import sys
 from multiprocessing.connection import Connection
 
-from workers.messages import JobFinished, Outcome, RunJob, Shutdown, WorkerReady
-from workers.pool import WorkerSettings
+from tuneforge.workers.messages import JobFinished, Outcome, RunJob, Shutdown, WorkerReady
+from tuneforge.workers.pool import WorkerSettings
 
 
 def echo_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.processes import descendants
-from workers.core.distributed import free_port
+from tuneforge.workers.core.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

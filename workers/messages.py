@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from workers.spec import TrainingSpec
+from tuneforge.workers.spec import TrainingSpec
 
 # ---------------------------------------------------------------- commands: server -> worker
 

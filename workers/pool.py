@@ -22,12 +22,12 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
 
-from workers.messages import Shutdown, WorkerCommand, WorkerDied, WorkerEvent
+from tuneforge.workers.messages import Shutdown, WorkerCommand, WorkerDied, WorkerEvent
 
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[WorkerEvent], None]
-DEFAULT_ENTRY = "workers.process:run_worker"
+DEFAULT_ENTRY = "tuneforge.workers.process:run_worker"
 
 
 class WorkerPool(Protocol):

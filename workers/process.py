@@ -22,8 +22,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from workers.logs import INTERNAL_MARK, configure_logging, current_job, job_context
-from workers.messages import (
+from tuneforge.workers.logs import INTERNAL_MARK, configure_logging, current_job, job_context
+from tuneforge.workers.messages import (
     CancelJob,
     ExportArtifact,
     Heartbeat,
@@ -38,8 +38,8 @@ from workers.messages import (
     WorkerEvent,
     WorkerReady,
 )
-from workers.pool import WorkerSettings
-from workers.remote_storage import localize
+from tuneforge.workers.pool import WorkerSettings
+from tuneforge.workers.remote_storage import localize
 
 SEVERITIES = ((logging.ERROR, Severity.ERROR), (logging.WARNING, Severity.WARNING), (logging.INFO, Severity.INFO))
 
@@ -175,7 +175,7 @@ def _run_with_storage(
     command: RunJob, worker: str, device: Any, outbox: Outbox, flags: StopFlags, settings: WorkerSettings
 ) -> JobFinished:
     """Runs the attempt on local copies of whatever lives in object storage, and uploads what it writes."""
-    from workers.core.runner import run_job
+    from tuneforge.workers.core.runner import run_job
 
     where = f"attempt {command.attempt} runs on {worker} at {worker_host()}"
     outbox.send(LogEmitted(worker, command.job, command.attempt, severity=Severity.INFO, message=where))
@@ -225,10 +225,10 @@ def run_worker(worker: str, conn: Connection, settings: WorkerSettings) -> None:
     # Imported here, in the child: loading torch, transformers and every task runtime once per worker is the warm-up.
     import torch
 
-    from workers.core.device import configure_torch, gpu_identity, select_device
-    from workers.core.model_cache import configure
-    from workers.core.prediction import ModelCache, PredictionServer
-    from workers.tasks.runtime import import_every_runtime
+    from tuneforge.workers.core.device import configure_torch, gpu_identity, select_device
+    from tuneforge.workers.core.model_cache import configure
+    from tuneforge.workers.core.prediction import ModelCache, PredictionServer
+    from tuneforge.workers.tasks.runtime import import_every_runtime
 
     import_every_runtime()
     configure(settings.model_cache_mb * 2**20)

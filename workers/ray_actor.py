@@ -12,7 +12,7 @@ import multiprocessing.connection
 import os
 import socket
 
-from workers.pool import WorkerSettings, bootstrap
+from tuneforge.workers.pool import WorkerSettings, bootstrap
 
 HOST_VARIABLE = "TUNEFORGE_WORKER_HOST"
 """What a worker reports as its host; a Ray worker names its node, since nodes may share a machine."""

@@ -21,7 +21,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from workers.messages import CheckpointWritten, DataFile, RunJob, WorkerEvent
+from tuneforge.workers.messages import CheckpointWritten, DataFile, RunJob, WorkerEvent
 
 log = logging.getLogger(__name__)
 

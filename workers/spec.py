@@ -255,6 +255,6 @@ class TrainingSpec:
     @property
     def maximize(self) -> bool:
         """Whether a higher best_metric is better, as the task says (losses and error rates are minimised)."""
-        from workers.tasks import registry
+        from tuneforge.workers.tasks import registry
 
         return registry.definition(self.task).maximizes(self.evaluation.best_metric)

@@ -10,7 +10,7 @@ import typing
 from enum import Enum
 from typing import Any
 
-from workers.spec import TrainingSpec
+from tuneforge.workers.spec import TrainingSpec
 
 
 def spec_to_json(spec: TrainingSpec) -> str:

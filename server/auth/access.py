@@ -35,8 +35,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from server.auth.caller import Caller, Role
-from server.settings import SettingsError
+from tuneforge.server.auth.caller import Caller, Role
+from tuneforge.server.settings import SettingsError
 
 log = logging.getLogger(__name__)
 UNLIMITED = 2**62

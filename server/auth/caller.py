@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
-from server.records import DEFAULT_TENANT
+from tuneforge.server.records import DEFAULT_TENANT
 
 
 class Role(StrEnum):

@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from server.auth.access import AccessConfig, AccessFile, TenantQuota
-from server.auth.caller import LOCAL_ADMIN, Caller, calling_as
-from server.errors import ApiError, quota_exceeded, to_status
-from server.handler_wrapping import Behaviour, MethodKind, rewrap, split_method, status_name
+from tuneforge.server.auth.access import AccessConfig, AccessFile, TenantQuota
+from tuneforge.server.auth.caller import LOCAL_ADMIN, Caller, calling_as
+from tuneforge.server.errors import ApiError, quota_exceeded, to_status
+from tuneforge.server.handler_wrapping import Behaviour, MethodKind, rewrap, split_method, status_name
 
 audit_log = logging.getLogger("tuneforge.audit")
 OPEN_SERVICES = frozenset(

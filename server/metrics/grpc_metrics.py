@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from server.handler_wrapping import Behaviour, MethodKind, rewrap, split_method, status_name
+from tuneforge.server.handler_wrapping import Behaviour, MethodKind, rewrap, split_method, status_name
 
 HANDLING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0)
 

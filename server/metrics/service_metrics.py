@@ -14,8 +14,8 @@ from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from server.job_states import TERMINAL, JobState
-from server.records import JobRecord
+from tuneforge.server.job_states import TERMINAL, JobState
+from tuneforge.server.records import JobRecord
 
 # Seconds, from well under a step to well over a long fine-tuning run.
 SHORT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

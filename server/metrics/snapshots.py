@@ -18,8 +18,8 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.job_states import JobState
-from server.metrics.gpus import GpuSampler
+from tuneforge.server.job_states import JobState
+from tuneforge.server.metrics.gpus import GpuSampler
 
 log = logging.getLogger(__name__)
 WORKER_STATES = ("starting", "idle", "busy")

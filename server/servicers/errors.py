@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from server.errors import ApiError, failed_precondition, is_disk_full, to_status
-from server.job_states import IllegalTransition
+from tuneforge.server.errors import ApiError, failed_precondition, is_disk_full, to_status
+from tuneforge.server.job_states import IllegalTransition
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

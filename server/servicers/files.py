@@ -10,21 +10,21 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import empty_pb2
-from tuneforge.v1 import files_pb2, files_pb2_grpc
 
-from server import convert
-from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
-from server.auth.caller import current_caller
-from server.db import StoreRunner
-from server.errors import ApiError, FieldViolation, invalid_argument, is_disk_full, quota_exceeded
-from server.metrics.service_metrics import ServiceMetrics
-from server.names import new_id, parse_name
-from server.pagination import make_token, parse_page
-from server.records import FileRecord
-from server.servicers.errors import streaming, unary
-from server.servicers.tenancy import REQUEST_ID_RULE, request_id_ok, scoped_request_id, visible
-from server.storage import CHUNK_BYTES, Storage, Upload
-from server.store.base import JobStore, QuotaExceeded
+from tuneforge.server import convert
+from tuneforge.server.auth.access import UNLIMITED, QuotaLookup, no_quotas
+from tuneforge.server.auth.caller import current_caller
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.errors import ApiError, FieldViolation, invalid_argument, is_disk_full, quota_exceeded
+from tuneforge.server.metrics.service_metrics import ServiceMetrics
+from tuneforge.server.names import new_id, parse_name
+from tuneforge.server.pagination import make_token, parse_page
+from tuneforge.server.records import FileRecord
+from tuneforge.server.servicers.errors import streaming, unary
+from tuneforge.server.servicers.tenancy import REQUEST_ID_RULE, request_id_ok, scoped_request_id, visible
+from tuneforge.server.storage import CHUNK_BYTES, Storage, Upload
+from tuneforge.server.store.base import JobStore, QuotaExceeded
+from tuneforge.v1 import files_pb2, files_pb2_grpc
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SAFE_FILENAME = re.compile(r"^[\w][\w .+-]{0,254}$")

@@ -10,33 +10,33 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from google.protobuf import empty_pb2
-from tuneforge.v1 import job_spec_pb2, jobs_pb2, jobs_pb2_grpc
 
-from server import convert
-from server.auth.access import UNLIMITED, QuotaLookup, no_quotas
-from server.auth.caller import current_caller
-from server.db import StoreRunner
-from server.errors import FieldViolation, failed_precondition, invalid_argument, quota_exceeded
-from server.event_hub import EventHub
-from server.exports import Exports
-from server.job_factory import JobFactory
-from server.job_files import missing_files
-from server.job_states import TERMINAL, JobState
-from server.memory_estimate import memory_problem
-from server.model_exports import check_export_request, model_export
-from server.names import parse_name
-from server.pagination import fit_page, make_token, parse_page
-from server.predict_inputs import check_predict_inputs
-from server.predictions import Predictions
-from server.records import JobRecord
-from server.scheduler import Scheduler
-from server.servicers.errors import streaming, unary
-from server.servicers.streams import follow_events
-from server.servicers.tenancy import check_request_id, scoped_request_id, visible
-from server.spec_validation import validate_spec
-from server.storage import Storage
-from server.store.base import JobStore
-from workers.spec import TrainingSpec
+from tuneforge.server import convert
+from tuneforge.server.auth.access import UNLIMITED, QuotaLookup, no_quotas
+from tuneforge.server.auth.caller import current_caller
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.errors import FieldViolation, failed_precondition, invalid_argument, quota_exceeded
+from tuneforge.server.event_hub import EventHub
+from tuneforge.server.exports import Exports
+from tuneforge.server.job_factory import JobFactory
+from tuneforge.server.job_files import missing_files
+from tuneforge.server.job_states import TERMINAL, JobState
+from tuneforge.server.memory_estimate import memory_problem
+from tuneforge.server.model_exports import check_export_request, model_export
+from tuneforge.server.names import parse_name
+from tuneforge.server.pagination import fit_page, make_token, parse_page
+from tuneforge.server.predict_inputs import check_predict_inputs
+from tuneforge.server.predictions import Predictions
+from tuneforge.server.records import JobRecord
+from tuneforge.server.scheduler import Scheduler
+from tuneforge.server.servicers.errors import streaming, unary
+from tuneforge.server.servicers.streams import follow_events
+from tuneforge.server.servicers.tenancy import check_request_id, scoped_request_id, visible
+from tuneforge.server.spec_validation import validate_spec
+from tuneforge.server.storage import Storage
+from tuneforge.server.store.base import JobStore
+from tuneforge.v1 import job_spec_pb2, jobs_pb2, jobs_pb2_grpc
+from tuneforge.workers.spec import TrainingSpec
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs)
 

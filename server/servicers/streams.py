@@ -9,11 +9,11 @@ from typing import Any, Protocol
 
 import grpc
 
-from server.db import StoreRunner
-from server.errors import ApiError, FieldViolation, invalid_argument
-from server.event_hub import EventHub
-from server.records import EventRecord
-from server.store.base import JobStore
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.errors import ApiError, FieldViolation, invalid_argument
+from tuneforge.server.event_hub import EventHub
+from tuneforge.server.records import EventRecord
+from tuneforge.server.store.base import JobStore
 
 WATCH_BATCH = 500
 

@@ -5,25 +5,24 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
+from tuneforge.server.auth.access import QuotaLookup, no_quotas
+from tuneforge.server.auth.caller import current_caller
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.errors import FieldViolation, invalid_argument
+from tuneforge.server.event_hub import EventHub
+from tuneforge.server.job_files import missing_file_choices, missing_files
+from tuneforge.server.names import parse_name
+from tuneforge.server.pagination import fit_page, make_token, parse_page
+from tuneforge.server.scheduler import Scheduler
+from tuneforge.server.servicers.errors import streaming, unary
+from tuneforge.server.servicers.jobs import check_job_admission
+from tuneforge.server.servicers.streams import follow_events
+from tuneforge.server.servicers.tenancy import check_request_id, scoped_request_id, visible
+from tuneforge.server.store.base import JobStore
+from tuneforge.server.sweep_convert import sweep_event_to_proto, sweep_to_proto
+from tuneforge.server.sweep_records import SWEEP_TERMINAL, SweepRecord
+from tuneforge.server.sweeps import SweepController
 from tuneforge.v1 import sweeps_pb2, sweeps_pb2_grpc
-
-from server.auth.access import QuotaLookup, no_quotas
-from server.auth.caller import current_caller
-from server.db import StoreRunner
-from server.errors import FieldViolation, invalid_argument
-from server.event_hub import EventHub
-from server.job_files import missing_file_choices, missing_files
-from server.names import parse_name
-from server.pagination import fit_page, make_token, parse_page
-from server.scheduler import Scheduler
-from server.servicers.errors import streaming, unary
-from server.servicers.jobs import check_job_admission
-from server.servicers.streams import follow_events
-from server.servicers.tenancy import check_request_id, scoped_request_id, visible
-from server.store.base import JobStore
-from server.sweep_convert import sweep_event_to_proto, sweep_to_proto
-from server.sweep_records import SWEEP_TERMINAL, SweepRecord
-from server.sweeps import SweepController
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs)
 

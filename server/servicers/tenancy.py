@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Protocol, TypeVar
 
-from server.auth.caller import current_caller
-from server.errors import FieldViolation, invalid_argument, not_found
+from tuneforge.server.auth.caller import current_caller
+from tuneforge.server.errors import FieldViolation, invalid_argument, not_found
 
 
 class Owned(Protocol):

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.job_states import JobState
-from server.records import EventRecord, FileRecord, JobChange, JobRecord, NewEvent
-from server.sweep_records import SweepRecord, SweepState
+from tuneforge.server.job_states import JobState
+from tuneforge.server.records import EventRecord, FileRecord, JobChange, JobRecord, NewEvent
+from tuneforge.server.sweep_records import SweepRecord, SweepState
 
 ChangeFn = Callable[[JobRecord], JobChange | None]
 """Returns the changed job with its events, or None to leave it as it is."""

@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from server.store.connections import ThreadConnections
-from server.store.rows import Row
-from server.store.sql import Session, SqlJobStore
+from tuneforge.server.store.connections import ThreadConnections
+from tuneforge.server.store.rows import Row
+from tuneforge.server.store.sql import Session, SqlJobStore
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
 
-from server.job_states import JobState
-from server.records import EventRecord, FileRecord, JobRecord
-from server.sweep_records import SweepRecord, SweepState, TrialRecord, TrialState
+from tuneforge.server.job_states import JobState
+from tuneforge.server.records import EventRecord, FileRecord, JobRecord
+from tuneforge.server.sweep_records import SweepRecord, SweepState, TrialRecord, TrialState
 
 Row = Mapping[str, Any]
 

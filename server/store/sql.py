@@ -14,10 +14,10 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from server.job_states import JobState
-from server.records import EventRecord, FileRecord, JobRecord, NewEvent
-from server.store.base import ChangeFn, QueueHead, QuotaExceeded, SweepChangeFn
-from server.store.rows import (
+from tuneforge.server.job_states import JobState
+from tuneforge.server.records import EventRecord, FileRecord, JobRecord, NewEvent
+from tuneforge.server.store.base import ChangeFn, QueueHead, QuotaExceeded, SweepChangeFn
+from tuneforge.server.store.rows import (
     Row,
     cursor_of,
     event_from_row,
@@ -28,7 +28,7 @@ from server.store.rows import (
     sweep_body,
     sweep_from_row,
 )
-from server.sweep_records import SweepRecord, SweepState
+from tuneforge.server.sweep_records import SweepRecord, SweepState
 
 Sequenced = TypeVar("Sequenced", JobRecord, SweepRecord)
 

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.store.connections import ThreadConnections
-from server.store.rows import Row
-from server.store.sql import SqlJobStore
+from tuneforge.server.store.connections import ThreadConnections
+from tuneforge.server.store.rows import Row
+from tuneforge.server.store.sql import SqlJobStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (

@@ -17,8 +17,8 @@ import torch
 
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_wav2vec2, tone_wav, write_tones_zip
-from workers.messages import EvaluationDone, Outcome, TrainingProgress
-from workers.spec import AugmentationSettings, DataSettings
+from tuneforge.workers.messages import EvaluationDone, Outcome, TrainingProgress
+from tuneforge.workers.spec import AugmentationSettings, DataSettings
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_bad_audio_fails_with_the_file(tiny_wav2vec2: Path, tmp_path: Path, name
 
 
 def unpacked_tones(tmp_path: Path, per_class: int, seconds: float) -> list:  # type: ignore[type-arg]
-    from workers.core.media_data import MediaExample
+    from tuneforge.workers.core.media_data import MediaExample
 
     rng = random.Random(3)
     folder = tmp_path / "clips"
@@ -111,8 +111,8 @@ def test_clips_are_decoded_once_ahead_and_only_when_nothing_is_random(
     afterwards; clips that need random crops are never kept, and looking ahead draws no random numbers."""
     from transformers import AutoFeatureExtractor
 
-    from workers.core import processed_cache
-    from workers.tasks.audio_classification.runtime import AudioDataset
+    from tuneforge.workers.core import processed_cache
+    from tuneforge.workers.tasks.audio_classification.runtime import AudioDataset
 
     monkeypatch.setattr(processed_cache, "THREADED_FROM_S", 0.0)  # these short clips would stay on one thread
     extractor = AutoFeatureExtractor.from_pretrained(tiny_wav2vec2)

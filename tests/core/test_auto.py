@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from clients.artifacts import read_member
 from tests.core.test_training_core import FAST, make_spec, of_type, run
-from workers.core.auto_tuning import CHOICES_FILE, choose_epochs
-from workers.core.faults import ENVIRONMENT_VARIABLE, injected_faults
-from workers.messages import AutoChosen, EvaluationDone, JobStarted, LogEmitted, Outcome
-from workers.spec import AutoSettings
+from tuneforge.clients.artifacts import read_member
+from tuneforge.workers.core.auto_tuning import CHOICES_FILE, choose_epochs
+from tuneforge.workers.core.faults import ENVIRONMENT_VARIABLE, injected_faults
+from tuneforge.workers.messages import AutoChosen, EvaluationDone, JobStarted, LogEmitted, Outcome
+from tuneforge.workers.spec import AutoSettings
 
 GRID = [3e-4, 1e-3, 3e-3, 7e-3, 1.5e-2]
 TRAINS_WELL = 0.8

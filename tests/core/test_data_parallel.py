@@ -13,8 +13,8 @@ import torch
 from tests.core.test_resume import artifact_state
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.tiny import make_tiny_bert
-from workers.messages import LogEmitted, Outcome, TrainingProgress, WorkerEvent
-from workers.spec import EvaluationSettings, ScheduleKind, ScheduleSettings, TrainingSpec
+from tuneforge.workers.messages import LogEmitted, Outcome, TrainingProgress, WorkerEvent
+from tuneforge.workers.spec import EvaluationSettings, ScheduleKind, ScheduleSettings, TrainingSpec
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,18 @@ import torch
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_vit, make_tiny_wav2vec2
 from tests.tiny import make_tiny_bert
-from workers.core import export
-from workers.core.export import EXPORTS, ExportFailed, ExportFormat, export_model, fixed_shape_inputs, sample_items
-from workers.core.prediction import load_model
-from workers.messages import LogEmitted, Outcome
-from workers.spec import AdaptationMethod, AdaptationSettings, LoraSettings
+from tuneforge.workers.core import export
+from tuneforge.workers.core.export import (
+    EXPORTS,
+    ExportFailed,
+    ExportFormat,
+    export_model,
+    fixed_shape_inputs,
+    sample_items,
+)
+from tuneforge.workers.core.prediction import load_model
+from tuneforge.workers.messages import LogEmitted, Outcome
+from tuneforge.workers.spec import AdaptationMethod, AdaptationSettings, LoraSettings
 
 
 def artifact_folder(model: Path, task: str, target: Path, **data: object) -> Path:

@@ -15,10 +15,10 @@ import pytest
 
 from tests.core.test_resume import assert_same_run
 from tests.core.test_training_core import FAST, make_spec, of_type, run
-from workers.core.faults import ENVIRONMENT_VARIABLE, injected_faults
-from workers.core.runner import MEMORY_PLAN, is_disk_full
-from workers.messages import CheckpointWritten, LogEmitted, Outcome, TrainingProgress
-from workers.spec import EvaluationSettings
+from tuneforge.workers.core.faults import ENVIRONMENT_VARIABLE, injected_faults
+from tuneforge.workers.core.runner import MEMORY_PLAN, is_disk_full
+from tuneforge.workers.messages import CheckpointWritten, LogEmitted, Outcome, TrainingProgress
+from tuneforge.workers.spec import EvaluationSettings
 
 
 @pytest.fixture

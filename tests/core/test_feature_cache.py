@@ -17,9 +17,9 @@ from torch import nn
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_vit, make_tiny_wav2vec2, write_shapes_zip, write_tones_zip
 from tests.tiny import keyword_rows, write_jsonl
-from workers.core.feature_cache import BUDGET_ENV, length_sorted_batches
-from workers.messages import EvaluationDone, LogEmitted, Outcome, TrainingProgress
-from workers.spec import (
+from tuneforge.workers.core.feature_cache import BUDGET_ENV, length_sorted_batches
+from tuneforge.workers.messages import EvaluationDone, LogEmitted, Outcome, TrainingProgress
+from tuneforge.workers.spec import (
     AdaptationMethod,
     AdaptationSettings,
     AugmentationSettings,

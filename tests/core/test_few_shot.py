@@ -15,9 +15,9 @@ from tests.core.test_image_task import image_spec, tiny_vit  # noqa: F401  (fixt
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import write_shapes_zip, write_tones_zip
 from tests.tiny import keyword_rows, write_jsonl
-from workers.core.splits import FEW_SHOT_VALIDATION_CAP, sample_shots, training_split
-from workers.messages import ArtifactWritten, AutoChosen, EvaluationDone, JobStarted, LogEmitted, Outcome
-from workers.spec import AdaptationMethod, AdaptationSettings, DataSettings
+from tuneforge.workers.core.splits import FEW_SHOT_VALIDATION_CAP, sample_shots, training_split
+from tuneforge.workers.messages import ArtifactWritten, AutoChosen, EvaluationDone, JobStarted, LogEmitted, Outcome
+from tuneforge.workers.spec import AdaptationMethod, AdaptationSettings, DataSettings
 
 
 def test_shots_are_drawn_per_class_with_the_seed() -> None:

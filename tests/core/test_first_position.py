@@ -16,9 +16,9 @@ from transformers import BertConfig, BertForSequenceClassification, ViTConfig, V
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_wav2vec2
 from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
-from workers.core import first_position
-from workers.core.first_position import first_position_block
-from workers.messages import LogEmitted, Outcome, TrainingProgress
+from tuneforge.workers.core import first_position
+from tuneforge.workers.core.first_position import first_position_block
+from tuneforge.workers.messages import LogEmitted, Outcome, TrainingProgress
 
 INSTALLED = "the last block computes only the first position"
 

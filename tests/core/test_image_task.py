@@ -13,8 +13,8 @@ import torch
 
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_vit, shape_png, write_shapes_zip, write_tar
-from workers.messages import EvaluationDone, Outcome, TrainingProgress
-from workers.spec import AugmentationSettings, DataSettings
+from tuneforge.workers.messages import EvaluationDone, Outcome, TrainingProgress
+from tuneforge.workers.spec import AugmentationSettings, DataSettings
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +106,9 @@ def test_bombs_and_floods_are_refused_before_unpacking(tiny_vit: Path, tmp_path:
     assert "decompression bomb" in failure_of(tiny_vit, bomb, tmp_path)
     assert not (tmp_path / "work" / "data" / "train" / "red").exists(), "nothing was unpacked"
 
-    from workers.core.archives import ArchiveLimits, extract_archive
-    from workers.core.errors import InvalidDataset
-    from workers.messages import DataFile
+    from tuneforge.workers.core.archives import ArchiveLimits, extract_archive
+    from tuneforge.workers.core.errors import InvalidDataset
+    from tuneforge.workers.messages import DataFile
 
     flood = write_tar(tmp_path / "flood.tar", {f"red/{i}.png": b"x" for i in range(20)})
     with pytest.raises(InvalidDataset, match="20 members is more than the limit of 10"):
@@ -124,7 +124,7 @@ def unpacked_shapes(tiny_vit: Path, tmp_path: Path, per_class: int) -> tuple[lis
     """Shape images unpacked as examples, and the tiny ViT's image processor."""
     from transformers import AutoImageProcessor
 
-    from workers.core.media_data import MediaExample
+    from tuneforge.workers.core.media_data import MediaExample
 
     archive = write_shapes_zip(tmp_path / "shapes.zip", per_class=per_class)
     with zipfile.ZipFile(archive) as zipped:
@@ -134,8 +134,8 @@ def unpacked_shapes(tiny_vit: Path, tmp_path: Path, per_class: int) -> tuple[lis
 
 
 def test_processed_pixels_are_kept_only_when_nothing_is_random(tiny_vit: Path, tmp_path: Path) -> None:
-    from workers.spec import AugmentationSettings
-    from workers.tasks.image_classification.runtime import ImageDataset, image_augmentation
+    from tuneforge.workers.spec import AugmentationSettings
+    from tuneforge.workers.tasks.image_classification.runtime import ImageDataset, image_augmentation
 
     examples, processor = unpacked_shapes(tiny_vit, tmp_path, per_class=2)
     plain = ImageDataset(examples, processor, None)
@@ -150,8 +150,8 @@ def test_processed_pixels_are_kept_only_when_nothing_is_random(tiny_vit: Path, t
 def test_images_are_processed_ahead_in_parallel_as_they_would_be_one_by_one(
     tiny_vit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.core import processed_cache
-    from workers.tasks.image_classification.runtime import ImageDataset
+    from tuneforge.workers.core import processed_cache
+    from tuneforge.workers.tasks.image_classification.runtime import ImageDataset
 
     examples, processor = unpacked_shapes(tiny_vit, tmp_path, per_class=10)
     monkeypatch.setattr(processed_cache, "THREADED_FROM_S", 0.0)  # these small images would stay on one thread

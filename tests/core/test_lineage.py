@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from clients.artifacts import read_member, verify_artifact
 from tests.core.test_training_core import make_spec, run
-from workers.core.lineage import folder_digest
-from workers.messages import Outcome
+from tuneforge.clients.artifacts import read_member, verify_artifact
+from tuneforge.workers.core.lineage import folder_digest
+from tuneforge.workers.messages import Outcome
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.tiny import make_tiny_bert
-from workers.core import model_cache
-from workers.core.model_cache import CACHE, ModelCache, model_bytes
-from workers.messages import LogEmitted, Outcome, TrainingProgress
-from workers.spec import TrainingSpec
+from tuneforge.workers.core import model_cache
+from tuneforge.workers.core.model_cache import CACHE, ModelCache, model_bytes
+from tuneforge.workers.messages import LogEmitted, Outcome, TrainingProgress
+from tuneforge.workers.spec import TrainingSpec
 
 WARM = "warm start"
 

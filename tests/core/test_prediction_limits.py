@@ -12,8 +12,8 @@ from typing import Any
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.tiny import make_tiny_bert
-from workers.core.prediction import DECODED_BUDGET_BYTES, PredictionServer, as_loaded
-from workers.messages import PredictBatch, PredictionsReady, WorkerEvent
+from tuneforge.workers.core.prediction import DECODED_BUDGET_BYTES, PredictionServer, as_loaded
+from tuneforge.workers.messages import PredictBatch, PredictionsReady, WorkerEvent
 
 
 class FakeModel:

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from tests.core.test_training_core import FAST, make_spec, run
-from workers.messages import Outcome
-from workers.spec import EvaluationSettings
+from tuneforge.workers.messages import Outcome
+from tuneforge.workers.spec import EvaluationSettings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]

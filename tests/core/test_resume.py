@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_vit, write_shapes_zip
-from workers.messages import EvaluationDone, LogEmitted, Outcome, TrainingProgress, WorkerEvent
-from workers.spec import (
+from tuneforge.workers.messages import EvaluationDone, LogEmitted, Outcome, TrainingProgress, WorkerEvent
+from tuneforge.workers.spec import (
     AugmentationSettings,
     DataSettings,
     EvaluationSettings,

@@ -11,9 +11,9 @@ import torch
 
 from tests.core.test_training_core import FAST, make_spec, run
 from tests.tiny import keyword_rows
-from workers.core.prediction import ModelCache, load_model
-from workers.messages import Outcome
-from workers.spec import (
+from tuneforge.workers.core.prediction import ModelCache, load_model
+from tuneforge.workers.messages import Outcome
+from tuneforge.workers.spec import (
     Activation,
     AdaptationMethod,
     AdaptationSettings,

@@ -12,8 +12,8 @@ import pytest
 
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.media import make_tiny_wav2vec2_ctc, spoken_word, write_words_zip
-from workers.messages import EvaluationDone, LogEmitted, Outcome, TrainingProgress
-from workers.spec import DataSettings, EvaluationSettings
+from tuneforge.workers.messages import EvaluationDone, LogEmitted, Outcome, TrainingProgress
+from tuneforge.workers.spec import DataSettings, EvaluationSettings
 
 
 @pytest.fixture(scope="module")

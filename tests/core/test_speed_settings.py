@@ -11,8 +11,8 @@ import torch
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
 from tests.core.test_training_core import FAST, make_spec, of_type, run
-from workers.core.device import to_channels_last, wants_channels_last
-from workers.messages import Outcome, TrainingProgress
+from tuneforge.workers.core.device import to_channels_last, wants_channels_last
+from tuneforge.workers.messages import Outcome, TrainingProgress
 
 
 def test_channels_last_is_for_convolutional_nets_on_cuda_and_keeps_the_outputs() -> None:

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tuneforge.v1 import job_spec_pb2
 
 from tests.core.test_training_core import FAST, make_spec, run
 from tests.media import (
@@ -33,10 +32,11 @@ from tests.media import (
     write_words_zip,
 )
 from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
-from workers.core.prediction import load_model
-from workers.messages import Outcome
-from workers.spec import DataSettings, EvaluationSettings, HeadSettings
-from workers.tasks import registry
+from tuneforge.v1 import job_spec_pb2
+from tuneforge.workers.core.prediction import load_model
+from tuneforge.workers.messages import Outcome
+from tuneforge.workers.spec import DataSettings, EvaluationSettings, HeadSettings
+from tuneforge.workers.tasks import registry
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import torch
 
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tests.tiny import keyword_rows, write_jsonl
-from workers.messages import CheckpointWritten, EvaluationDone, LogEmitted, Outcome, TrainingProgress
-from workers.spec import (
+from tuneforge.workers.messages import CheckpointWritten, EvaluationDone, LogEmitted, Outcome, TrainingProgress
+from tuneforge.workers.spec import (
     AdaptationMethod,
     AdaptationSettings,
     ClassBalance,
@@ -212,8 +212,8 @@ def test_balanced_sampling_draws_every_class_equally_often(
 ) -> None:
     """66 rows, 6 of them `weather`: the training loader's real sampler is watched, and the labels it draws are
     counted (a spy; the real sampler answers)."""
-    from workers.core import trainer
-    from workers.core.optimization import balanced_sampler
+    from tuneforge.workers.core import trainer
+    from tuneforge.workers.core.optimization import balanced_sampler
 
     drawn: list[int] = []
 

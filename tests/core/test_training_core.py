@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from tests.tiny import keyword_rows, write_jsonl
-from workers.core.artifact import load_artifact_model
-from workers.core.runner import run_job
-from workers.messages import (
+from tuneforge.workers.core.artifact import load_artifact_model
+from tuneforge.workers.core.runner import run_job
+from tuneforge.workers.messages import (
     CheckpointWritten,
     DataFile,
     EvaluationDone,
@@ -30,7 +30,7 @@ from workers.messages import (
     TrainingProgress,
     WorkerEvent,
 )
-from workers.spec import (
+from tuneforge.workers.spec import (
     AdaptationMethod,
     AdaptationSettings,
     DataSettings,

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import TuneforgeClient
-from clients.credentials import Credentials
-from clients.local_server import LocalServer, start_local_server
-from server.auth.access import token_digest
 from tests.integration.conftest import SERVER_ARGS
 from tests.media import make_tiny_vit
 from tests.tiny import make_tiny_bert
-from workers.core.faults import ENVIRONMENT_VARIABLE
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.credentials import Credentials
+from tuneforge.clients.local_server import LocalServer, start_local_server
+from tuneforge.server.auth.access import token_digest
+from tuneforge.workers.core.faults import ENVIRONMENT_VARIABLE
 
 ADDRESS_SPACE_BYTES = 10 << 30
 USERS = {"alice": "team-a", "bob": "team-b", "root": "team-ops", "quota": "team-q"}

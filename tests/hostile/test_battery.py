@@ -17,12 +17,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from PIL import Image
-from tuneforge.v1 import files_pb2, jobs_pb2
-from tuneforge.v1 import job_spec_pb2 as pb
-from tuneforge.v1 import sweeps_pb2 as sw
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.credentials import Credentials
 from tests.hostile.conftest import (
     CRASHING_FILE,
     IDLE_TIMEOUT_S,
@@ -36,6 +31,11 @@ from tests.hostile.conftest import (
 from tests.integration.helpers import STATE, refused, scrape_until, text_spec, wait_for_end
 from tests.media import blank_png, shape_png, write_tar
 from tests.tiny import keyword_rows, write_jsonl
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.credentials import Credentials
+from tuneforge.v1 import files_pb2, jobs_pb2
+from tuneforge.v1 import job_spec_pb2 as pb
+from tuneforge.v1 import sweeps_pb2 as sw
 
 pytestmark = pytest.mark.integration
 

@@ -8,16 +8,16 @@ import time
 from pathlib import Path
 
 import pytest
-from tuneforge.v1 import job_spec_pb2 as pb
-from tuneforge.v1 import sweeps_pb2 as sw
 
-from clients.client import TuneforgeClient
-from clients.local_server import start_local_server
-from server.store.sqlite import SqliteJobStore
-from server.sweep_convert import state_event
-from server.sweep_records import SweepRecord, SweepState
 from tests.hostile.conftest import ADDRESS_SPACE_BYTES
 from tests.integration.conftest import SERVER_ARGS
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import start_local_server
+from tuneforge.server.store.sqlite import SqliteJobStore
+from tuneforge.server.sweep_convert import state_event
+from tuneforge.server.sweep_records import SweepRecord, SweepState
+from tuneforge.v1 import job_spec_pb2 as pb
+from tuneforge.v1 import sweeps_pb2 as sw
 
 pytestmark = pytest.mark.integration
 

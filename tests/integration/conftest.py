@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import TuneforgeClient
-from clients.local_server import LocalServer, start_local_server
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import LocalServer, start_local_server
 
 SERVER_ARGS = ["--device", "cpu", "--torch-threads", "1", "--log-level", "WARNING"]
 

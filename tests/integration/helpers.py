@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.processes import processes
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
-
-from clients.client import TuneforgeClient, TuneforgeError
-from tests.processes import processes
 
 STATE = jobs_pb2.Job.State
 

@@ -10,12 +10,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from tuneforge.v1 import files_pb2, jobs_pb2
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.local_server import LocalServer
 from tests.integration.helpers import STATE, long_spec, text_spec, wait_for_end, watch_until
 from tests.tiny import keyword_rows, write_jsonl
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.local_server import LocalServer
+from tuneforge.v1 import files_pb2, jobs_pb2
 
 pytestmark = pytest.mark.integration
 

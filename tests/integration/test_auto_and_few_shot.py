@@ -8,10 +8,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tuneforge.v1 import job_spec_pb2 as pb
 
-from clients.client import TuneforgeClient, TuneforgeError
 from tests.integration.helpers import STATE, log_lines, text_spec, wait_for_end
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.v1 import job_spec_pb2 as pb
 
 pytestmark = pytest.mark.integration
 

@@ -22,12 +22,12 @@ import grpc
 import pytest
 import torch
 from safetensors.torch import load
-from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2
 
-from clients.client import TuneforgeClient
-from clients.local_server import LocalServer, start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, text_spec, wait_for_end, wait_for_exit, worker_pids
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import LocalServer, start_local_server
+from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2
 
 pytestmark = pytest.mark.integration
 

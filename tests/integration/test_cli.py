@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import TuneforgeClient
-from clients.local_server import LocalServer
 from tests.integration.helpers import STATE, long_spec, wait_for_end, watch_until
 from tests.tiny import keyword_rows, write_jsonl
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import LocalServer
 
 pytestmark = pytest.mark.integration
 
 
 def tuneforge(server: LocalServer, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "clients.cli", "--server", server.target, *args]
+    command = [sys.executable, "-m", "tuneforge.clients.cli", "--server", server.target, *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"})
     if check:
         assert result.returncode == 0, result.stderr
@@ -191,7 +191,7 @@ def test_health_exits_zero_only_when_serving(server: LocalServer) -> None:
     unknown = tuneforge(server, "health", "--service", "no.such.Service", check=False)
     assert (unknown.returncode, unknown.stdout.strip()) == (1, "SERVICE_UNKNOWN")
     nobody = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "--server", "127.0.0.1:1", "--timeout", "2", "health"],
+        [sys.executable, "-m", "tuneforge.clients.cli", "--server", "127.0.0.1:1", "--timeout", "2", "health"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -201,7 +201,12 @@ def test_health_exits_zero_only_when_serving(server: LocalServer) -> None:
 
 NOT_IN_THE_LIGHT_CLIENT = ("torch", "transformers", "numpy", "optuna", "safetensors", "peft")
 """The [server] extra's libraries, which a client-only install lacks."""
-NEVER_LOADED_BY_THE_CLIENT = ("server", "workers.core", "workers.process", "workers.tasks.runtime")
+NEVER_LOADED_BY_THE_CLIENT = (
+    "tuneforge.server",
+    "tuneforge.workers.core",
+    "tuneforge.workers.process",
+    "tuneforge.workers.tasks.runtime",
+)
 """Its own modules that need them (a task's runtime too): the client reads only the tasks' light definitions."""
 LIGHT = f"""
 import importlib.abc, sys
@@ -211,7 +216,7 @@ class Missing(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {NOT_IN_THE_LIGHT_CLIENT!r} or heavy:
             raise ModuleNotFoundError(f"No module named {{name!r}} (not in the light client)", name=name)
 sys.meta_path.insert(0, Missing())
-from clients.cli import main
+from tuneforge.clients.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import TuneforgeClient
-from clients.local_server import LocalServer
 from tests.integration.helpers import STATE, log_lines, text_spec, wait_for_end, worker_pids
 from tests.processes import processes
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import LocalServer
 
 pytestmark = pytest.mark.integration
 

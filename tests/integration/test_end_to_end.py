@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tuneforge.v1 import jobs_pb2
 
-from clients.client import TuneforgeClient
-from clients.local_server import LocalServer
 from tests.integration.helpers import STATE, text_spec
 from tests.tiny import keyword_rows
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import LocalServer
+from tuneforge.v1 import jobs_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.local_server import LocalServer, start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import (
     STATE,
@@ -33,7 +31,9 @@ from tests.integration.helpers import (
     watch_until,
     worker_pids,
 )
-from workers.core.faults import ENVIRONMENT_VARIABLE
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.local_server import LocalServer, start_local_server
+from tuneforge.workers.core.faults import ENVIRONMENT_VARIABLE
 
 pytestmark = pytest.mark.integration
 

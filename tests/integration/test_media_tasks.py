@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from tuneforge.v1 import job_spec_pb2 as pb
-from tuneforge.v1 import jobs_pb2
 
-from clients.client import TuneforgeClient
 from tests.integration.helpers import STATE, wait_for_end
 from tests.media import (
     make_tiny_vit,
@@ -25,6 +22,9 @@ from tests.media import (
     write_tones_zip,
     write_words_zip,
 )
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.v1 import job_spec_pb2 as pb
+from tuneforge.v1 import jobs_pb2
 
 pytestmark = pytest.mark.integration
 CER_BOUND = 0.6

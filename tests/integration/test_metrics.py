@@ -16,10 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.local_server import LocalServer, start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import (
     STATE,
@@ -31,6 +28,9 @@ from tests.integration.helpers import (
     wait_for_exit,
     worker_pids,
 )
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.local_server import LocalServer, start_local_server
+from tuneforge.v1 import files_pb2, files_pb2_grpc, jobs_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from clients.client import TuneforgeClient
-from clients.local_server import start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, log_lines, text_spec, wait_for_end, worker_pids
 from tests.s3 import CREDENTIALS, S3Server, s3_server
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import start_local_server
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def test_files_checkpoints_and_artifacts_round_trip_through_s3(
 
 
 def test_unreachable_storage_stops_the_start_with_the_reason(s3: S3Server, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "server", "--data-dir", str(tmp_path), "--port", "0", "--workers", "0"]
+    command = [sys.executable, "-m", "tuneforge.server", "--data-dir", str(tmp_path), "--port", "0", "--workers", "0"]
     command += ["--storage", "s3://no-such-bucket/x", "--storage-option", f"endpoint_url={s3.endpoint}"]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **CREDENTIALS}, timeout=120)
     assert result.returncode == 2

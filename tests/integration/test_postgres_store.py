@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from clients.client import TuneforgeClient
-from clients.local_server import start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, text_spec, wait_for_end
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import start_local_server
 
 pytestmark = pytest.mark.integration
 

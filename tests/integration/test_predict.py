@@ -15,12 +15,12 @@ import grpc
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from tuneforge.v1 import job_spec_pb2
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.local_server import LocalServer
 from tests.integration.helpers import STATE, long_spec, sample, scrape, text_spec, wait_for_end
 from tests.tiny import keyword_rows
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.local_server import LocalServer
+from tuneforge.v1 import job_spec_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,7 @@ def test_wrong_inputs_and_unfinished_jobs_are_refused(
 
 
 def test_predict_from_the_command_line(server: LocalServer, trained: str) -> None:
-    command = [sys.executable, "-m", "clients.cli", "--server", server.target, "--json", "predict", trained]
+    command = [sys.executable, "-m", "tuneforge.clients.cli", "--server", server.target, "--json", "predict", trained]
     command += ["goal match team", "bank stock profit"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert result.returncode == 0, result.stderr

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tuneforge.v1 import jobs_pb2, jobs_pb2_grpc
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.credentials import Credentials
-from clients.local_server import LocalServer, start_local_server
-from server.auth.access import token_digest
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, long_spec, poll_pause, refused, text_spec, wait_for_end, watch_until
 from tests.tiny import keyword_rows, write_jsonl
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.credentials import Credentials
+from tuneforge.clients.local_server import LocalServer, start_local_server
+from tuneforge.server.auth.access import token_digest
+from tuneforge.v1 import jobs_pb2, jobs_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

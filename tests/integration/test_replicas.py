@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tuneforge.v1 import sweeps_pb2 as sw
 
-from clients.client import TuneforgeClient
-from clients.local_server import LocalServer, start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, sample, scrape, state_changes, text_spec, wait_for_end, watch_until
 from tests.integration.test_sweeps import sweep_spec
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import LocalServer, start_local_server
+from tuneforge.v1 import sweeps_pb2 as sw
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tuneforge.v1 import jobs_pb2
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.local_server import start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import (
     STATE,
@@ -26,6 +23,9 @@ from tests.integration.helpers import (
     watch_until,
     worker_pids,
 )
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.local_server import start_local_server
+from tuneforge.v1 import jobs_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -14,12 +14,12 @@ import grpc
 import optuna
 import pytest
 from google.protobuf import struct_pb2
-from tuneforge.v1 import sweeps_pb2 as sw
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.local_server import start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, text_spec, wait_for_end
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.local_server import start_local_server
+from tuneforge.v1 import sweeps_pb2 as sw
 
 pytestmark = pytest.mark.integration
 TRIAL = sw.Trial.State

@@ -14,15 +14,15 @@ from typing import Any
 
 import grpc
 import pytest
-from tuneforge.v1 import job_spec_pb2, jobs_pb2, sweeps_pb2
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.credentials import Credentials
-from clients.local_server import LocalServer, start_local_server
-from server.auth.access import token_digest
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, poll_pause, text_spec, wait_for_end
 from tests.integration.test_sweeps import sweep_spec
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.credentials import Credentials
+from tuneforge.clients.local_server import LocalServer, start_local_server
+from tuneforge.server.auth.access import token_digest
+from tuneforge.v1 import job_spec_pb2, jobs_pb2, sweeps_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import TuneforgeClient, TuneforgeError
-from clients.credentials import Credentials
-from clients.local_server import LocalServer, start_local_server
 from tests.certificates import Authority, Issued, issue, make_authority
+from tuneforge.clients.client import TuneforgeClient, TuneforgeError
+from tuneforge.clients.credentials import Credentials
+from tuneforge.clients.local_server import LocalServer, start_local_server
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def test_tls_without_client_certificates(tmp_path: Path, pki: Pki) -> None:
     try:
         assert health(server, Credentials(tls_ca=pki.ca.cert)) == "SERVING"
         assert health(server, Credentials()) == "UNREACHABLE"
-        command = [sys.executable, "-m", "clients.cli", "--server", server.target, "--timeout", "5", "health"]
+        command = [sys.executable, "-m", "tuneforge.clients.cli", "--server", server.target, "--timeout", "5", "health"]
         environment = {**os.environ, "TUNEFORGE_TLS_CA": str(pki.ca.cert)}  # as a container's health check runs
         checked = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environment)
         assert (checked.returncode, checked.stdout.strip()) == (0, "SERVING"), checked.stderr
@@ -108,7 +108,7 @@ def test_tls_without_client_certificates(tmp_path: Path, pki: Pki) -> None:
 
 
 def test_plaintext_off_loopback_only_when_asked(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", "0", "--workers", "0"]
+    command = [sys.executable, "-m", "tuneforge.server", "--host", "0.0.0.0", "--port", "0", "--workers", "0"]
     refused = subprocess.run([*command, "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2
     assert "refusing to serve plaintext on 0.0.0.0" in refused.stderr and "--allow-plaintext" in refused.stderr

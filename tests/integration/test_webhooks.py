@@ -16,15 +16,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from tuneforge.v1 import jobs_pb2
 
-from clients.client import TuneforgeClient
-from clients.credentials import Credentials
-from clients.local_server import start_local_server
-from server.auth.access import token_digest
-from server.webhooks import SIGNATURE_HEADER
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, Samples, long_spec, sample, scrape_until, text_spec, wait_for_end
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.credentials import Credentials
+from tuneforge.clients.local_server import start_local_server
+from tuneforge.server.auth.access import token_digest
+from tuneforge.server.webhooks import SIGNATURE_HEADER
+from tuneforge.v1 import jobs_pb2
 
 pytestmark = pytest.mark.integration
 

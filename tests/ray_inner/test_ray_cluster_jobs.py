@@ -9,11 +9,11 @@ from pathlib import Path
 
 import ray
 
-from clients.client import TuneforgeClient
-from clients.local_server import start_local_server
 from tests.integration.conftest import SERVER_ARGS
 from tests.integration.helpers import STATE, log_lines, text_spec, wait_for_end
 from tests.ray_cluster import node_environment, ray_cluster
+from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import start_local_server
 
 RUNS_ON = re.compile(r"attempt (\d+) runs on (\S+) at \S+/node-([0-9a-f]+)")
 

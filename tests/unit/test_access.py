@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from server.auth.access import AccessFile, AccessFileError, TenantQuota, parse_access, token_digest
-from server.auth.caller import Caller, Role
-from server.auth.interceptor import authenticate
-from server.errors import ApiError
-from server.settings import ServerSettings
-from server.transport import TransportError, is_loopback, server_credentials
+from tuneforge.server.auth.access import AccessFile, AccessFileError, TenantQuota, parse_access, token_digest
+from tuneforge.server.auth.caller import Caller, Role
+from tuneforge.server.auth.interceptor import authenticate
+from tuneforge.server.errors import ApiError
+from tuneforge.server.settings import ServerSettings
+from tuneforge.server.transport import TransportError, is_loopback, server_credentials
 
 GOOD = f"""
 [[tokens]]

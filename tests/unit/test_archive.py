@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.archive import UnsafeArchive, extract_archive
+from tuneforge.clients.archive import UnsafeArchive, extract_archive
 
 
 def make_tar(path: Path, members: list[tarfile.TarInfo]) -> Path:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from workers.core.cpu_dropout import UniformMaskDropout, use_cpu_dropout
+from tuneforge.workers.core.cpu_dropout import UniformMaskDropout, use_cpu_dropout
 
 
 def dropout(p: float) -> nn.Dropout:

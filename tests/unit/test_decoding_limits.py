@@ -15,12 +15,12 @@ import pytest
 import soundfile
 
 from tests.media import blank_png, write_tar
-from workers.core import archives, input_limits
-from workers.core.archives import ArchiveLimits, archive_limits, extract_archive
-from workers.core.errors import InvalidDataset, JobFailure
-from workers.core.input_limits import check_image, read_audio, read_image
-from workers.messages import DataFile, RunJob
-from workers.spec import DataSettings, TrainingSpec
+from tuneforge.workers.core import archives, input_limits
+from tuneforge.workers.core.archives import ArchiveLimits, archive_limits, extract_archive
+from tuneforge.workers.core.errors import InvalidDataset, JobFailure
+from tuneforge.workers.core.input_limits import check_image, read_audio, read_image
+from tuneforge.workers.messages import DataFile, RunJob
+from tuneforge.workers.spec import DataSettings, TrainingSpec
 
 
 def test_an_archive_of_dot_is_accepted(tmp_path: Path) -> None:

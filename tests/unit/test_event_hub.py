@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from server.db import StoreRunner
-from server.event_hub import TAIL_EVENTS, EventHub
-from server.job_states import TERMINAL, JobState
-from server.records import EventRecord, JobChange, JobRecord
-from server.servicers.streams import follow_events
-from server.store.sqlite import SqliteJobStore
 from tests.unit.test_store import job, note
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.event_hub import TAIL_EVENTS, EventHub
+from tuneforge.server.job_states import TERMINAL, JobState
+from tuneforge.server.records import EventRecord, JobChange, JobRecord
+from tuneforge.server.servicers.streams import follow_events
+from tuneforge.server.store.sqlite import SqliteJobStore
 
 
 class CountingStore(SqliteJobStore):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.spec_flags import load_spec_file, load_sweep_file
-from server.search_space import plan_search
-from server.spec_validation import validate_spec
+from tuneforge.clients.spec_flags import load_spec_file, load_sweep_file
+from tuneforge.server.search_space import plan_search
+from tuneforge.server.spec_validation import validate_spec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
 

@@ -3,14 +3,14 @@ lease expiry and kills (server/leases.py), and the pool's slots (server/worker_s
 
 from __future__ import annotations
 
-from server.auth.access import TenantQuota
-from server.fair_share import next_tenant, wait_reason
-from server.job_states import JobState
-from server.leases import LeaseAction, due, taken_over
-from server.records import JobRecord
-from server.store.base import QueueHead
-from server.worker_slots import WorkerSlot, WorkerSlots
-from workers.messages import WorkerReady
+from tuneforge.server.auth.access import TenantQuota
+from tuneforge.server.fair_share import next_tenant, wait_reason
+from tuneforge.server.job_states import JobState
+from tuneforge.server.leases import LeaseAction, due, taken_over
+from tuneforge.server.records import JobRecord
+from tuneforge.server.store.base import QueueHead
+from tuneforge.server.worker_slots import WorkerSlot, WorkerSlots
+from tuneforge.workers.messages import WorkerReady
 
 QUOTAS = {"a": TenantQuota(weight=2.0), "b": TenantQuota(), "capped": TenantQuota(max_running_jobs=1)}
 

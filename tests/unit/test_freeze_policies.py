@@ -28,17 +28,17 @@ from transformers import (
     WhisperForAudioClassification,
 )
 
-from workers.core.adaptation import (
+from tuneforge.workers.core.adaptation import (
     GradualUnfreezer,
     apply_adaptation,
     layout_of,
     plan_parameters,
     summarize,
 )
-from workers.core.errors import JobFailure
-from workers.core.lora import apply_lora
-from workers.core.optimization import build_optimizer
-from workers.spec import AdaptationMethod, AdaptationSettings, Hyperparameters, LoraSettings
+from tuneforge.workers.core.errors import JobFailure
+from tuneforge.workers.core.lora import apply_lora
+from tuneforge.workers.core.optimization import build_optimizer
+from tuneforge.workers.spec import AdaptationMethod, AdaptationSettings, Hyperparameters, LoraSettings
 
 
 def bert() -> nn.Module:

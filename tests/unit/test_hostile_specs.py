@@ -13,27 +13,27 @@ from pathlib import Path
 
 import optuna
 import pytest
+
+from tests.unit.test_search_space import spec as sweep_spec
+from tests.unit.test_search_space import values
+from tuneforge.server.auth.caller import Caller, Role, calling_as
+from tuneforge.server.bounded import MAX_MESSAGE_CHARS, bounded
+from tuneforge.server.job_changes import finish
+from tuneforge.server.job_states import JobState
+from tuneforge.server.memory_estimate import RANK_PROCESS_BYTES, estimate_job_memory, memory_problem
+from tuneforge.server.pagination import fit_page, fitting
+from tuneforge.server.records import JobRecord
+from tuneforge.server.search_space import MAX_GRID_POINTS, make_sampler, plan_search
+from tuneforge.server.spec_validation import validate_spec
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
 from tuneforge.v1 import sweeps_pb2 as sw
-
-from server.auth.caller import Caller, Role, calling_as
-from server.bounded import MAX_MESSAGE_CHARS, bounded
-from server.job_changes import finish
-from server.job_states import JobState
-from server.memory_estimate import RANK_PROCESS_BYTES, estimate_job_memory, memory_problem
-from server.pagination import fit_page, fitting
-from server.records import JobRecord
-from server.search_space import MAX_GRID_POINTS, make_sampler, plan_search
-from server.spec_validation import validate_spec
-from tests.unit.test_search_space import spec as sweep_spec
-from tests.unit.test_search_space import values
-from workers.core.errors import InvalidDataset, JobFailure
-from workers.core.models import load_pretrained
-from workers.core.text_data import MAX_LABEL_CHARS, load_text_dataset, raw_records
-from workers.messages import DataFile, RunJob
-from workers.process import _crashed
-from workers.spec import DataSettings, HeadSettings, TrainingSpec
+from tuneforge.workers.core.errors import InvalidDataset, JobFailure
+from tuneforge.workers.core.models import load_pretrained
+from tuneforge.workers.core.text_data import MAX_LABEL_CHARS, load_text_dataset, raw_records
+from tuneforge.workers.messages import DataFile, RunJob
+from tuneforge.workers.process import _crashed
+from tuneforge.workers.spec import DataSettings, HeadSettings, TrainingSpec
 
 SEEDS = sw.Parameter(field="hyperparameters.seed", int_range=sw.IntRange(min=0, max=150_000_000))
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from server.job_changes import (
+from tuneforge.server.job_changes import (
     MAX_BACKOFF_S,
     cancel,
     claim,
@@ -20,8 +20,8 @@ from server.job_changes import (
     restart_delay,
     resume,
 )
-from server.job_states import IllegalTransition, JobState
-from server.records import JobRecord, NewEvent
+from tuneforge.server.job_states import IllegalTransition, JobState
+from tuneforge.server.records import JobRecord, NewEvent
 
 
 def queued() -> JobRecord:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.job_states import ALLOWED, TERMINAL, IllegalTransition, JobState, check_transition
+from tuneforge.server.job_states import ALLOWED, TERMINAL, IllegalTransition, JobState, check_transition
 
 
 def test_terminal_states_are_final() -> None:

@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from workers.core.length_grouping import LengthGroupedBatchSampler
+from tuneforge.workers.core.length_grouping import LengthGroupedBatchSampler
 
 
 def batches(lengths: list[int], size: int, seed: int) -> list[list[int]]:

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from server.gpu_partition import AUTO, partition
-from workers.messages import DataFile, JobFinished, RunJob, WorkerDied, WorkerEvent
-from workers.pool import LocalProcessPool
-from workers.spec import DataSettings, TrainingSpec
+from tuneforge.server.gpu_partition import AUTO, partition
+from tuneforge.workers.messages import DataFile, JobFinished, RunJob, WorkerDied, WorkerEvent
+from tuneforge.workers.pool import LocalProcessPool
+from tuneforge.workers.spec import DataSettings, TrainingSpec
 
 
 def collect(pool: LocalProcessPool) -> queue.Queue[tuple[float, WorkerEvent]]:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from clients.local_server import _read_ready_lines
+from tuneforge.clients.local_server import _read_ready_lines
 
 BOTH_AT_ONCE = (
     "import sys, time\n"

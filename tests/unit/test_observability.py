@@ -17,12 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics.gpus import GpuSampler
-from server.metrics.snapshots import PoolCollector, StorageCollector, WorkerView
-from server.store.sqlite import SqliteJobStore
-from workers.logs import INTERNAL_MARK, JobFields, job_context, make_formatter
-from workers.messages import LogEmitted, Severity
-from workers.process import JobLogForwarder, Outbox
+from tuneforge.server.metrics.gpus import GpuSampler
+from tuneforge.server.metrics.snapshots import PoolCollector, StorageCollector, WorkerView
+from tuneforge.server.store.sqlite import SqliteJobStore
+from tuneforge.workers.logs import INTERNAL_MARK, JobFields, job_context, make_formatter
+from tuneforge.workers.messages import LogEmitted, Severity
+from tuneforge.workers.process import JobLogForwarder, Outbox
 
 GPU = "GPU-5c5e1c2e-0000-4000-8000-000000000001"
 

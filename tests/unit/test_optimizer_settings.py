@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from workers.core.adaptation import plan_parameters
-from workers.core.device import autocast_dtype
-from workers.core.optimization import build_optimizer, classification_loss
-from workers.spec import ClassBalance, Hyperparameters, OptimizerKind, Precision
+from tuneforge.workers.core.adaptation import plan_parameters
+from tuneforge.workers.core.device import autocast_dtype
+from tuneforge.workers.core.optimization import build_optimizer, classification_loss
+from tuneforge.workers.spec import ClassBalance, Hyperparameters, OptimizerKind, Precision
 
 CPU = torch.device("cpu")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.errors import ApiError
-from server.pagination import MAX_PAGE_SIZE, make_token, parse_page
+from tuneforge.server.errors import ApiError
+from tuneforge.server.pagination import MAX_PAGE_SIZE, make_token, parse_page
 
 
 def test_sizes_default_clamp_and_reject_negative() -> None:

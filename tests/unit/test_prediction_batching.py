@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from server.metrics.service_metrics import ServiceMetrics
-from server.predictions import MAX_BATCH_INPUTS, Predictions
-from workers.messages import PredictBatch, PredictionsReady
+from tuneforge.server.metrics.service_metrics import ServiceMetrics
+from tuneforge.server.predictions import MAX_BATCH_INPUTS, Predictions
+from tuneforge.workers.messages import PredictBatch, PredictionsReady
 
 
 class FakeWorker:

@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-from workers.core import processed_cache
-from workers.core.processed_cache import ProcessedCache
+from tuneforge.workers.core import processed_cache
+from tuneforge.workers.core.processed_cache import ProcessedCache
 
 
 def filled(count: int, threads: int, budget: int | None = None) -> tuple[ProcessedCache, list[str], int]:

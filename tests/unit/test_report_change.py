@@ -3,10 +3,10 @@ improves (a worse later evaluation must not replace the best)."""
 
 from __future__ import annotations
 
-from server.job_states import JobState
-from server.records import JobRecord
-from server.worker_reports import report_change
-from workers.messages import EvaluationDone
+from tuneforge.server.job_states import JobState
+from tuneforge.server.records import JobRecord
+from tuneforge.server.worker_reports import report_change
+from tuneforge.workers.messages import EvaluationDone
 
 
 def evaluated(record: JobRecord, step: int, loss: float, accuracy: float) -> JobRecord:

@@ -8,18 +8,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from tuneforge.server.auth.access import TenantQuota
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.job_states import JobState
+from tuneforge.server.records import FileRecord, JobRecord
+from tuneforge.server.run_commands import CannotRun, RunCommands
+from tuneforge.server.spec_validation import validate_spec
+from tuneforge.server.storage import LocalStorage
+from tuneforge.server.store.sqlite import SqliteJobStore
 from tuneforge.v1 import job_spec_pb2 as pb
-
-from server.auth.access import TenantQuota
-from server.db import StoreRunner
-from server.job_states import JobState
-from server.records import FileRecord, JobRecord
-from server.run_commands import CannotRun, RunCommands
-from server.spec_validation import validate_spec
-from server.storage import LocalStorage
-from server.store.sqlite import SqliteJobStore
-from workers.messages import RunJob
-from workers.spec_json import spec_to_json
+from tuneforge.workers.messages import RunJob
+from tuneforge.workers.spec_json import spec_to_json
 
 
 def job(tenant: str = "t", max_runtime_s: int = 0, run_seconds: float = 0.0) -> JobRecord:

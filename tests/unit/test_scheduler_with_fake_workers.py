@@ -10,19 +10,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.server.auth.access import TenantQuota
+from tuneforge.server.db import StoreRunner
+from tuneforge.server.event_hub import EventHub
+from tuneforge.server.job_factory import JobFactory
+from tuneforge.server.job_states import JobState
+from tuneforge.server.records import FileRecord, JobRecord
+from tuneforge.server.scheduler import Scheduler, SchedulerPolicy
+from tuneforge.server.spec_validation import validate_spec
+from tuneforge.server.storage import LocalStorage
+from tuneforge.server.store.sqlite import SqliteJobStore
 from tuneforge.v1 import job_spec_pb2 as pb
-
-from server.auth.access import TenantQuota
-from server.db import StoreRunner
-from server.event_hub import EventHub
-from server.job_factory import JobFactory
-from server.job_states import JobState
-from server.records import FileRecord, JobRecord
-from server.scheduler import Scheduler, SchedulerPolicy
-from server.spec_validation import validate_spec
-from server.storage import LocalStorage
-from server.store.sqlite import SqliteJobStore
-from workers.messages import (
+from tuneforge.workers.messages import (
     CancelJob,
     Heartbeat,
     JobFinished,
@@ -34,7 +33,7 @@ from workers.messages import (
     WorkerEvent,
     WorkerReady,
 )
-from workers.pool import EventSink
+from tuneforge.workers.pool import EventSink
 
 
 class FakePool:

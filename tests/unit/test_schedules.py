@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from workers.core.schedules import PlateauScale, lr_multiplier, warmup_steps
-from workers.spec import ScheduleKind, ScheduleSettings
+from tuneforge.workers.core.schedules import PlateauScale, lr_multiplier, warmup_steps
+from tuneforge.workers.spec import ScheduleKind, ScheduleSettings
 
 
 def curve(settings: ScheduleSettings, total: int = 100, per_epoch: int = 10) -> list[float]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import optuna
 import pytest
 from google.protobuf import struct_pb2
+
+from tuneforge.server.search_space import make_pruner, make_sampler, plan_search, trial_spec
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import sweeps_pb2 as sw
-
-from server.search_space import make_pruner, make_sampler, plan_search, trial_spec
 
 
 def base() -> pb.JobSpec:

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server import settings_cli
-from server.settings import ServerSettings
+from tuneforge.server import settings_cli
+from tuneforge.server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,13 +30,17 @@ def readme_flags() -> list[str]:
 def test_the_readme_table_is_the_one_the_settings_make() -> None:
     readme = (ROOT / "README.md").read_text()
     assert settings_cli.readme_with_table(readme) == readme, (
-        "the README's flag table is stale: run `.venv/bin/python -m server.settings_cli --readme README.md`"
+        "the README's flag table is stale: run `.venv/bin/python -m tuneforge.server.settings_cli --readme README.md`"
     )
 
 
 def test_serve_help_lists_exactly_the_readme_flags() -> None:
     shown = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "serve", "--help"], capture_output=True, text=True, cwd=ROOT, check=True
+        [sys.executable, "-m", "tuneforge.clients.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     ).stdout
     in_help = sorted(set(re.findall(r"^\s+(--[a-z][a-z-]*)", shown, re.M)) - {"--help"})
     assert in_help == sorted(readme_flags())

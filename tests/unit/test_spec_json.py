@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from tuneforge.v1 import job_spec_pb2 as pb
 
-from server.spec_validation import validate_spec
-from workers.spec import AugmentationSettings, HeadSettings, LoraSettings, TrainingSpec
-from workers.spec_json import spec_from_json, spec_to_json
+from tuneforge.server.spec_validation import validate_spec
+from tuneforge.v1 import job_spec_pb2 as pb
+from tuneforge.workers.spec import AugmentationSettings, HeadSettings, LoraSettings, TrainingSpec
+from tuneforge.workers.spec_json import spec_from_json, spec_to_json
 
 
 def resolved(spec: pb.JobSpec) -> TrainingSpec:

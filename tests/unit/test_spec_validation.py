@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tuneforge.server.spec_validation import validate_spec
 from tuneforge.v1 import job_spec_pb2 as pb
-
-from server.spec_validation import validate_spec
-from workers.spec import AdaptationMethod, OptimizerKind, ScheduleKind
+from tuneforge.workers.spec import AdaptationMethod, OptimizerKind, ScheduleKind
 
 
 def minimal(base_model: str = "org/model") -> pb.JobSpec:

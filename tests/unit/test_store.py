@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from server.job_changes import cancel, claim, transition
-from server.job_states import IllegalTransition, JobState
-from server.records import FileRecord, JobChange, JobRecord, NewEvent
-from server.store.base import QuotaExceeded
-from server.store.postgres import PostgresJobStore
-from server.store.sql import SqlJobStore
-from server.store.sqlite import SqliteJobStore
+from tuneforge.server.job_changes import cancel, claim, transition
+from tuneforge.server.job_states import IllegalTransition, JobState
+from tuneforge.server.records import FileRecord, JobChange, JobRecord, NewEvent
+from tuneforge.server.store.base import QuotaExceeded
+from tuneforge.server.store.postgres import PostgresJobStore
+from tuneforge.server.store.sql import SqlJobStore
+from tuneforge.server.store.sqlite import SqliteJobStore
 
 
 def job(job_id: str, priority: int = 0) -> JobRecord:

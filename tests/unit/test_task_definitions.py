@@ -7,15 +7,15 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
+from tuneforge.clients.spec_flags import TASKS, add_spec_arguments, spec_from_arguments, task_flags
+from tuneforge.server.errors import ApiError
+from tuneforge.server.predict_inputs import check_predict_inputs
+from tuneforge.server.spec_validation import validate_spec
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
-
-from clients.spec_flags import TASKS, add_spec_arguments, spec_from_arguments, task_flags
-from server.errors import ApiError
-from server.predict_inputs import check_predict_inputs
-from server.spec_validation import validate_spec
-from workers.tasks import registry
-from workers.tasks.definition import TASK_FIELDS
+from tuneforge.workers.tasks import registry
+from tuneforge.workers.tasks.definition import TASK_FIELDS
 
 GIVEN = {
     "data.text_column": "body",

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from workers.core.errors import InvalidDataset
-from workers.core.text_data import load_text_dataset
-from workers.messages import DataFile
-from workers.spec import DataSettings
+from tuneforge.workers.core.errors import InvalidDataset
+from tuneforge.workers.core.text_data import load_text_dataset
+from tuneforge.workers.messages import DataFile
+from tuneforge.workers.spec import DataSettings
 
 SETTINGS = DataSettings(training_file="files/x")
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from server import webhooks
-from server.metrics.service_metrics import ServiceMetrics
-from server.webhooks import DestinationRefused, WebhookNotifier, WebhookSettings, resolve_destination
+from tuneforge.server import webhooks
+from tuneforge.server.metrics.service_metrics import ServiceMetrics
+from tuneforge.server.webhooks import DestinationRefused, WebhookNotifier, WebhookSettings, resolve_destination
 
 REFUSED = [
     "127.0.0.1",  # loopback
@@ -134,7 +134,7 @@ def test_an_unknown_name_is_a_retried_delivery(monkeypatch: pytest.MonkeyPatch) 
 def test_the_shipped_verifier_refuses_stale_and_foreign_signatures() -> None:
     import time
 
-    from server.webhooks import sign, verify_signature
+    from tuneforge.server.webhooks import sign, verify_signature
 
     secret, body = b"k" * 32, b'{"type": "job.succeeded"}'
     now = int(time.time())

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from workers.core.errors import JobFailure
-from workers.spec import Activation, AdaptationMethod, AdaptationSettings, HeadSettings
+from tuneforge.workers.core.errors import JobFailure
+from tuneforge.workers.spec import Activation, AdaptationMethod, AdaptationSettings, HeadSettings
 
 ACTIVATIONS: dict[Activation, type[nn.Module]] = {
     Activation.RELU: nn.ReLU,

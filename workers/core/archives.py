@@ -13,8 +13,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from workers.core.errors import InvalidDataset, JobFailure
-from workers.messages import DataFile, RunJob
+from tuneforge.workers.core.errors import InvalidDataset, JobFailure
+from tuneforge.workers.messages import DataFile, RunJob
 
 DISK_RESERVE_BYTES = 256 << 20
 """Free space an unpacked archive must leave on the worker's disk (checkpoints and the artifact still need room)."""

@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import nn
 
-from workers.core.adaptation import replace_head
-from workers.core.lora import is_lora, save_lora
-from workers.spec import Activation, HeadSettings, TrainingSpec
+from tuneforge.workers.core.adaptation import replace_head
+from tuneforge.workers.core.lora import is_lora, save_lora
+from tuneforge.workers.spec import Activation, HeadSettings, TrainingSpec
 
 HEAD_CONFIG_KEY = "tuneforge_head"
 

@@ -13,10 +13,10 @@ import soundfile
 import torch
 import torchaudio
 
-from workers.core.errors import InvalidDataset
-from workers.core.input_limits import Source, read_audio
-from workers.core.media_data import MediaItem
-from workers.spec import AugmentationSettings
+from tuneforge.workers.core.errors import InvalidDataset
+from tuneforge.workers.core.input_limits import Source, read_audio
+from tuneforge.workers.core.media_data import MediaItem
+from tuneforge.workers.spec import AugmentationSettings
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 

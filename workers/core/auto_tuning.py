@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from workers.core.adaptation import TrainableParameter
-from workers.core.checkpoints import write_json_atomically
-from workers.core.errors import JobFailure
-from workers.core.optimization import build_optimizer
-from workers.core.trainer import Trainer
-from workers.spec import TrainingSpec
+from tuneforge.workers.core.adaptation import TrainableParameter
+from tuneforge.workers.core.checkpoints import write_json_atomically
+from tuneforge.workers.core.errors import JobFailure
+from tuneforge.workers.core.optimization import build_optimizer
+from tuneforge.workers.core.trainer import Trainer
+from tuneforge.workers.spec import TrainingSpec
 
 CHOICES_FILE = "auto.json"
 SMOOTHING = 0.95

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.core.errors import JobFailure
+from tuneforge.workers.core.errors import JobFailure
 
 LAYOUT = 2
 """This version's layout. 1: the loose keys before the layout number (train_history, baseline_metrics and

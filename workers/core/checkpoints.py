@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from workers.core.checkpoint_state import CheckpointState
-from workers.core.faults import check_disk_write
+from tuneforge.workers.core.checkpoint_state import CheckpointState
+from tuneforge.workers.core.faults import check_disk_write
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"

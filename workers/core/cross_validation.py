@@ -14,13 +14,13 @@ import torch
 import transformers
 from torch.utils.data import Subset
 
-from workers.core.model_setup import adapt_model
-from workers.core.prototypes import prototype_accuracy
-from workers.core.reporting import Reporter
-from workers.core.trainer import Trainer
-from workers.messages import RunJob
-from workers.spec import AutoSettings, TrainingSpec
-from workers.tasks import registry
+from tuneforge.workers.core.model_setup import adapt_model
+from tuneforge.workers.core.prototypes import prototype_accuracy
+from tuneforge.workers.core.reporting import Reporter
+from tuneforge.workers.core.trainer import Trainer
+from tuneforge.workers.messages import RunJob
+from tuneforge.workers.spec import AutoSettings, TrainingSpec
+from tuneforge.workers.tasks import registry
 
 MAX_FOLDS = 5
 

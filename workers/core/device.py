@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from workers.core.errors import JobFailure
-from workers.spec import Precision
+from tuneforge.workers.core.errors import JobFailure
+from tuneforge.workers.spec import Precision
 
 
 def select_device(preference: str) -> torch.device:

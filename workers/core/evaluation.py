@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from workers.core.prepared_task import Batch
+from tuneforge.workers.core.prepared_task import Batch
 
 
 @dataclass

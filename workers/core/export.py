@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.jit._trace import TracerWarning
 
-from workers.core.lineage import file_digest
-from workers.core.prediction import LoadedModel, load_model
-from workers.messages import Severity
+from tuneforge.workers.core.lineage import file_digest
+from tuneforge.workers.core.prediction import LoadedModel, load_model
+from tuneforge.workers.messages import Severity
 
 EXPORTS = "exports"
 CHECKS = "checks.json"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from workers.core.prepared_task import Batch
+from tuneforge.workers.core.prepared_task import Batch
 
 BUDGET_ENV = "TUNEFORGE_FEATURE_CACHE_MB"
 DEFAULT_BUDGET_MB = 2048

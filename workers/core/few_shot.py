@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 import transformers
 
-from workers.core.checkpoints import write_json_atomically
-from workers.core.cross_validation import CrossValidation, cross_validate
-from workers.core.prepared_task import PreparedTask
-from workers.core.prototypes import prototype_accuracy
-from workers.core.reporting import Reporter
-from workers.messages import RunJob, Severity
-from workers.spec import TrainingSpec
+from tuneforge.workers.core.checkpoints import write_json_atomically
+from tuneforge.workers.core.cross_validation import CrossValidation, cross_validate
+from tuneforge.workers.core.prepared_task import PreparedTask
+from tuneforge.workers.core.prototypes import prototype_accuracy
+from tuneforge.workers.core.reporting import Reporter
+from tuneforge.workers.messages import RunJob, Severity
+from tuneforge.workers.spec import TrainingSpec
 
 CROSS_VALIDATION_FILE = "cross_validation.json"
 

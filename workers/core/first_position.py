@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.core.adaptation import backbone_of, blocks_of
-from workers.core.errors import JobFailure
-from workers.core.prepared_task import Batch
+from tuneforge.workers.core.adaptation import backbone_of, blocks_of
+from tuneforge.workers.core.errors import JobFailure
+from tuneforge.workers.core.prepared_task import Batch
 
 Block = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
 

@@ -14,7 +14,7 @@ from typing import Any
 import soundfile
 from PIL import Image, UnidentifiedImageError
 
-from workers.core.errors import InvalidDataset
+from tuneforge.workers.core.errors import InvalidDataset
 
 MAX_IMAGE_PIXELS = 50_000_000
 """Width x height of one image (about 150 MB once decoded to RGB): beyond any camera a data set needs."""

@@ -16,10 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from workers.core.artifact import spec_to_json
-from workers.core.auto_tuning import Choice
-from workers.messages import DataFile
-from workers.spec import TrainingSpec
+from tuneforge.workers.core.artifact import spec_to_json
+from tuneforge.workers.core.auto_tuning import Choice
+from tuneforge.workers.messages import DataFile
+from tuneforge.workers.spec import TrainingSpec
 
 MANIFEST = "manifest.json"
 PACKAGES = (

@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from workers.core.adaptation import backbone_of, blocks_of
-from workers.core.errors import JobFailure
-from workers.spec import LoraSettings
+from tuneforge.workers.core.adaptation import backbone_of, blocks_of
+from tuneforge.workers.core.errors import JobFailure
+from tuneforge.workers.spec import LoraSettings
 
 ADAPTER_FOLDER = "adapter"
 

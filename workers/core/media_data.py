@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.core.archives import ArchiveLimits, extract_archive, is_hidden
-from workers.core.errors import InvalidDataset
-from workers.core.splits import training_split
-from workers.core.text_data import (
+from tuneforge.workers.core.archives import ArchiveLimits, extract_archive, is_hidden
+from tuneforge.workers.core.errors import InvalidDataset
+from tuneforge.workers.core.splits import training_split
+from tuneforge.workers.core.text_data import (
     MAX_LABEL_CHARS,
     check_label_count,
     label_rule,
@@ -21,8 +21,8 @@ from workers.core.text_data import (
     raw_records,
     sorted_labels,
 )
-from workers.messages import DataFile
-from workers.spec import DataSettings
+from tuneforge.workers.messages import DataFile
+from tuneforge.workers.spec import DataSettings
 
 MANIFESTS = ("metadata.jsonl", "metadata.csv", "manifest.jsonl", "manifest.csv")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from workers.core.adaptation import (
+from tuneforge.workers.core.adaptation import (
     GradualUnfreezer,
     TrainableParameter,
     apply_adaptation,
@@ -13,9 +13,9 @@ from workers.core.adaptation import (
     replace_head,
     summarize,
 )
-from workers.core.lora import apply_lora
-from workers.core.prepared_task import PreparedTask
-from workers.spec import AdaptationMethod, TrainingSpec
+from tuneforge.workers.core.lora import apply_lora
+from tuneforge.workers.core.prepared_task import PreparedTask
+from tuneforge.workers.spec import AdaptationMethod, TrainingSpec
 
 
 def adapt_model(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from workers.core.errors import JobFailure
-from workers.core.model_cache import CACHE
+from tuneforge.workers.core.errors import JobFailure
+from tuneforge.workers.core.model_cache import CACHE
 
 
 def load_pretrained(loader: Any, base_model: str, **kwargs: Any) -> Any:

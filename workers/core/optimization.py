@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.core.adaptation import TrainableParameter
-from workers.spec import ClassBalance, Hyperparameters, OptimizerKind
+from tuneforge.workers.core.adaptation import TrainableParameter
+from tuneforge.workers.spec import ClassBalance, Hyperparameters, OptimizerKind
 
 NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 

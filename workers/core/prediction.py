@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from workers.core.artifact import load_artifact_model
-from workers.core.errors import InvalidDataset
-from workers.core.serving import rebuild
-from workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady, WorkerEvent
-from workers.remote_storage import filesystem, get_folder, is_remote
-from workers.tasks import registry
-from workers.tasks.runtime import TaskRuntime, auto_class
+from tuneforge.workers.core.artifact import load_artifact_model
+from tuneforge.workers.core.errors import InvalidDataset
+from tuneforge.workers.core.serving import rebuild
+from tuneforge.workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady, WorkerEvent
+from tuneforge.workers.remote_storage import filesystem, get_folder, is_remote
+from tuneforge.workers.tasks import registry
+from tuneforge.workers.tasks.runtime import TaskRuntime, auto_class
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class PredictionServer:
             self._send(PredictionsReady(self._worker, batch.batch, [], "INTERNAL", message))
 
     def _export(self, command: ExportArtifact) -> ExportReady:
-        from workers.core.export import ExportFailed, ExportFormat, export_model
+        from tuneforge.workers.core.export import ExportFailed, ExportFormat, export_model
 
         try:
             folder = self._cache.folder(command.artifact, command.artifact_sha256)

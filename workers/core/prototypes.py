@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from workers.core.prepared_task import Batch, PreparedTask
+from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 
 
 def embed(model: nn.Module, batch: Batch) -> torch.Tensor:

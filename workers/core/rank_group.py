@@ -22,8 +22,8 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from workers.core.distributed import Ranks, free_port
-from workers.messages import RunJob
+from tuneforge.workers.core.distributed import Ranks, free_port
+from tuneforge.workers.messages import RunJob
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,12 @@ def run_helper(job: RunJob, ranks: Ranks, device_name: str, threads: int) -> Non
     _die_with_parent()
     import torch
 
-    from workers.core.device import configure_torch
-    from workers.core.distributed import join, leave, rank_device
-    from workers.core.errors import JobFailure, TrainingCancelled
-    from workers.core.reporting import Reporter
-    from workers.core.runner import train_rank
-    from workers.tasks.runtime import import_every_runtime
+    from tuneforge.workers.core.device import configure_torch
+    from tuneforge.workers.core.distributed import join, leave, rank_device
+    from tuneforge.workers.core.errors import JobFailure, TrainingCancelled
+    from tuneforge.workers.core.reporting import Reporter
+    from tuneforge.workers.core.runner import train_rank
+    from tuneforge.workers.tasks.runtime import import_every_runtime
 
     import_every_runtime()
     configure_torch(threads)

@@ -132,7 +132,7 @@ def render_report(job: str, spec: dict[str, Any], metrics: dict[str, Any]) -> st
 
 def _task_sections(spec: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     """The task's own sections (per class, example errors ...); none when the spec names no known task."""
-    from workers.tasks import registry
+    from tuneforge.workers.tasks import registry
 
     try:
         runtime = registry.runtime(str(spec.get("task", "")))
@@ -148,7 +148,7 @@ def markup(svg: str) -> Markup | str:
 
 def _direction(spec: dict[str, Any]) -> Callable[[str], bool]:
     """Whether a metric is better higher, as the spec's task says (losses are lower-is-better for every task)."""
-    from workers.tasks import registry
+    from tuneforge.workers.tasks import registry
 
     try:
         return registry.definition(str(spec.get("task", ""))).maximizes

@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from workers.core.errors import TrainingCancelled
-from workers.logs import INTERNAL_MARK
-from workers.messages import (
+from tuneforge.workers.core.errors import TrainingCancelled
+from tuneforge.workers.logs import INTERNAL_MARK
+from tuneforge.workers.messages import (
     ArtifactWritten,
     AutoChosen,
     CheckpointWritten,
@@ -25,7 +25,7 @@ from workers.messages import (
     WorkerEvent,
 )
 
-log = logging.getLogger("workers.job")
+log = logging.getLogger("tuneforge.workers.job")
 LEVELS = {
     Severity.DEBUG: logging.DEBUG,
     Severity.INFO: logging.INFO,

@@ -19,25 +19,25 @@ from typing import Any
 import torch
 import transformers
 
-from workers.core.artifact import spec_to_json, write_artifact
-from workers.core.auto_tuning import apply_choices, choose_all, chosen_micro_batch, load_choices, save_choices
-from workers.core.checkpoints import write_json_atomically
-from workers.core.distributed import SINGLE, Ranks, join, leave, rank_device, share_object
-from workers.core.errors import JobFailure, TrainingCancelled
-from workers.core.export import ExportFormat, export_or_record
-from workers.core.faults import check_job_start
-from workers.core.few_shot import prepare_few_shot
-from workers.core.lineage import write_manifest
-from workers.core.model_cache import CACHE
-from workers.core.model_setup import adapt_model
-from workers.core.optimization import plan_steps
-from workers.core.rank_group import RankGroup
-from workers.core.report import write_report
-from workers.core.reporting import Reporter
-from workers.core.trainer import Trainer, TrainResult
-from workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
-from workers.spec import TrainingSpec
-from workers.tasks import registry
+from tuneforge.workers.core.artifact import spec_to_json, write_artifact
+from tuneforge.workers.core.auto_tuning import apply_choices, choose_all, chosen_micro_batch, load_choices, save_choices
+from tuneforge.workers.core.checkpoints import write_json_atomically
+from tuneforge.workers.core.distributed import SINGLE, Ranks, join, leave, rank_device, share_object
+from tuneforge.workers.core.errors import JobFailure, TrainingCancelled
+from tuneforge.workers.core.export import ExportFormat, export_or_record
+from tuneforge.workers.core.faults import check_job_start
+from tuneforge.workers.core.few_shot import prepare_few_shot
+from tuneforge.workers.core.lineage import write_manifest
+from tuneforge.workers.core.model_cache import CACHE
+from tuneforge.workers.core.model_setup import adapt_model
+from tuneforge.workers.core.optimization import plan_steps
+from tuneforge.workers.core.rank_group import RankGroup
+from tuneforge.workers.core.report import write_report
+from tuneforge.workers.core.reporting import Reporter
+from tuneforge.workers.core.trainer import Trainer, TrainResult
+from tuneforge.workers.messages import JobFinished, Outcome, RunJob, Severity, WorkerEvent
+from tuneforge.workers.spec import TrainingSpec
+from tuneforge.workers.tasks import registry
 
 
 def run_job(

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from workers.spec import ScheduleKind, ScheduleSettings
+from tuneforge.workers.spec import ScheduleKind, ScheduleSettings
 
 DEFAULT_GAMMA = {ScheduleKind.EXPONENTIAL: 0.999, ScheduleKind.REDUCE_ON_PLATEAU: 0.5}
 ONE_CYCLE_WARMUP = 0.3

@@ -16,10 +16,10 @@ from typing import Any
 from safetensors.torch import load_model
 from torch import nn
 
-from workers.core.artifact import HEAD_CONFIG_KEY, spec_to_json
-from workers.spec import Activation, HeadSettings, LoraSettings, TrainingSpec
-from workers.tasks import registry
-from workers.tasks.runtime import auto_class
+from tuneforge.workers.core.artifact import HEAD_CONFIG_KEY, spec_to_json
+from tuneforge.workers.spec import Activation, HeadSettings, LoraSettings, TrainingSpec
+from tuneforge.workers.tasks import registry
+from tuneforge.workers.tasks.runtime import auto_class
 
 SERVING = "serving"
 SPEC_FILE = "job_spec.json"
@@ -50,8 +50,8 @@ def rebuild(serving: Path, weights: Path) -> tuple[nn.Module, Any, dict[str, Any
     """The model with a checkpoint's weights (LoRA merged), its processor and the resolved spec."""
     from transformers import AutoConfig
 
-    from workers.core.adaptation import replace_head
-    from workers.core.lora import apply_lora
+    from tuneforge.workers.core.adaptation import replace_head
+    from tuneforge.workers.core.lora import apply_lora
 
     spec = json.loads((serving / SPEC_FILE).read_text())
     runtime = registry.runtime(spec["task"])

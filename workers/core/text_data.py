@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from workers.core.errors import InvalidDataset
-from workers.core.splits import training_split
-from workers.messages import DataFile
-from workers.spec import DataSettings
+from tuneforge.workers.core.errors import InvalidDataset
+from tuneforge.workers.core.splits import training_split
+from tuneforge.workers.messages import DataFile
+from tuneforge.workers.spec import DataSettings
 
 MAX_ERRORS_SHOWN = 5
 MAX_LABEL_CHARS = 1000

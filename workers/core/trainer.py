@@ -18,9 +18,9 @@ from torch import nn
 from torch.amp.grad_scaler import GradScaler
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from workers.core.adaptation import GradualUnfreezer, TrainableParameter, frozen_backbone, summarize
-from workers.core.checkpoint_state import CheckpointState, PlateauState
-from workers.core.checkpoints import (
+from tuneforge.workers.core.adaptation import GradualUnfreezer, TrainableParameter, frozen_backbone, summarize
+from tuneforge.workers.core.checkpoint_state import CheckpointState, PlateauState
+from tuneforge.workers.core.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     restore_best,
@@ -28,9 +28,9 @@ from workers.core.checkpoints import (
     save_best,
     save_checkpoint,
 )
-from workers.core.cpu_dropout import use_cpu_dropout
-from workers.core.device import autocast, autocast_dtype, to_channels_last, wants_channels_last
-from workers.core.distributed import (
+from tuneforge.workers.core.cpu_dropout import use_cpu_dropout
+from tuneforge.workers.core.device import autocast, autocast_dtype, to_channels_last, wants_channels_last
+from tuneforge.workers.core.distributed import (
     SINGLE,
     Ranks,
     ShardedBatches,
@@ -41,10 +41,10 @@ from workers.core.distributed import (
     share_object,
     share_weight,
 )
-from workers.core.errors import JobFailure, TrainingCancelled
-from workers.core.evaluation import evaluate
-from workers.core.faults import check_micro_batch, corrupt_loss
-from workers.core.feature_cache import (
+from tuneforge.workers.core.errors import JobFailure, TrainingCancelled
+from tuneforge.workers.core.evaluation import evaluate
+from tuneforge.workers.core.faults import check_micro_batch, corrupt_loss
+from tuneforge.workers.core.feature_cache import (
     FrozenBackboneModel,
     KeptFeatures,
     budget_bytes,
@@ -52,15 +52,15 @@ from workers.core.feature_cache import (
     keep_features,
     varies_per_epoch,
 )
-from workers.core.first_position import FirstPositionBlock, first_position_block
-from workers.core.length_grouping import LengthGroupedBatchSampler
-from workers.core.optimization import balanced_sampler, build_optimizer, classification_loss, plan_steps
-from workers.core.prepared_task import Batch, PreparedTask
-from workers.core.reporting import Reporter
-from workers.core.schedules import PlateauScale, lr_multiplier
-from workers.core.serving import save_serving_skeleton
-from workers.messages import Severity
-from workers.spec import ClassBalance, ScheduleKind, TrainingSpec
+from tuneforge.workers.core.first_position import FirstPositionBlock, first_position_block
+from tuneforge.workers.core.length_grouping import LengthGroupedBatchSampler
+from tuneforge.workers.core.optimization import balanced_sampler, build_optimizer, classification_loss, plan_steps
+from tuneforge.workers.core.prepared_task import Batch, PreparedTask
+from tuneforge.workers.core.reporting import Reporter
+from tuneforge.workers.core.schedules import PlateauScale, lr_multiplier
+from tuneforge.workers.core.serving import save_serving_skeleton
+from tuneforge.workers.messages import Severity
+from tuneforge.workers.spec import ClassBalance, ScheduleKind, TrainingSpec
 
 
 @dataclass

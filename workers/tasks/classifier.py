@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import torch
 
-from workers.core.prepared_task import Batch
-from workers.core.report import figure, markup, svg
+from tuneforge.workers.core.prepared_task import Batch
+from tuneforge.workers.core.report import figure, markup, svg
 
 if TYPE_CHECKING:
-    from workers.core.prediction import LoadedModel
+    from tuneforge.workers.core.prediction import LoadedModel
 
 SECTIONS = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
     """{% if per_class %}<h2 id="classes">Per class</h2>

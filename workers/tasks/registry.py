@@ -10,10 +10,10 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING
 
-from workers.tasks.definition import TASK_FIELDS, TaskDefinition
+from tuneforge.workers.tasks.definition import TASK_FIELDS, TaskDefinition
 
 if TYPE_CHECKING:
-    from workers.tasks.runtime import TaskRuntime
+    from tuneforge.workers.tasks.runtime import TaskRuntime
 
 PACKAGE = __name__.rpartition(".")[0]
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from workers.core.prepared_task import Batch, PreparedTask
-from workers.messages import RunJob
+from tuneforge.workers.core.prepared_task import Batch, PreparedTask
+from tuneforge.workers.messages import RunJob
 
 if TYPE_CHECKING:
-    from workers.core.prediction import LoadedModel
+    from tuneforge.workers.core.prediction import LoadedModel
 
 
 class TaskRuntime(Protocol):
@@ -68,7 +68,7 @@ def auto_class(name: str) -> Any:
 def import_every_runtime() -> None:
     """Imports every task's runtime and the model classes they use (a worker does this at start, not at its first
     job)."""
-    from workers.tasks import registry
+    from tuneforge.workers.tasks import registry
 
     for name in registry.definitions():
         runtime = registry.runtime(name)

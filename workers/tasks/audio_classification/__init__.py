@@ -1,6 +1,6 @@
 """Audio classification: an archive of clips, one folder (or a manifest row) per label."""
 
-from workers.tasks.definition import CLASSIFICATION_METRICS, CLASSIFIER_FIELDS, TaskDefinition, TaskFlag
+from tuneforge.workers.tasks.definition import CLASSIFICATION_METRICS, CLASSIFIER_FIELDS, TaskDefinition, TaskFlag
 
 CLIP_SECONDS = TaskFlag(
     "--clip-seconds",

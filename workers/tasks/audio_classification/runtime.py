@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
-from workers.core.archives import archive_limits
-from workers.core.audio import (
+from tuneforge.workers.core.archives import archive_limits
+from tuneforge.workers.core.audio import (
     AUDIO_EXTENSIONS,
     augment_wave,
     check_audio,
@@ -22,16 +22,16 @@ from workers.core.audio import (
     sample_wav,
     spec_augment,
 )
-from workers.core.media_data import MediaExample, load_media_dataset
-from workers.core.models import load_classifier, load_pretrained
-from workers.core.prepared_task import Batch, PreparedTask
-from workers.core.processed_cache import ProcessedCache
-from workers.messages import RunJob
-from workers.spec import AugmentationSettings
-from workers.tasks.classifier import ClassifierRuntime
+from tuneforge.workers.core.media_data import MediaExample, load_media_dataset
+from tuneforge.workers.core.models import load_classifier, load_pretrained
+from tuneforge.workers.core.prepared_task import Batch, PreparedTask
+from tuneforge.workers.core.processed_cache import ProcessedCache
+from tuneforge.workers.messages import RunJob
+from tuneforge.workers.spec import AugmentationSettings
+from tuneforge.workers.tasks.classifier import ClassifierRuntime
 
 if TYPE_CHECKING:
-    from workers.core.prediction import LoadedModel
+    from tuneforge.workers.core.prediction import LoadedModel
 
 DEFAULT_CLIP_SECONDS = 1.0
 SPECTROGRAM_INPUT = "input_features"

@@ -1,6 +1,6 @@
 """Image classification: an archive of images, one folder (or a manifest row) per label."""
 
-from workers.tasks.definition import CLASSIFICATION_METRICS, CLASSIFIER_FIELDS, TaskDefinition
+from tuneforge.workers.tasks.definition import CLASSIFICATION_METRICS, CLASSIFIER_FIELDS, TaskDefinition
 
 DEFINITION = TaskDefinition(
     name="image_classification",

@@ -19,19 +19,19 @@ from PIL import Image
 from torchvision.transforms import v2
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from workers.core.archives import archive_limits
-from workers.core.input_limits import check_image as check_image_source
-from workers.core.input_limits import read_image
-from workers.core.media_data import MediaExample, MediaItem, load_media_dataset
-from workers.core.models import load_classifier, load_pretrained
-from workers.core.prepared_task import Batch, PreparedTask
-from workers.core.processed_cache import ProcessedCache
-from workers.messages import RunJob
-from workers.spec import AugmentationSettings
-from workers.tasks.classifier import ClassifierRuntime
+from tuneforge.workers.core.archives import archive_limits
+from tuneforge.workers.core.input_limits import check_image as check_image_source
+from tuneforge.workers.core.input_limits import read_image
+from tuneforge.workers.core.media_data import MediaExample, MediaItem, load_media_dataset
+from tuneforge.workers.core.models import load_classifier, load_pretrained
+from tuneforge.workers.core.prepared_task import Batch, PreparedTask
+from tuneforge.workers.core.processed_cache import ProcessedCache
+from tuneforge.workers.messages import RunJob
+from tuneforge.workers.spec import AugmentationSettings
+from tuneforge.workers.tasks.classifier import ClassifierRuntime
 
 if TYPE_CHECKING:
-    from workers.core.prediction import LoadedModel
+    from tuneforge.workers.core.prediction import LoadedModel
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

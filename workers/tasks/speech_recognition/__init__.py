@@ -1,7 +1,7 @@
 """Speech recognition: an archive of utterances with a transcript manifest, for CTC models (wav2vec2 ...)."""
 
-from workers.tasks.audio_classification import CLIP_SECONDS
-from workers.tasks.definition import TaskDefinition, TaskFlag
+from tuneforge.workers.tasks.audio_classification import CLIP_SECONDS
+from tuneforge.workers.tasks.definition import TaskDefinition, TaskFlag
 
 DEFINITION = TaskDefinition(
     name="speech_recognition",

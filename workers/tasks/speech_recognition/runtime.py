@@ -18,19 +18,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
 
-from workers.core.archives import ArchiveLimits, archive_limits, extract_archive
-from workers.core.audio import AUDIO_EXTENSIONS, check_audio, load_mono, sample_wav
-from workers.core.errors import InvalidDataset
-from workers.core.evaluation import Evaluation
-from workers.core.media_data import MediaItem, find_items
-from workers.core.models import load_pretrained
-from workers.core.prepared_task import Batch, PreparedTask
-from workers.core.splits import stratified_split
-from workers.messages import DataFile, RunJob
-from workers.spec import DataSettings
+from tuneforge.workers.core.archives import ArchiveLimits, archive_limits, extract_archive
+from tuneforge.workers.core.audio import AUDIO_EXTENSIONS, check_audio, load_mono, sample_wav
+from tuneforge.workers.core.errors import InvalidDataset
+from tuneforge.workers.core.evaluation import Evaluation
+from tuneforge.workers.core.media_data import MediaItem, find_items
+from tuneforge.workers.core.models import load_pretrained
+from tuneforge.workers.core.prepared_task import Batch, PreparedTask
+from tuneforge.workers.core.splits import stratified_split
+from tuneforge.workers.messages import DataFile, RunJob
+from tuneforge.workers.spec import DataSettings
 
 if TYPE_CHECKING:
-    from workers.core.prediction import LoadedModel
+    from tuneforge.workers.core.prediction import LoadedModel
 
 DEFAULT_MAX_SECONDS = 30.0
 MAX_TRANSCRIPT_CHARS = 100_000

@@ -1,6 +1,6 @@
 """Text classification: single texts or text pairs (JSONL or CSV rows) to one of N labels."""
 
-from workers.tasks.definition import CLASSIFICATION_METRICS, CLASSIFIER_FIELDS, TaskDefinition, TaskFlag
+from tuneforge.workers.tasks.definition import CLASSIFICATION_METRICS, CLASSIFIER_FIELDS, TaskDefinition, TaskFlag
 
 DEFINITION = TaskDefinition(
     name="text_classification",

@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from workers.core.models import load_classifier, load_pretrained
-from workers.core.prepared_task import Batch, PreparedTask
-from workers.core.text_data import TextExample, load_text_dataset
-from workers.messages import RunJob
-from workers.tasks.classifier import ClassifierRuntime
+from tuneforge.workers.core.models import load_classifier, load_pretrained
+from tuneforge.workers.core.prepared_task import Batch, PreparedTask
+from tuneforge.workers.core.text_data import TextExample, load_text_dataset
+from tuneforge.workers.messages import RunJob
+from tuneforge.workers.tasks.classifier import ClassifierRuntime
 
 if TYPE_CHECKING:
-    from workers.core.prediction import LoadedModel
+    from tuneforge.workers.core.prediction import LoadedModel
 
 DEFAULT_MAX_LENGTH = 512
 FIXED_TEXT_LENGTH = 128
