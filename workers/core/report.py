@@ -1,9 +1,10 @@
 """The evaluation report in every artifact: `report.html`, one self-contained page (inline SVG plots and styles, no
 scripts, nothing fetched) that a person opens to judge the model.
 
-It shows the headline metrics against the untuned model, the training-loss and validation-metric curves, and for
-classification the per-class precision, recall and F1, the confusion matrix and the calibration (expected
-calibration error and a reliability diagram); for speech recognition WER and CER with example errors.
+It shows the headline metrics against the untuned model, the training-loss and validation-metric curves, and the
+sections the job's task adds (its runtime's `report_sections`): for classifiers the per-class precision, recall and
+F1, the confusion matrix and the calibration (expected calibration error and a reliability diagram); for speech
+recognition the example errors beside WER and CER.
 """
 
 from __future__ import annotations
