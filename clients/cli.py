@@ -166,7 +166,8 @@ def cmd_predict(client: TuneforgeClient, args: argparse.Namespace) -> int:
         return 0
     table = Table("input", "prediction")
     for given, prediction in zip(args.inputs, predictions, strict=True):
-        answer = prediction.transcript or ", ".join(f"{s.label} {s.probability:.1%}" for s in prediction.labels)
+        scores = ", ".join(f"{s.label} {s.probability:.1%}" for s in prediction.labels)
+        answer = prediction.text or prediction.transcript or scores
         table.add_row(given if len(given) <= 60 else given[:57] + "...", answer)
     out.print(table)
     return 0

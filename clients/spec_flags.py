@@ -41,14 +41,12 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     add("--validation-fraction", type=float, default=0.0, help="hold out this fraction of --train instead")
     add("--label-column", default="")
     for flag, (task_flag, tasks) in task_flags().items():
+        shown = f"{task_flag.help} [{', '.join(tasks)}]"
+        if task_flag.type is bool:  # a switch: given or not
+            add(flag, dest=_dest(task_flag), action="store_const", const=True, default=None, help=shown)
+            continue
         metavar = flag.lstrip("-").replace("-", "_").upper()
-        add(
-            flag,
-            dest=_dest(task_flag),
-            type=task_flag.type,
-            metavar=metavar,
-            help=f"{task_flag.help} [{', '.join(tasks)}]",
-        )
+        add(flag, dest=_dest(task_flag), type=task_flag.type, metavar=metavar, help=shown)
     add("--adaptation", choices=ADAPTATIONS, default="full")
     add("--frozen-blocks", type=int, default=0, help="blocks frozen by --adaptation freeze-first-blocks")
     add("--head-hidden", type=int, nargs="*", default=None, help="custom head hidden sizes, e.g. 1024")

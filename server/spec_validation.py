@@ -296,6 +296,7 @@ def _data(check: _Checker, data: pb.DataSpec) -> DataSettings:
         clip_seconds=data.clip_seconds,
         file_column=data.file_column or "file",
         transcript_column=data.transcript_column or "transcript",
+        train_on_all_tokens=data.train_on_all_tokens,
     )
 
 
@@ -585,6 +586,9 @@ def _task_rules(check: _Checker, task: TaskDefinition, spec: TrainingSpec, raw: 
             "evaluation.best_metric",
             f"must be one of {', '.join(task.metrics)} for {task.enum_name}, got {spec.evaluation.best_metric!r}",
         )
+    if task.methods is not None and spec.adaptation.method.value not in task.methods:
+        allowed = " or ".join(sorted(method.upper() for method in task.methods))
+        check.bad("adaptation.method", f"{task.enum_name} trains with {allowed}, not {spec.adaptation.method.name}")
     for path in TASK_FIELDS:
         if path not in task.reads and _is_set(raw, path):
             readers = " or ".join(reader.enum_name for reader in registry.readers(path)) or "no task"

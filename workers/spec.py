@@ -108,6 +108,8 @@ class DataSettings:
     transcript_column: str = "transcript"
     shots_per_class: int = 0
     """Few-shot: train on this many examples per class (0: all)."""
+    train_on_all_tokens: bool = False
+    """Text generation: the loss covers every token, not only what the model should learn to write."""
 
 
 @dataclass(frozen=True)

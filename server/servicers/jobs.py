@@ -228,6 +228,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 jobs_pb2.Prediction(
                     labels=[jobs_pb2.LabelScore(label=label, probability=p) for label, p in a.get("labels", [])],
                     transcript=a.get("transcript", ""),
+                    text=a.get("text", ""),
                 )
                 for a in answers
             ]

@@ -31,7 +31,7 @@ from tests.media import (
     write_tones_zip,
     write_words_zip,
 )
-from tests.tiny import keyword_rows, make_tiny_bert, write_jsonl
+from tests.tiny import chat_rows, keyword_rows, make_tiny_bert, make_tiny_llama, write_jsonl
 from tuneforge.v1 import job_spec_pb2
 from tuneforge.workers.core.prediction import load_model
 from tuneforge.workers.messages import Outcome
@@ -66,6 +66,12 @@ CASES = {
         lambda folder: write_tones_zip(folder / "tones.zip", per_class=6),
         lambda rng: [("audio", tone_wav(220.0, rng)), ("audio", tone_wav(880.0, rng))],
         "eval_accuracy",
+    ),
+    "text_generation": Case(
+        make_tiny_llama,
+        lambda folder: write_jsonl(folder / "chat.jsonl", chat_rows(40)),
+        lambda rng: [("text", "goal match team"), ("text", "<|im_start|>user\nrain and wind<|im_end|>\n")],
+        "eval_perplexity",
     ),
     "speech_recognition": Case(
         make_tiny_wav2vec2_ctc,
@@ -122,6 +128,8 @@ def test_a_task_trains_predicts_exports_and_reports(task: str, tmp_path: Path) -
     for answer in answers:
         if task == "speech_recognition":
             assert set(answer) == {"transcript"} and isinstance(answer["transcript"], str)
+        elif task == "text_generation":
+            assert set(answer) == {"text"} and isinstance(answer["text"], str)
         else:
             labels = answer["labels"]
             assert len(labels) == 2 and {label for label, _ in labels} <= set(loaded.labels)

@@ -1,5 +1,5 @@
-"""Image, audio and speech jobs through the real server and worker processes: each learns its synthetic data, and
-its artifact reloads with the matching AutoModelFor... class and reproduces the job's evaluation."""
+"""Image, audio, speech and text generation jobs through the real server and worker processes: each learns its
+synthetic data, and its artifact reloads with the matching AutoModelFor... class and reproduces the job's evaluation."""
 
 from __future__ import annotations
 
@@ -186,3 +186,41 @@ def test_malformed_archives_fail_their_jobs_and_the_server_stays_healthy(
     spec = media_spec(pb.IMAGE_CLASSIFICATION, media_models["vit"], good, "", 1, 1e-3)
     spec.data.validation_fraction = 0.25
     assert wait_for_end(client, client.create_job(spec).name).state == STATE.SUCCEEDED
+
+
+def test_text_generation_job_learns_a_format_and_predict_answers_in_it(
+    client: TuneforgeClient, model_root: Path, tmp_path: Path
+) -> None:
+    from tests.tiny import chat_rows, keyword_rows, make_tiny_llama, write_jsonl
+
+    llama = make_tiny_llama(model_root / "tiny-llama")
+    train = client.upload_file(write_jsonl(tmp_path / "chat.jsonl", chat_rows(120))).name
+    validation = client.upload_file(write_jsonl(tmp_path / "held.jsonl", chat_rows(24, seed=3))).name
+    spec = media_spec(pb.TEXT_GENERATION, llama, train, validation, 30, 3e-3, "eval_perplexity")
+    job, losses, folder = finish(client, spec, tmp_path)
+    assert losses[-1] < losses[0] / 4
+    assert job.best_metrics["eval_perplexity"] < 1.5 and (folder / "tokenizer_config.json").exists()
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = keyword_rows(12, seed=5)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": "answer with the topic"}, {"role": "user", "content": row["text"]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for row in rows
+    ]
+    answers = client.predict(job.name, texts=prompts)
+    assert sum(a.text.strip() == row["label"] for a, row in zip(answers, rows, strict=True)) >= 10
+
+    broken = write_jsonl(tmp_path / "broken.jsonl", [*chat_rows(3), {"prompt": "a", "completion": "b"}])
+    bad = client.create_job(media_spec(pb.TEXT_GENERATION, llama, client.upload_file(broken).name, validation, 1, 1e-3))
+    failed = wait_for_end(client, bad.name, timeout_s=120)
+    assert failed.state == STATE.FAILED and failed.error.reason == "INVALID_DATASET"
+    assert failed.error.message == (
+        "broken.jsonl line 4: the file is in the chat format (from its first line): this line needs `messages` (a "
+        "list of {role, content})"
+    )

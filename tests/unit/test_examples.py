@@ -9,13 +9,15 @@ import pytest
 from tuneforge.clients.spec_flags import load_spec_file, load_sweep_file
 from tuneforge.server.search_space import plan_search
 from tuneforge.server.spec_validation import validate_spec
+from tuneforge.v1 import job_spec_pb2 as pb
+from tuneforge.workers.tasks import registry
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
 
 
 def test_there_is_an_example_per_task() -> None:
-    tasks = {load_spec_file(path).task for path in EXAMPLES}
-    assert len(tasks) == 4
+    tasks = {pb.Task.Name(load_spec_file(path).task).lower() for path in EXAMPLES}
+    assert tasks == set(registry.definitions())
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

@@ -28,6 +28,7 @@ GIVEN = {
     "head": pb.HeadSpec(hidden_sizes=[8]),
     "hyperparameters.label_smoothing": 0.1,
     "hyperparameters.class_balance": pb.Hyperparameters.WEIGHTED_LOSS,
+    "data.train_on_all_tokens": True,
 }
 """A valid, non-default value for every task-specific field."""
 TASK_NAMES = list(registry.definitions())
@@ -109,7 +110,8 @@ def test_predict_takes_the_kind_of_input_the_task_declares(task: str) -> None:
     ]
 
 
-FLAG_VALUES = {int: "64", float: "2.5", str: "body"}
+FLAG_VALUES: dict[object, list[str]] = {int: ["64"], float: ["2.5"], str: ["body"], bool: []}
+PARSED: dict[object, object] = {int: 64, float: 2.5, str: "body", bool: True}
 
 
 @pytest.mark.parametrize("flag", sorted(task_flags()))
@@ -118,16 +120,38 @@ def test_a_task_flag_sets_its_field_and_the_tasks_it_names_accept_it(flag: str) 
     parser = argparse.ArgumentParser()
     add_spec_arguments(parser)
     for cli_name in TASKS:
-        text = FLAG_VALUES[declared.type]  # type: ignore[index]
-        args = parser.parse_args(["--task", cli_name, "--model", "org/model", "--train", "files/f1", flag, text])
+        given = FLAG_VALUES[declared.type]
+        args = parser.parse_args(["--task", cli_name, "--model", "org/model", "--train", "files/f1", flag, *given])
         spec = spec_from_arguments(args)
         holder = spec
         *parents, name = declared.field.split(".")
         for parent in parents:
             holder = getattr(holder, parent)
-        assert getattr(holder, name) == declared.type(text)
+        assert getattr(holder, name) == PARSED[declared.type]
         problems = {v.field for v in validate_spec(spec, []).violations}
         assert problems == (set() if cli_name in cli_names else {f"job.spec.{declared.field}"})
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_an_adaptation_method_the_task_does_not_train_with_is_refused(task: str) -> None:
+    definition = registry.definition(task)
+    for method in pb.Adaptation.Method.DESCRIPTOR.values_by_name:
+        if method == "METHOD_UNSPECIFIED":
+            continue
+        spec = spec_for(task)
+        spec.adaptation.method = pb.Adaptation.Method.Value(method)
+        if method == "FREEZE_FIRST_BLOCKS":
+            spec.adaptation.num_frozen_blocks = 1
+        if method == "LAST_BLOCKS_TRAINABLE":
+            spec.adaptation.num_trainable_blocks = 1
+        problems = {v.field: v.description for v in validate_spec(spec, []).violations}
+        if definition.methods is None or method.lower() in definition.methods:
+            assert problems == {}
+        else:
+            allowed = " or ".join(sorted(m.upper() for m in definition.methods))
+            assert problems == {
+                "job.spec.adaptation.method": f"{definition.enum_name} trains with {allowed}, not {method}"
+            }
 
 
 def test_without_task_flags_the_spec_leaves_those_fields_unset() -> None:

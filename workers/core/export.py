@@ -123,7 +123,7 @@ def _onnx(loaded: LoadedModel, target: Path, opset: int) -> ExportCheck:
                 str(target),
                 input_names=names,
                 output_names=["logits"],
-                dynamic_axes={**dynamic, "logits": {0: "batch"}},
+                dynamic_axes={**dynamic, "logits": _logits_axes(loaded, made_with)},
                 opset_version=opset,
                 dynamo=False,
             )
@@ -133,6 +133,11 @@ def _onnx(loaded: LoadedModel, target: Path, opset: int) -> ExportCheck:
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     produced = session.run(["logits"], {name: tensor.numpy() for name, tensor in checked.items()})[0]
     return _compare(loaded, _reference(loaded, checked), produced, checked)
+
+
+def _logits_axes(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> dict[int, str]:
+    """The batch axis, and the length axis too when the model answers per position (a language model's logits)."""
+    return {0: "batch", 1: "length"} if _reference(loaded, inputs).ndim == 3 else {0: "batch"}
 
 
 def _torchscript(loaded: LoadedModel, target: Path) -> ExportCheck:
@@ -184,6 +189,9 @@ def _merged_lora(folder: Path, loaded: LoadedModel) -> ExportCheck:
 def export_model(folder: Path, format: ExportFormat, opset: int = DEFAULT_OPSET) -> ExportResult:
     """Makes and checks one export of the artifact folder; ExportFailed with the reason when it cannot."""
     loaded = load_model(folder)
+    refusal = loaded.runtime.export_refusals.get(format.value)
+    if refusal:
+        raise ExportFailed("EXPORT_UNSUPPORTED", refusal)
     out = folder / EXPORTS
     out.mkdir(exist_ok=True)
     check: ExportCheck | None = None

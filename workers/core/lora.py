@@ -15,12 +15,14 @@ ADAPTER_FOLDER = "adapter"
 
 
 def head_module_names(model: nn.Module) -> list[str]:
-    """Top-level modules outside the backbone that hold parameters (`classifier`, `projector`, ...)."""
+    """Top-level modules outside the backbone that hold parameters of their own (`classifier`, `projector`, ...);
+    a language model's output layer tied to its input embeddings holds none, and stays shared."""
     backbone = backbone_of(model)
+    shared = {id(parameter) for parameter in backbone.parameters()}
     return [
         name
         for name, child in model.named_children()
-        if child is not backbone and any(True for _ in child.parameters())
+        if child is not backbone and any(id(parameter) not in shared for parameter in child.parameters())
     ]
 
 
@@ -31,7 +33,11 @@ ATTENTION_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("qkv
 def default_target_modules(model: nn.Module) -> list[str]:
     """Queries and values for transformers; the block convolutions for convolutional nets."""
     backbone = backbone_of(model)
-    linear = {name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)}
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, m in backbone.named_modules()
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"  # transformers' Conv1D: GPT-2's projections
+    }
     for names in ATTENTION_TARGETS:
         if set(names) <= linear:
             return list(names)

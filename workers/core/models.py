@@ -52,3 +52,17 @@ def load_classifier(loader: Any, base_model: str, labels: list[str]) -> Any:
         use_safetensors=True,
         ignore_mismatched_sizes=True,
     )
+
+
+DEFAULT_MAX_LENGTH = 512
+
+
+def sequence_limit(requested: int, tokenizer: Any, model: Any) -> int:
+    """Tokens a text is cut to: the requested length, never more than the tokenizer or the model's positions take
+    (training and Predict alike, so a long input is truncated, not an index error)."""
+    limit = min(
+        int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
+        int(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
+        DEFAULT_MAX_LENGTH,
+    )
+    return min(requested, limit) if requested > 0 else limit

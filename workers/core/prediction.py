@@ -63,10 +63,8 @@ class LoadedModel:
         return self.batch([self.decode(item) for item in items])
 
     def answer(self, decoded: list[Any], top_k: int) -> list[dict[str, Any]]:
-        """One forward pass over decoded items (the caller keeps batches small enough)."""
-        with torch.inference_mode():
-            logits = self.model(**self.batch(decoded)).logits.float()
-        return self.runtime.answer(self, logits, top_k)
+        """The task's answers for decoded items, in one run of the model (the caller keeps batches small enough)."""
+        return self.runtime.answer(self, decoded, top_k)
 
 
 def load_model(folder: Path) -> LoadedModel:

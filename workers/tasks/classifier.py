@@ -3,13 +3,14 @@ report's per-class, confusion-matrix and calibration sections."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-import torch
 
 from tuneforge.workers.core.prepared_task import Batch
 from tuneforge.workers.core.report import figure, markup, svg
+from tuneforge.workers.tasks.runtime import logits_of
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
@@ -34,9 +35,10 @@ class ClassifierRuntime:
     """The members every classifier runtime has alike; each modality adds data, decoding and sample inputs."""
 
     export_tolerance = 1e-4
+    export_refusals: Mapping[str, str] = {}
 
-    def answer(self, loaded: LoadedModel, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
-        probabilities = logits.softmax(dim=-1)
+    def answer(self, loaded: LoadedModel, decoded: list[Any], top_k: int) -> list[dict[str, Any]]:
+        probabilities = logits_of(loaded, decoded).softmax(dim=-1)
         k = min(max(1, top_k), probabilities.shape[-1])
         values, indices = probabilities.topk(k, dim=-1)
         return [

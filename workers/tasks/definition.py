@@ -16,6 +16,7 @@ TASK_FIELDS = (
     "head",
     "hyperparameters.label_smoothing",
     "hyperparameters.class_balance",
+    "data.train_on_all_tokens",
 )
 """JobSpec fields that only some tasks read. A task lists those it reads in `TaskDefinition.reads`; a request that
 sets one its task does not read is refused (naming the tasks that do), never silently ignored. Every other field
@@ -46,6 +47,8 @@ class TaskDefinition:
     """What its evaluation reports; `evaluation.best_metric` must be one of them."""
     reads: frozenset[str]
     """The TASK_FIELDS it reads."""
+    methods: frozenset[str] | None = None
+    """The adaptation methods (AdaptationMethod values) it trains with; None: every one."""
     lower_is_better: frozenset[str] = frozenset({"eval_loss"})
     """Its metrics that improve downwards (losses, error rates); the others improve upwards."""
     flags: tuple[TaskFlag, ...] = ()

@@ -6,7 +6,7 @@ it. Classifiers share most of theirs (`classifier.ClassifierRuntime`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -28,6 +28,8 @@ class TaskRuntime(Protocol):
     """The transformers auto class its processor loads with (saved with every artifact)."""
     export_tolerance: float
     """How far an export's logits may be from the model's, relative to their largest magnitude."""
+    export_refusals: Mapping[str, str]
+    """Export formats (ExportFormat values) that cannot apply to the task, with the reason a caller is given."""
 
     def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
         """Reads the job's data and loads the model: what the shared trainer trains."""
@@ -41,8 +43,9 @@ class TaskRuntime(Protocol):
         """The model's inputs for decoded items, batched and padded."""
         ...
 
-    def answer(self, loaded: LoadedModel, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
-        """One answer per row of logits: `{"labels": [(label, p), ...]}` or `{"transcript": text}`."""
+    def answer(self, loaded: LoadedModel, decoded: list[Any], top_k: int) -> list[dict[str, Any]]:
+        """One answer per decoded item, from one run of the model: `{"labels": [(label, p), ...]}`,
+        `{"transcript": text}` or `{"text": continuation}`."""
         ...
 
     def sample_input(self, rng: np.random.Generator, index: int) -> tuple[str, bytes | str]:
@@ -56,6 +59,13 @@ class TaskRuntime(Protocol):
     def report_sections(self, metrics: dict[str, Any]) -> list[str]:
         """The report's task-specific sections (HTML, escaped), from the artifact's metrics.json."""
         ...
+
+
+def logits_of(loaded: LoadedModel, decoded: list[Any]) -> torch.Tensor:
+    """One forward pass over decoded items, the logits in float32."""
+    with torch.inference_mode():
+        logits: torch.Tensor = loaded.model(**loaded.batch(decoded)).logits.float()
+    return logits
 
 
 def auto_class(name: str) -> Any:

@@ -37,6 +37,10 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     """Audio clip to one of N labels."""
     SPEECH_RECOGNITION: _Task.ValueType  # 4
     """Audio to transcript (CTC)."""
+    TEXT_GENERATION: _Task.ValueType  # 5
+    """Causal language model fine-tuning on text: chat conversations (`{"messages": [...]}`, OpenAI's format),
+    prompt/completion pairs or plain text (`{"text": ...}`), one JSON object per line, the format found per file.
+    """
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper):
     """What a job fine-tunes a model to do."""
@@ -50,6 +54,10 @@ AUDIO_CLASSIFICATION: Task.ValueType  # 3
 """Audio clip to one of N labels."""
 SPEECH_RECOGNITION: Task.ValueType  # 4
 """Audio to transcript (CTC)."""
+TEXT_GENERATION: Task.ValueType  # 5
+"""Causal language model fine-tuning on text: chat conversations (`{"messages": [...]}`, OpenAI's format),
+prompt/completion pairs or plain text (`{"text": ...}`), one JSON object per line, the format found per file.
+"""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 class _ExportFormat:
@@ -240,6 +248,7 @@ class DataSpec(_message.Message):
     FILE_COLUMN_FIELD_NUMBER: _builtins.int
     TRANSCRIPT_COLUMN_FIELD_NUMBER: _builtins.int
     SHOTS_PER_CLASS_FIELD_NUMBER: _builtins.int
+    TRAIN_ON_ALL_TOKENS_FIELD_NUMBER: _builtins.int
     training_file: _builtins.str
     """Training data, `files/{file}`. Text: JSONL (one object a line) or CSV with a header row. Images and audio: a
     .zip or .tar(.gz) archive of class folders (`cat/001.jpg`), or with a `metadata.jsonl` (or `metadata.csv`)
@@ -274,6 +283,10 @@ class DataSpec(_message.Message):
     cross-validation over the shots chooses the epochs; a nearest-class-mean (prototype) baseline is measured on
     the same validation data.
     """
+    train_on_all_tokens: _builtins.bool
+    """Text generation: train on every token, prompts and user turns included. By default the loss covers only what
+    the model should learn to write: assistant turns (those with `weight` 1 when given) and completions.
+    """
     @_builtins.property
     def augmentation(self) -> Global___Augmentation:
         """Train-time augmentation (never applied in evaluation)."""
@@ -293,10 +306,11 @@ class DataSpec(_message.Message):
         file_column: _builtins.str = ...,
         transcript_column: _builtins.str = ...,
         shots_per_class: _builtins.int = ...,
+        train_on_all_tokens: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation", "clip_seconds", b"clip_seconds", "file_column", b"file_column", "label_column", b"label_column", "max_sequence_length", b"max_sequence_length", "shots_per_class", b"shots_per_class", "text_column", b"text_column", "text_pair_column", b"text_pair_column", "training_file", b"training_file", "transcript_column", b"transcript_column", "validation_file", b"validation_file", "validation_fraction", b"validation_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation", "clip_seconds", b"clip_seconds", "file_column", b"file_column", "label_column", b"label_column", "max_sequence_length", b"max_sequence_length", "shots_per_class", b"shots_per_class", "text_column", b"text_column", "text_pair_column", b"text_pair_column", "train_on_all_tokens", b"train_on_all_tokens", "training_file", b"training_file", "transcript_column", b"transcript_column", "validation_file", b"validation_file", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

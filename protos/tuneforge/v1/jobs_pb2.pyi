@@ -1163,8 +1163,13 @@ class Prediction(_message.Message):
 
     LABELS_FIELD_NUMBER: _builtins.int
     TRANSCRIPT_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     transcript: _builtins.str
     """Speech recognition: the transcript."""
+    text: _builtins.str
+    """Text generation: the model's greedy continuation of the input text (at most 128 new tokens, ending at its
+    end-of-sequence token).
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelScore]:
         """Classification: the top labels, most probable first."""
@@ -1174,10 +1179,11 @@ class Prediction(_message.Message):
         *,
         labels: _abc.Iterable[Global___LabelScore] | None = ...,
         transcript: _builtins.str = ...,
+        text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "transcript", b"transcript"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "text", b"text", "transcript", b"transcript"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

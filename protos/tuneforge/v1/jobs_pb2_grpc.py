@@ -180,7 +180,7 @@ class JobServiceServicer:
 
     def Predict(self, request, context):
         """Runs a SUCCEEDED job's model (or one of an unfinished job's checkpoints) on inputs of its modality: top-k labels
-        with probabilities, or transcripts for speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+        with probabilities, transcripts for speech recognition, or continuations for text generation. Calls that arrive together are batched into one forward pass on a worker, which keeps
         recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
         another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
         """

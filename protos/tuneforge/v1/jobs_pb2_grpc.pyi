@@ -67,7 +67,7 @@ class JobServiceStub:
     """
     Predict: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.PredictRequest, _jobs_pb2.PredictResponse]
     """Runs a SUCCEEDED job's model (or one of an unfinished job's checkpoints) on inputs of its modality: top-k labels
-    with probabilities, or transcripts for speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+    with probabilities, transcripts for speech recognition, or continuations for text generation. Calls that arrive together are batched into one forward pass on a worker, which keeps
     recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
     another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
     """
@@ -116,7 +116,7 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     Predict: _aio.UnaryUnaryMultiCallable[_jobs_pb2.PredictRequest, _jobs_pb2.PredictResponse]  # type: ignore[assignment]
     """Runs a SUCCEEDED job's model (or one of an unfinished job's checkpoints) on inputs of its modality: top-k labels
-    with probabilities, or transcripts for speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+    with probabilities, transcripts for speech recognition, or continuations for text generation. Calls that arrive together are batched into one forward pass on a worker, which keeps
     recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
     another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
     """
@@ -228,7 +228,7 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.PredictResponse, _abc.Awaitable[_jobs_pb2.PredictResponse]]:
         """Runs a SUCCEEDED job's model (or one of an unfinished job's checkpoints) on inputs of its modality: top-k labels
-        with probabilities, or transcripts for speech recognition. Calls that arrive together are batched into one forward pass on a worker, which keeps
+        with probabilities, transcripts for speech recognition, or continuations for text generation. Calls that arrive together are batched into one forward pass on a worker, which keeps
         recently used models loaded. FAILED_PRECONDITION before the job succeeded; INVALID_ARGUMENT for inputs of
         another modality; DEADLINE_EXCEEDED when the call's deadline passes first; UNAVAILABLE when no worker answers.
         """

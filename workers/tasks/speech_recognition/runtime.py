@@ -6,7 +6,7 @@ same way."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 from tuneforge.workers.core.splits import stratified_split
 from tuneforge.workers.messages import DataFile, RunJob
 from tuneforge.workers.spec import DataSettings
+from tuneforge.workers.tasks.runtime import logits_of
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
@@ -147,6 +148,7 @@ class SpeechRecognitionRuntime:
     processor_class = "AutoProcessor"
     export_tolerance = 1e-3
     """As for audio classification: the feature encoder's float32 rounding over 10 s of samples."""
+    export_refusals: Mapping[str, str] = {}
 
     def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
         spec, work_dir = job.spec, Path(job.work_dir)
@@ -223,9 +225,9 @@ class SpeechRecognitionRuntime:
             extractor(decoded, sampling_rate=rate, return_tensors="pt", padding=True, return_attention_mask=True)
         )
 
-    def answer(self, loaded: LoadedModel, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
+    def answer(self, loaded: LoadedModel, decoded: list[Any], top_k: int) -> list[dict[str, Any]]:
         """Greedy CTC decoding, normalised as training's references were."""
-        texts = loaded.processor.tokenizer.batch_decode(logits.argmax(dim=-1))
+        texts = loaded.processor.tokenizer.batch_decode(logits_of(loaded, decoded).argmax(dim=-1))
         return [{"transcript": normalise(text)} for text in texts]
 
     def sample_input(self, rng: np.random.Generator, index: int) -> tuple[str, bytes | str]:

@@ -2,6 +2,10 @@
 
 from tuneforge.workers.tasks.definition import CLASSIFICATION_METRICS, CLASSIFIER_FIELDS, TaskDefinition, TaskFlag
 
+MAX_SEQ_LENGTH = TaskFlag(
+    "--max-seq-length", "data.max_sequence_length", int, "tokens a text is cut to (default: the model's, at most 512)"
+)
+
 DEFINITION = TaskDefinition(
     name="text_classification",
     modality="text",
@@ -10,6 +14,6 @@ DEFINITION = TaskDefinition(
     flags=(
         TaskFlag("--text-column", "data.text_column", str, "the text's column (default: text)"),
         TaskFlag("--text-pair-column", "data.text_pair_column", str, "a second text's column, for text pairs"),
-        TaskFlag("--max-seq-length", "data.max_sequence_length", int, "tokens a text is cut to (default: the model's)"),
+        MAX_SEQ_LENGTH,
     ),
 )

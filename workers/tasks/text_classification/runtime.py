@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tuneforge.workers.core.models import load_classifier, load_pretrained
+from tuneforge.workers.core.models import load_classifier, load_pretrained, sequence_limit
 from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 from tuneforge.workers.core.text_data import TextExample, load_text_dataset
 from tuneforge.workers.messages import RunJob
@@ -19,21 +19,9 @@ from tuneforge.workers.tasks.classifier import ClassifierRuntime
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
 
-DEFAULT_MAX_LENGTH = 512
 FIXED_TEXT_LENGTH = 128
 """The sequence length a TorchScript export is traced at (or the job's own, when shorter)."""
 SAMPLE_WORDS = ("sample", "input", "text", "model", "check", "export", "value", "token")
-
-
-def sequence_limit(requested: int, tokenizer: Any, model: Any) -> int:
-    """Tokens a text is cut to: the requested length, never more than the tokenizer or the model's positions take
-    (training and Predict alike, so a long input is truncated, not an index error)."""
-    limit = min(
-        int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
-        int(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH),
-        DEFAULT_MAX_LENGTH,
-    )
-    return min(requested, limit) if requested > 0 else limit
 
 
 class TextClassificationRuntime(ClassifierRuntime):

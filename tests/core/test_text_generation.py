@@ -1,0 +1,279 @@
+"""Text generation in the core: the three data formats read and checked by line, the label mask token by token (only
+what the model should learn to write), perplexity per scored token, LoRA that keeps a tied output layer shared, a
+tiny Llama that learns to answer in a format, Predict's greedy continuation against plain transformers, and the
+exports that cannot apply refused with a reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.core.test_training_core import FAST, make_spec, run
+from tests.tiny import chat_rows, keyword_rows, make_tiny_gpt2, make_tiny_llama, write_jsonl
+from tuneforge.workers.core.errors import InvalidDataset
+from tuneforge.workers.core.export import ExportFailed, ExportFormat, export_model
+from tuneforge.workers.core.lora import head_module_names
+from tuneforge.workers.core.prediction import load_model
+from tuneforge.workers.messages import DataFile, Outcome
+from tuneforge.workers.spec import (
+    AdaptationMethod,
+    AdaptationSettings,
+    DataSettings,
+    EvaluationSettings,
+    LoraSettings,
+    ScheduleKind,
+    ScheduleSettings,
+)
+from tuneforge.workers.tasks.text_generation.data import Conversation, Plain, Segment, read_examples
+from tuneforge.workers.tasks.text_generation.runtime import (
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORED,
+    collate,
+    encode,
+    evaluate_lm,
+)
+
+SYSTEM = ("system", "answer with the topic", False)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "model")
+
+
+def trained_text(tokenizer: Any, item: dict[str, list[int]]) -> str:
+    """The tokens the loss covers, decoded in order (special tokens kept)."""
+    return "".join(
+        tokenizer.decode([token])
+        for token, label in zip(item["input_ids"], item["labels"], strict=True)
+        if label != IGNORED
+    )
+
+
+def test_chat_labels_cover_exactly_the_trained_assistant_turns(llama: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    turns = (
+        SYSTEM,
+        ("user", "goal match team", False),
+        ("assistant", "sport", True),
+        ("user", "rain and wind", False),
+        ("assistant", "storm", False),  # weight 0: shown, not learned
+        ("user", "bank loan", False),
+        ("assistant", "finance", True),
+    )
+    item = encode(Conversation(1, turns), tokenizer, 256, all_tokens=False)
+    assert item is not None
+    messages = [{"role": role, "content": content} for role, content, _ in turns]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert item["input_ids"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    for token, label in zip(item["input_ids"], item["labels"], strict=True):
+        assert label in (token, IGNORED)
+    assert trained_text(tokenizer, item) == "sport<|im_end|>\nfinance<|im_end|>\n"
+    everything = encode(Conversation(1, turns), tokenizer, 256, all_tokens=True)
+    assert everything is not None and everything["labels"] == everything["input_ids"]
+
+
+def test_a_model_without_a_chat_template_gets_the_default_one(gpt2: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gpt2)
+    assert tokenizer.chat_template is None
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # what prepare() does
+    item = encode(
+        Conversation(1, (SYSTEM, ("user", "goal", False), ("assistant", "sport", True))), tokenizer, 256, False
+    )
+    assert item is not None
+    text = tokenizer.decode(item["input_ids"])
+    assert text == "<|system|>\nanswer with the topic\n<|user|>\ngoal\n<|assistant|>\nsport<|endoftext|>\n"
+    assert trained_text(tokenizer, item) == "sport<|endoftext|>\n"
+
+
+def test_a_completion_and_plain_text_are_learned_to_their_end(gpt2: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gpt2)
+    pair = encode(Plain(1, (Segment("goal match", False), Segment(" sport", True))), tokenizer, 256, False)
+    assert pair is not None and trained_text(tokenizer, pair) == " sport<|endoftext|>"
+    assert tokenizer.decode(pair["input_ids"]) == "goal match sport<|endoftext|>"
+    straddling = encode(Plain(1, (Segment("goal match ", False), Segment("sport", True))), tokenizer, 256, False)
+    assert straddling is not None and trained_text(tokenizer, straddling) == " sport<|endoftext|>"
+    plain = encode(Plain(1, (Segment("rain and wind", True),)), tokenizer, 256, False)
+    assert plain is not None and plain["labels"] == plain["input_ids"]
+
+
+def test_an_example_whose_answer_is_cut_away_is_left_out(gpt2: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gpt2)
+    long_prompt = " ".join(["goal"] * 40)
+    assert encode(Plain(1, (Segment(long_prompt, False), Segment("sport", True))), tokenizer, 8, False) is None
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {"text": "c"}],
+            "data.jsonl line 2: the file is in the chat format (from its first line): this line needs `messages` "
+            "(a list of {role, content})",
+        ),
+        (
+            [{"messages": [{"role": "robot", "content": "a"}]}],
+            "data.jsonl line 1: messages[0].role must be one of system, user, assistant, got 'robot'",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]}],
+            "data.jsonl line 1: messages[0].weight must be 0 or 1, and only on assistant messages",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}],
+            "data.jsonl line 1: no assistant message to learn from (every one has weight 0, or there is none)",
+        ),
+        (
+            [{"prompt": "a", "completion": ""}],
+            "data.jsonl line 1: `prompt` must be a string and `completion` a non-empty string",
+        ),
+        (
+            [{"question": "a"}],
+            "data.jsonl line 1: not a text generation record (its keys: question); give `messages` (a list of "
+            "{role, content}), or `prompt` and `completion`, or `text` on every line",
+        ),
+    ],
+)
+def test_bad_lines_are_named(tmp_path: Path, lines: list[dict[str, Any]], message: str) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", lines)
+    with pytest.raises(InvalidDataset) as refused:
+        read_examples(DataFile(str(path), "data.jsonl"))
+    assert str(refused.value) == message
+
+
+def test_each_format_is_found_from_the_file(tmp_path: Path) -> None:
+    rows = {
+        "chat": chat_rows(3),
+        "prompt_completion": [{"prompt": r["text"], "completion": r["label"]} for r in keyword_rows(3)],
+        "text": [{"text": r["text"]} for r in keyword_rows(3)],
+    }
+    for name, lines in rows.items():
+        path = write_jsonl(tmp_path / f"{name}.jsonl", lines)
+        found, examples = read_examples(DataFile(str(path), f"{name}.jsonl"))
+        assert (found, len(examples)) == (name, 3)
+
+
+def test_perplexity_is_per_scored_token_over_the_whole_set(gpt2: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gpt2)
+    model = AutoModelForCausalLM.from_pretrained(gpt2).eval()
+    items = [
+        encode(Plain(1, (Segment(r["text"] + " ", False), Segment(r["label"], True))), tokenizer, 256, False)
+        for r in keyword_rows(5)
+    ] + [encode(Plain(1, (Segment("rain and wind and snow today", True),)), tokenizer, 256, False)]
+    batches = [collate(tokenizer.eos_token_id)([item]) for item in items if item is not None]
+    result = evaluate_lm(model, batches, lambda batch: batch)  # type: ignore[arg-type]
+    total, count = 0.0, 0
+    model.eval()  # evaluation hands the model back in training mode
+    with torch.inference_mode():
+        for batch in batches:  # independently: summed cross-entropy over the shifted, scored positions
+            logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
+            targets = batch["labels"][0, 1:]
+            keep = targets != IGNORED
+            total += float(torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+            count += int(keep.sum())
+    assert result.metrics["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result.metrics["eval_perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert result.details == {"sequences": 6, "tokens": count}
+
+
+def train(model: Path, rows: list[dict[str, Any]], tmp_path: Path, **changes: Any) -> Path:
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    hyperparameters = dataclasses.replace(
+        FAST, epochs=30, learning_rate=3e-3, schedule=ScheduleSettings(kind=ScheduleKind.CONSTANT)
+    )
+    spec = make_spec(
+        model,
+        task="text_generation",
+        data=DataSettings(training_file="files/train", validation_fraction=0.2),
+        hyperparameters=changes.pop("hyperparameters", hyperparameters),
+        evaluation=EvaluationSettings(log_every_steps=20, evaluate_before_training=True),
+        **changes,
+    )
+    finished, _ = run(spec, data, tmp_path / "work")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    with tarfile.open(tmp_path / "work" / "artifact.tar") as tar:
+        tar.extractall(tmp_path / "model", filter="data")
+    return tmp_path / "model"
+
+
+def topic_prompts(tokenizer: Any, count: int) -> tuple[list[str], list[str]]:
+    rows = keyword_rows(count, seed=5)  # sentences the training data did not hold
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM[1]}, {"role": "user", "content": row["text"]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for row in rows
+    ]
+    return prompts, [row["label"] for row in rows]
+
+
+def test_a_tiny_llama_learns_to_answer_in_the_format_and_predict_matches_transformers(
+    llama: Path, tmp_path: Path
+) -> None:
+    folder = train(llama, chat_rows(120), tmp_path)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["final"]["eval_perplexity"] < metrics["baseline"]["eval_perplexity"] / 10
+    loaded = load_model(folder)
+    prompts, labels = topic_prompts(loaded.processor, 12)
+    answers = loaded.answer([loaded.decode(("text", prompt)) for prompt in prompts], top_k=1)
+    assert sum(answer["text"].strip() == label for answer, label in zip(answers, labels, strict=True)) >= 10
+
+    untuned = AutoModelForCausalLM.from_pretrained(llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()  # the artifact as a user loads it
+    for prompt, answer in zip(prompts[:3], answers[:3], strict=True):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            greedy = plain.generate(**inputs, max_new_tokens=128, do_sample=False)
+            before = untuned.generate(**inputs, max_new_tokens=8, do_sample=False)
+        written = tokenizer.decode(greedy[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert written == answer["text"]
+        assert tokenizer.decode(before[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip() not in (
+            "sport",
+            "finance",
+            "weather",
+        )
+    report = (folder / "report.html").read_text()
+    assert f"{metrics['classes']['sequences']} sequences, {metrics['classes']['tokens']} tokens scored" in report
+    assert f"Perplexity before tuning {metrics['baseline']['eval_perplexity']:.3f}" in report
+
+
+def test_lora_keeps_a_tied_output_layer_shared(gpt2: Path, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(gpt2)
+    assert head_module_names(model) == []  # lm_head is the input embedding: nothing of its own to train
+    rows = [{"prompt": row["text"] + " ->", "completion": " " + row["label"]} for row in keyword_rows(60)]
+    lora = AdaptationSettings(AdaptationMethod.LORA, lora=LoraSettings(rank=4, alpha=8.0, dropout=0.0))
+    folder = train(gpt2, rows, tmp_path, adaptation=lora)
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save") and set(config["target_modules"]) == {"c_attn"}
+    tuned = AutoModelForCausalLM.from_pretrained(folder)
+    assert tuned.lm_head.weight.data_ptr() == tuned.transformer.wte.weight.data_ptr()
+    assert torch.equal(tuned.transformer.wte.weight, model.transformer.wte.weight)  # LoRA left the embeddings
+    assert not torch.equal(tuned.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+
+
+def test_torchscript_is_refused_with_a_reason_and_onnx_is_checked(gpt2: Path, tmp_path: Path) -> None:
+    rows = [{"text": row["text"]} for row in keyword_rows(20)]
+    hyperparameters = dataclasses.replace(FAST, epochs=1)
+    folder = train(gpt2, rows, tmp_path, hyperparameters=hyperparameters)
+    with pytest.raises(ExportFailed) as refused:
+        export_model(folder, ExportFormat.TORCHSCRIPT)
+    assert refused.value.reason == "EXPORT_UNSUPPORTED" and "cannot generate" in refused.value.message
+    made = export_model(folder, ExportFormat.ONNX)
+    assert made.check is not None and made.check.passed
+    assert made.check.input_shapes["input_ids"][0] == 3

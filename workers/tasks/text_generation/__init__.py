@@ -1,0 +1,22 @@
+"""Text generation: causal language model fine-tuning on chat conversations, prompt/completion pairs or plain text."""
+
+from tuneforge.workers.tasks.definition import TaskDefinition, TaskFlag
+from tuneforge.workers.tasks.text_classification import MAX_SEQ_LENGTH
+
+DEFINITION = TaskDefinition(
+    name="text_generation",
+    modality="text",
+    metrics=("eval_loss", "eval_perplexity"),
+    lower_is_better=frozenset({"eval_loss", "eval_perplexity"}),
+    reads=frozenset({"data.max_sequence_length", "data.train_on_all_tokens"}),
+    methods=frozenset({"full", "lora"}),
+    flags=(
+        MAX_SEQ_LENGTH,
+        TaskFlag(
+            "--train-on-all-tokens",
+            "data.train_on_all_tokens",
+            bool,
+            "train on prompts and user turns too, not only on what the model should write",
+        ),
+    ),
+)

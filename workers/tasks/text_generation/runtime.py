@@ -1,0 +1,272 @@
+"""Text generation's torch side: chat, prompt/completion or plain text -> token ids with a label mask (the loss covers
+what the model should learn to write) -> AutoModelForCausalLM. Conversations are rendered by the model's own chat
+template (DEFAULT_CHAT_TEMPLATE when it has none, saved with the artifact); Predict continues a text greedily."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tuneforge.workers.core.errors import InvalidDataset, JobFailure
+from tuneforge.workers.core.evaluation import Evaluation
+from tuneforge.workers.core.models import load_pretrained, sequence_limit
+from tuneforge.workers.core.prepared_task import Batch, PreparedTask
+from tuneforge.workers.core.splits import training_split
+from tuneforge.workers.messages import RunJob
+from tuneforge.workers.tasks.text_generation.data import Conversation, Example, Plain, read_examples
+
+if TYPE_CHECKING:
+    from tuneforge.workers.core.prediction import LoadedModel
+
+IGNORED = -100
+"""The label of a token the loss skips (transformers' convention)."""
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+"""The chat template of a base model that has none: each turn opens with `<|role|>` and a new line, and an assistant
+turn ends with the end-of-sequence token, so that a tuned model learns to stop."""
+MAX_NEW_TOKENS = 128
+"""The longest continuation Predict writes."""
+FIXED_LENGTH = 128
+SAMPLE_WORDS = ("once", "upon", "a", "time", "the", "model", "wrote", "text")
+SECTION = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
+    """<h2 id="generation">Language modelling</h2>
+<p id="scored">Validation: {{ sequences }} sequences, {{ tokens }} tokens scored (the tokens the model learns to
+write).{% if before is not none %} Perplexity before tuning {{ "%.3f"|format(before) }}{% endif %}{% if after is not
+none %}, after {{ "%.3f"|format(after) }}{% endif %}.</p>"""
+)
+
+
+def trained_spans(example: Example, tokenizer: Any) -> tuple[str, list[tuple[int, int]], bool]:
+    """The example's text, the character spans the model learns to write, and whether the tokenizer's own special
+    tokens (BOS) must be added (a chat template writes its own)."""
+    if isinstance(example, Plain):
+        text, spans = "", []
+        for segment in example.segments:
+            start = len(text)
+            text += segment.text
+            if segment.trained:
+                spans.append((start, len(text)))
+        if tokenizer.eos_token:
+            text += tokenizer.eos_token  # the model learns to stop after a completion
+            spans[-1] = (spans[-1][0], len(text))
+        return text, spans, True
+    return _chat_spans(example, tokenizer)
+
+
+def _chat_spans(conversation: Conversation, tokenizer: Any) -> tuple[str, list[tuple[int, int]], bool]:
+    """Renders the conversation, and each trained assistant turn as the text between the conversation up to it
+    (with the template's generation prompt) and the conversation through it."""
+    messages = [{"role": role, "content": content} for role, content, _ in conversation.turns]
+
+    def render(upto: int, prompt: bool) -> str:
+        rendered: str = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt)
+        return rendered
+
+    try:
+        full = render(len(messages), False)
+        spans = []
+        for index, (_, _, trained) in enumerate(conversation.turns):
+            if trained:
+                before, through = render(index, True), render(index + 1, False)
+                if not (full.startswith(through) and through.startswith(before)):
+                    raise InvalidDataset(
+                        f"line {conversation.line}: the model's chat template does not render this conversation turn "
+                        "by turn (a later turn changes earlier text), so the assistant turns cannot be found; set "
+                        "data.train_on_all_tokens or use another base model"
+                    )
+                spans.append((len(before), len(through)))
+    except jinja2.TemplateError as exc:
+        raise InvalidDataset(f"line {conversation.line}: the model's chat template refused it: {exc}") from exc
+    return full, spans, False
+
+
+def encode(example: Example, tokenizer: Any, max_length: int, all_tokens: bool) -> dict[str, list[int]] | None:
+    """Token ids and labels (IGNORED where the loss skips), cut to max_length; None when nothing trained is left."""
+    text, spans, special = trained_spans(example, tokenizer)
+    encoded = tokenizer(
+        text, add_special_tokens=special, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
+    ids: list[int] = list(encoded["input_ids"])
+    if all_tokens:
+        labels = list(ids)
+    else:
+        # A token is learned when it overlaps a trained span: one that straddles the boundary (a prompt's last space
+        # merged into the completion's first word) is learned whole, as the text tokenises at inference.
+        offsets = encoded["offset_mapping"]
+        labels = [
+            i if any(s < b and e > a for a, b in spans) else IGNORED for i, (s, e) in zip(ids, offsets, strict=True)
+        ]
+    if all(label == IGNORED for label in labels[1:]):  # the first label is never predicted
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(pad_id: int) -> Callable[[list[dict[str, list[int]]]], Batch]:
+    """Pads on the right: ids with the pad token, attention mask 0, labels IGNORED."""
+
+    def pad(items: list[dict[str, list[int]]]) -> Batch:
+        longest = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), longest), dtype=torch.long)
+        labels = torch.full((len(items), longest), IGNORED, dtype=torch.long)
+        for row, item in enumerate(items):
+            length = len(item["input_ids"])
+            ids[row, :length] = torch.tensor(item["input_ids"])
+            labels[row, :length] = torch.tensor(item["labels"])
+            mask[row, :length] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return pad
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    loss: torch.Tensor = model(**batch).loss
+    return loss
+
+
+def evaluate_lm(model: nn.Module, loader: DataLoader[Any], to_device: Callable[[Batch], Batch]) -> Evaluation:
+    """Loss per scored token over the whole validation set (not a mean of batch means), and its perplexity."""
+    model.eval()
+    total, tokens, sequences = 0.0, 0, 0
+    with torch.inference_mode():
+        for batch in loader:
+            batch = to_device(batch)
+            scored = int((batch["labels"][:, 1:] != IGNORED).sum())
+            total += float(model(**batch).loss) * scored
+            tokens, sequences = tokens + scored, sequences + int(batch["labels"].shape[0])
+    model.train()
+    loss = total / max(1, tokens)
+    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    return Evaluation(metrics, {"sequences": sequences, "tokens": tokens})
+
+
+class TextGenerationRuntime:
+    """Supervised fine-tuning of any transformers causal language model (GPT-2, Llama, Qwen, SmolLM ...)."""
+
+    model_class = "AutoModelForCausalLM"
+    processor_class = "AutoTokenizer"
+    export_tolerance = 1e-4
+    export_refusals: Mapping[str, str] = {
+        "torchscript": "a traced TorchScript model takes one fixed input length and keeps no cache between tokens, "
+        "so it cannot generate; export ONNX (the logits of every position) or use the Hugging Face folder"
+    }
+
+    def prepare(self, job: RunJob, log: Callable[[str], None]) -> PreparedTask:
+        spec = job.spec
+        found, train = read_examples(job.training_data)
+        validation: list[Example] = []
+        if job.validation_data is not None:
+            validation = read_examples(job.validation_data)[1]
+        elif spec.data.validation_fraction > 0:
+            train, validation = training_split(
+                train, None, lambda _: "", spec.data.validation_fraction, 0, spec.hyperparameters.seed
+            )
+        tokenizer = load_pretrained(AutoTokenizer, spec.base_model)
+        if not getattr(tokenizer, "is_fast", False):
+            raise JobFailure("UNSUPPORTED_MODEL", f"{spec.base_model} has no fast tokenizer, which labels need")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        model = load_pretrained(AutoModelForCausalLM, spec.base_model, use_safetensors=True)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        max_length = sequence_limit(spec.data.max_sequence_length, tokenizer, model)
+        everything = spec.data.train_on_all_tokens
+        train_set = self._encode(train, tokenizer, max_length, everything, job.training_data.filename, log)
+        validation_set = self._encode(validation, tokenizer, max_length, everything, "validation", log)
+        scored = sum(sum(label != IGNORED for label in item["labels"]) for item in train_set)
+        log(
+            f"read {len(train_set)} training and {len(validation_set)} validation examples ({found}); "
+            f"{scored:,} training tokens are learned, sequences cut to {max_length} tokens"
+        )
+        return PreparedTask(
+            model=model,
+            processor=tokenizer,
+            train_set=train_set,
+            validation_set=validation_set,
+            collate=collate(int(tokenizer.pad_token_id)),
+            labels=[],
+            train_labels=[],
+            compute_loss=lm_loss,
+            evaluate=evaluate_lm,
+            lengths=[len(item["input_ids"]) for item in train_set],
+        )
+
+    @staticmethod
+    def _encode(
+        examples: list[Example],
+        tokenizer: Any,
+        max_length: int,
+        everything: bool,
+        name: str,
+        log: Callable[[str], None],
+    ) -> list[dict[str, list[int]]]:
+        encoded = []
+        for example in examples:
+            try:
+                item = encode(example, tokenizer, max_length, everything)
+            except InvalidDataset as exc:
+                raise InvalidDataset(f"{name} {exc}") from exc
+            if item is not None:
+                encoded.append(item)
+        if examples and not encoded:
+            raise InvalidDataset(f"{name}: no example keeps a token to learn within {max_length} tokens")
+        if len(encoded) < len(examples):
+            log(f"{len(examples) - len(encoded)} {name} examples left out: nothing to learn within {max_length} tokens")
+        return encoded
+
+    def decode(self, loaded: LoadedModel, value: str | bytes) -> Any:
+        return str(value)
+
+    def batch(self, loaded: LoadedModel, decoded: list[Any]) -> Batch:
+        """Padded and cut on the left: generation continues from each text's end."""
+        tokenizer = loaded.processor
+        tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+        limit = sequence_limit(int(loaded.data.get("max_sequence_length") or 0), tokenizer, loaded.model)
+        return dict(tokenizer(decoded, truncation=True, max_length=limit, padding=True, return_tensors="pt"))
+
+    def answer(self, loaded: LoadedModel, decoded: list[Any], top_k: int) -> list[dict[str, Any]]:
+        """Greedy continuations, up to MAX_NEW_TOKENS each, ending at the end-of-sequence token."""
+        inputs = self.batch(loaded, decoded)
+        tokenizer = loaded.processor
+        with torch.inference_mode():
+            produced = loaded.model.generate(
+                **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        written = produced[:, inputs["input_ids"].shape[1] :]
+        return [{"text": text} for text in tokenizer.batch_decode(written, skip_special_tokens=True)]
+
+    def sample_input(self, rng: np.random.Generator, index: int) -> tuple[str, bytes | str]:
+        return "text", " ".join(rng.choice(SAMPLE_WORDS, size=3 + 4 * index))
+
+    def fixed_shape_inputs(self, loaded: LoadedModel, items: list[tuple[str, Any]]) -> Batch:
+        tokenizer = loaded.processor
+        length = sequence_limit(FIXED_LENGTH, tokenizer, loaded.model)
+        texts = [str(value) for _, value in items]
+        return dict(tokenizer(texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt"))
+
+    def report_sections(self, metrics: dict[str, Any]) -> list[str]:
+        details = metrics.get("classes") or {}
+        tuned = metrics.get("best") or metrics.get("final") or {}
+        return [
+            SECTION.render(
+                sequences=details.get("sequences", 0),
+                tokens=details.get("tokens", 0),
+                before=(metrics.get("baseline") or {}).get("eval_perplexity"),
+                after=tuned.get("eval_perplexity"),
+            )
+        ]
+
+
+RUNTIME = TextGenerationRuntime()
