@@ -72,6 +72,9 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     add("--checkpoint-every", type=int, default=0)
     add("--eval-before", action="store_true", help="evaluate the untuned model first")
     add("--compile", action="store_true", help="torch.compile the model (for long GPU jobs; compiles at the start)")
+    add(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)"
+    )
     add("--gpus", type=int, default=0, help="GPUs for the job; more than one trains data-parallel, one rank per GPU")
     add("--ranks", type=int, default=0, help="data-parallel ranks (default: one per GPU, or one; on CPU: gloo)")
     add("--priority", type=int, default=0)
@@ -99,6 +102,7 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
         if getattr(args, name) is not None:
             setattr(hp, name, getattr(args, name))
     hp.compile = args.compile
+    hp.gradient_checkpointing = args.gradient_checkpointing
     spec = pb.JobSpec(
         task=TASKS[args.task],
         base_model=args.model,

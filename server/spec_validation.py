@@ -297,6 +297,7 @@ def _data(check: _Checker, data: pb.DataSpec) -> DataSettings:
         file_column=data.file_column or "file",
         transcript_column=data.transcript_column or "transcript",
         train_on_all_tokens=data.train_on_all_tokens,
+        packing=data.packing,
     )
 
 
@@ -431,6 +432,7 @@ def _hyperparameters(check: _Checker, hp: pb.Hyperparameters, method: Adaptation
         ),
         auto=_auto(check, hp),
         compile=hp.compile,
+        gradient_checkpointing=hp.gradient_checkpointing,
         **_optimizer(check, hp),
     )
 

@@ -110,6 +110,8 @@ class DataSettings:
     """Few-shot: train on this many examples per class (0: all)."""
     train_on_all_tokens: bool = False
     """Text generation: the loss covers every token, not only what the model should learn to write."""
+    packing: bool = False
+    """Text generation: short examples share sequences of max_sequence_length tokens (padding-free)."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,8 @@ class Hyperparameters:
     nesterov: bool = False
     compile: bool = False
     """torch.compile the model before training."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (transformers' gradient checkpointing)."""
     head_learning_rate: float = 0.0
     """0 means learning_rate."""
     layer_decay: float = 1.0

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import types
 import typing
+from dataclasses import MISSING
 from enum import Enum
 from typing import Any
 
@@ -18,7 +19,8 @@ def spec_to_json(spec: TrainingSpec) -> str:
 
 
 def spec_from_json(text: str) -> TrainingSpec:
-    """The spec spec_to_json wrote; ValueError when the text does not describe one (every field is required)."""
+    """The spec spec_to_json wrote, by this version or an older one (a field added since takes its default);
+    ValueError when the text does not describe one (a required field missing, or one this version does not know)."""
     value = _build(TrainingSpec, json.loads(text))
     assert isinstance(value, TrainingSpec)
     return value
@@ -37,10 +39,13 @@ def _build(kind: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{kind.__name__}: expected an object, got {value!r}")
         hints = typing.get_type_hints(kind)
-        names = {f.name for f in dataclasses.fields(kind)}
-        if value.keys() != names:
+        fields = dataclasses.fields(kind)
+        names = {f.name for f in fields}
+        required = {f.name for f in fields if f.default is MISSING and f.default_factory is MISSING}
+        if not required <= value.keys() <= names:
             raise ValueError(f"{kind.__name__}: fields {sorted(value)} are not {sorted(names)}")
-        return kind(**{name: _build(hints[name], value[name]) for name in names})
+        # A field added since the spec was stored takes its default, which is what that version did.
+        return kind(**{name: _build(hints[name], value[name]) for name in value})
     if isinstance(kind, type) and issubclass(kind, Enum):
         return kind(value)
     if kind is float and isinstance(value, int):

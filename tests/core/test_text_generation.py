@@ -18,11 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.core.test_training_core import FAST, make_spec, run
 from tests.tiny import chat_rows, keyword_rows, make_tiny_gpt2, make_tiny_llama, write_jsonl
-from tuneforge.workers.core.errors import InvalidDataset
+from tuneforge.workers.core.errors import InvalidDataset, JobFailure
 from tuneforge.workers.core.export import ExportFailed, ExportFormat, export_model
 from tuneforge.workers.core.lora import head_module_names
+from tuneforge.workers.core.model_setup import checkpoint_activations
 from tuneforge.workers.core.prediction import load_model
-from tuneforge.workers.messages import DataFile, Outcome
+from tuneforge.workers.messages import DataFile, LogEmitted, Outcome
 from tuneforge.workers.spec import (
     AdaptationMethod,
     AdaptationSettings,
@@ -39,6 +40,8 @@ from tuneforge.workers.tasks.text_generation.runtime import (
     collate,
     encode,
     evaluate_lm,
+    packed_collate,
+    sequences_in,
 )
 
 SYSTEM = ("system", "answer with the topic", False)
@@ -189,7 +192,8 @@ def test_perplexity_is_per_scored_token_over_the_whole_set(gpt2: Path) -> None:
     assert result.details == {"sequences": 6, "tokens": count}
 
 
-def train(model: Path, rows: list[dict[str, Any]], tmp_path: Path, **changes: Any) -> Path:
+def train(model: Path, rows: list[dict[str, Any]], tmp_path: Path, **changes: Any) -> tuple[Path, list[str]]:
+    """Trains to the end; the unpacked artifact and the job's log lines."""
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     hyperparameters = dataclasses.replace(
         FAST, epochs=30, learning_rate=3e-3, schedule=ScheduleSettings(kind=ScheduleKind.CONSTANT)
@@ -197,16 +201,16 @@ def train(model: Path, rows: list[dict[str, Any]], tmp_path: Path, **changes: An
     spec = make_spec(
         model,
         task="text_generation",
-        data=DataSettings(training_file="files/train", validation_fraction=0.2),
+        data=changes.pop("data", DataSettings(training_file="files/train", validation_fraction=0.2)),
         hyperparameters=changes.pop("hyperparameters", hyperparameters),
         evaluation=EvaluationSettings(log_every_steps=20, evaluate_before_training=True),
         **changes,
     )
-    finished, _ = run(spec, data, tmp_path / "work")
+    finished, events = run(spec, data, tmp_path / "work")
     assert finished.outcome is Outcome.SUCCEEDED, finished.message
     with tarfile.open(tmp_path / "work" / "artifact.tar") as tar:
         tar.extractall(tmp_path / "model", filter="data")
-    return tmp_path / "model"
+    return tmp_path / "model", [event.message for event in events if isinstance(event, LogEmitted)]
 
 
 def topic_prompts(tokenizer: Any, count: int) -> tuple[list[str], list[str]]:
@@ -225,7 +229,7 @@ def topic_prompts(tokenizer: Any, count: int) -> tuple[list[str], list[str]]:
 def test_a_tiny_llama_learns_to_answer_in_the_format_and_predict_matches_transformers(
     llama: Path, tmp_path: Path
 ) -> None:
-    folder = train(llama, chat_rows(120), tmp_path)
+    folder, _ = train(llama, chat_rows(120), tmp_path)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["final"]["eval_perplexity"] < metrics["baseline"]["eval_perplexity"] / 10
     loaded = load_model(folder)
@@ -258,7 +262,7 @@ def test_lora_keeps_a_tied_output_layer_shared(gpt2: Path, tmp_path: Path) -> No
     assert head_module_names(model) == []  # lm_head is the input embedding: nothing of its own to train
     rows = [{"prompt": row["text"] + " ->", "completion": " " + row["label"]} for row in keyword_rows(60)]
     lora = AdaptationSettings(AdaptationMethod.LORA, lora=LoraSettings(rank=4, alpha=8.0, dropout=0.0))
-    folder = train(gpt2, rows, tmp_path, adaptation=lora)
+    folder, _ = train(gpt2, rows, tmp_path, adaptation=lora)
     config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
     assert not config.get("modules_to_save") and set(config["target_modules"]) == {"c_attn"}
     tuned = AutoModelForCausalLM.from_pretrained(folder)
@@ -270,10 +274,106 @@ def test_lora_keeps_a_tied_output_layer_shared(gpt2: Path, tmp_path: Path) -> No
 def test_torchscript_is_refused_with_a_reason_and_onnx_is_checked(gpt2: Path, tmp_path: Path) -> None:
     rows = [{"text": row["text"]} for row in keyword_rows(20)]
     hyperparameters = dataclasses.replace(FAST, epochs=1)
-    folder = train(gpt2, rows, tmp_path, hyperparameters=hyperparameters)
+    folder, _ = train(gpt2, rows, tmp_path, hyperparameters=hyperparameters)
     with pytest.raises(ExportFailed) as refused:
         export_model(folder, ExportFormat.TORCHSCRIPT)
     assert refused.value.reason == "EXPORT_UNSUPPORTED" and "cannot generate" in refused.value.message
     made = export_model(folder, ExportFormat.ONNX)
     assert made.check is not None and made.check.passed
     assert made.check.input_shapes["input_ids"][0] == 3
+
+
+def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's loss on the next token (0 where the label is ignored), and the labels it was scored on."""
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]  # as training runs it (prepare() turns the cache off)
+    targets = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORED, reduction="none"
+    )
+    return losses.view(targets.shape), targets
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_packed_rows_give_each_example_its_own_loss_and_gradient(name: str, request: pytest.FixtureRequest) -> None:
+    folder: Path = request.getfixturevalue(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # no dropout: the two runs are comparable
+    rows = keyword_rows(7, seed=2)
+    items = [
+        encode(
+            Plain(1, (Segment(" ".join([row["text"]] * (1 + i % 3)), False), Segment(" " + row["label"], True))),
+            tokenizer,
+            256,
+            False,
+        )
+        for i, row in enumerate(rows)
+    ]
+    examples = [item for item in items if item is not None]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packed = packed_collate(pad, 48)(examples)
+    assert packed["input_ids"].shape[0] < len(examples) and packed["input_ids"].shape[1] <= 48
+    assert sequences_in(packed) == len(examples)
+
+    model.zero_grad()
+    losses, targets = token_losses(model, packed)
+    losses.sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    segments = (packed["position_ids"] == 0).cumsum(-1)  # which example (or padding) each token is part of
+    per_example_packed: dict[tuple[int, ...], float] = {}
+    for row in range(packed["input_ids"].shape[0]):
+        for segment in segments[row].unique().tolist():
+            scored = segments[row, 1:] == segment  # the positions whose next token is in this segment
+            if (targets[row][scored] != IGNORED).any():
+                ids = packed["input_ids"][row][segments[row] == segment].tolist()
+                per_example_packed[tuple(ids)] = float(losses[row][scored].sum())
+
+    model.zero_grad()
+    per_example_alone: dict[tuple[int, ...], float] = {}
+    for example in examples:
+        alone_losses, _ = token_losses(model, collate(pad)([example]))
+        alone_losses.sum().backward()
+        per_example_alone[tuple(example["input_ids"])] = float(alone_losses.sum())
+    alone_grads = [p.grad for p in model.parameters() if p.grad is not None]
+
+    assert per_example_packed.keys() == per_example_alone.keys()
+    for ids, loss in per_example_alone.items():
+        assert per_example_packed[ids] == pytest.approx(loss, rel=1e-5, abs=1e-5)
+    for with_packing, alone in zip(packed_grads, alone_grads, strict=True):
+        assert torch.allclose(with_packing, alone, rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_job_trains(gpt2: Path, tmp_path: Path) -> None:
+    rows = [{"prompt": row["text"] + " ->", "completion": " " + row["label"]} for row in keyword_rows(40)]
+    hyperparameters = dataclasses.replace(FAST, epochs=2)
+    data = DataSettings(training_file="files/train", validation_fraction=0.2, packing=True, max_sequence_length=64)
+    folder, _ = train(gpt2, rows, tmp_path, hyperparameters=hyperparameters, data=data)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["classes"]["sequences"] == 8  # the held-out fifth, counted as examples, not packed rows
+    # Trained without a key-value cache: with one, transformers ignores packed positions and examples see each other.
+    assert json.loads((folder / "config.json").read_text())["use_cache"] is False
+
+
+def test_gradient_checkpointing_trains_the_same_model(gpt2: Path, tmp_path: Path) -> None:
+    rows = [{"prompt": row["text"] + " ->", "completion": " " + row["label"]} for row in keyword_rows(24)]
+    runs = {}
+    for checkpointing in (False, True):
+        hyperparameters = dataclasses.replace(FAST, epochs=2, gradient_checkpointing=checkpointing)
+        (tmp_path / str(checkpointing)).mkdir()
+        folder, lines = train(gpt2, rows, tmp_path / str(checkpointing), hyperparameters=hyperparameters)
+        runs[checkpointing] = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        said = "gradient checkpointing: each block's activations are recomputed in the backward pass" in lines
+        assert said is checkpointing
+    plain, recomputed = runs[False], runs[True]
+    assert plain.keys() == recomputed.keys()
+    for name, weight in plain.items():  # dropout included: the recomputation draws the same masks
+        assert torch.allclose(weight, recomputed[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_gradient_checkpointing_turns_on_in_the_model_or_fails_with_a_reason(gpt2: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(gpt2)
+    checkpoint_activations(model)
+    assert model.is_gradient_checkpointing and model.config.use_cache is False
+    with pytest.raises(JobFailure) as refused:
+        checkpoint_activations(torch.nn.Linear(2, 2))
+    assert refused.value.reason == "INVALID_SPEC" and "does not support gradient checkpointing" in str(refused.value)

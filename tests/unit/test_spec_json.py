@@ -41,6 +41,19 @@ def test_a_spec_with_a_missing_or_unknown_field_is_refused() -> None:
     stored = json.loads(spec_to_json(resolved(pb.JobSpec(
         task=pb.TEXT_CLASSIFICATION, base_model="org/m", data=pb.DataSpec(training_file="files/f")
     ))))  # fmt: skip
-    del stored["hyperparameters"]["epochs"]
+    del stored["data"]["training_file"]
+    with pytest.raises(ValueError, match=r"DataSettings: fields .* are not"):
+        spec_from_json(json.dumps(stored))
+    stored["data"]["training_file"] = "files/f"
+    stored["hyperparameters"]["from_the_future"] = 1
     with pytest.raises(ValueError, match=r"Hyperparameters: fields .* are not"):
         spec_from_json(json.dumps(stored))
+
+
+def test_a_spec_stored_before_a_field_was_added_takes_its_default() -> None:
+    original = resolved(
+        pb.JobSpec(task=pb.TEXT_GENERATION, base_model="org/m", data=pb.DataSpec(training_file="files/f"))
+    )
+    stored = json.loads(spec_to_json(original))
+    del stored["data"]["packing"], stored["hyperparameters"]["gradient_checkpointing"]  # as an older version wrote it
+    assert spec_from_json(json.dumps(stored)) == original

@@ -29,6 +29,7 @@ GIVEN = {
     "hyperparameters.label_smoothing": 0.1,
     "hyperparameters.class_balance": pb.Hyperparameters.WEIGHTED_LOSS,
     "data.train_on_all_tokens": True,
+    "data.packing": True,
 }
 """A valid, non-default value for every task-specific field."""
 TASK_NAMES = list(registry.definitions())

@@ -4,6 +4,7 @@ parameters the optimizer gets. Shared by the run itself and by cross-validation 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from tuneforge.workers.core.adaptation import (
     GradualUnfreezer,
@@ -13,9 +14,23 @@ from tuneforge.workers.core.adaptation import (
     replace_head,
     summarize,
 )
+from tuneforge.workers.core.errors import JobFailure
 from tuneforge.workers.core.lora import apply_lora
 from tuneforge.workers.core.prepared_task import PreparedTask
 from tuneforge.workers.spec import AdaptationMethod, TrainingSpec
+
+
+def checkpoint_activations(model: Any) -> None:
+    """Transformers' gradient checkpointing (non-reentrant: frozen inputs and LoRA need no special handling)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps it
+    if not getattr(target, "supports_gradient_checkpointing", False):
+        raise JobFailure(
+            "INVALID_SPEC",
+            f"{type(target).__name__} does not support gradient checkpointing; leave "
+            "hyperparameters.gradient_checkpointing off",
+        )
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    target.config.use_cache = False
 
 
 def adapt_model(
@@ -32,5 +47,8 @@ def adapt_model(
     if spec.adaptation.method is AdaptationMethod.LORA and spec.adaptation.lora is not None:
         task.model = apply_lora(task.model, spec.adaptation.lora)
         summary = summarize(task.model)
+    if spec.hyperparameters.gradient_checkpointing:
+        checkpoint_activations(task.model)
+        log("gradient checkpointing: each block's activations are recomputed in the backward pass")
     log(f"adaptation {spec.adaptation.method.value}: {summary.describe()}")
     return plan_parameters(task.model, spec.hyperparameters.layer_decay != 1.0, unfreezer), unfreezer

@@ -17,6 +17,7 @@ TASK_FIELDS = (
     "hyperparameters.label_smoothing",
     "hyperparameters.class_balance",
     "data.train_on_all_tokens",
+    "data.packing",
 )
 """JobSpec fields that only some tasks read. A task lists those it reads in `TaskDefinition.reads`; a request that
 sets one its task does not read is refused (naming the tasks that do), never silently ignored. Every other field

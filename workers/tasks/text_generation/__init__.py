@@ -8,7 +8,7 @@ DEFINITION = TaskDefinition(
     modality="text",
     metrics=("eval_loss", "eval_perplexity"),
     lower_is_better=frozenset({"eval_loss", "eval_perplexity"}),
-    reads=frozenset({"data.max_sequence_length", "data.train_on_all_tokens"}),
+    reads=frozenset({"data.max_sequence_length", "data.train_on_all_tokens", "data.packing"}),
     methods=frozenset({"full", "lora"}),
     flags=(
         MAX_SEQ_LENGTH,
@@ -17,6 +17,12 @@ DEFINITION = TaskDefinition(
             "data.train_on_all_tokens",
             bool,
             "train on prompts and user turns too, not only on what the model should write",
+        ),
+        TaskFlag(
+            "--packing",
+            "data.packing",
+            bool,
+            "pack short examples into sequences of --max-seq-length tokens (no attention across them, no padding)",
         ),
     ),
 )

@@ -130,6 +130,54 @@ def collate(pad_id: int) -> Callable[[list[dict[str, list[int]]]], Batch]:
     return pad
 
 
+def packed_collate(pad_id: int, capacity: int) -> Callable[[list[dict[str, list[int]]]], Batch]:
+    """Packs a batch's examples into as few rows of at most `capacity` tokens as first-fit (longest first) allows.
+    Positions restart at each example and there is no attention mask, so transformers' masking keeps each example to
+    itself (a block-diagonal causal mask); an example's first token is never predicted from the previous example, and
+    a row's padding is a segment of its own that nothing learns."""
+
+    def pack(items: list[dict[str, list[int]]]) -> Batch:
+        rows: list[list[dict[str, list[int]]]] = []
+        filled: list[int] = []
+        for item in sorted(items, key=lambda i: -len(i["input_ids"])):
+            size = len(item["input_ids"])
+            row = next((r for r, used in enumerate(filled) if used + size <= capacity), None)
+            if row is None:
+                rows.append([])
+                filled.append(0)
+                row = len(rows) - 1
+            rows[row].append(item)
+            filled[row] += size
+        longest = max(filled)
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORED, dtype=torch.long)
+        positions = torch.zeros((len(rows), longest), dtype=torch.long)
+        for r, row_items in enumerate(rows):
+            at = 0
+            for item in row_items:
+                size = len(item["input_ids"])
+                ids[r, at : at + size] = torch.tensor(item["input_ids"])
+                labels[r, at + 1 : at + size] = torch.tensor(item["labels"][1:])
+                positions[r, at : at + size] = torch.arange(size)
+                at += size
+            positions[r, at:] = torch.arange(longest - at)
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+    return pack
+
+
+def sequences_in(batch: Batch) -> int:
+    """The examples a batch holds: its rows, or in a packed batch the segments with a token to learn."""
+    labels = batch["labels"]
+    if "position_ids" not in batch:
+        return int(labels.shape[0])
+    count = 0
+    for positions, row_labels in zip(batch["position_ids"], labels, strict=True):
+        segment = (positions == 0).cumsum(0)
+        count += len(set(segment[row_labels != IGNORED].tolist()))
+    return count
+
+
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     loss: torch.Tensor = model(**batch).loss
     return loss
@@ -144,7 +192,7 @@ def evaluate_lm(model: nn.Module, loader: DataLoader[Any], to_device: Callable[[
             batch = to_device(batch)
             scored = int((batch["labels"][:, 1:] != IGNORED).sum())
             total += float(model(**batch).loss) * scored
-            tokens, sequences = tokens + scored, sequences + int(batch["labels"].shape[0])
+            tokens, sequences = tokens + scored, sequences + sequences_in(batch)
     model.train()
     loss = total / max(1, tokens)
     metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
@@ -181,21 +229,26 @@ class TextGenerationRuntime:
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         model = load_pretrained(AutoModelForCausalLM, spec.base_model, use_safetensors=True)
         model.config.pad_token_id = tokenizer.pad_token_id
+        # Training never reuses keys and values: no cache is built, and without one transformers honours packed
+        # positions (a block-diagonal mask). Generation asks for its cache itself.
+        model.config.use_cache = False
         max_length = sequence_limit(spec.data.max_sequence_length, tokenizer, model)
         everything = spec.data.train_on_all_tokens
         train_set = self._encode(train, tokenizer, max_length, everything, job.training_data.filename, log)
         validation_set = self._encode(validation, tokenizer, max_length, everything, "validation", log)
         scored = sum(sum(label != IGNORED for label in item["labels"]) for item in train_set)
+        pad = int(tokenizer.pad_token_id)
         log(
             f"read {len(train_set)} training and {len(validation_set)} validation examples ({found}); "
             f"{scored:,} training tokens are learned, sequences cut to {max_length} tokens"
+            + (f", examples packed into sequences of {max_length}" if spec.data.packing else "")
         )
         return PreparedTask(
             model=model,
             processor=tokenizer,
             train_set=train_set,
             validation_set=validation_set,
-            collate=collate(int(tokenizer.pad_token_id)),
+            collate=packed_collate(pad, max_length) if spec.data.packing else collate(pad),
             labels=[],
             train_labels=[],
             compute_loss=lm_loss,
@@ -242,7 +295,11 @@ class TextGenerationRuntime:
         tokenizer = loaded.processor
         with torch.inference_mode():
             produced = loaded.model.generate(
-                **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **inputs,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
             )
         written = produced[:, inputs["input_ids"].shape[1] :]
         return [{"text": text} for text in tokenizer.batch_decode(written, skip_special_tokens=True)]
