@@ -578,6 +578,7 @@ def _evaluation(check: _Checker, evaluation: pb.EvaluationSpec) -> EvaluationSet
             f"{path}.early_stopping_min_delta", evaluation.early_stopping_min_delta, 0.0, 1e6
         ),
         keep_checkpoints=check.int_range(f"{path}.keep_checkpoints", evaluation.keep_checkpoints, 0, 100) or 1,
+        generation_samples=check.int_range(f"{path}.generation_samples", evaluation.generation_samples, 0, 64),
     )
 
 
@@ -588,6 +589,9 @@ def _task_rules(check: _Checker, task: TaskDefinition, spec: TrainingSpec, raw: 
             "evaluation.best_metric",
             f"must be one of {', '.join(task.metrics)} for {task.enum_name}, got {spec.evaluation.best_metric!r}",
         )
+    needs = task.metric_needs.get(spec.evaluation.best_metric)
+    if needs and not _is_set(raw, needs):
+        check.bad("evaluation.best_metric", f"{spec.evaluation.best_metric} is measured only when {needs} is set")
     if task.methods is not None and spec.adaptation.method.value not in task.methods:
         allowed = " or ".join(sorted(method.upper() for method in task.methods))
         check.bad("adaptation.method", f"{task.enum_name} trains with {allowed}, not {spec.adaptation.method.name}")

@@ -234,6 +234,8 @@ class EvaluationSettings:
     early_stopping_min_delta: float = 0.0
     keep_checkpoints: int = 1
     """Newest resumable checkpoints kept (the best one is kept besides)."""
+    generation_samples: int = 0
+    """Text generation: held-out prompts answered greedily and scored at each evaluation (0: none)."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.core.test_training_core import FAST, make_spec, run
@@ -203,7 +204,7 @@ def train(model: Path, rows: list[dict[str, Any]], tmp_path: Path, **changes: An
         task="text_generation",
         data=changes.pop("data", DataSettings(training_file="files/train", validation_fraction=0.2)),
         hyperparameters=changes.pop("hyperparameters", hyperparameters),
-        evaluation=EvaluationSettings(log_every_steps=20, evaluate_before_training=True),
+        evaluation=changes.pop("evaluation", EvaluationSettings(log_every_steps=20, evaluate_before_training=True)),
         **changes,
     )
     finished, events = run(spec, data, tmp_path / "work")
@@ -229,9 +230,19 @@ def topic_prompts(tokenizer: Any, count: int) -> tuple[list[str], list[str]]:
 def test_a_tiny_llama_learns_to_answer_in_the_format_and_predict_matches_transformers(
     llama: Path, tmp_path: Path
 ) -> None:
-    folder, _ = train(llama, chat_rows(120), tmp_path)
+    evaluation = EvaluationSettings(log_every_steps=20, evaluate_before_training=True, generation_samples=12)
+    folder, _ = train(llama, chat_rows(120), tmp_path, evaluation=evaluation)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["final"]["eval_perplexity"] < metrics["baseline"]["eval_perplexity"] / 10
+    samples = metrics["classes"]["samples"]  # the held-out prompts, answered before and after tuning
+    assert len(samples) == 12 and all(s["prompt"].endswith("<|im_start|>assistant\n") for s in samples)
+    rouge = rouge_scorer.RougeScorer(["rougeL"])
+    for moment, key in (("before", "baseline"), ("after", "final")):
+        exact = sum(s[moment].strip() == s["reference"] for s in samples) / 12
+        overlap = sum(rouge.score(s["reference"], s[moment])["rougeL"].fmeasure for s in samples) / 12
+        assert metrics[key]["eval_exact_match"] == pytest.approx(exact)
+        assert metrics[key]["eval_rouge_l"] == pytest.approx(overlap)
+    assert metrics["baseline"]["eval_exact_match"] == 0.0 and metrics["final"]["eval_exact_match"] >= 10 / 12
     loaded = load_model(folder)
     prompts, labels = topic_prompts(loaded.processor, 12)
     answers = loaded.answer([loaded.decode(("text", prompt)) for prompt in prompts], top_k=1)
@@ -253,6 +264,7 @@ def test_a_tiny_llama_learns_to_answer_in_the_format_and_predict_matches_transfo
             "weather",
         )
     report = (folder / "report.html").read_text()
+    assert report.count("</td></tr>") >= 10 and f"<td>{samples[0]['after']}</td>" in report
     assert f"{metrics['classes']['sequences']} sequences, {metrics['classes']['tokens']} tokens scored" in report
     assert f"Perplexity before tuning {metrics['baseline']['eval_perplexity']:.3f}" in report
 

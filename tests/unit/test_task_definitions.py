@@ -30,6 +30,7 @@ GIVEN = {
     "hyperparameters.class_balance": pb.Hyperparameters.WEIGHTED_LOSS,
     "data.train_on_all_tokens": True,
     "data.packing": True,
+    "evaluation.generation_samples": 4,
 }
 """A valid, non-default value for every task-specific field."""
 TASK_NAMES = list(registry.definitions())
@@ -77,6 +78,11 @@ def test_a_best_metric_must_be_one_the_task_reports(task: str) -> None:
     for metric in definition.metrics:
         spec = spec_for(task)
         spec.evaluation.best_metric = metric
+        needs = definition.metric_needs.get(metric)
+        if needs:
+            problems = {v.field: v.description for v in validate_spec(spec, []).violations}
+            assert problems == {"job.spec.evaluation.best_metric": f"{metric} is measured only when {needs} is set"}
+            given(spec, needs)
         assert validate_spec(spec, []).spec is not None
     spec = spec_for(task)
     spec.evaluation.best_metric = "eval_bleu"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 TASK_FIELDS = (
     "data.text_column",
@@ -18,6 +18,7 @@ TASK_FIELDS = (
     "hyperparameters.class_balance",
     "data.train_on_all_tokens",
     "data.packing",
+    "evaluation.generation_samples",
 )
 """JobSpec fields that only some tasks read. A task lists those it reads in `TaskDefinition.reads`; a request that
 sets one its task does not read is refused (naming the tasks that do), never silently ignored. Every other field
@@ -48,6 +49,8 @@ class TaskDefinition:
     """What its evaluation reports; `evaluation.best_metric` must be one of them."""
     reads: frozenset[str]
     """The TASK_FIELDS it reads."""
+    metric_needs: Mapping[str, str] = field(default_factory=dict)
+    """Metrics reported only when a field is set (metric -> its TASK_FIELDS path)."""
     methods: frozenset[str] | None = None
     """The adaptation methods (AdaptationMethod values) it trains with; None: every one."""
     lower_is_better: frozenset[str] = frozenset({"eval_loss"})

@@ -945,6 +945,7 @@ class EvaluationSpec(_message.Message):
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_MIN_DELTA_FIELD_NUMBER: _builtins.int
     KEEP_CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    GENERATION_SAMPLES_FIELD_NUMBER: _builtins.int
     eval_every_steps: _builtins.int
     """Evaluate every N optimizer steps as well as at each epoch end; 0: at epoch ends only."""
     log_every_steps: _builtins.int
@@ -964,6 +965,11 @@ class EvaluationSpec(_message.Message):
     """The smallest change of best_metric that counts as an improvement."""
     keep_checkpoints: _builtins.int
     """Newest checkpoints kept for resuming (the best one is kept as well); default 1."""
+    generation_samples: _builtins.int
+    """Text generation: at each evaluation also continue up to this many held-out prompts greedily (at most 64; the
+    prompts of chat or prompt/completion validation data) and score the answers: `eval_exact_match` and
+    `eval_rouge_l` (ROUGE-L F1, rouge-score's tokenizer). The report shows them before and after tuning. 0: off.
+    """
     def __init__(
         self,
         *,
@@ -975,10 +981,11 @@ class EvaluationSpec(_message.Message):
         early_stopping_patience: _builtins.int = ...,
         early_stopping_min_delta: _builtins.float = ...,
         keep_checkpoints: _builtins.int = ...,
+        generation_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_metric", b"best_metric", "checkpoint_every_steps", b"checkpoint_every_steps", "early_stopping_min_delta", b"early_stopping_min_delta", "early_stopping_patience", b"early_stopping_patience", "eval_every_steps", b"eval_every_steps", "evaluate_before_training", b"evaluate_before_training", "keep_checkpoints", b"keep_checkpoints", "log_every_steps", b"log_every_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_metric", b"best_metric", "checkpoint_every_steps", b"checkpoint_every_steps", "early_stopping_min_delta", b"early_stopping_min_delta", "early_stopping_patience", b"early_stopping_patience", "eval_every_steps", b"eval_every_steps", "evaluate_before_training", b"evaluate_before_training", "generation_samples", b"generation_samples", "keep_checkpoints", b"keep_checkpoints", "log_every_steps", b"log_every_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,9 +6,15 @@ from tuneforge.workers.tasks.text_classification import MAX_SEQ_LENGTH
 DEFINITION = TaskDefinition(
     name="text_generation",
     modality="text",
-    metrics=("eval_loss", "eval_perplexity"),
+    metrics=("eval_loss", "eval_perplexity", "eval_exact_match", "eval_rouge_l"),
     lower_is_better=frozenset({"eval_loss", "eval_perplexity"}),
-    reads=frozenset({"data.max_sequence_length", "data.train_on_all_tokens", "data.packing"}),
+    metric_needs={
+        "eval_exact_match": "evaluation.generation_samples",
+        "eval_rouge_l": "evaluation.generation_samples",
+    },
+    reads=frozenset(
+        {"data.max_sequence_length", "data.train_on_all_tokens", "data.packing", "evaluation.generation_samples"}
+    ),
     methods=frozenset({"full", "lora"}),
     flags=(
         MAX_SEQ_LENGTH,

@@ -22,6 +22,7 @@ from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 from tuneforge.workers.core.splits import training_split
 from tuneforge.workers.messages import RunJob
 from tuneforge.workers.tasks.text_generation.data import Conversation, Example, Plain, read_examples
+from tuneforge.workers.tasks.text_generation.samples import Sample, answer, draw_samples, scorer, shown
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
@@ -37,13 +38,20 @@ DEFAULT_CHAT_TEMPLATE = (
 turn ends with the end-of-sequence token, so that a tuned model learns to stop."""
 MAX_NEW_TOKENS = 128
 """The longest continuation Predict writes."""
+SHOWN_SAMPLES = 10
+"""Held-out answers the report shows (metrics.json keeps every one)."""
 FIXED_LENGTH = 128
 SAMPLE_WORDS = ("once", "upon", "a", "time", "the", "model", "wrote", "text")
 SECTION = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
     """<h2 id="generation">Language modelling</h2>
 <p id="scored">Validation: {{ sequences }} sequences, {{ tokens }} tokens scored (the tokens the model learns to
 write).{% if before is not none %} Perplexity before tuning {{ "%.3f"|format(before) }}{% endif %}{% if after is not
-none %}, after {{ "%.3f"|format(after) }}{% endif %}.</p>"""
+none %}, after {{ "%.3f"|format(after) }}{% endif %}.</p>
+{% if samples %}<h2 id="samples">Held-out prompts, answered before and after tuning</h2>
+<table id="generation-samples"><tr><th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>
+{% for sample in samples %}<tr><td>{{ sample.prompt }}</td><td>{{ sample.reference }}</td><td>{{ sample.before }}</td>
+<td>{{ sample.after }}</td></tr>
+{% endfor %}</table>{% endif %}"""
 )
 
 
@@ -183,6 +191,21 @@ def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return loss
 
 
+def evaluate_with_samples(
+    tokenizer: Any, samples: list[Sample], before: list[str], max_length: int
+) -> Callable[..., Evaluation]:
+    """evaluate_lm, then the held-out prompts answered and scored (the untuned answers beside the tuned ones)."""
+    score = scorer()
+
+    def run(model: nn.Module, loader: DataLoader[Any], to_device: Callable[[Batch], Batch]) -> Evaluation:
+        evaluation = evaluate_lm(model, loader, to_device)
+        after = answer(model, tokenizer, [sample.prompt for sample in samples], max_length)
+        metrics = {**evaluation.metrics, **score(after, [sample.reference for sample in samples])}
+        return Evaluation(metrics, {**evaluation.details, "samples": shown(samples, before, after)})
+
+    return run
+
+
 def evaluate_lm(model: nn.Module, loader: DataLoader[Any], to_device: Callable[[Batch], Batch]) -> Evaluation:
     """Loss per scored token over the whole validation set (not a mean of batch means), and its perplexity."""
     model.eval()
@@ -238,6 +261,12 @@ class TextGenerationRuntime:
         validation_set = self._encode(validation, tokenizer, max_length, everything, "validation", log)
         scored = sum(sum(label != IGNORED for label in item["labels"]) for item in train_set)
         pad = int(tokenizer.pad_token_id)
+        evaluate: Callable[..., Evaluation] = evaluate_lm
+        if spec.evaluation.generation_samples and validation:
+            samples = draw_samples(validation, tokenizer, spec.evaluation.generation_samples)
+            before = answer(model, tokenizer, [sample.prompt for sample in samples], max_length)  # the untuned model
+            evaluate = evaluate_with_samples(tokenizer, samples, before, max_length)
+            log(f"{len(samples)} held-out prompts are answered and scored at each evaluation")
         log(
             f"read {len(train_set)} training and {len(validation_set)} validation examples ({found}); "
             f"{scored:,} training tokens are learned, sequences cut to {max_length} tokens"
@@ -252,7 +281,7 @@ class TextGenerationRuntime:
             labels=[],
             train_labels=[],
             compute_loss=lm_loss,
-            evaluate=evaluate_lm,
+            evaluate=evaluate,
             lengths=[len(item["input_ids"]) for item in train_set],
         )
 
@@ -322,6 +351,7 @@ class TextGenerationRuntime:
                 tokens=details.get("tokens", 0),
                 before=(metrics.get("baseline") or {}).get("eval_perplexity"),
                 after=tuned.get("eval_perplexity"),
+                samples=details.get("samples", [])[:SHOWN_SAMPLES],
             )
         ]
 
