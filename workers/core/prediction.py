@@ -42,7 +42,6 @@ DECODED_BUDGET_BYTES = 256 << 20
 class LoadedModel:
     """One artifact, ready to answer; its task's runtime decodes, batches and answers."""
 
-    task: str
     runtime: TaskRuntime
     model: Any
     processor: Any
@@ -80,7 +79,7 @@ def as_loaded(model: Any, processor: Any, spec: dict[str, Any]) -> LoadedModel:
     model.eval()
     classifies = registry.definition(task).classifies
     labels = [model.config.id2label[i] for i in range(len(model.config.id2label))] if classifies else []
-    return LoadedModel(task, registry.runtime(task), model, processor, labels, spec.get("data", {}))
+    return LoadedModel(registry.runtime(task), model, processor, labels, spec.get("data", {}))
 
 
 class ModelCache:

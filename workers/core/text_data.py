@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from tuneforge.workers.core.errors import InvalidDataset
 from tuneforge.workers.core.splits import training_split
 from tuneforge.workers.messages import DataFile
 from tuneforge.workers.spec import DataSettings
 
+T = TypeVar("T")
 MAX_ERRORS_SHOWN = 5
 MAX_LABEL_CHARS = 1000
 """A label is a class name: longer text is a column mix-up, and it would be quoted in every message and report."""
@@ -125,23 +126,29 @@ def check_label_count(filename: str, names: set[str]) -> None:
         )
 
 
-def read_rows(file: DataFile, settings: DataSettings) -> list[TextRow]:
-    """Reads and checks every row; raises InvalidDataset naming the first few bad lines."""
-    rows: list[TextRow] = []
+def checked_records(file: DataFile, check: Callable[[int, dict[str, Any]], tuple[str, T | None]]) -> list[T]:
+    """Every record of the file through `check(line, record) -> (problem, item)`; InvalidDataset naming the first few
+    bad lines, or saying the file holds no examples."""
+    items: list[T] = []
     errors: list[str] = []
     for number, record in raw_records(file):
-        problem, row = _check_record(number, record, settings)
+        problem, item = check(number, record)
         if problem:
             errors.append(f"{file.filename} line {number}: {problem}")
             if len(errors) >= MAX_ERRORS_SHOWN:
                 break
-        elif row is not None:
-            rows.append(row)
+        elif item is not None:
+            items.append(item)
     if errors:
         raise InvalidDataset("; ".join(errors))
-    if not rows:
+    if not items:
         raise InvalidDataset(f"{file.filename}: no examples")
-    return rows
+    return items
+
+
+def read_rows(file: DataFile, settings: DataSettings) -> list[TextRow]:
+    """Reads and checks every row; raises InvalidDataset naming the first few bad lines."""
+    return checked_records(file, lambda number, record: _check_record(number, record, settings))
 
 
 def _check_record(number: int, record: dict[str, Any], settings: DataSettings) -> tuple[str, TextRow | None]:

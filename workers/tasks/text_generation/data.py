@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneforge.workers.core.errors import InvalidDataset
-from tuneforge.workers.core.text_data import MAX_ERRORS_SHOWN, raw_records
+from tuneforge.workers.core.text_data import checked_records
 from tuneforge.workers.messages import DataFile
 
 ROLES = ("system", "user", "assistant")
@@ -59,31 +59,23 @@ def detect_format(record: dict[str, Any]) -> str | None:
 
 
 def read_examples(file: DataFile) -> tuple[str, list[Example]]:
-    """The file's format and its examples; InvalidDataset naming the first few bad lines."""
-    found: str | None = None
-    examples: list[Example] = []
-    errors: list[str] = []
-    for number, record in raw_records(file):
-        if found is None:
-            found = detect_format(record)
-            if found is None:
+    """The file's format (from its first record) and its examples; InvalidDataset naming the first few bad lines."""
+    found: list[str] = []
+
+    def check(number: int, record: dict[str, Any]) -> tuple[str, Example | None]:
+        if not found:
+            detected = detect_format(record)
+            if detected is None:
                 keys = ", ".join(sorted(record)[:5]) or "none"
                 raise InvalidDataset(
                     f"{file.filename} line {number}: not a text generation record (its keys: {keys}); give "
                     f"{', or '.join(FORMATS.values())} on every line"
                 )
-        problem, example = _check(found, number, record)
-        if problem:
-            errors.append(f"{file.filename} line {number}: {problem}")
-            if len(errors) >= MAX_ERRORS_SHOWN:
-                break
-        elif example is not None:
-            examples.append(example)
-    if errors:
-        raise InvalidDataset("; ".join(errors))
-    if found is None or not examples:
-        raise InvalidDataset(f"{file.filename}: no examples")
-    return found, examples
+            found.append(detected)
+        return _check(found[0], number, record)
+
+    examples: list[Example] = checked_records(file, check)
+    return found[0], examples
 
 
 def _check(found: str, number: int, record: dict[str, Any]) -> tuple[str, Example | None]:
