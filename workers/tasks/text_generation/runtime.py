@@ -22,7 +22,7 @@ from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 from tuneforge.workers.core.splits import training_split
 from tuneforge.workers.messages import RunJob
 from tuneforge.workers.tasks.text_generation.data import Conversation, Example, Plain, read_examples
-from tuneforge.workers.tasks.text_generation.samples import Sample, answer, draw_samples, scorer, shown
+from tuneforge.workers.tasks.text_generation.samples import Sample, answer, draw_samples, left_padded, scorer, shown
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
@@ -36,11 +36,8 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 """The chat template of a base model that has none: each turn opens with `<|role|>` and a new line, and an assistant
 turn ends with the end-of-sequence token, so that a tuned model learns to stop."""
-MAX_NEW_TOKENS = 128
-"""The longest continuation Predict writes."""
 SHOWN_SAMPLES = 10
 """Held-out answers the report shows (metrics.json keeps every one)."""
-FIXED_LENGTH = 128
 SAMPLE_WORDS = ("once", "upon", "a", "time", "the", "model", "wrote", "text")
 SECTION = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
     """<h2 id="generation">Language modelling</h2>
@@ -312,35 +309,24 @@ class TextGenerationRuntime:
         return str(value)
 
     def batch(self, loaded: LoadedModel, decoded: list[Any]) -> Batch:
-        """Padded and cut on the left: generation continues from each text's end."""
-        tokenizer = loaded.processor
-        tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-        limit = sequence_limit(int(loaded.data.get("max_sequence_length") or 0), tokenizer, loaded.model)
-        return dict(tokenizer(decoded, truncation=True, max_length=limit, padding=True, return_tensors="pt"))
+        return left_padded(loaded.processor, decoded, self._limit(loaded))
 
     def answer(self, loaded: LoadedModel, decoded: list[Any], top_k: int) -> list[dict[str, Any]]:
-        """Greedy continuations, up to MAX_NEW_TOKENS each, ending at the end-of-sequence token."""
-        inputs = self.batch(loaded, decoded)
-        tokenizer = loaded.processor
-        with torch.inference_mode():
-            produced = loaded.model.generate(
-                **inputs,
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-            )
-        written = produced[:, inputs["input_ids"].shape[1] :]
-        return [{"text": text} for text in tokenizer.batch_decode(written, skip_special_tokens=True)]
+        """Greedy continuations of the whole batch at once, as evaluation writes them."""
+        written = answer(loaded.model, loaded.processor, decoded, self._limit(loaded), batch=len(decoded))
+        return [{"text": text} for text in written]
+
+    @staticmethod
+    def _limit(loaded: LoadedModel) -> int:
+        """The prompt length training allowed."""
+        return sequence_limit(int(loaded.data.get("max_sequence_length") or 0), loaded.processor, loaded.model)
 
     def sample_input(self, rng: np.random.Generator, index: int) -> tuple[str, bytes | str]:
         return "text", " ".join(rng.choice(SAMPLE_WORDS, size=3 + 4 * index))
 
     def fixed_shape_inputs(self, loaded: LoadedModel, items: list[tuple[str, Any]]) -> Batch:
-        tokenizer = loaded.processor
-        length = sequence_limit(FIXED_LENGTH, tokenizer, loaded.model)
-        texts = [str(value) for _, value in items]
-        return dict(tokenizer(texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt"))
+        """Only a traced export needs one shape, and TorchScript is refused for this task (export_refusals)."""
+        return loaded.inputs(items)
 
     def report_sections(self, metrics: dict[str, Any]) -> list[str]:
         details = metrics.get("classes") or {}

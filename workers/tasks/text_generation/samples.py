@@ -1,5 +1,6 @@
-"""Held-out prompts answered greedily and scored at each evaluation: exact match and ROUGE-L against the held-out
-answers (rouge-score, Google's reference implementation), with the untuned model's answers kept for the report."""
+"""Greedy generation, as Predict answers and as evaluation answers held-out prompts, which it scores: exact match and
+ROUGE-L against the held-out answers (rouge-score, Google's reference implementation), with the untuned model's
+answers kept for the report."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tuneforge.workers.core.errors import InvalidDataset
 from tuneforge.workers.tasks.text_generation.data import Conversation, Example
 
 MAX_NEW_TOKENS = 128
+"""The longest answer written, by Predict or an evaluation."""
 SHOWN_CHARS = 400
 """Characters of a prompt, answer or reference kept in metrics.json and the report."""
 
@@ -47,8 +49,23 @@ def draw_samples(examples: list[Example], tokenizer: Any, count: int) -> list[Sa
     return samples
 
 
+def left_padded(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Token ids padded and cut on the left (to max_length tokens): generation continues from each text's end."""
+    return dict(
+        tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            truncation=True,
+            truncation_side="left",
+            max_length=max_length,
+        )
+    )
+
+
 def answer(model: nn.Module, tokenizer: Any, prompts: list[str], max_length: int, batch: int = 8) -> list[str]:
-    """Greedy answers, a few prompts at a time (each cut on the left to max_length tokens)."""
+    """Greedy answers up to MAX_NEW_TOKENS, ending at the end-of-sequence token, `batch` prompts at a time."""
     generator: Any = getattr(model, "module", model)  # under data parallelism, the wrapped model
     generator = getattr(generator, "_orig_mod", generator)  # compiled: the original
     device = next(generator.parameters()).device
@@ -56,15 +73,10 @@ def answer(model: nn.Module, tokenizer: Any, prompts: list[str], max_length: int
     was_training = generator.training
     generator.eval()
     for start in range(0, len(prompts), batch):
-        inputs = tokenizer(
-            prompts[start : start + batch],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            truncation=True,
-            truncation_side="left",
-            max_length=max_length,
-        ).to(device)
+        inputs = {
+            name: value.to(device)
+            for name, value in left_padded(tokenizer, prompts[start : start + batch], max_length).items()
+        }
         with torch.inference_mode():
             produced = generator.generate(
                 **inputs,
