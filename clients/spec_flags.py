@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import sweeps_pb2
 from tuneforge.workers.tasks import registry
-from tuneforge.workers.tasks.definition import TaskFlag
+from tuneforge.workers.tasks.definition import TaskFlag, field_holder
 
 TASKS = {task.cli_name: pb.Task.Value(task.enum_name) for task in registry.definitions().values()}
 ADAPTATIONS = {
@@ -126,7 +126,7 @@ def spec_from_arguments(args: argparse.Namespace) -> pb.JobSpec:
     for task_flag, _ in task_flags().values():
         value = getattr(args, _dest(task_flag))
         if value is not None:
-            _set_field(spec, task_flag.field, value)
+            setattr(*field_holder(spec, task_flag.field), value)
     if args.head_hidden is not None:
         spec.head.CopyFrom(
             pb.HeadSpec(
@@ -150,15 +150,6 @@ def task_flags() -> dict[str, tuple[TaskFlag, list[str]]]:
 
 def _dest(flag: TaskFlag) -> str:
     return "task_" + flag.field.replace(".", "_")
-
-
-def _set_field(spec: pb.JobSpec, path: str, value: object) -> None:
-    """Sets a JobSpec field by its dotted path (a task flag's field)."""
-    *parents, name = path.split(".")
-    holder = spec
-    for parent in parents:
-        holder = getattr(holder, parent)
-    setattr(holder, name, value)
 
 
 def load_spec_file(path: Path) -> pb.JobSpec:

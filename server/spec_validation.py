@@ -35,7 +35,7 @@ from tuneforge.workers.spec import (
     TrainingSpec,
 )
 from tuneforge.workers.tasks import registry
-from tuneforge.workers.tasks.definition import TASK_FIELDS, TaskDefinition
+from tuneforge.workers.tasks.definition import TASK_FIELDS, TaskDefinition, field_holder
 
 T = TypeVar("T")
 ROOT = "job.spec"
@@ -604,10 +604,7 @@ def _task_rules(check: _Checker, task: TaskDefinition, spec: TrainingSpec, raw: 
 def _is_set(spec: pb.JobSpec, path: str) -> bool:
     """Whether the request gives a task-specific field: a message that is present (augmentation: enabled), a value
     other than its zero (class balance: other than NONE)."""
-    *parents, name = path.split(".")
-    holder: Any = spec
-    for parent in parents:
-        holder = getattr(holder, parent)
+    holder, name = field_holder(spec, path)
     value = getattr(holder, name)
     if name == "augmentation":
         return bool(value.enabled)

@@ -15,7 +15,7 @@ from tuneforge.server.spec_validation import validate_spec
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
 from tuneforge.workers.tasks import registry
-from tuneforge.workers.tasks.definition import TASK_FIELDS
+from tuneforge.workers.tasks.definition import TASK_FIELDS, field_holder
 
 GIVEN = {
     "data.text_column": "body",
@@ -43,10 +43,7 @@ def spec_for(task: str) -> pb.JobSpec:
 
 
 def given(spec: pb.JobSpec, path: str) -> pb.JobSpec:
-    *parents, name = path.split(".")
-    holder = spec
-    for parent in parents:
-        holder = getattr(holder, parent)
+    holder, name = field_holder(spec, path)
     value = GIVEN[path]
     if hasattr(value, "ListFields"):
         getattr(holder, name).CopyFrom(value)
@@ -130,11 +127,7 @@ def test_a_task_flag_sets_its_field_and_the_tasks_it_names_accept_it(flag: str) 
         given = FLAG_VALUES[declared.type]
         args = parser.parse_args(["--task", cli_name, "--model", "org/model", "--train", "files/f1", flag, *given])
         spec = spec_from_arguments(args)
-        holder = spec
-        *parents, name = declared.field.split(".")
-        for parent in parents:
-            holder = getattr(holder, parent)
-        assert getattr(holder, name) == PARSED[declared.type]
+        assert getattr(*field_holder(spec, declared.field)) == PARSED[declared.type]
         problems = {v.field for v in validate_spec(spec, []).violations}
         assert problems == (set() if cli_name in cli_names else {f"job.spec.{declared.field}"})
 

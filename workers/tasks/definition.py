@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 TASK_FIELDS = (
     "data.text_column",
@@ -23,6 +24,15 @@ TASK_FIELDS = (
 """JobSpec fields that only some tasks read. A task lists those it reads in `TaskDefinition.reads`; a request that
 sets one its task does not read is refused (naming the tasks that do), never silently ignored. Every other field
 applies to every task."""
+
+
+def field_holder(message: Any, path: str) -> tuple[Any, str]:
+    """The message that holds a dotted JobSpec field, and the field's own name (`data.clip_seconds` -> data,
+    `clip_seconds`): how the server reads a task field and the client's flags set one."""
+    *parents, name = path.split(".")
+    for parent in parents:
+        message = getattr(message, parent)
+    return message, name
 
 
 @dataclass(frozen=True)
