@@ -3,12 +3,14 @@ report's per-class, confusion-matrix and calibration sections."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 
-from tuneforge.workers.core.prepared_task import Batch
+from tuneforge.workers.core.media_data import MediaDataset
+from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 from tuneforge.workers.core.report import figure, markup, svg
 from tuneforge.workers.tasks.runtime import logits_of
 
@@ -29,6 +31,39 @@ confidence matches how often it is right)</p>
 <figure id="reliability">{{ reliability_plot }}<figcaption>Reliability: accuracy against confidence</figcaption>
 </figure>{% endif %}"""
 )
+
+
+class DecodedAhead(Protocol):
+    """A media data set that can decode and process its examples ahead of training (see processed_cache)."""
+
+    def process_ahead(self, threads: int) -> int: ...
+
+
+def prepared_media(
+    model: Any,
+    processor: Any,
+    data: MediaDataset,
+    sets: tuple[DecodedAhead, DecodedAhead],
+    collate: Callable[[list[Any]], Batch],
+    what: str,
+    log: Callable[[str], None],
+) -> PreparedTask:
+    """An image or audio classifier's PreparedTask, its (training, validation) sets decoded ahead on every core when
+    nothing random happens to them; `what` names the examples in the log (`images`, `clips`)."""
+    threads = os.cpu_count() or 1
+    kept = sum(dataset.process_ahead(threads) for dataset in sets)
+    if kept:
+        log(f"decoded {kept} {what} ahead, on {threads} threads (kept in memory for every epoch)")
+    train_set, validation_set = sets
+    return PreparedTask(
+        model=model,
+        processor=processor,
+        train_set=train_set,  # type: ignore[arg-type]
+        validation_set=validation_set,  # type: ignore[arg-type]
+        collate=collate,
+        labels=data.labels,
+        train_labels=[example.label for example in data.train],
+    )
 
 
 class ClassifierRuntime:

@@ -3,7 +3,6 @@ model's feature extractor -> AutoModelForAudioClassification (wav2vec2, HuBERT, 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 from tuneforge.workers.core.processed_cache import ProcessedCache
 from tuneforge.workers.messages import RunJob
 from tuneforge.workers.spec import AugmentationSettings
-from tuneforge.workers.tasks.classifier import ClassifierRuntime
+from tuneforge.workers.tasks.classifier import ClassifierRuntime, prepared_media
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
@@ -139,22 +138,11 @@ class AudioClassificationRuntime(ClassifierRuntime):
         )
         extractor = load_pretrained(AutoFeatureExtractor, spec.base_model)
         model = load_classifier(AutoModelForAudioClassification, spec.base_model, data.labels)
-        augmentation = spec.data.augmentation
-        train_set = AudioDataset(data.train, extractor, clip_seconds, augmentation, True)
-        validation_set = AudioDataset(data.validation, extractor, clip_seconds, None, False)
-        threads = os.cpu_count() or 1
-        kept = train_set.process_ahead(threads) + validation_set.process_ahead(threads)
-        if kept:
-            log(f"decoded {kept} clips ahead, on {threads} threads (kept in memory for every epoch)")
-        return PreparedTask(
-            model=model,
-            processor=extractor,
-            train_set=train_set,  # type: ignore[arg-type]
-            validation_set=validation_set,  # type: ignore[arg-type]
-            collate=collate_audio,
-            labels=data.labels,
-            train_labels=[example.label for example in data.train],
+        sets = (
+            AudioDataset(data.train, extractor, clip_seconds, spec.data.augmentation, True),
+            AudioDataset(data.validation, extractor, clip_seconds, None, False),
         )
+        return prepared_media(model, extractor, data, sets, collate_audio, "clips", log)
 
     def decode(self, loaded: LoadedModel, value: str | bytes) -> Any:
         """A mono wave at the model's rate, cut or padded to the clip length training used."""

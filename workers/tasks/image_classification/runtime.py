@@ -8,7 +8,6 @@ every backbone keeps its exact preprocessing; evaluation never augments.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 from tuneforge.workers.core.processed_cache import ProcessedCache
 from tuneforge.workers.messages import RunJob
 from tuneforge.workers.spec import AugmentationSettings
-from tuneforge.workers.tasks.classifier import ClassifierRuntime
+from tuneforge.workers.tasks.classifier import ClassifierRuntime, prepared_media
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
@@ -138,21 +137,8 @@ class ImageClassificationRuntime(ClassifierRuntime):
         processor = load_pretrained(AutoImageProcessor, spec.base_model)
         model = load_classifier(AutoModelForImageClassification, spec.base_model, data.labels)
         augment = image_augmentation(spec.data.augmentation, input_size(processor))
-        train_set = ImageDataset(data.train, processor, augment)
-        validation_set = ImageDataset(data.validation, processor, None)
-        threads = os.cpu_count() or 1
-        kept = train_set.process_ahead(threads) + validation_set.process_ahead(threads)
-        if kept:
-            log(f"decoded {kept} images ahead, on {threads} threads (kept in memory for every epoch)")
-        return PreparedTask(
-            model=model,
-            processor=processor,
-            train_set=train_set,  # type: ignore[arg-type]
-            validation_set=validation_set,  # type: ignore[arg-type]
-            collate=collate_images,
-            labels=data.labels,
-            train_labels=[example.label for example in data.train],
-        )
+        sets = (ImageDataset(data.train, processor, augment), ImageDataset(data.validation, processor, None))
+        return prepared_media(model, processor, data, sets, collate_images, "images", log)
 
     def decode(self, loaded: LoadedModel, value: str | bytes) -> Any:
         return read_image(value, "the image")
