@@ -21,7 +21,7 @@ from tests.core.test_training_core import FAST, make_spec, run
 from tests.tiny import chat_rows, keyword_rows, make_tiny_gpt2, make_tiny_llama, write_jsonl
 from tuneforge.workers.core.errors import InvalidDataset, JobFailure
 from tuneforge.workers.core.export import ExportFailed, ExportFormat, export_model
-from tuneforge.workers.core.lora import head_module_names
+from tuneforge.workers.core.lora import apply_lora, head_module_names
 from tuneforge.workers.core.model_setup import checkpoint_activations
 from tuneforge.workers.core.prediction import load_model
 from tuneforge.workers.messages import DataFile, LogEmitted, Outcome
@@ -34,6 +34,7 @@ from tuneforge.workers.spec import (
     ScheduleKind,
     ScheduleSettings,
 )
+from tuneforge.workers.tasks.text_generation import token_loss
 from tuneforge.workers.tasks.text_generation.data import Conversation, Plain, Segment, read_examples
 from tuneforge.workers.tasks.text_generation.runtime import (
     DEFAULT_CHAT_TEMPLATE,
@@ -44,6 +45,7 @@ from tuneforge.workers.tasks.text_generation.runtime import (
     packed_collate,
     sequences_in,
 )
+from tuneforge.workers.tasks.text_generation.token_loss import causal_lm_loss, projects_in_chunks
 
 SYSTEM = ("system", "answer with the topic", False)
 
@@ -389,3 +391,49 @@ def test_gradient_checkpointing_turns_on_in_the_model_or_fails_with_a_reason(gpt
     with pytest.raises(JobFailure) as refused:
         checkpoint_activations(torch.nn.Linear(2, 2))
     assert refused.value.reason == "INVALID_SPEC" and "does not support gradient checkpointing" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "packing", "lora"), [("gpt2", False, False), ("llama", True, False), ("llama", False, True)]
+)
+def test_the_chunked_loss_equals_transformers_loss_and_gradients(
+    name: str, packing: bool, lora: bool, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several chunks of a few tokens each: the loss and every gradient match the full-logits loss."""
+    folder: Path = request.getfixturevalue(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model.config.use_cache = False
+    if lora:
+        model = apply_lora(model, LoraSettings(rank=4, alpha=8)).eval()  # no adapter dropout either
+    assert projects_in_chunks(model)
+    items = [
+        encode(Plain(1, (Segment(row["text"] + " ->", False), Segment(" " + row["label"], True))), tokenizer, 64, False)
+        for row in keyword_rows(6, seed=3)
+    ]
+    examples = [item for item in items if item is not None]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = packed_collate(pad, 64)(examples) if packing else collate(pad)(examples)
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    model.zero_grad()
+    expected = model(**batch).loss
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in trained]
+    model.zero_grad()
+    monkeypatch.setattr(token_loss, "CHUNK_ELEMENTS", 3 * model.get_output_embeddings().out_features)  # 16-token chunks
+    chunked = causal_lm_loss(model, batch)
+    chunked.backward()
+
+    assert chunked.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert int((batch["labels"][:, 1:] != IGNORED).sum()) > 16  # more than one chunk
+    for want, got in zip(expected_grads, [p.grad for p in trained], strict=True):
+        assert torch.allclose(want, got, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_whose_logits_are_not_its_heads_projection_keeps_its_own_forward(gpt2: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(gpt2)
+    assert projects_in_chunks(model)
+    model.config.final_logit_softcapping = 30.0  # as Gemma 2 has
+    assert not projects_in_chunks(model)
+    assert not projects_in_chunks(torch.nn.Linear(2, 2))

@@ -23,12 +23,11 @@ from tuneforge.workers.core.splits import training_split
 from tuneforge.workers.messages import RunJob
 from tuneforge.workers.tasks.text_generation.data import Conversation, Example, Plain, read_examples
 from tuneforge.workers.tasks.text_generation.samples import Sample, answer, draw_samples, left_padded, scorer, shown
+from tuneforge.workers.tasks.text_generation.token_loss import IGNORED, causal_lm_loss, scored_tokens
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
 
-IGNORED = -100
-"""The label of a token the loss skips (transformers' convention)."""
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
@@ -183,11 +182,6 @@ def sequences_in(batch: Batch) -> int:
     return count
 
 
-def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    loss: torch.Tensor = model(**batch).loss
-    return loss
-
-
 def evaluate_with_samples(
     tokenizer: Any, samples: list[Sample], before: list[str], max_length: int
 ) -> Callable[..., Evaluation]:
@@ -210,9 +204,9 @@ def evaluate_lm(model: nn.Module, loader: DataLoader[Any], to_device: Callable[[
     with torch.inference_mode():
         for batch in loader:
             batch = to_device(batch)
-            scored = int((batch["labels"][:, 1:] != IGNORED).sum())
-            total += float(model(**batch).loss) * scored
-            tokens, sequences = tokens + scored, sequences + sequences_in(batch)
+            losses = scored_tokens(model, batch).losses
+            total += float(losses.sum())
+            tokens, sequences = tokens + losses.numel(), sequences + sequences_in(batch)
     model.train()
     loss = total / max(1, tokens)
     metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
@@ -277,7 +271,7 @@ class TextGenerationRuntime:
             collate=packed_collate(pad, max_length) if spec.data.packing else collate(pad),
             labels=[],
             train_labels=[],
-            compute_loss=lm_loss,
+            compute_loss=causal_lm_loss,
             evaluate=evaluate,
             lengths=[len(item["input_ids"]) for item in train_set],
         )
