@@ -1,4 +1,5 @@
-"""The `tuneforge` command: upload, submit, watch, jobs, get, cancel, pause, resume, download, health, demo, serve."""
+"""The `tuneforge` command: upload, submit, watch, jobs, get, cancel, pause, resume, download, predict, generate,
+chat, export, report, health, demo, serve."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tuneforge.clients.archive import extract_archive
 from tuneforge.clients.artifacts import REPORT, read_member, verify_artifact
 from tuneforge.clients.client import TuneforgeClient, TuneforgeError
 from tuneforge.clients.credentials import Credentials
+from tuneforge.clients.generate_cli import add_generate_commands
 from tuneforge.clients.spec_flags import (
     add_spec_arguments,
     add_spec_file_arguments,
@@ -340,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     health = command("health", cmd_health, "print the server's health; exit 0 only when SERVING")
     health.add_argument("--service", default="", help="one service, e.g. tuneforge.v1.JobService (default: all)")
     add_sweep_commands(command)
+    add_generate_commands(command)
 
     serve = sub.add_parser("serve", help="run the server (needs tuneforge[server])")
     serve.set_defaults(local=_serve)

@@ -401,6 +401,42 @@ class TuneforgeClient:
         response = self.jobs.Predict(request, timeout=timeout_s or self.timeout_s)
         return list(response.predictions)
 
+    def generate(
+        self,
+        name: str,
+        prompt: str = "",
+        messages: Sequence[tuple[str, str]] = (),
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        checkpoint: str = "",
+        timeout_s: float | None = None,
+    ) -> Iterator[jobs_pb2.GenerateResponse]:
+        """A generative job's answer to a prompt, or to (role, content) messages as the next assistant turn, piece by
+        piece as the model writes it; the last piece has its finish_reason. Closing the iterator early stops the
+        generation on the worker. TuneforgeError on failure, even after some pieces came."""
+        request = jobs_pb2.GenerateRequest(
+            name=name,
+            prompt=prompt,
+            messages=[jobs_pb2.ChatMessage(role=role, content=content) for role, content in messages],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=list(stop),
+            checkpoint=checkpoint,
+        )
+        if seed is not None:
+            request.seed = seed
+        call = self.jobs.Generate(request, timeout=timeout_s or self.timeout_s)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise TuneforgeError.from_rpc_error(error) from None
+        finally:
+            call.cancel()  # a no-op once the stream ended; otherwise the server stops writing
+
     @_calls
     def export_model(
         self, name: str, format: int, destination: Path, onnx_opset: int = 0, timeout_s: float = 600.0

@@ -22,6 +22,7 @@ from tuneforge.server.change_feed import ChangeFeed
 from tuneforge.server.db import StoreRunner
 from tuneforge.server.event_hub import EventHub
 from tuneforge.server.exports import Exports
+from tuneforge.server.generations import Generations
 from tuneforge.server.gpu_partition import partition, visible_gpus
 from tuneforge.server.job_factory import JobFactory
 from tuneforge.server.memory_estimate import physical_memory_bytes
@@ -200,7 +201,8 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     scheduler = Scheduler(store, db, pool or make_pool(settings), storage, hub, roots, policy, metrics, quotas)
     predictions = Predictions(scheduler.send_call, scheduler.worker_for_calls, metrics)
     exports = Exports(scheduler.send_call, scheduler.worker_for_calls)
-    scheduler.worker_calls += [predictions, exports]
+    generations = Generations(scheduler.send_call, scheduler.worker_for_calls, metrics)
+    scheduler.worker_calls += [predictions, exports, generations]
     notifier = WebhookNotifier(webhook_settings(settings), webhooks_of(access), metrics)
     scheduler.add_listener(notifier.on_change)
     gpus = GpuSampler()
@@ -229,7 +231,8 @@ async def start_server(settings: ServerSettings, pool: WorkerPool | None = None)
     jobs = JobFactory(store, db, hub, scheduler, metrics, quotas)
     sweeps = SweepController(store, db, scheduler, jobs, hub, roots, quotas, settings.replica, settings.lease_timeout_s)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(
-        JobServicer(store, db, storage, scheduler, hub, roots, jobs, predictions, exports, quotas), server
+        JobServicer(store, db, storage, scheduler, hub, roots, jobs, predictions, exports, generations, quotas),
+        server,
     )
     sweeps_pb2_grpc.add_SweepServiceServicer_to_server(SweepServicer(store, db, hub, sweeps, scheduler, quotas), server)
     health_servicer = health.aio.HealthServicer()

@@ -11,15 +11,13 @@ from typing import Any
 import grpc
 
 from tuneforge.server.errors import ApiError, failed_precondition
-from tuneforge.workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady
+from tuneforge.workers.messages import CallCommand, ExportArtifact, ExportReady, WorkerCall
 
 
 class Exports:
     """Sends export requests to workers and hands each caller its answer."""
 
-    def __init__(
-        self, send: Callable[[str, PredictBatch | ExportArtifact], None], pick_worker: Callable[[], str | None]
-    ):
+    def __init__(self, send: Callable[[str, CallCommand], None], pick_worker: Callable[[], str | None]):
         self._send = send
         self._pick_worker = pick_worker
         self._waiting: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
@@ -55,7 +53,7 @@ class Exports:
         finally:
             self._waiting.pop(request, None)
 
-    def on_answer(self, event: PredictionsReady | ExportReady) -> None:
+    def on_answer(self, event: WorkerCall) -> None:
         if not isinstance(event, ExportReady):
             return
         waiting = self._waiting.pop(event.request, None)

@@ -19,7 +19,7 @@ import grpc
 
 from tuneforge.server.errors import ApiError
 from tuneforge.server.metrics.service_metrics import ServiceMetrics
-from tuneforge.workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady
+from tuneforge.workers.messages import CallCommand, PredictBatch, PredictionsReady, WorkerCall
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Predictions:
 
     def __init__(
         self,
-        send: Callable[[str, PredictBatch], None] | Callable[[str, PredictBatch | ExportArtifact], None],
+        send: Callable[[str, CallCommand], None],
         pick_worker: Callable[[], str | None],
         metrics: ServiceMetrics,
     ):
@@ -141,7 +141,7 @@ class Predictions:
         self._metrics.prediction_batches.inc()
         self._metrics.prediction_inputs.inc(len(inputs))
 
-    def on_answer(self, event: PredictionsReady | ExportReady) -> None:
+    def on_answer(self, event: WorkerCall) -> None:
         """A worker's answers: each call gets its slice (or the batch's error)."""
         if not isinstance(event, PredictionsReady):
             return

@@ -38,7 +38,7 @@ from tuneforge.server.store.base import ChangeFn, JobStore
 from tuneforge.server.worker_events import WorkerEvents
 from tuneforge.server.worker_slots import WorkerSlot, WorkerSlots
 from tuneforge.workers.logs import job_context, job_fields
-from tuneforge.workers.messages import CancelJob, ExportArtifact, JobEventBase, PredictBatch, Severity, WorkerEvent
+from tuneforge.workers.messages import CallCommand, CancelJob, JobEventBase, Severity, WorkerEvent
 from tuneforge.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -177,10 +177,10 @@ class Scheduler:
             slot.kill_at = time.monotonic() + self._policy.kill_grace_s  # a worker deaf to the request goes
 
     def worker_for_calls(self) -> str | None:
-        """A ready worker for a Predict batch or an export (server/worker_slots.py)."""
+        """A ready worker for a Predict or Generate batch or an export (server/worker_slots.py)."""
         return self._slots.for_calls()
 
-    def send_call(self, worker: str, command: PredictBatch | ExportArtifact) -> None:
+    def send_call(self, worker: str, command: CallCommand) -> None:
         """KeyError when the worker cannot be reached."""
         self._pool.send(worker, command)
 

@@ -30,7 +30,9 @@ from tuneforge.workers.messages import (
     JobStarted,
     Outcome,
     PredictionsReady,
+    TextGenerated,
     TrainingProgress,
+    WorkerCall,
     WorkerDied,
     WorkerEvent,
     WorkerReady,
@@ -42,7 +44,7 @@ log = logging.getLogger("tuneforge.server.scheduler")
 class WorkerCalls(Protocol):
     """Requests answered by workers outside any job (Predict, ExportModel): their answers and lost workers."""
 
-    def on_answer(self, event: PredictionsReady | ExportReady) -> None: ...
+    def on_answer(self, event: WorkerCall) -> None: ...
     def on_worker_lost(self, worker: str) -> None: ...
 
 
@@ -82,7 +84,7 @@ class WorkerEvents:
                 for calls in self.calls:
                     calls.on_worker_lost(event.worker)
                 await self._worker_died(event)
-            case PredictionsReady() | ExportReady():
+            case PredictionsReady() | ExportReady() | TextGenerated():
                 for calls in self.calls:
                     calls.on_answer(event)
             case JobFinished():

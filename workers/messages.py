@@ -95,7 +95,47 @@ class ExportArtifact:
     tenant: str = ""
 
 
-WorkerCommand = RunJob | CancelJob | Shutdown | PredictBatch | ExportArtifact
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One Generate call: a prompt to continue, or chat messages to answer, and how to write."""
+
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    """(role, content) pairs, answered as the next assistant turn; used when `prompt` is empty."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    """0: greedy."""
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateBatch:
+    """Write answers for several Generate calls together, streaming TextGenerated events; rows are the calls."""
+
+    batch: int
+    job: str
+    artifact: str
+    artifact_sha256: str
+    requests: list[GenerationRequest]
+    checkpoint: str = ""
+    tenant: str = ""
+    deadline: float = 0.0
+    """Wall-clock time after which every caller has given up: the worker stops writing."""
+
+
+@dataclass(frozen=True)
+class StopGeneration:
+    """Callers of a GenerateBatch went away (cancelled, or past their deadline): stop writing their rows."""
+
+    batch: int
+    rows: tuple[int, ...]
+
+
+CallCommand = PredictBatch | ExportArtifact | GenerateBatch | StopGeneration
+"""A call made to a worker outside any job (Predict, ExportModel, Generate)."""
+WorkerCommand = RunJob | CancelJob | Shutdown | CallCommand
 
 # ---------------------------------------------------------------- events: worker -> server
 
@@ -277,4 +317,28 @@ class ExportReady:
     error_message: str = ""
 
 
-WorkerEvent = WorkerReady | WorkerDied | JobEvent | PredictionsReady | ExportReady
+@dataclass(frozen=True)
+class GeneratedPiece:
+    """Text one row wrote since its last piece; `finish` ("stop" or "length") on the row's last piece."""
+
+    row: int
+    text: str
+    generated_tokens: int
+    finish: str = ""
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TextGenerated:
+    """Pieces of a GenerateBatch's answers, one step's worth; or, with error_reason set, why the batch failed."""
+
+    worker: str
+    batch: int
+    pieces: tuple[GeneratedPiece, ...] = ()
+    error_reason: str = ""
+    error_message: str = ""
+
+
+WorkerCall = PredictionsReady | ExportReady | TextGenerated
+"""A worker's answer to a call made outside any job."""
+WorkerEvent = WorkerReady | WorkerDied | JobEvent | WorkerCall

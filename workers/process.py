@@ -24,8 +24,10 @@ from typing import Any
 
 from tuneforge.workers.logs import INTERNAL_MARK, configure_logging, current_job, job_context
 from tuneforge.workers.messages import (
+    CallCommand,
     CancelJob,
     ExportArtifact,
+    GenerateBatch,
     Heartbeat,
     JobFinished,
     LogEmitted,
@@ -34,6 +36,7 @@ from tuneforge.workers.messages import (
     RunJob,
     Severity,
     Shutdown,
+    StopGeneration,
     WorkerCommand,
     WorkerEvent,
     WorkerReady,
@@ -126,7 +129,7 @@ def _read_commands(
     conn: Connection,
     inbox: queue.Queue[WorkerCommand],
     stops: StopRegistry,
-    predict: Callable[[PredictBatch | ExportArtifact], None],
+    predict: Callable[[CallCommand], None],
 ) -> None:
     """Reader thread: cancels act at once, predictions go to their own thread, everything else queues for the
     main loop."""
@@ -140,7 +143,7 @@ def _read_commands(
             os._exit(0)
         if isinstance(command, CancelJob):
             stops.request_stop(command.job, command.attempt, command.checkpoint_first)
-        elif isinstance(command, PredictBatch | ExportArtifact):
+        elif isinstance(command, PredictBatch | ExportArtifact | GenerateBatch | StopGeneration):
             predict(command)
         else:
             inbox.put(command)

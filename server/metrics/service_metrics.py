@@ -140,6 +140,21 @@ class ServiceMetrics:
         self.prediction_forward_passes = Counter(
             "tuneforge_prediction_forward_passes", "Forward passes workers ran for Predict.", registry=r
         )
+        self.generation_batches = Counter(
+            "tuneforge_generation_batches", "Batches of Generate calls sent to workers.", registry=r
+        )
+        self.generate_calls = Counter(
+            "tuneforge_generate_calls",
+            "Generate calls by how they ended: stop (end token or stop string), length, cancelled (the caller went "
+            "away), deadline, failed.",
+            ["end"],
+            registry=r,
+        )
+        for end in ("stop", "length", "cancelled", "deadline", "failed"):
+            self.generate_calls.labels(end)
+        self.generated_tokens = Counter(
+            "tuneforge_generated_tokens", "Tokens workers wrote for Generate calls that received them.", registry=r
+        )
         # ---- what is running
         self.build_info = Gauge(
             "tuneforge_build_info",

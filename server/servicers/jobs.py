@@ -18,6 +18,8 @@ from tuneforge.server.db import StoreRunner
 from tuneforge.server.errors import FieldViolation, failed_precondition, invalid_argument, quota_exceeded
 from tuneforge.server.event_hub import EventHub
 from tuneforge.server.exports import Exports
+from tuneforge.server.generate_inputs import check_generate_request
+from tuneforge.server.generations import Generations
 from tuneforge.server.job_factory import JobFactory
 from tuneforge.server.job_files import missing_files
 from tuneforge.server.job_states import TERMINAL, JobState
@@ -43,6 +45,12 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs
 
 DEFAULT_PREDICT_TIMEOUT_S = 60.0
 DEFAULT_EXPORT_TIMEOUT_S = 600.0
+DEFAULT_GENERATE_TIMEOUT_S = 600.0
+UNFINISHED = jobs_pb2.GenerateResponse.FinishReason.FINISH_REASON_UNSPECIFIED
+FINISH_REASONS = {
+    "stop": jobs_pb2.GenerateResponse.FinishReason.STOP,
+    "length": jobs_pb2.GenerateResponse.FinishReason.LENGTH,
+}
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -59,8 +67,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         jobs: JobFactory,
         predictions: Predictions,
         exports: Exports,
+        generations: Generations,
         quotas: QuotaLookup = no_quotas,
     ):
+        self._generations = generations
         self._exports = exports
         self._predictions = predictions
         self._jobs = jobs
@@ -190,24 +200,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def Predict(self, request: jobs_pb2.PredictRequest, context: Context) -> jobs_pb2.PredictResponse:
         record = await self._get(request.name)
         inputs = check_predict_inputs(request, job_spec_pb2.JobSpec.FromString(record.spec))
-        if request.checkpoint:
-            if record.state in TERMINAL:
-                raise failed_precondition(
-                    "CHECKPOINTS_REMOVED",
-                    f"{request.name} is {record.state.value}: its checkpoints were removed when it ended; "
-                    "predict with its finished model (no checkpoint)",
-                    state=record.state.value,
-                )
-            location = self._storage.checkpoint_location(record.id)
-        elif record.state is not JobState.SUCCEEDED or not record.artifact_sha256:
-            raise failed_precondition(
-                "MODEL_NOT_READY",
-                f"{request.name} is {record.state.value}; only a SUCCEEDED job's model answers (or one of its "
-                "checkpoints while it runs or is paused)",
-                state=record.state.value,
-            )
-        else:
-            location = self._storage.artifact_location(record.id)
+        location = self._model_location(record, request.name, request.checkpoint)
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PREDICT_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
         answers = await self._predictions.predict(
@@ -233,6 +226,53 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 for a in answers
             ]
         )
+
+    @streaming
+    async def Generate(
+        self, request: jobs_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[jobs_pb2.GenerateResponse]:
+        record = await self._get(request.name)
+        wanted = check_generate_request(request, job_spec_pb2.JobSpec.FromString(record.spec))
+        location = self._model_location(record, request.name, request.checkpoint)
+        remaining = context.time_remaining()
+        timeout_s = DEFAULT_GENERATE_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+        pieces = self._generations.generate(
+            record.id,
+            location,
+            record.artifact_sha256,
+            wanted,
+            timeout_s,
+            request.checkpoint,
+            current_caller().tenant,
+        )
+        async for piece in pieces:
+            yield jobs_pb2.GenerateResponse(
+                text=piece.text,
+                generated_tokens=piece.generated_tokens,
+                finish_reason=FINISH_REASONS.get(piece.finish, UNFINISHED),
+                prompt_tokens=piece.prompt_tokens,
+            )
+
+    def _model_location(self, record: JobRecord, name: str, checkpoint: str) -> str:
+        """Where the model a Predict or Generate call asks for lies: the finished model, or the named checkpoint's
+        folder while the job still has checkpoints. FAILED_PRECONDITION otherwise."""
+        if checkpoint:
+            if record.state in TERMINAL:
+                raise failed_precondition(
+                    "CHECKPOINTS_REMOVED",
+                    f"{name} is {record.state.value}: its checkpoints were removed when it ended; "
+                    "call with its finished model (no checkpoint)",
+                    state=record.state.value,
+                )
+            return self._storage.checkpoint_location(record.id)
+        if record.state is not JobState.SUCCEEDED or not record.artifact_sha256:
+            raise failed_precondition(
+                "MODEL_NOT_READY",
+                f"{name} is {record.state.value}; only a SUCCEEDED job's model answers (or one of its "
+                "checkpoints while it runs or is paused)",
+                state=record.state.value,
+            )
+        return self._storage.artifact_location(record.id)
 
     @streaming
     async def ExportModel(

@@ -4,16 +4,21 @@ synthetic data, and its artifact reloads with the matching AutoModelFor... class
 from __future__ import annotations
 
 import io
+import json
+import sys
 import tarfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import soundfile
 import torch
 
-from tests.integration.helpers import STATE, wait_for_end
+from tests.integration.helpers import STATE, refused, sample, scrape, scrape_until, wait_for_end
 from tests.media import (
     make_tiny_vit,
     make_tiny_wav2vec2,
@@ -22,7 +27,10 @@ from tests.media import (
     write_tones_zip,
     write_words_zip,
 )
+from tests.tiny import chat_rows, keyword_rows, make_tiny_llama, write_jsonl
+from tuneforge.clients.cli import main
 from tuneforge.clients.client import TuneforgeClient
+from tuneforge.clients.local_server import LocalServer
 from tuneforge.v1 import job_spec_pb2 as pb
 from tuneforge.v1 import jobs_pb2
 
@@ -188,16 +196,35 @@ def test_malformed_archives_fail_their_jobs_and_the_server_stays_healthy(
     assert wait_for_end(client, client.create_job(spec).name).state == STATE.SUCCEEDED
 
 
-def test_text_generation_job_learns_a_format_and_predict_answers_in_it(
-    client: TuneforgeClient, model_root: Path, tmp_path: Path
-) -> None:
-    from tests.tiny import chat_rows, keyword_rows, make_tiny_llama, write_jsonl
+@dataclass(frozen=True)
+class ChatJob:
+    job: jobs_pb2.Job
+    losses: list[float]
+    folder: Path
+    base: Path
 
+
+@pytest.fixture(scope="module")
+def chat_job(server: LocalServer, model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> ChatJob:
+    """A tiny Llama taught to answer a chat with the topic of the user's words, trained once for the module."""
+    tmp_path = tmp_path_factory.mktemp("chat-job")
     llama = make_tiny_llama(model_root / "tiny-llama")
-    train = client.upload_file(write_jsonl(tmp_path / "chat.jsonl", chat_rows(120))).name
-    validation = client.upload_file(write_jsonl(tmp_path / "held.jsonl", chat_rows(24, seed=3))).name
-    spec = media_spec(pb.TEXT_GENERATION, llama, train, validation, 30, 3e-3, "eval_perplexity")
-    job, losses, folder = finish(client, spec, tmp_path)
+    with TuneforgeClient(server.target, timeout_s=30) as client:
+        train = client.upload_file(write_jsonl(tmp_path / "chat.jsonl", chat_rows(120))).name
+        validation = client.upload_file(write_jsonl(tmp_path / "held.jsonl", chat_rows(24, seed=3))).name
+        spec = media_spec(pb.TEXT_GENERATION, llama, train, validation, 30, 3e-3, "eval_perplexity")
+        job, losses, folder = finish(client, spec, tmp_path)
+    return ChatJob(job, losses, folder, llama)
+
+
+def chat(text: str) -> list[tuple[str, str]]:
+    return [("system", "answer with the topic"), ("user", text)]
+
+
+def test_text_generation_job_learns_a_format_and_predict_answers_in_it(
+    client: TuneforgeClient, chat_job: ChatJob, tmp_path: Path
+) -> None:
+    job, losses, folder, llama = chat_job.job, chat_job.losses, chat_job.folder, chat_job.base
     assert losses[-1] < losses[0] / 4
     assert job.best_metrics["eval_perplexity"] < 1.5 and (folder / "tokenizer_config.json").exists()
 
@@ -207,7 +234,7 @@ def test_text_generation_job_learns_a_format_and_predict_answers_in_it(
     rows = keyword_rows(12, seed=5)
     prompts = [
         tokenizer.apply_chat_template(
-            [{"role": "system", "content": "answer with the topic"}, {"role": "user", "content": row["text"]}],
+            [{"role": role, "content": content} for role, content in chat(row["text"])],
             tokenize=False,
             add_generation_prompt=True,
         )
@@ -216,6 +243,7 @@ def test_text_generation_job_learns_a_format_and_predict_answers_in_it(
     answers = client.predict(job.name, texts=prompts)
     assert sum(a.text.strip() == row["label"] for a, row in zip(answers, rows, strict=True)) >= 10
 
+    validation = job.spec.data.validation_file
     broken = write_jsonl(tmp_path / "broken.jsonl", [*chat_rows(3), {"prompt": "a", "completion": "b"}])
     bad = client.create_job(media_spec(pb.TEXT_GENERATION, llama, client.upload_file(broken).name, validation, 1, 1e-3))
     failed = wait_for_end(client, bad.name, timeout_s=120)
@@ -224,3 +252,78 @@ def test_text_generation_job_learns_a_format_and_predict_answers_in_it(
         "broken.jsonl line 4: the file is in the chat format (from its first line): this line needs `messages` (a "
         "list of {role, content})"
     )
+
+
+def test_generate_streams_the_answer_that_predict_and_the_artifact_give(
+    client: TuneforgeClient, chat_job: ChatJob, server: LocalServer
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = keyword_rows(6, seed=9)
+    tokenizer = AutoTokenizer.from_pretrained(chat_job.folder)
+    model = AutoModelForCausalLM.from_pretrained(chat_job.folder).eval()
+    _, before = scrape(server.metrics_url)
+    with ThreadPoolExecutor(len(rows)) as threads:  # arriving together: batched on a worker
+        streams = list(
+            threads.map(lambda row: list(client.generate(chat_job.job.name, messages=chat(row["text"]))), rows)
+        )
+    _, after = scrape(server.metrics_url)
+    for row, pieces in zip(rows, streams, strict=True):
+        text = "".join(piece.text for piece in pieces)
+        assert text == row["label"]
+        assert len(pieces) >= 2 and not any(p.finish_reason for p in pieces[:-1])  # streamed, then ended
+        assert pieces[-1].finish_reason == jobs_pb2.GenerateResponse.STOP and pieces[-1].prompt_tokens > 10
+        # The artifact, loaded with plain transformers, writes the same tokens greedily.
+        prompt = tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in chat(row["text"])],
+            add_generation_prompt=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        written = model.generate(**prompt, max_new_tokens=20, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+        assert tokenizer.decode(written, skip_special_tokens=True) == text
+    batches = sample(after, "tuneforge_generation_batches_total") - sample(before, "tuneforge_generation_batches_total")
+    assert 1 <= batches < len(rows)
+    ended = sample(after, "tuneforge_generate_calls_total", end="stop") - sample(
+        before, "tuneforge_generate_calls_total", end="stop"
+    )
+    assert ended == len(rows)
+
+    stream = client.generate(chat_job.job.name, prompt="goal match", max_new_tokens=1024, temperature=2.0, seed=3)
+    next(stream)
+    stream.close()  # the caller goes away: the server counts it and tells the worker to stop its row
+    scrape_until(server.metrics_url, lambda s: sample(s, "tuneforge_generate_calls_total", end="cancelled") >= 1, 30)
+    again = list(client.generate(chat_job.job.name, prompt="goal match", max_new_tokens=1024, temperature=2.0, seed=3))
+    assert again[-1].finish_reason in (jobs_pb2.GenerateResponse.STOP, jobs_pb2.GenerateResponse.LENGTH)
+    seeded = list(client.generate(chat_job.job.name, prompt="goal match", max_new_tokens=1024, temperature=2.0, seed=3))
+    assert "".join(p.text for p in seeded) == "".join(p.text for p in again)
+
+
+def test_generate_refuses_what_it_cannot_serve(client: TuneforgeClient, chat_job: ChatJob) -> None:
+    name = chat_job.job.name
+    bad = refused(
+        lambda: list(
+            client.generate(name, prompt="a", messages=[("robot", "b")], temperature=9, max_new_tokens=5000, stop=[""])
+        )
+    )
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(bad.field_violations) == {"prompt", "messages[0].role", "temperature", "max_new_tokens", "stop[0]"}
+    gone = refused(lambda: list(client.generate(name, prompt="a", checkpoint="latest")))
+    assert gone.code == grpc.StatusCode.FAILED_PRECONDITION and gone.reason == "CHECKPOINTS_REMOVED"
+
+
+def test_the_cli_prints_a_generation_and_holds_a_chat(
+    chat_job: ChatJob, server: LocalServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, row = chat_job.job.name, keyword_rows(1, seed=11)[0]
+    system = ["--system", "answer with the topic"]
+    assert main(["--server", server.target, "--json", "generate", name, row["text"], "--chat", *system]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["text"] == row["label"] and printed["finish_reason"] == "stop" and printed["generated_tokens"] > 0
+
+    lines = keyword_rows(2, seed=12)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line["text"] + "\n" for line in lines) + "/exit\n"))
+    assert main(["--server", server.target, "chat", name, *system]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == f"model> {lines[0]['label']}"  # the second answer reads the first exchange too
+    assert len(said) == 2 and said[1].removeprefix("model> ") in {row["label"] for row in keyword_rows(40)}

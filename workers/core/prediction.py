@@ -26,10 +26,21 @@ import torch
 from tuneforge.workers.core.artifact import load_artifact_model
 from tuneforge.workers.core.errors import InvalidDataset
 from tuneforge.workers.core.serving import rebuild
-from tuneforge.workers.messages import ExportArtifact, ExportReady, PredictBatch, PredictionsReady, WorkerEvent
+from tuneforge.workers.messages import (
+    CallCommand,
+    ExportArtifact,
+    ExportReady,
+    GenerateBatch,
+    GeneratedPiece,
+    PredictBatch,
+    PredictionsReady,
+    StopGeneration,
+    TextGenerated,
+    WorkerEvent,
+)
 from tuneforge.workers.remote_storage import filesystem, get_folder, is_remote
 from tuneforge.workers.tasks import registry
-from tuneforge.workers.tasks.runtime import TaskRuntime, auto_class
+from tuneforge.workers.tasks.runtime import GeneratingRuntime, TaskRuntime, auto_class
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +162,24 @@ class ModelCache:
         return target / "model"
 
 
+Served = PredictBatch | ExportArtifact | GenerateBatch
+"""What the prediction thread works through, tenants in turn."""
+
+
 class FairQueue:
     """Commands by tenant, served round-robin: one tenant's backlog delays another tenant's call by at most one
     of its batches, as the scheduler shares workers for training."""
 
     def __init__(self) -> None:
         self._ready = threading.Condition()
-        self._queues: OrderedDict[str, deque[PredictBatch | ExportArtifact]] = OrderedDict()
+        self._queues: OrderedDict[str, deque[Served]] = OrderedDict()
 
-    def put(self, tenant: str, command: PredictBatch | ExportArtifact) -> None:
+    def put(self, tenant: str, command: Served) -> None:
         with self._ready:
             self._queues.setdefault(tenant, deque()).append(command)
             self._ready.notify()
 
-    def get(self) -> PredictBatch | ExportArtifact:
+    def get(self) -> Served:
         """The next tenant's oldest command (that tenant then goes to the back of the line)."""
         with self._ready:
             while not self._queues:
@@ -177,18 +192,31 @@ class FairQueue:
 
 
 class PredictionServer:
-    """Answers PredictBatch and ExportArtifact commands on its own thread, tenants in turn; a batch whose callers
-    have all given up (its deadline passed) is dropped before any of its work is done."""
+    """Answers Predict, Generate and export commands on its own thread, tenants in turn; a batch whose callers
+    have all given up (its deadline passed) is dropped before any of its work is done, and a generation stops
+    writing for each caller that goes away."""
 
     def __init__(self, worker: str, send: Callable[[WorkerEvent], None], cache: ModelCache, start: bool = True):
         self._worker = worker
         self._send = send
         self._cache = cache
         self._queue = FairQueue()
+        self._lock = threading.Lock()
+        self._gone: dict[int, set[int]] = {}
+        """Rows of each generation queued or running whose callers went away."""
         if start:
             threading.Thread(target=self._serve, name="predictions", daemon=True).start()
 
-    def submit(self, command: PredictBatch | ExportArtifact) -> None:
+    def submit(self, command: CallCommand) -> None:
+        """Queues a call; a StopGeneration acts at once (it is read on the command thread)."""
+        if isinstance(command, StopGeneration):
+            with self._lock:
+                if command.batch in self._gone:
+                    self._gone[command.batch].update(command.rows)
+            return
+        if isinstance(command, GenerateBatch):
+            with self._lock:
+                self._gone[command.batch] = set()
         self._queue.put(command.tenant, command)
 
     def _serve(self) -> None:
@@ -200,6 +228,9 @@ class PredictionServer:
         batch = self._queue.get()
         if isinstance(batch, ExportArtifact):
             self._send(self._export(batch))
+            return
+        if isinstance(batch, GenerateBatch):
+            self._generate(batch)
             return
         try:
             self._send(self._answer(batch))
@@ -236,16 +267,53 @@ class PredictionServer:
             shutil.copyfile(file, temporary)
             temporary.replace(destination)
 
+    def _model_for(self, command: PredictBatch | GenerateBatch) -> LoadedModel:
+        """The finished model or the checkpoint the call names. InvalidDataset or FileNotFoundError when the
+        checkpoint is not there."""
+        if command.checkpoint:
+            return self._cache.get_checkpoint(command.artifact, command.checkpoint)
+        return self._cache.get(command.artifact, command.artifact_sha256)
+
+    def _generate(self, batch: GenerateBatch) -> None:
+        """Streams the batch's answers as TextGenerated events; a failure ends every row with the batch's error."""
+
+        def fail(reason: str, message: str) -> None:
+            self._send(TextGenerated(self._worker, batch.batch, error_reason=reason, error_message=message))
+
+        def emit(pieces: list[GeneratedPiece]) -> None:
+            if pieces:
+                self._send(TextGenerated(self._worker, batch.batch, tuple(pieces)))
+
+        def gone() -> set[int]:
+            if _expired(batch):
+                return set(range(len(batch.requests)))
+            with self._lock:
+                return set(self._gone.get(batch.batch, ()))
+
+        try:
+            if len(gone()) == len(batch.requests):
+                return
+            try:
+                model = self._model_for(batch)
+            except (InvalidDataset, FileNotFoundError) as exc:
+                return fail("CHECKPOINT_NOT_FOUND", str(exc))
+            if not isinstance(model.runtime, GeneratingRuntime):
+                return fail("NOT_GENERATIVE", "this job's model does not generate text")
+            model.runtime.generate(model, batch.requests, emit, gone)
+        except Exception as exc:  # the batch fails, the thread goes on
+            log.exception("generation batch %s failed", batch.batch)
+            fail("INTERNAL", f"the model could not be run: {type(exc).__name__}")
+        finally:
+            with self._lock:
+                self._gone.pop(batch.batch, None)
+
     def _answer(self, batch: PredictBatch) -> PredictionsReady:
         if _expired(batch):
             return _too_late(self._worker, batch)
-        if batch.checkpoint:
-            try:
-                model = self._cache.get_checkpoint(batch.artifact, batch.checkpoint)
-            except (InvalidDataset, FileNotFoundError) as exc:
-                return PredictionsReady(self._worker, batch.batch, [], "CHECKPOINT_NOT_FOUND", str(exc))
-        else:
-            model = self._cache.get(batch.artifact, batch.artifact_sha256)
+        try:
+            model = self._model_for(batch)
+        except (InvalidDataset, FileNotFoundError) as exc:
+            return PredictionsReady(self._worker, batch.batch, [], "CHECKPOINT_NOT_FOUND", str(exc))
         results: list[dict[str, Any]] = [{} for _ in batch.inputs]
         passes = 0
         for chunk in _decoded_chunks(model, batch.inputs, results):
@@ -258,7 +326,7 @@ class PredictionServer:
         return PredictionsReady(self._worker, batch.batch, results, forward_passes=passes)
 
 
-def _expired(batch: PredictBatch) -> bool:
+def _expired(batch: PredictBatch | GenerateBatch) -> bool:
     return bool(batch.deadline) and time.time() > batch.deadline
 
 

@@ -66,6 +66,8 @@ class TaskDefinition:
     lower_is_better: frozenset[str] = frozenset({"eval_loss"})
     """Its metrics that improve downwards (losses, error rates); the others improve upwards."""
     flags: tuple[TaskFlag, ...] = ()
+    generates: bool = False
+    """Its models write text token by token: the Generate RPC serves them."""
 
     @property
     def enum_name(self) -> str:

@@ -7,13 +7,13 @@ it. Classifiers share most of theirs (`classifier.ClassifierRuntime`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from tuneforge.workers.core.prepared_task import Batch, PreparedTask
-from tuneforge.workers.messages import RunJob
+from tuneforge.workers.messages import GeneratedPiece, GenerationRequest, RunJob
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
@@ -58,6 +58,21 @@ class TaskRuntime(Protocol):
 
     def report_sections(self, metrics: dict[str, Any]) -> list[str]:
         """The report's task-specific sections (HTML, escaped), from the artifact's metrics.json."""
+        ...
+
+
+@runtime_checkable
+class GeneratingRuntime(Protocol):
+    """A task whose models write text token by token (TEXT_GENERATION), which Generate streams."""
+
+    def generate(
+        self,
+        loaded: LoadedModel,
+        requests: list[GenerationRequest],
+        emit: Callable[[list[GeneratedPiece]], None],
+        gone: Callable[[], set[int]],
+    ) -> int:
+        """Writes each request's answer, emitting pieces as they come; rows in `gone()` stop. Returns the steps run."""
         ...
 
 

@@ -1190,6 +1190,148 @@ class Prediction(_message.Message):
 Global___Prediction: _TypeAlias = Prediction  # noqa: Y015
 
 @_typing.final
+class GenerateRequest(_message.Message):
+    """What to continue, and how."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The job, `jobs/{job}`, of a generative task (TEXT_GENERATION)."""
+    checkpoint: _builtins.str
+    """As in PredictRequest: empty for the finished model, or `latest` / `step-N` while the job has checkpoints."""
+    prompt: _builtins.str
+    """A text to continue as it is (up to 100,000 characters). Exactly one of `prompt` and `messages`."""
+    max_new_tokens: _builtins.int
+    """Tokens to write at most: 0 means 128; at most 1024. Fewer when the model's context ends first."""
+    temperature: _builtins.float
+    """0 (the default) is greedy: the most likely token each time. Otherwise sampling at this temperature (at most 2)."""
+    top_p: _builtins.float
+    """Nucleus sampling: draw only from the most likely tokens whose probabilities add up to top_p; 0 or 1 is off."""
+    seed: _builtins.int
+    """Makes sampling repeatable: the same seed, request and model write the same text, whatever else shares the batch."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """A conversation (up to 200 messages, 100,000 characters in all), rendered with the model's chat template and
+        answered as the next assistant turn.
+        """
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Up to 4 strings (1 to 64 characters each) that end the answer; the text stops before the first one found."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        checkpoint: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        max_new_tokens: _builtins.int = ...,
+        temperature: _builtins.float = ...,
+        top_p: _builtins.float = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        seed: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "checkpoint", b"checkpoint", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "name", b"name", "prompt", b"prompt", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """One message of a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """`system`, `user` or `assistant`."""
+    content: _builtins.str
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class GenerateResponse(_message.Message):
+    """A piece of the answer as it is written."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _FinishReason:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[GenerateResponse._FinishReason.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        FINISH_REASON_UNSPECIFIED: GenerateResponse._FinishReason.ValueType  # 0
+        STOP: GenerateResponse._FinishReason.ValueType  # 1
+        """The model wrote its end-of-sequence token, or a `stop` string came."""
+        LENGTH: GenerateResponse._FinishReason.ValueType  # 2
+        """`max_new_tokens` were written, or the model's context is full."""
+
+    class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
+        """Why generation ended, in the last message only."""
+
+    FINISH_REASON_UNSPECIFIED: GenerateResponse.FinishReason.ValueType  # 0
+    STOP: GenerateResponse.FinishReason.ValueType  # 1
+    """The model wrote its end-of-sequence token, or a `stop` string came."""
+    LENGTH: GenerateResponse.FinishReason.ValueType  # 2
+    """`max_new_tokens` were written, or the model's context is full."""
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text written since the previous message (may be empty in the last message)."""
+    generated_tokens: _builtins.int
+    """Tokens written so far."""
+    finish_reason: Global___GenerateResponse.FinishReason.ValueType
+    """Set in the last message only."""
+    prompt_tokens: _builtins.int
+    """In the last message: the prompt's length in tokens, after any cut to the model's context."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        generated_tokens: _builtins.int = ...,
+        finish_reason: Global___GenerateResponse.FinishReason.ValueType = ...,
+        prompt_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "prompt_tokens", b"prompt_tokens", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
 class LabelScore(_message.Message):
     """A label and its probability."""
 

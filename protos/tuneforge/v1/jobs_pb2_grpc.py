@@ -96,6 +96,11 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_v1_dot_jobs__pb2.ExportModelRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_jobs__pb2.ExportModelResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/tuneforge.v1.JobService/Generate',
+                request_serializer=tuneforge_dot_v1_dot_jobs__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_jobs__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -198,6 +203,17 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Writes a continuation of a prompt or the next assistant turn of a conversation with a generative job's model
+        (server streaming): text as the model produces it, then a last message with why it stopped. Calls that arrive
+        together share one batch on a worker; a caller that cancels or passes its deadline stops its generation at once.
+        FAILED_PRECONDITION before the job succeeded (or without the checkpoint) or for a task that does not generate;
+        RESOURCE_EXHAUSTED over the caller's concurrent streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +276,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ExportModel,
                     request_deserializer=tuneforge_dot_v1_dot_jobs__pb2.ExportModelRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_jobs__pb2.ExportModelResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=tuneforge_dot_v1_dot_jobs__pb2.GenerateRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_jobs__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -587,6 +608,33 @@ class JobService:
             '/tuneforge.v1.JobService/ExportModel',
             tuneforge_dot_v1_dot_jobs__pb2.ExportModelRequest.SerializeToString,
             tuneforge_dot_v1_dot_jobs__pb2.ExportModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tuneforge.v1.JobService/Generate',
+            tuneforge_dot_v1_dot_jobs__pb2.GenerateRequest.SerializeToString,
+            tuneforge_dot_v1_dot_jobs__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,13 @@ class JobServiceStub:
     MERGED_LORA). Made on a worker the first time, kept for later calls. FAILED_PRECONDITION with the reason
     when the format cannot be made for this model (`NOT_LORA`, `EXPORT_UNSUPPORTED`, `EXPORT_MISMATCH`).
     """
+    Generate: _grpc.UnaryStreamMultiCallable[_jobs_pb2.GenerateRequest, _jobs_pb2.GenerateResponse]
+    """Writes a continuation of a prompt or the next assistant turn of a conversation with a generative job's model
+    (server streaming): text as the model produces it, then a last message with why it stopped. Calls that arrive
+    together share one batch on a worker; a caller that cancels or passes its deadline stops its generation at once.
+    FAILED_PRECONDITION before the job succeeded (or without the checkpoint) or for a task that does not generate;
+    RESOURCE_EXHAUSTED over the caller's concurrent streams.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -125,6 +132,13 @@ class JobServiceAsyncStub(JobServiceStub):
     PyTorch model, then the file in chunks (ONNX or TorchScript; the artifact's tar for HUGGING_FACE and
     MERGED_LORA). Made on a worker the first time, kept for later calls. FAILED_PRECONDITION with the reason
     when the format cannot be made for this model (`NOT_LORA`, `EXPORT_UNSUPPORTED`, `EXPORT_MISMATCH`).
+    """
+    Generate: _aio.UnaryStreamMultiCallable[_jobs_pb2.GenerateRequest, _jobs_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Writes a continuation of a prompt or the next assistant turn of a conversation with a generative job's model
+    (server streaming): text as the model produces it, then a last message with why it stopped. Calls that arrive
+    together share one batch on a worker; a caller that cancels or passes its deadline stops its generation at once.
+    FAILED_PRECONDITION before the job succeeded (or without the checkpoint) or for a task that does not generate;
+    RESOURCE_EXHAUSTED over the caller's concurrent streams.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -243,6 +257,19 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         PyTorch model, then the file in chunks (ONNX or TorchScript; the artifact's tar for HUGGING_FACE and
         MERGED_LORA). Made on a worker the first time, kept for later calls. FAILED_PRECONDITION with the reason
         when the format cannot be made for this model (`NOT_LORA`, `EXPORT_UNSUPPORTED`, `EXPORT_MISMATCH`).
+        """
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _jobs_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobs_pb2.GenerateResponse], _abc.AsyncIterator[_jobs_pb2.GenerateResponse]]:
+        """Writes a continuation of a prompt or the next assistant turn of a conversation with a generative job's model
+        (server streaming): text as the model produces it, then a last message with why it stopped. Calls that arrive
+        together share one batch on a worker; a caller that cancels or passes its deadline stops its generation at once.
+        FAILED_PRECONDITION before the job succeeded (or without the checkpoint) or for a task that does not generate;
+        RESOURCE_EXHAUSTED over the caller's concurrent streams.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -16,6 +16,7 @@ DEFINITION = TaskDefinition(
         {"data.max_sequence_length", "data.train_on_all_tokens", "data.packing", "evaluation.generation_samples"}
     ),
     methods=frozenset({"full", "lora"}),
+    generates=True,
     flags=(
         MAX_SEQ_LENGTH,
         TaskFlag(

@@ -20,9 +20,10 @@ from tuneforge.workers.core.evaluation import Evaluation
 from tuneforge.workers.core.models import load_pretrained, sequence_limit
 from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 from tuneforge.workers.core.splits import training_split
-from tuneforge.workers.messages import RunJob
+from tuneforge.workers.messages import GeneratedPiece, GenerationRequest, RunJob
 from tuneforge.workers.tasks.text_generation.data import Conversation, Example, Plain, read_examples
 from tuneforge.workers.tasks.text_generation.samples import Sample, answer, draw_samples, left_padded, scorer, shown
+from tuneforge.workers.tasks.text_generation.streaming import stream
 from tuneforge.workers.tasks.text_generation.token_loss import IGNORED, causal_lm_loss, scored_tokens
 
 if TYPE_CHECKING:
@@ -309,6 +310,16 @@ class TextGenerationRuntime:
         """Greedy continuations of the whole batch at once, as evaluation writes them."""
         written = answer(loaded.model, loaded.processor, decoded, self._limit(loaded), batch=len(decoded))
         return [{"text": text} for text in written]
+
+    def generate(
+        self,
+        loaded: LoadedModel,
+        requests: list[GenerationRequest],
+        emit: Callable[[list[GeneratedPiece]], None],
+        gone: Callable[[], set[int]],
+    ) -> int:
+        """Generate's answers, streamed a step at a time (streaming.stream); prompts cut on the left as Predict's."""
+        return stream(loaded.model, loaded.processor, requests, self._limit(loaded), emit, gone)
 
     @staticmethod
     def _limit(loaded: LoadedModel) -> int:
