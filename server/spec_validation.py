@@ -195,6 +195,11 @@ def validate_spec(spec: pb.JobSpec, model_roots: list[Path]) -> ValidationResult
             priority=priority,
             max_runtime_s=max(0.0, max_runtime_s),
         )
+        if spec.base_model.lower().endswith(GGUF_SUFFIX) and not task.generates:
+            check.bad(
+                "base_model",
+                f"a GGUF file holds a causal language model: use it with TEXT_GENERATION, not {task.enum_name}",
+            )
         candidate = _few_shot(check, candidate, spec)
         _needs_validation(check, candidate)
         _task_rules(check, task, candidate, spec)
@@ -238,8 +243,12 @@ def _local_model(check: _Checker, base_model: str, model_roots: list[Path]) -> N
     if not any(resolved.is_relative_to(root) for root in roots):
         allowed = ", ".join(str(r) for r in roots) or "none configured (serve --model-root DIR)"
         check.bad("base_model", f"{base_model} is not under a model root; allowed roots: {allowed}")
+    elif resolved.suffix.lower() == GGUF_SUFFIX:
+        problem = not_gguf(resolved)
+        if problem:
+            check.bad("base_model", f"{base_model} {problem}")
     elif not (resolved / "config.json").is_file():
-        check.bad("base_model", f"{base_model} is not a model folder (no config.json)")
+        check.bad("base_model", f"{base_model} is not a model folder (no config.json) nor a .gguf file")
     else:
         problem = unsafe_model_folder(resolved, roots)
         if problem:
@@ -247,6 +256,20 @@ def _local_model(check: _Checker, base_model: str, model_roots: list[Path]) -> N
 
 
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+GGUF_SUFFIX = ".gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+def not_gguf(path: Path) -> str | None:
+    """Why a `.gguf` path is not a GGUF file (llama.cpp's format, which holds no code); None when it is one."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(GGUF_MAGIC))
+    except IsADirectoryError:
+        return "is a folder, not a GGUF file"
+    except OSError:
+        return "cannot be read (no such GGUF file)"
+    return None if magic == GGUF_MAGIC else "is not a GGUF file (it does not start with `GGUF`)"
 
 
 def unsafe_model_folder(folder: Path, roots: list[Path]) -> str | None:

@@ -18,7 +18,7 @@ from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.core.test_training_core import FAST, make_spec, run
-from tests.tiny import chat_rows, keyword_rows, make_tiny_gpt2, make_tiny_llama, write_jsonl
+from tests.tiny import chat_rows, keyword_rows, make_tiny_gguf, make_tiny_gpt2, make_tiny_llama, write_jsonl
 from tuneforge.workers.core.errors import InvalidDataset, JobFailure
 from tuneforge.workers.core.export import ExportFailed, ExportFormat, export_model
 from tuneforge.workers.core.lora import apply_lora, head_module_names
@@ -437,3 +437,32 @@ def test_a_model_whose_logits_are_not_its_heads_projection_keeps_its_own_forward
     model.config.final_logit_softcapping = 30.0  # as Gemma 2 has
     assert not projects_in_chunks(model)
     assert not projects_in_chunks(torch.nn.Linear(2, 2))
+
+
+def test_a_gguf_base_model_trains_once_loaded_and_its_artifact_is_a_plain_folder(tmp_path: Path) -> None:
+    """llama.cpp's format as users hold their models: loaded (dequantised) with the same tokens and logits as the model
+    it was written from, kept by a warm worker, and saved as a normal safetensors folder without GGUF's marks."""
+    from tuneforge.workers.core import model_cache
+
+    gguf_file = make_tiny_gguf(tmp_path / "models" / "tiny.Q-F32.gguf")
+    source = tmp_path / "models" / ".tiny.Q-F32-source"
+    rows = [{"prompt": row["text"] + " ->", "completion": " " + row["label"]} for row in keyword_rows(24)]
+    model_cache.configure(64 * 2**20)
+    try:
+        for attempt in ("cold", "warm"):
+            (tmp_path / attempt).mkdir()
+            folder, lines = train(gguf_file, rows, tmp_path / attempt, hyperparameters=dataclasses.replace(FAST))
+            assert any("warm start" in line for line in lines) is (attempt == "warm"), lines
+    finally:
+        model_cache.configure(0)
+        model_cache.CACHE._entries.clear()
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and (folder / "model.safetensors").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    original = AutoModelForCausalLM.from_pretrained(source)
+    ids = AutoTokenizer.from_pretrained(source)("goal match team ->", return_tensors="pt")
+    assert tokenizer("goal match team ->")["input_ids"] == ids["input_ids"][0].tolist()
+    assert not torch.equal(tuned(**ids).logits, original(**ids).logits)  # trained from the GGUF's weights ...
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    assert torch.allclose(loaded(**ids).logits, original(**ids).logits, atol=1e-6)  # ... which are the source's

@@ -244,3 +244,30 @@ def test_webhook_urls_must_be_http_urls_and_few() -> None:
     spec = minimal()
     spec.notifications.webhook_urls.extend([f"https://hooks.example/{i}" for i in range(6)])
     assert set(fields_of(spec)) == {"job.spec.notifications.webhook_urls"}
+
+
+def test_a_gguf_file_under_a_model_root_is_a_text_generation_base_model(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "model.Q4_1.gguf").write_bytes(b"GGUF" + bytes(28))
+    (root / "fake.gguf").write_bytes(b"PK\x03\x04 a zip, not a model")
+    (root / "folder.gguf").mkdir()
+    (tmp_path / "outside.gguf").write_bytes(b"GGUF" + bytes(28))
+
+    def generation(path: Path) -> pb.JobSpec:
+        spec = minimal(str(path))
+        spec.task = pb.TEXT_GENERATION
+        return spec
+
+    assert validate_spec(generation(root / "model.Q4_1.gguf"), [root]).spec is not None
+    for path, message in [
+        (root / "fake.gguf", "is not a GGUF file (it does not start with `GGUF`)"),
+        (root / "folder.gguf", "is a folder, not a GGUF file"),
+        (root / "missing.gguf", "cannot be read (no such GGUF file)"),
+        (tmp_path / "outside.gguf", "not under a model root"),
+    ]:
+        assert message in fields_of(generation(path), [root])["job.spec.base_model"]
+    classifier = fields_of(minimal(str(root / "model.Q4_1.gguf")), [root])["job.spec.base_model"]
+    assert classifier == (
+        "a GGUF file holds a causal language model: use it with TEXT_GENERATION, not TEXT_CLASSIFICATION"
+    )

@@ -41,9 +41,12 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def source_fingerprint(base_model: str) -> tuple[int, int]:
-    """A local model folder's newest modification time and total size (a changed folder is loaded again);
+    """A local model folder's (or file's) newest modification time and total size (a changed one is loaded again);
     (0, 0) for hub ids, which the hub's own cache resolves."""
     folder = Path(base_model)
+    if folder.is_file():  # a GGUF file
+        stat = folder.stat()
+        return (stat.st_mtime_ns, stat.st_size)
     if not folder.is_dir():
         return (0, 0)
     files = [f.stat() for f in folder.iterdir() if f.is_file()]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable
 from typing import Any
+
+from torch import nn
 
 from tuneforge.workers.core.errors import JobFailure
 from tuneforge.workers.core.model_cache import CACHE
+
+GGUF_SUFFIX = ".gguf"
 
 
 def load_pretrained(loader: Any, base_model: str, **kwargs: Any) -> Any:
@@ -19,7 +25,10 @@ def load_pretrained(loader: Any, base_model: str, **kwargs: Any) -> Any:
             "loaded; give a local model as an absolute path under a model root",
         )
     try:
-        load = lambda: loader.from_pretrained(base_model, trust_remote_code=False, **kwargs)  # noqa: E731
+        if base_model.lower().endswith(GGUF_SUFFIX):
+            load = _gguf_load(loader, base_model, kwargs)
+        else:
+            load = lambda: loader.from_pretrained(base_model, trust_remote_code=False, **kwargs)  # noqa: E731
         return CACHE.load(loader, base_model, load, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -35,9 +44,34 @@ def load_pretrained(loader: Any, base_model: str, **kwargs: Any) -> Any:
             ) from exc
         raise JobFailure(
             "MODEL_LOAD_FAILED",
-            f"could not load base model {base_model!r}: {first_line}. Give a hub id the server can reach or a "
-            "model folder (with safetensors weights) under a configured model root",
+            f"could not load base model {base_model!r}: {first_line}. Give a hub id the server can reach, or a "
+            "model folder (with safetensors weights) or a GGUF file of a causal language model under a configured "
+            "model root",
         ) from exc
+
+
+def _gguf_load(loader: Any, path: str, kwargs: dict[str, Any]) -> Callable[[], Any]:
+    """Loads a tokenizer or model from a GGUF file (llama.cpp's format: tensors and metadata, no code) with
+    transformers' GGUF support, which dequantises the weights."""
+    folder, name = os.path.split(path)
+    options = {key: value for key, value in kwargs.items() if key != "use_safetensors"}
+
+    def load() -> Any:
+        loaded = loader.from_pretrained(folder, gguf_file=name, trust_remote_code=False, **options)
+        return plain_model(loaded) if isinstance(loaded, nn.Module) else loaded
+
+    return load
+
+
+def plain_model(model: Any) -> Any:
+    """The same weights in a plain model of the same class: transformers marks a model loaded from GGUF as
+    quantised (though its weights are dequantised) and refuses to save it, and the artifact is a normal folder."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    return plain.to(model.dtype)
 
 
 def load_classifier(loader: Any, base_model: str, labels: list[str]) -> Any:

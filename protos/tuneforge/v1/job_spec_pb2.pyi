@@ -116,6 +116,8 @@ class JobSpec(_message.Message):
     base_model: _builtins.str
     """Base model: a Hugging Face hub id (`sentence-transformers/all-MiniLM-L6-v2`) or an absolute path to a model
     folder under one of the server's model roots. Weights load only from safetensors; remote code never runs.
+    For TEXT_GENERATION it may also be a GGUF file (llama.cpp's format) under a model root: its weights are
+    dequantised when loaded and the artifact is a normal safetensors folder.
     """
     priority: _builtins.int
     """Higher runs first; equal priorities run in creation order. Range -100..100."""
