@@ -448,6 +448,7 @@ def _hyperparameters(check: _Checker, hp: pb.Hyperparameters, method: Adaptation
         head_learning_rate=check.float_range(f"{path}.head_learning_rate", hp.head_learning_rate, 0.0, 10.0),
         layer_decay=check.float_range(f"{path}.layer_decay", hp.layer_decay, 0.0, 1.0) or 1.0,
         label_smoothing=check.float_range(f"{path}.label_smoothing", hp.label_smoothing, 0.0, 1.0, high_open=True),
+        preference_beta=check.float_range(f"{path}.preference_beta", hp.preference_beta, 0.0, 10.0) or 0.1,
         class_balance=_enum(check, f"{path}.class_balance", hp.class_balance, CLASS_BALANCES, ClassBalance.NONE),
         precision=_enum(check, f"{path}.precision", hp.precision, PRECISIONS, Precision.AUTO),
         max_skipped_non_finite_steps=check.int_range(
@@ -622,6 +623,11 @@ def _task_rules(check: _Checker, task: TaskDefinition, spec: TrainingSpec, raw: 
         if path not in task.reads and _is_set(raw, path):
             readers = " or ".join(reader.enum_name for reader in registry.readers(path)) or "no task"
             check.bad(path, f"only used with {readers}, not {task.enum_name}")
+    for path, (low, high) in task.field_ranges.items():
+        holder, name = field_holder(raw, path)
+        value = getattr(holder, name)
+        if not low <= value < high:
+            check.bad(path, f"must be in [{low}, {high}) for {task.enum_name}, got {value}")
 
 
 def _is_set(spec: pb.JobSpec, path: str) -> bool:

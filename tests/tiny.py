@@ -217,3 +217,37 @@ def make_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+WRONG = {"sport": "weather", "weather": "finance", "finance": "sport"}
+
+
+def preference_rows(count: int, seed: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """The same pairs in each layout: the topic of the user's words chosen, another topic rejected."""
+    rows = keyword_rows(count, seed=seed)
+    wrong = {label: WRONG.get(label, "sport") for label in {row["label"] for row in rows}}
+    return {
+        "plain": [
+            {"prompt": r["text"] + " ->", "chosen": " " + r["label"], "rejected": " " + wrong[r["label"]]} for r in rows
+        ],
+        "messages": [
+            {"messages": [{"role": "user", "content": r["text"]}], "chosen": r["label"], "rejected": wrong[r["label"]]}
+            for r in rows
+        ],
+        "trl_conversational": [
+            {
+                "prompt": [{"role": "user", "content": r["text"]}],
+                "chosen": [{"role": "assistant", "content": r["label"]}],
+                "rejected": [{"role": "assistant", "content": wrong[r["label"]]}],
+            }
+            for r in rows
+        ],
+        "openai": [
+            {
+                "input": {"messages": [{"role": "user", "content": r["text"]}]},
+                "preferred_output": [{"role": "assistant", "content": r["label"]}],
+                "non_preferred_output": [{"role": "assistant", "content": wrong[r["label"]]}],
+            }
+            for r in rows
+        ],
+    }

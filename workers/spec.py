@@ -212,6 +212,8 @@ class Hyperparameters:
     layer_decay: float = 1.0
     """Layer-wise learning-rate decay; 1 is off."""
     label_smoothing: float = 0.0
+    preference_beta: float = 0.1
+    """DPO's beta (preference optimisation)."""
     class_balance: ClassBalance = ClassBalance.NONE
     precision: Precision = Precision.AUTO
     max_skipped_non_finite_steps: int = 0

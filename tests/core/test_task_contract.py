@@ -31,7 +31,7 @@ from tests.media import (
     write_tones_zip,
     write_words_zip,
 )
-from tests.tiny import chat_rows, keyword_rows, make_tiny_bert, make_tiny_llama, write_jsonl
+from tests.tiny import chat_rows, keyword_rows, make_tiny_bert, make_tiny_llama, preference_rows, write_jsonl
 from tuneforge.v1 import job_spec_pb2
 from tuneforge.workers.core.prediction import load_model
 from tuneforge.workers.messages import Outcome
@@ -72,6 +72,12 @@ CASES = {
         lambda folder: write_jsonl(folder / "chat.jsonl", chat_rows(40)),
         lambda rng: [("text", "goal match team"), ("text", "<|im_start|>user\nrain and wind<|im_end|>\n")],
         "eval_perplexity",
+    ),
+    "preference_optimization": Case(
+        make_tiny_llama,
+        lambda folder: write_jsonl(folder / "pairs.jsonl", preference_rows(40)["messages"]),
+        lambda rng: [("text", "goal match team"), ("text", "<|im_start|>user\nrain and wind<|im_end|>\n")],
+        "eval_reward_accuracy",
     ),
     "speech_recognition": Case(
         make_tiny_wav2vec2_ctc,
@@ -129,7 +135,7 @@ def test_a_task_trains_predicts_exports_and_reports(task: str, tmp_path: Path) -
     for answer in answers:
         if task == "speech_recognition":
             assert set(answer) == {"transcript"} and isinstance(answer["transcript"], str)
-        elif task == "text_generation":
+        elif registry.definition(task).generates:
             assert set(answer) == {"text"} and isinstance(answer["text"], str)
         else:
             labels = answer["labels"]

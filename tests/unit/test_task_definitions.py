@@ -31,6 +31,7 @@ GIVEN = {
     "data.train_on_all_tokens": True,
     "data.packing": True,
     "evaluation.generation_samples": 4,
+    "hyperparameters.preference_beta": 0.5,
 }
 """A valid, non-default value for every task-specific field."""
 TASK_NAMES = list(registry.definitions())
@@ -67,6 +68,19 @@ def test_a_task_field_is_accepted_only_by_the_tasks_that_read_it(task: str, path
     else:
         readers = " or ".join(reader.enum_name for reader in registry.readers(path))
         assert problems == {f"job.spec.{path}": f"only used with {readers}, not {definition.enum_name}"}
+
+
+@pytest.mark.parametrize("task", [name for name in TASK_NAMES if registry.definition(name).field_ranges])
+def test_a_task_narrows_a_shared_fields_range(task: str) -> None:
+    definition = registry.definition(task)
+    for path, (low, high) in definition.field_ranges.items():
+        spec = spec_for(task)
+        holder, name = field_holder(spec, path)
+        setattr(holder, name, high)
+        problems = {v.field: v.description for v in validate_spec(spec, []).violations}
+        assert problems == {f"job.spec.{path}": f"must be in [{low}, {high}) for {definition.enum_name}, got {high}"}
+        setattr(holder, name, (low + high) / 2)
+        assert validate_spec(spec, []).spec is not None
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)

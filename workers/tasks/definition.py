@@ -20,6 +20,7 @@ TASK_FIELDS = (
     "data.train_on_all_tokens",
     "data.packing",
     "evaluation.generation_samples",
+    "hyperparameters.preference_beta",
 )
 """JobSpec fields that only some tasks read. A task lists those it reads in `TaskDefinition.reads`; a request that
 sets one its task does not read is refused (naming the tasks that do), never silently ignored. Every other field
@@ -68,6 +69,8 @@ class TaskDefinition:
     flags: tuple[TaskFlag, ...] = ()
     generates: bool = False
     """Its models write text token by token: the Generate RPC serves them."""
+    field_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    """Numeric JobSpec fields this task allows only in [low, high), narrower than every task's range."""
 
     @property
     def enum_name(self) -> str:

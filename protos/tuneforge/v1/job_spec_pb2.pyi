@@ -41,6 +41,11 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     """Causal language model fine-tuning on text: chat conversations (`{"messages": [...]}`, OpenAI's format),
     prompt/completion pairs or plain text (`{"text": ...}`), one JSON object per line, the format found per file.
     """
+    PREFERENCE_OPTIMIZATION: _Task.ValueType  # 6
+    """Preference tuning of a causal language model with DPO (sigmoid loss): `{"prompt" or "messages", "chosen",
+    "rejected"}` lines, or OpenAI's preference format (`input.messages`, `preferred_output`,
+    `non_preferred_output`). The reference model is the starting model.
+    """
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper):
     """What a job fine-tunes a model to do."""
@@ -57,6 +62,11 @@ SPEECH_RECOGNITION: Task.ValueType  # 4
 TEXT_GENERATION: Task.ValueType  # 5
 """Causal language model fine-tuning on text: chat conversations (`{"messages": [...]}`, OpenAI's format),
 prompt/completion pairs or plain text (`{"text": ...}`), one JSON object per line, the format found per file.
+"""
+PREFERENCE_OPTIMIZATION: Task.ValueType  # 6
+"""Preference tuning of a causal language model with DPO (sigmoid loss): `{"prompt" or "messages", "chosen",
+"rejected"}` lines, or OpenAI's preference format (`input.messages`, `preferred_output`,
+`non_preferred_output`). The reference model is the starting model.
 """
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
@@ -673,6 +683,7 @@ class Hyperparameters(_message.Message):
     AUTO_FIELD_NUMBER: _builtins.int
     COMPILE_FIELD_NUMBER: _builtins.int
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
+    PREFERENCE_BETA_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """Passes over the training data; default 3."""
     batch_size: _builtins.int
@@ -703,7 +714,9 @@ class Hyperparameters(_message.Message):
     0 or 1: off.
     """
     label_smoothing: _builtins.float
-    """Label smoothing of the classification loss, in [0, 1)."""
+    """Label smoothing of the classification loss, in [0, 1); for PREFERENCE_OPTIMIZATION the share of preference
+    pairs assumed flipped (conservative DPO), in [0, 0.5).
+    """
     class_balance: Global___Hyperparameters.ClassBalance.ValueType
     """Imbalanced classes; default NONE."""
     precision: Global___Hyperparameters.Precision.ValueType
@@ -719,6 +732,10 @@ class Hyperparameters(_message.Message):
     gradient_checkpointing: _builtins.bool
     """Keep only each block's input during the forward pass and recompute the rest in the backward pass: activation
     memory falls to about one block's worth, for about a third more compute. The same updates either way.
+    """
+    preference_beta: _builtins.float
+    """PREFERENCE_OPTIMIZATION: DPO's beta, how far the tuned model may move from the reference (larger: closer);
+    in (0, 10]; 0 means 0.1.
     """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
@@ -752,10 +769,11 @@ class Hyperparameters(_message.Message):
         auto: Global___AutoHyperparameters | None = ...,
         compile: _builtins.bool = ...,
         gradient_checkpointing: _builtins.bool = ...,
+        preference_beta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "auto", b"auto", "max_grad_norm", b"max_grad_norm", "momentum", b"momentum", "schedule", b"schedule", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "auto", b"auto", "batch_size", b"batch_size", "class_balance", b"class_balance", "compile", b"compile", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "head_learning_rate", b"head_learning_rate", "label_smoothing", b"label_smoothing", "layer_decay", b"layer_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_skipped_non_finite_steps", b"max_skipped_non_finite_steps", "max_steps", b"max_steps", "momentum", b"momentum", "nesterov", b"nesterov", "optimizer", b"optimizer", "precision", b"precision", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_momentum", b"_momentum", "_weight_decay", b"_weight_decay", "auto", b"auto", "batch_size", b"batch_size", "class_balance", b"class_balance", "compile", b"compile", "epochs", b"epochs", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "head_learning_rate", b"head_learning_rate", "label_smoothing", b"label_smoothing", "layer_decay", b"layer_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_skipped_non_finite_steps", b"max_skipped_non_finite_steps", "max_steps", b"max_steps", "momentum", b"momentum", "nesterov", b"nesterov", "optimizer", b"optimizer", "precision", b"precision", "preference_beta", b"preference_beta", "schedule", b"schedule", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
