@@ -101,6 +101,26 @@ def test_resume_at_an_epoch_boundary_with_augmented_images(tmp_path: Path) -> No
     assert_same_run(tmp_path / "plain", tmp_path / "resumed")
 
 
+def test_a_report_window_a_checkpoint_cut_averages_the_same_steps_after_resuming(
+    tiny_bert: Path, keyword_dataset: Path, tmp_path: Path
+) -> None:
+    """Reports every 4 steps, a checkpoint at step 6: the report at step 8 averages steps 5 to 8 whether or not the
+    run stopped in between (the checkpoint keeps the open window's loss)."""
+    spec = make_spec(
+        tiny_bert,
+        hyperparameters=dataclasses.replace(FAST, epochs=2, seed=3),
+        evaluation=EvaluationSettings(log_every_steps=4, checkpoint_every_steps=6),
+    )
+    plain, plain_events = run(spec, keyword_dataset, tmp_path / "plain")
+    assert plain.outcome is Outcome.SUCCEEDED
+    events = interrupted_then_resumed(spec, keyword_dataset, tmp_path / "resumed", stop_at=8)
+    assert "resumed from the checkpoint at step 6 (attempt 1)" in [e.message for e in of_type(events, LogEmitted)]
+    first = of_type(events, TrainingProgress)[0]
+    same = next(e for e in of_type(plain_events, TrainingProgress) if e.step == 8)
+    assert (first.step, first.window_steps, first.window_samples) == (8, 4, same.window_samples)
+    assert_same_run(tmp_path / "plain", tmp_path / "resumed")
+
+
 def stopped_at_a_checkpoint(tiny_bert: Path, data: Path, work: Path) -> tuple[TrainingSpec, Path]:
     """A run cancelled at step 7, its newest checkpoint at step 5; the spec and that checkpoint's state file."""
     spec = make_spec(
@@ -119,8 +139,16 @@ def test_a_checkpoint_in_the_older_layout_resumes(tiny_bert: Path, keyword_datas
     upgraded and resumes exactly (the weights and the evaluation history are the uninterrupted run's)."""
     spec, state_file = stopped_at_a_checkpoint(tiny_bert, keyword_dataset, tmp_path / "resumed")
     state = json.loads(state_file.read_text())
-    assert state["layout"] == 2
-    for newer in ("layout", "train_history", "baseline_metrics", "skipped_non_finite"):
+    assert state["layout"] == 3
+    for newer in (
+        "layout",
+        "train_history",
+        "baseline_metrics",
+        "skipped_non_finite",
+        "window_loss",
+        "window_steps",
+        "window_samples",
+    ):
         del state[newer]
     state_file.write_text(json.dumps(state))
     resumed, events = run(spec, keyword_dataset, tmp_path / "resumed")
@@ -138,7 +166,7 @@ def test_a_checkpoint_in_the_older_layout_resumes(tiny_bert: Path, keyword_datas
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        ({"layout": 3}, "it has layout 3, and this version reads layouts 1 to 2"),
+        ({"layout": 4}, "it has layout 4, and this version reads layouts 1 to 3"),
         ({"epoch": None, "step_in_epoch": None}, "its state lacks ['epoch', 'step_in_epoch'] and has unknown []"),
     ],
     ids=["newer-layout", "fields-missing"],

@@ -129,3 +129,11 @@ def scrape_until(url: str, done: Callable[[Samples], bool], timeout_s: float) ->
         if done(samples) or time.monotonic() > deadline:
             return text, samples
         poll_pause()
+
+
+def wait_for_state(client: TuneforgeClient, name: str, state: int, timeout_s: float = 120) -> jobs_pb2.Job:
+    """The job once it reached `state` (its events replayed and followed until the change shows)."""
+    for event in client.watch(name, timeout_s=timeout_s):
+        if event.state_change.to_state == state:
+            return client.get_job(name)
+    raise AssertionError(f"{name} ended without reaching state {state}")

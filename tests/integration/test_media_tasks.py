@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import sys
 import tarfile
 import zipfile
@@ -18,7 +20,16 @@ import pytest
 import soundfile
 import torch
 
-from tests.integration.helpers import STATE, refused, sample, scrape, scrape_until, wait_for_end
+from tests.integration.helpers import (
+    STATE,
+    refused,
+    sample,
+    scrape,
+    scrape_until,
+    wait_for_end,
+    wait_for_state,
+    worker_pids,
+)
 from tests.media import (
     make_tiny_vit,
     make_tiny_wav2vec2,
@@ -27,7 +38,7 @@ from tests.media import (
     write_tones_zip,
     write_words_zip,
 )
-from tests.tiny import chat_rows, keyword_rows, make_tiny_llama, write_jsonl
+from tests.tiny import chat_rows, keyword_rows, make_tiny_gpt2, make_tiny_llama, preference_rows, write_jsonl
 from tuneforge.clients.cli import main
 from tuneforge.clients.client import TuneforgeClient
 from tuneforge.clients.local_server import LocalServer
@@ -327,3 +338,66 @@ def test_the_cli_prints_a_generation_and_holds_a_chat(
     said = capsys.readouterr().out.splitlines()
     assert said[0] == f"model> {lines[0]['label']}"  # the second answer reads the first exchange too
     assert len(said) == 2 and said[1].removeprefix("model> ") in {row["label"] for row in keyword_rows(40)}
+
+
+def generative_specs(client: TuneforgeClient, model_root: Path, tmp_path: Path) -> dict[str, pb.JobSpec]:
+    """Prompt/completion with LoRA and packing on a GPT-2, plain text in full on a Llama, and DPO with LoRA: long
+    enough (checkpoints every 4 steps) to be interrupted."""
+    gpt2 = make_tiny_gpt2(model_root / "tiny-gpt2")
+    llama = model_root / "tiny-llama"
+    if not llama.exists():
+        make_tiny_llama(llama)
+    rows = keyword_rows(64, seed=7)
+    completions = [{"prompt": r["text"] + " ->", "completion": " " + r["label"]} for r in rows]
+    texts = [{"text": f"{r['text']} is about {r['label']}"} for r in rows]
+    files = {
+        name: client.upload_file(write_jsonl(tmp_path / f"{name}.jsonl", lines)).name
+        for name, lines in (
+            ("completions", completions),
+            ("texts", texts),
+            ("pairs", preference_rows(64, seed=7)["messages"]),
+        )
+    }
+    specs = {
+        "completions": media_spec(pb.TEXT_GENERATION, gpt2, files["completions"], "", 6, 3e-3, packing=True),
+        "texts": media_spec(pb.TEXT_GENERATION, llama, files["texts"], "", 6, 3e-3),
+        "pairs": media_spec(pb.PREFERENCE_OPTIMIZATION, llama, files["pairs"], "", 6, 1e-2),
+    }
+    for name, spec in specs.items():
+        spec.data.validation_fraction = 0.2
+        spec.evaluation.checkpoint_every_steps = 4
+        spec.evaluation.log_every_steps = 2
+        if name != "texts":
+            spec.adaptation.method = pb.Adaptation.LORA
+    return specs
+
+
+def test_generative_jobs_resume_exactly_after_a_worker_sigkill_and_a_pause(
+    client: TuneforgeClient, server: LocalServer, model_root: Path, tmp_path: Path
+) -> None:
+    from tests.integration.test_chaos import assert_same_model, check_resumes, wait_for_checkpoint
+
+    specs = generative_specs(client, model_root, tmp_path)
+    interrupted = {}
+    for name, spec in specs.items():
+        job = client.create_job(spec)
+        assert wait_for_checkpoint(client, job), f"{name} ended before its first checkpoint"
+        if name == "texts":
+            client.pause_job(job.name)
+            paused = wait_for_state(client, job.name, STATE.PAUSED)
+            assert paused.worker == ""
+            client.resume_job(job.name)
+        else:
+            current = client.get_job(job.name)
+            os.kill(worker_pids(server.process.pid)[current.worker], signal.SIGKILL)
+        interrupted[name] = job
+    for name, job in interrupted.items():
+        final = wait_for_end(client, job.name, timeout_s=300)
+        assert final.state == STATE.SUCCEEDED and final.attempt == 2, (name, final.error)
+        assert check_resumes(final, client.list_job_events(job.name)) == 1
+        client.download_artifact(job.name, tmp_path / f"{name}-interrupted.tar")
+    for name, spec in specs.items():  # the same specs, uninterrupted: the same weights and metrics, bit for bit
+        reference = wait_for_end(client, client.create_job(spec).name, timeout_s=300)
+        assert reference.state == STATE.SUCCEEDED, reference.error
+        client.download_artifact(reference.name, tmp_path / f"{name}-reference.tar")
+        assert_same_model(tmp_path / f"{name}-interrupted.tar", tmp_path / f"{name}-reference.tar")

@@ -14,9 +14,10 @@ from typing import Any
 
 from tuneforge.workers.core.errors import JobFailure
 
-LAYOUT = 2
+LAYOUT = 3
 """This version's layout. 1: the loose keys before the layout number (train_history, baseline_metrics and
-skipped_non_finite could be missing). 2: every field present, with `layout`."""
+skipped_non_finite could be missing). 2: every field present, with `layout`. 3: the unreported log window
+(`window_loss`, `window_steps`, `window_samples`), so a report that spans a pause or a crash averages the same steps."""
 
 Metrics = dict[str, float]
 
@@ -48,6 +49,10 @@ class CheckpointState:
     without_improvement: int
     plateau: PlateauState | None
     skipped_non_finite: int
+    window_loss: float = 0.0
+    """The summed loss of the steps since the last training report (a checkpoint between reports)."""
+    window_steps: int = 0
+    window_samples: int = 0
     layout: int = field(default=LAYOUT)
 
     def to_json(self) -> str:
@@ -64,7 +69,10 @@ class CheckpointState:
             raise _incompatible(where, "its state is not a JSON object")
         layout = data.get("layout", 1)
         if layout == 1:
-            data = {"train_history": [], "baseline_metrics": {}, "skipped_non_finite": 0, **data, "layout": LAYOUT}
+            data = {"train_history": [], "baseline_metrics": {}, "skipped_non_finite": 0, **data, "layout": 2}
+            layout = 2
+        if layout == 2:
+            data = {"window_loss": 0.0, "window_steps": 0, "window_samples": 0, **data, "layout": LAYOUT}
         elif layout != LAYOUT:
             raise _incompatible(where, f"it has layout {layout!r}, and this version reads layouts 1 to {LAYOUT}")
         names = {f.name for f in dataclasses.fields(cls)}

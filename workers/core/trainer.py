@@ -160,6 +160,8 @@ class Trainer:
         self.evaluations_without_improvement = 0
         self.result = TrainResult(steps=0)
         self.position: dict[str, Any] = {"step": 0, "epoch": 1, "step_in_epoch": 0}
+        self.window: LogWindow | None = None
+        """The open log window while training runs (a checkpoint keeps its unreported steps)."""
         self.pending_rng: dict[str, Any] | None = None
 
     def _first_position_block(self) -> FirstPositionBlock | None:
@@ -299,6 +301,9 @@ class Trainer:
             without_improvement=self.evaluations_without_improvement,
             plateau=PlateauState(plateau.scale, plateau.best, plateau.bad_evaluations) if plateau else None,
             skipped_non_finite=self.skipped_non_finite,
+            window_loss=float(self.window.loss_sum) if self.window else 0.0,
+            window_steps=self.window.steps if self.window else 0,
+            window_samples=self.window.samples if self.window else 0,
         )
         keep = self.spec.evaluation.keep_checkpoints
         began = time.perf_counter()
@@ -334,6 +339,9 @@ class Trainer:
             "step": state.step,
             "epoch": state.epoch + 1 if done else state.epoch,
             "step_in_epoch": 0 if done else state.step_in_epoch,
+            "window_loss": state.window_loss,
+            "window_steps": state.window_steps,
+            "window_samples": state.window_samples,
         }
         self.pending_rng = training["rng"]  # restored after the consumed batches are skipped
         return state.step
@@ -540,7 +548,11 @@ class Trainer:
         step, first_epoch, skip = self.position["step"], self.position["epoch"], self.position["step_in_epoch"]
         self._before_training(step)
         self.forward_model.train()
-        window = LogWindow(torch.zeros((), device=self.device))
+        # A window a checkpoint interrupted carries on, so the report after a resume averages the same steps.
+        window = LogWindow(torch.full((), float(self.position.get("window_loss", 0.0)), device=self.device))
+        window.steps = int(self.position.get("window_steps", 0))
+        window.samples = int(self.position.get("window_samples", 0))
+        self.window = window
         for epoch in range(first_epoch, plan.epochs + 1):
             self._start_epoch(epoch)
             # --- a new data order each epoch, fixed by the seed
