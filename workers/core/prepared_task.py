@@ -35,3 +35,6 @@ class PreparedTask:
     """evaluate(model, loader, to_device) -> Evaluation, when it is not classification's."""
     lengths: list[int] | None = None
     """Each training example's size (tokens), when known: training batches are then grouped by length."""
+    learned_tokens: int | None = None
+    """Tokens the loss covers over the training set, for tasks where that, not the example count, measures how much
+    there is to learn (language models): automatic epochs follow it."""

@@ -230,6 +230,7 @@ class PreferenceRuntime(TextGenerationRuntime):
             compute_loss=dpo_loss(reference, hp.preference_beta, hp.label_smoothing),
             evaluate=evaluate_preferences(reference, hp.preference_beta, hp.label_smoothing),
             lengths=[len(p["prompt"]) * 2 + len(p["chosen"]) + len(p["rejected"]) for p in train_set],
+            learned_tokens=sum(len(p["chosen"]) + len(p["rejected"]) for p in train_set),
         )
 
     @staticmethod

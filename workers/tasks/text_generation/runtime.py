@@ -275,6 +275,7 @@ class TextGenerationRuntime:
             compute_loss=causal_lm_loss,
             evaluate=evaluate,
             lengths=[len(item["input_ids"]) for item in train_set],
+            learned_tokens=scored,
         )
 
     @staticmethod

@@ -6,6 +6,7 @@ whose caller went away, so the loop is written here; greedy rows write exactly t
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ def stream(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(ends), 0)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     steps = 0
+    keyword = cache_keyword(model)
     with torch.inference_mode():
         out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
         while True:
@@ -122,14 +124,21 @@ def stream(
             step = torch.tensor([pad if row.finish else token for row, token in zip(rows, chosen, strict=True)])
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], -1)
             positions = positions[:, -1:] + 1
+            kept = {keyword: out.get("cache") if out.get("cache") is not None else out.get("past_key_values")}
             out = model(
                 input_ids=step.to(device).unsqueeze(-1),
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **kept,
             )
             steps += 1
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name the model's forward takes its key-value cache by: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def start_rows(model: nn.Module, requests: list[GenerationRequest], prompt_lengths: list[int]) -> list[Row]:
