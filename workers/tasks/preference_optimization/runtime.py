@@ -27,7 +27,7 @@ from tuneforge.workers.core.prepared_task import Batch, PreparedTask
 from tuneforge.workers.core.splits import training_split
 from tuneforge.workers.messages import RunJob
 from tuneforge.workers.tasks.preference_optimization.data import Preference, read_preferences
-from tuneforge.workers.tasks.text_generation.runtime import DEFAULT_CHAT_TEMPLATE, TextGenerationRuntime
+from tuneforge.workers.tasks.text_generation.runtime import DEFAULT_CHAT_TEMPLATE, TextGenerationRuntime, encode_all
 from tuneforge.workers.tasks.text_generation.token_loss import IGNORED, scored_tokens
 
 Pair = dict[str, Any]
@@ -237,19 +237,13 @@ class PreferenceRuntime(TextGenerationRuntime):
     def _encode_pairs(
         pairs: list[Preference], tokenizer: Any, max_length: int, name: str, log: Callable[[str], None]
     ) -> list[Pair]:
-        encoded = []
-        for pair in pairs:
+        def encode_one(pair: Preference) -> Pair | None:
             try:
-                item = encode_pair(pair, tokenizer, max_length)
+                return encode_pair(pair, tokenizer, max_length)
             except jinja2.TemplateError as exc:
-                raise InvalidDataset(f"{name} line {pair.line}: the model's chat template refused it: {exc}") from exc
-            if item is not None:
-                encoded.append(item)
-        if pairs and not encoded:
-            raise InvalidDataset(f"{name}: every prompt fills the {max_length} tokens, leaving no answer to compare")
-        if len(encoded) < len(pairs):
-            log(f"{len(pairs) - len(encoded)} {name} pairs left out: the prompt alone fills {max_length} tokens")
-        return encoded
+                raise InvalidDataset(f"line {pair.line}: the model's chat template refused it: {exc}") from exc
+
+        return encode_all(pairs, encode_one, name, f"the prompt alone fills {max_length} tokens", log)
 
     def report_sections(self, metrics: dict[str, Any]) -> list[str]:
         tuned = metrics.get("best") or metrics.get("final") or {}

@@ -5,8 +5,8 @@ template (DEFAULT_CHAT_TEMPLATE when it has none, saved with the artifact); Pred
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jinja2
 import numpy as np
@@ -25,6 +25,9 @@ from tuneforge.workers.tasks.text_generation.data import Conversation, Example, 
 from tuneforge.workers.tasks.text_generation.samples import Sample, answer, draw_samples, left_padded, scorer, shown
 from tuneforge.workers.tasks.text_generation.streaming import stream
 from tuneforge.workers.tasks.text_generation.token_loss import IGNORED, causal_lm_loss, scored_tokens
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
@@ -115,6 +118,26 @@ def encode(example: Example, tokenizer: Any, max_length: int, all_tokens: bool) 
     if all(label == IGNORED for label in labels[1:]):  # the first label is never predicted
         return None
     return {"input_ids": ids, "labels": labels}
+
+
+def encode_all(
+    items: Sequence[T], encode_one: Callable[[T], U | None], name: str, why: str, log: Callable[[str], None]
+) -> list[U]:
+    """Every item encoded, those that encode to nothing (`why`) left out and counted in the log; InvalidDataset,
+    prefixed with the file's name, when an item is bad or none is left."""
+    encoded = []
+    for item in items:
+        try:
+            result = encode_one(item)
+        except InvalidDataset as exc:
+            raise InvalidDataset(f"{name} {exc}") from exc
+        if result is not None:
+            encoded.append(result)
+    if items and not encoded:
+        raise InvalidDataset(f"{name}: no example is left: {why}")
+    if len(encoded) < len(items):
+        log(f"{len(items) - len(encoded)} {name} examples left out: {why}")
+    return encoded
 
 
 def collate(pad_id: int) -> Callable[[list[dict[str, list[int]]]], Batch]:
@@ -287,19 +310,13 @@ class TextGenerationRuntime:
         name: str,
         log: Callable[[str], None],
     ) -> list[dict[str, list[int]]]:
-        encoded = []
-        for example in examples:
-            try:
-                item = encode(example, tokenizer, max_length, everything)
-            except InvalidDataset as exc:
-                raise InvalidDataset(f"{name} {exc}") from exc
-            if item is not None:
-                encoded.append(item)
-        if examples and not encoded:
-            raise InvalidDataset(f"{name}: no example keeps a token to learn within {max_length} tokens")
-        if len(encoded) < len(examples):
-            log(f"{len(examples) - len(encoded)} {name} examples left out: nothing to learn within {max_length} tokens")
-        return encoded
+        return encode_all(
+            examples,
+            lambda example: encode(example, tokenizer, max_length, everything),
+            name,
+            f"nothing to learn within {max_length} tokens",
+            log,
+        )
 
     def decode(self, loaded: LoadedModel, value: str | bytes) -> Any:
         return str(value)
