@@ -156,3 +156,26 @@ def test_the_worker_stops_a_row_when_its_caller_goes_and_drops_a_batch_nobody_wa
     server.serve_one()
     server.serve_one()
     assert events == [] and cache.asked == 1, "neither batch loaded the model or wrote a token"
+
+
+def test_a_finished_row_leaves_the_batch_and_the_others_write_the_same(llama: tuple[Any, Any]) -> None:
+    """A short answer beside a long one: once it ends, the forward passes carry only the long row (and its cache),
+    and the long row writes exactly what it writes alone."""
+    model, _ = llama
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        requests = [
+            GenerationRequest(prompt=PROMPTS[0], max_new_tokens=2),
+            GenerationRequest(prompt=PROMPTS[1], max_new_tokens=20),
+        ]
+        together, _ = run(llama, requests)
+    finally:
+        hook.remove()
+    alone, _ = run(llama, [requests[1]])
+    assert text(together[1]) == text(alone[0]) and together[0][-1].finish in ("stop", "length")
+    short = together[0][-1].generated_tokens
+    assert widths == sorted(widths, reverse=True) and widths[0] == 2 and widths[-1] == 1, widths
+    assert widths.count(2) <= short, "the short row's last token is its last pass in the batch"

@@ -111,27 +111,39 @@ def stream(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     steps = 0
     keyword = cache_keyword(model)
+    live = list(range(len(rows)))
+    """The rows the batch still computes, in its order: a finished row leaves it (and its cache) at once."""
     with torch.inference_mode():
         out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        logits = out.logits[:, -1]
         while True:
             emit(close_rows(tokenizer, rows, gone()))
             if all(row.finish for row in rows):
                 return steps
-            chosen = next_tokens(out.logits[:, -1], rows)
-            emit(advance(tokenizer, rows, chosen, ends))
+            chosen = next_tokens(logits, [rows[index] for index in live])
+            emit(advance(tokenizer, rows, live, chosen, ends))
             if all(row.finish for row in rows):
                 return steps
-            step = torch.tensor([pad if row.finish else token for row, token in zip(rows, chosen, strict=True)])
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], -1)
+            keep = [place for place, index in enumerate(live) if not rows[index].finish]
+            if len(keep) < len(live) and hasattr(cache, "batch_select_indices"):
+                cache.batch_select_indices(torch.tensor(keep, device=device))
+                mask, positions = mask[keep], positions[keep]
+                live, chosen = [live[place] for place in keep], [chosen[place] for place in keep]
+            step = torch.tensor(
+                [pad if rows[index].finish else token for index, token in zip(live, chosen, strict=True)]
+            )
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], -1)
             positions = positions[:, -1:] + 1
-            kept = {keyword: out.get("cache") if out.get("cache") is not None else out.get("past_key_values")}
             out = model(
                 input_ids=step.to(device).unsqueeze(-1),
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=True,
-                **kept,
+                **{keyword: cache},
             )
+            cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+            logits = out.logits[:, -1]
             steps += 1
 
 
@@ -167,16 +179,22 @@ def close_rows(tokenizer: Any, rows: list[Row], gone: set[int]) -> list[Generate
     return closing
 
 
-def advance(tokenizer: Any, rows: list[Row], chosen: list[int], ends: set[int]) -> list[GeneratedPiece]:
-    """Each open row takes its token (an end token finishes it) and hands out the text that is ready."""
+def advance(
+    tokenizer: Any, rows: list[Row], live: list[int], chosen: list[int], ends: set[int]
+) -> list[GeneratedPiece]:
+    """Each open row of the batch (`live`, in its order, with `chosen` its tokens) takes its token (an end token
+    finishes it) and hands out the text that is ready."""
     pieces = []
-    for index, (row, token) in enumerate(zip(rows, chosen, strict=True)):
+    for index, token in zip(live, chosen, strict=True):
+        row = rows[index]
         if row.finish:
             continue
         if token in ends:
             row.finish = "stop"
         else:
             row.tokens.append(token)
+            if len(row.tokens) >= row.limit:
+                row.finish = "length"  # now, not a step later: the batch drops the row before its next pass
         piece = new_text(tokenizer, row, done=bool(row.finish))
         if row.finish:  # an end token, or a stop string new_text found
             pieces.append(GeneratedPiece(index, piece, len(row.tokens), row.finish, row.prompt_tokens))
