@@ -257,6 +257,7 @@ def _local_model(check: _Checker, base_model: str, model_roots: list[Path]) -> N
 
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 GGUF_SUFFIX = ".gguf"
+LANGUAGE = re.compile(r"[A-Za-z][A-Za-z ]{1,31}")
 GGUF_MAGIC = b"GGUF"
 
 
@@ -304,6 +305,8 @@ def _data(check: _Checker, data: pb.DataSpec) -> DataSettings:
         check.bad("data.validation_fraction", "give validation_file or validation_fraction, not both")
     check.int_range("data.max_sequence_length", data.max_sequence_length, 0, 8192)
     check.float_range("data.clip_seconds", data.clip_seconds, 0.0, 600.0)
+    if data.language and not LANGUAGE.fullmatch(data.language):
+        check.bad("data.language", f"a language code or name (letters, at most 32), got {data.language!r}")
     for column in ("text_column", "text_pair_column", "label_column", "file_column", "transcript_column"):
         if len(getattr(data, column)) > MAX_COLUMN_CHARS:
             check.bad(f"data.{column}", f"a column name of at most {MAX_COLUMN_CHARS} characters")
@@ -321,6 +324,7 @@ def _data(check: _Checker, data: pb.DataSpec) -> DataSettings:
         transcript_column=data.transcript_column or "transcript",
         train_on_all_tokens=data.train_on_all_tokens,
         packing=data.packing,
+        language=data.language.lower(),
     )
 
 

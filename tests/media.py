@@ -8,6 +8,7 @@ import random
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -194,3 +195,72 @@ def write_words_zip(path: Path, count: int, seed: int = 0) -> Path:
             rows.append({"file": name, "transcript": transcript.upper()})
         archive.writestr("metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+WHISPER_SPECIALS = ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|nocaptions|>")
+WHISPER_TAIL = ("<|notimestamps|>", "<|startoflm|>", "<|startofprev|>")
+
+
+def make_tiny_whisper(folder: Path, seed: int = 0, multilingual: bool = False) -> Path:
+    """A tiny Whisper (1 encoder and 1 decoder layer, d_model 64) with a byte-level BPE vocabulary of the tone 'words'
+    and Whisper's special tokens, its generation config set as the real tiny.en's is (or, multilingual, as the real
+    tiny's, with one language)."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        ["abc cab bca aa bb cc ab ba ca ac cb bc"] * 50,
+        vocab_size=280,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>"],
+    )
+    model_json = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_json["merges"]]
+    tokenizer: Any = WhisperTokenizer(
+        vocab=model_json["vocab"], merges=merges, additional_special_tokens=[*WHISPER_SPECIALS, *WHISPER_TAIL]
+    )
+    tokenizer.pad_token = tokenizer.eos_token
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (*WHISPER_SPECIALS, *WHISPER_TAIL)}
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_mel_bins=80,
+        max_source_positions=100,  # a 2-second window (Whisper's is 30 s: 1,500 positions), 15 times cheaper
+        max_target_positions=64,
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        is_multilingual=multilingual,
+        max_length=64,
+    )
+    if multilingual:
+        model.generation_config.lang_to_id = {"<|en|>": ids["<|en|>"]}
+        model.generation_config.task_to_id = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
+    model.save_pretrained(folder)
+    extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=2)
+    WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -112,6 +112,8 @@ class DataSettings:
     """Text generation: the loss covers every token, not only what the model should learn to write."""
     packing: bool = False
     """Text generation: short examples share sequences of max_sequence_length tokens (padding-free)."""
+    language: str = ""
+    """Encoder-decoder speech recognition: the utterances' language (empty: none or detected)."""
 
 
 @dataclass(frozen=True)

@@ -75,3 +75,69 @@ def test_bad_transcripts_and_long_clips_fail_precisely(tiny_ctc: Path, tmp_path:
     finished, _ = run(speech_spec(tiny_ctc, epochs=1, clip_seconds=1.0), rebuilt, tmp_path / "work")
     assert (finished.outcome, finished.reason) == (Outcome.FAILED, "INVALID_DATASET")
     assert "long.zip:metadata.jsonl line 7 (long.wav): 2.2 s is longer than data.clip_seconds (1 s)" in finished.message
+
+
+def test_a_whisper_model_learns_the_words_and_its_artifact_transcribes(tmp_path: Path) -> None:
+    """The encoder-decoder family: decoder labels behind Whisper's prefix tokens, transcripts generated at every
+    evaluation (WER and CER), the artifact reloaded as AutoModelForSpeechSeq2Seq and answering Predict, ONNX refused
+    with its reason, and data.language refused for an English-only model."""
+    import random
+
+    from transformers import AutoModelForSpeechSeq2Seq
+
+    from tests.media import make_tiny_whisper
+    from tuneforge.workers.core.export import ExportFailed, ExportFormat, export_model
+    from tuneforge.workers.core.prediction import load_model
+
+    whisper = make_tiny_whisper(tmp_path / "whisper")
+    archive = write_words_zip(tmp_path / "words.zip", 60)
+    spec = speech_spec(whisper, epochs=25)
+    finished, events = run(spec, archive, tmp_path / "work")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    assert any("encoder-decoder (WhisperForConditionalGeneration)" in e.message for e in of_type(events, LogEmitted))
+    evaluations = [e.metrics for e in of_type(events, EvaluationDone)]
+    assert {"eval_loss", "eval_wer", "eval_cer"} <= set(evaluations[0])
+    assert min(m["eval_cer"] for m in evaluations) <= 0.6  # outputting nothing scores 1
+    with tarfile.open(tmp_path / "work" / "artifact.tar") as tar:
+        tar.extractall(tmp_path / "model", filter="data")
+    assert (
+        type(AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "model")).__name__
+        == "WhisperForConditionalGeneration"
+    )
+    loaded = load_model(tmp_path / "model")
+    clips = [spoken_word(word, random.Random(3)) for word in ("abc", "ca")]
+    answers = loaded.answer([loaded.decode(("audio", clip)) for clip in clips], top_k=1)
+    assert [set(answer) for answer in answers] == [{"transcript"}, {"transcript"}]
+    assert all(isinstance(answer["transcript"], str) for answer in answers)
+    with pytest.raises(ExportFailed) as refused:
+        export_model(tmp_path / "model", ExportFormat.ONNX)
+    assert refused.value.reason == "EXPORT_UNSUPPORTED" and "token by token" in refused.value.message
+
+    language = dataclasses.replace(spec, data=dataclasses.replace(spec.data, language="en"))
+    finished, _ = run(language, archive, tmp_path / "refused")
+    assert (finished.outcome, finished.reason) == (Outcome.FAILED, "INVALID_SPEC")
+    assert "the base model is English-only" in finished.message
+
+
+def test_a_multilingual_whisper_detects_the_language_or_takes_it_from_the_spec(tmp_path: Path) -> None:
+    """Without data.language the model's own detection on the first training clips chooses (and the log says so);
+    with it, the labels carry that language and task token; the artifact's generation config keeps the language."""
+    from tests.media import make_tiny_whisper
+
+    whisper = make_tiny_whisper(tmp_path / "whisper", multilingual=True)
+    archive = write_words_zip(tmp_path / "words.zip", 10)
+    spec = speech_spec(whisper, epochs=1)
+    finished, events = run(spec, archive, tmp_path / "detected")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    logs = [e.message for e in of_type(events, LogEmitted)]
+    assert "data.language unset: the model hears 'en' in the first training clips, and trains with it" in logs
+    given = dataclasses.replace(spec, data=dataclasses.replace(spec.data, language="english"))
+    finished, events = run(given, archive, tmp_path / "given")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+    assert any(", language english;" in e.message for e in of_type(events, LogEmitted))
+    with tarfile.open(tmp_path / "given" / "artifact.tar") as tar:
+        generation = json.loads(tar.extractfile("generation_config.json").read())  # type: ignore[union-attr]
+    assert (generation["language"], generation["task"]) == ("english", "transcribe")
+    unknown = dataclasses.replace(spec, data=dataclasses.replace(spec.data, language="klingon"))
+    finished, _ = run(unknown, archive, tmp_path / "unknown")
+    assert (finished.outcome, finished.reason) == (Outcome.FAILED, "INVALID_SPEC") and "klingon" in finished.message

@@ -32,6 +32,7 @@ GIVEN = {
     "data.packing": True,
     "evaluation.generation_samples": 4,
     "hyperparameters.preference_beta": 0.5,
+    "data.language": "en",
 }
 """A valid, non-default value for every task-specific field."""
 TASK_NAMES = list(registry.definitions())

@@ -22,6 +22,7 @@ from torch.jit._trace import TracerWarning
 from tuneforge.workers.core.lineage import file_digest
 from tuneforge.workers.core.prediction import LoadedModel, load_model
 from tuneforge.workers.messages import Severity
+from tuneforge.workers.tasks.runtime import export_refusal
 
 EXPORTS = "exports"
 CHECKS = "checks.json"
@@ -189,7 +190,7 @@ def _merged_lora(folder: Path, loaded: LoadedModel) -> ExportCheck:
 def export_model(folder: Path, format: ExportFormat, opset: int = DEFAULT_OPSET) -> ExportResult:
     """Makes and checks one export of the artifact folder; ExportFailed with the reason when it cannot."""
     loaded = load_model(folder)
-    refusal = loaded.runtime.export_refusals.get(format.value)
+    refusal = export_refusal(loaded, format.value)
     if refusal:
         raise ExportFailed("EXPORT_UNSUPPORTED", refusal)
     out = folder / EXPORTS

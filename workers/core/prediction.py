@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from tuneforge.workers.core.artifact import load_artifact_model
 from tuneforge.workers.core.errors import InvalidDataset
@@ -40,7 +41,7 @@ from tuneforge.workers.messages import (
 )
 from tuneforge.workers.remote_storage import filesystem, get_folder, is_remote
 from tuneforge.workers.tasks import registry
-from tuneforge.workers.tasks.runtime import GeneratingRuntime, TaskRuntime, auto_class
+from tuneforge.workers.tasks.runtime import GeneratingRuntime, TaskRuntime, auto_class, model_class_of
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def load_model(folder: Path) -> LoadedModel:
     """The artifact folder's model (a custom head rebuilt) and processor, by the task its job_spec.json names."""
     spec = json.loads((folder / "job_spec.json").read_text())
     runtime = registry.runtime(spec["task"])
-    model = load_artifact_model(folder, auto_class(runtime.model_class))
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    model = load_artifact_model(folder, model_class_of(runtime, config))
     return as_loaded(model, auto_class(runtime.processor_class).from_pretrained(str(folder)), spec)
 
 

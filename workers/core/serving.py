@@ -19,7 +19,7 @@ from torch import nn
 from tuneforge.workers.core.artifact import HEAD_CONFIG_KEY, spec_to_json
 from tuneforge.workers.spec import Activation, HeadSettings, LoraSettings, TrainingSpec
 from tuneforge.workers.tasks import registry
-from tuneforge.workers.tasks.runtime import auto_class
+from tuneforge.workers.tasks.runtime import auto_class, model_class_of
 
 SERVING = "serving"
 SPEC_FILE = "job_spec.json"
@@ -55,9 +55,9 @@ def rebuild(serving: Path, weights: Path) -> tuple[nn.Module, Any, dict[str, Any
 
     spec = json.loads((serving / SPEC_FILE).read_text())
     runtime = registry.runtime(spec["task"])
-    model_class, processor_class = auto_class(runtime.model_class), auto_class(runtime.processor_class)
     config = AutoConfig.from_pretrained(str(serving), trust_remote_code=False)
-    model: Any = model_class.from_config(config)
+    model: Any = model_class_of(runtime, config).from_config(config)
+    processor_class = auto_class(runtime.processor_class)
     head = getattr(config, HEAD_CONFIG_KEY, None)
     if head:
         settings = HeadSettings(tuple(head["hidden_sizes"]), Activation(head["activation"]), head["dropout"])

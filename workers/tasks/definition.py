@@ -21,6 +21,7 @@ TASK_FIELDS = (
     "data.packing",
     "evaluation.generation_samples",
     "hyperparameters.preference_beta",
+    "data.language",
 )
 """JobSpec fields that only some tasks read. A task lists those it reads in `TaskDefinition.reads`; a request that
 sets one its task does not read is refused (naming the tasks that do), never silently ignored. Every other field

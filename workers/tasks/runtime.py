@@ -83,6 +83,20 @@ def logits_of(loaded: LoadedModel, decoded: list[Any]) -> torch.Tensor:
     return logits
 
 
+def model_class_of(runtime: TaskRuntime, config: Any) -> Any:
+    """The auto class a task's model loads with: its runtime's `model_class`, or, for a task with several model
+    families (CTC and encoder-decoder speech recognition), the one `model_class_for(config)` names."""
+    choose = getattr(runtime, "model_class_for", None)
+    return auto_class(choose(config) if choose is not None else runtime.model_class)
+
+
+def export_refusal(loaded: LoadedModel, format: str) -> str | None:
+    """Why this model cannot be exported in this format (None when it can): the runtime's `export_refusal_for`
+    when its families differ, else its `export_refusals`."""
+    choose = getattr(loaded.runtime, "export_refusal_for", None)
+    return choose(loaded, format) if choose is not None else loaded.runtime.export_refusals.get(format)
+
+
 def auto_class(name: str) -> Any:
     """A transformers auto class by name (imported when first used)."""
     import transformers
@@ -97,7 +111,8 @@ def import_every_runtime() -> None:
 
     for name in registry.definitions():
         runtime = registry.runtime(name)
-        auto_class(runtime.model_class)
+        for model_class in getattr(runtime, "model_classes", (runtime.model_class,)):
+            auto_class(model_class)
         auto_class(runtime.processor_class)
     import peft  # noqa: F401  # LoRA
     import transformers.trainer_utils  # noqa: F401  # set_seed

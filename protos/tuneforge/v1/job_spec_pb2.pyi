@@ -262,6 +262,7 @@ class DataSpec(_message.Message):
     SHOTS_PER_CLASS_FIELD_NUMBER: _builtins.int
     TRAIN_ON_ALL_TOKENS_FIELD_NUMBER: _builtins.int
     PACKING_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
     training_file: _builtins.str
     """Training data, `files/{file}`. Text: JSONL (one object a line) or CSV with a header row. Images and audio: a
     .zip or .tar(.gz) archive of class folders (`cat/001.jpg`), or with a `metadata.jsonl` (or `metadata.csv`)
@@ -304,6 +305,11 @@ class DataSpec(_message.Message):
     """Text generation: pack several short examples into each sequence of `max_sequence_length` tokens, positions
     restarting per example and no attention across examples, so that no compute goes to padding.
     """
+    language: _builtins.str
+    """Speech recognition with an encoder-decoder model (Whisper): the language of the utterances, as a code (`en`,
+    `de`) or a name (`german`). Empty: an English-only model needs none, a multilingual one detects it from the
+    training clips (the choice is logged).
+    """
     @_builtins.property
     def augmentation(self) -> Global___Augmentation:
         """Train-time augmentation (never applied in evaluation)."""
@@ -325,10 +331,11 @@ class DataSpec(_message.Message):
         shots_per_class: _builtins.int = ...,
         train_on_all_tokens: _builtins.bool = ...,
         packing: _builtins.bool = ...,
+        language: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation", "clip_seconds", b"clip_seconds", "file_column", b"file_column", "label_column", b"label_column", "max_sequence_length", b"max_sequence_length", "packing", b"packing", "shots_per_class", b"shots_per_class", "text_column", b"text_column", "text_pair_column", b"text_pair_column", "train_on_all_tokens", b"train_on_all_tokens", "training_file", b"training_file", "transcript_column", b"transcript_column", "validation_file", b"validation_file", "validation_fraction", b"validation_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation", "clip_seconds", b"clip_seconds", "file_column", b"file_column", "label_column", b"label_column", "language", b"language", "max_sequence_length", b"max_sequence_length", "packing", b"packing", "shots_per_class", b"shots_per_class", "text_column", b"text_column", "text_pair_column", b"text_pair_column", "train_on_all_tokens", b"train_on_all_tokens", "training_file", b"training_file", "transcript_column", b"transcript_column", "validation_file", b"validation_file", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,11 +16,20 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModelForCTC,
+    AutoModelForSpeechSeq2Seq,
+    AutoProcessor,
+    AutoTokenizer,
+    Wav2Vec2CTCTokenizer,
+    Wav2Vec2Processor,
+)
 
 from tuneforge.workers.core.archives import ArchiveLimits, archive_limits, extract_archive
 from tuneforge.workers.core.audio import AUDIO_EXTENSIONS, check_audio, load_mono, sample_wav
-from tuneforge.workers.core.errors import InvalidDataset
+from tuneforge.workers.core.errors import InvalidDataset, JobFailure
 from tuneforge.workers.core.evaluation import Evaluation
 from tuneforge.workers.core.media_data import MediaItem, find_items
 from tuneforge.workers.core.models import load_pretrained
@@ -29,11 +38,25 @@ from tuneforge.workers.core.splits import stratified_split
 from tuneforge.workers.messages import DataFile, RunJob
 from tuneforge.workers.spec import DataSettings
 from tuneforge.workers.tasks.runtime import logits_of
+from tuneforge.workers.tasks.speech_recognition.seq2seq import (
+    Seq2SeqSpeechDataset,
+    collate_seq2seq,
+    evaluate_seq2seq,
+    is_seq2seq,
+    prefix,
+    seq2seq_loss,
+    transcribe,
+)
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
 
 DEFAULT_MAX_SECONDS = 30.0
+SEQ2SEQ_EXPORT_REFUSAL = (
+    "an encoder-decoder speech model writes its transcript token by token with a key-value cache, which a single "
+    "traced graph does not capture; use the Hugging Face folder (HUGGING_FACE) with transformers or a runtime built "
+    "for Whisper"
+)
 MAX_TRANSCRIPT_CHARS = 100_000
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "delimiter": "|"}
 ERROR_EXAMPLES = 10
@@ -142,10 +165,23 @@ def evaluate_ctc(tokenizer: Any) -> Callable[..., Evaluation]:
 
 
 class SpeechRecognitionRuntime:
-    """CTC fine-tuning of wav2vec2, HuBERT, WavLM and other AutoModelForCTC models."""
+    """Two families: CTC fine-tuning of wav2vec2, HuBERT, WavLM and other AutoModelForCTC models, and sequence-to-
+    sequence fine-tuning of Whisper and other AutoModelForSpeechSeq2Seq models (seq2seq.py); the base model's config
+    says which."""
 
     model_class = "AutoModelForCTC"
+    model_classes = ("AutoModelForCTC", "AutoModelForSpeechSeq2Seq")
     processor_class = "AutoProcessor"
+
+    @staticmethod
+    def model_class_for(config: Any) -> str:
+        return "AutoModelForSpeechSeq2Seq" if is_seq2seq(config) else "AutoModelForCTC"
+
+    def export_refusal_for(self, loaded: LoadedModel, format: str) -> str | None:
+        if is_seq2seq(loaded.model.config) and format in ("onnx", "torchscript"):
+            return SEQ2SEQ_EXPORT_REFUSAL
+        return self.export_refusals.get(format)
+
     export_tolerance = 1e-3
     """As for audio classification: the feature encoder's float32 rounding over 10 s of samples."""
     export_refusals: Mapping[str, str] = {}
@@ -163,10 +199,18 @@ class SpeechRecognitionRuntime:
             )
         else:
             validation = []
+        seq2seq = is_seq2seq(self._config(spec.base_model))
+        processor = load_pretrained(AutoProcessor, spec.base_model) if seq2seq else None
+        if processor is not None:  # the encoder hears one window (Whisper's 30 s): a longer clip cannot be heard whole
+            max_seconds = min(max_seconds, float(processor.feature_extractor.chunk_length))
         for item in (*train, *validation):
             if not item.target:
                 raise InvalidDataset(f"{item.source}: the transcript is empty")
             check_audio(item, max_seconds)
+        if processor is not None:
+            return self._prepare_seq2seq(job, processor, train, validation, log)
+        if spec.data.language:
+            raise JobFailure("INVALID_SPEC", "data.language applies to encoder-decoder models (Whisper), not to CTC")
         extractor = load_pretrained(AutoFeatureExtractor, spec.base_model)
         tokenizer = self._tokenizer(spec.base_model, [i.target for i in train], work_dir / "vocabulary", log)
         processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
@@ -198,6 +242,41 @@ class SpeechRecognitionRuntime:
         )
 
     @staticmethod
+    def _config(base_model: str) -> Any:
+        """The base model's config, which says its family (loading it fails the way loading the model would)."""
+        return load_pretrained(AutoConfig, base_model)
+
+    @staticmethod
+    def _prepare_seq2seq(
+        job: RunJob, processor: Any, train: list[MediaItem], validation: list[MediaItem], log: Callable[[str], None]
+    ) -> PreparedTask:
+        spec = job.spec
+        window = float(processor.feature_extractor.chunk_length)
+        model = load_pretrained(AutoModelForSpeechSeq2Seq, spec.base_model, use_safetensors=True)
+        start = int(model.config.decoder_start_token_id)
+        train_set = Seq2SeqSpeechDataset(train, processor, start)
+        language = prefix(model, processor, spec.data.language, log, train_set)
+        model.generation_config.forced_decoder_ids = None  # the language and task come from the prefix tokens
+        if language:
+            model.generation_config.language, model.generation_config.task = language, "transcribe"
+        log(
+            f"read {len(train)} training and {len(validation)} validation utterances; encoder-decoder "
+            f"({type(model).__name__}){f', language {language}' if language else ''}; every clip is padded to the "
+            f"{window:g}-second input window"
+        )
+        return PreparedTask(
+            model=model,
+            processor=processor,
+            train_set=train_set,  # type: ignore[arg-type]
+            validation_set=Seq2SeqSpeechDataset(validation, processor, start),  # type: ignore[arg-type]
+            collate=collate_seq2seq,
+            labels=[],
+            train_labels=[],
+            compute_loss=seq2seq_loss,
+            evaluate=evaluate_seq2seq(processor.tokenizer, language, normalise),
+        )
+
+    @staticmethod
     def _tokenizer(base_model: str, transcripts: list[str], folder: Path, log: Callable[[str], None]) -> Any:
         """The model's own CTC tokenizer when it has one; otherwise one built from the transcripts."""
         try:
@@ -221,13 +300,23 @@ class SpeechRecognitionRuntime:
     def batch(self, loaded: LoadedModel, decoded: list[Any]) -> Batch:
         extractor = loaded.processor.feature_extractor
         rate = int(extractor.sampling_rate)
+        if is_seq2seq(loaded.model.config):
+            return {"input_features": extractor(decoded, sampling_rate=rate, return_tensors="pt")["input_features"]}
         return dict(
             extractor(decoded, sampling_rate=rate, return_tensors="pt", padding=True, return_attention_mask=True)
         )
 
     def answer(self, loaded: LoadedModel, decoded: list[Any], top_k: int) -> list[dict[str, Any]]:
-        """Greedy CTC decoding, normalised as training's references were."""
-        texts = loaded.processor.tokenizer.batch_decode(logits_of(loaded, decoded).argmax(dim=-1))
+        """Greedy decoding (CTC, or the encoder-decoder's `generate`), normalised as training's references were."""
+        tokenizer = loaded.processor.tokenizer
+        if is_seq2seq(loaded.model.config):
+            features = loaded.batch(decoded)["input_features"].to(next(loaded.model.parameters()).device)
+            with torch.inference_mode():
+                written = transcribe(loaded.model, features, "")  # the language the model was tuned in
+            return [
+                {"transcript": normalise(text)} for text in tokenizer.batch_decode(written, skip_special_tokens=True)
+            ]
+        texts = tokenizer.batch_decode(logits_of(loaded, decoded).argmax(dim=-1))
         return [{"transcript": normalise(text)} for text in texts]
 
     def sample_input(self, rng: np.random.Generator, index: int) -> tuple[str, bytes | str]:
