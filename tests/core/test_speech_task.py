@@ -141,3 +141,47 @@ def test_a_multilingual_whisper_detects_the_language_or_takes_it_from_the_spec(t
     unknown = dataclasses.replace(spec, data=dataclasses.replace(spec.data, language="klingon"))
     finished, _ = run(unknown, archive, tmp_path / "unknown")
     assert (finished.outcome, finished.reason) == (Outcome.FAILED, "INVALID_SPEC") and "klingon" in finished.message
+
+
+@pytest.mark.parametrize("method", ["frozen_backbone", "lora"])
+def test_whisper_trains_with_its_encoder_frozen_or_with_lora_in_encoder_and_decoder(
+    method: str, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSpeechSeq2Seq
+
+    from tests.media import make_tiny_whisper
+    from tuneforge.workers.core.adaptation import apply_adaptation
+    from tuneforge.workers.core.lora import apply_lora, default_target_modules
+    from tuneforge.workers.spec import AdaptationMethod, AdaptationSettings, LoraSettings
+
+    whisper = make_tiny_whisper(tmp_path / "whisper")
+    model = AutoModelForSpeechSeq2Seq.from_pretrained(whisper)
+    if method == "frozen_backbone":
+        apply_adaptation(model, AdaptationSettings(method=AdaptationMethod.FROZEN_BACKBONE))
+        assert not any(p.requires_grad for p in model.get_encoder().parameters())
+        assert all(p.requires_grad for p in model.get_decoder().parameters())
+    else:
+        assert default_target_modules(model) == ["q_proj", "v_proj"]
+        wrapped = apply_lora(model, LoraSettings(rank=4, alpha=8))
+        adapted = {name.split(".lora_A")[0] for name, _ in wrapped.named_parameters() if ".lora_A" in name}
+        assert any(".encoder." in name for name in adapted) and any(".decoder." in name for name in adapted)
+        assert not any(p.requires_grad for n, p in wrapped.named_parameters() if "lora_" not in n)
+    spec = speech_spec(whisper, epochs=2)
+    spec = dataclasses.replace(spec, adaptation=AdaptationSettings(method=AdaptationMethod(method)))
+    finished, _ = run(spec, write_words_zip(tmp_path / "words.zip", 10), tmp_path / "work")
+    assert finished.outcome is Outcome.SUCCEEDED, finished.message
+
+
+def test_a_whisper_job_resumes_exactly(tmp_path: Path) -> None:
+    from tests.core.test_resume import assert_same_run, interrupted_then_resumed
+    from tests.media import make_tiny_whisper
+
+    whisper = make_tiny_whisper(tmp_path / "whisper")
+    archive = write_words_zip(tmp_path / "words.zip", 20)
+    spec = speech_spec(whisper, epochs=3)
+    spec = dataclasses.replace(spec, evaluation=EvaluationSettings(log_every_steps=1, checkpoint_every_steps=2))
+    plain, _ = run(spec, archive, tmp_path / "plain")
+    assert plain.outcome is Outcome.SUCCEEDED, plain.message
+    events = interrupted_then_resumed(spec, archive, tmp_path / "resumed", stop_at=3)
+    assert "resumed from the checkpoint at step 2 (attempt 1)" in [e.message for e in of_type(events, LogEmitted)]
+    assert_same_run(tmp_path / "plain", tmp_path / "resumed")

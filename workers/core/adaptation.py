@@ -140,7 +140,7 @@ def apply_adaptation(model: nn.Module, settings: AdaptationSettings) -> Trainabl
         case AdaptationMethod.LORA:
             pass
         case AdaptationMethod.FROZEN_BACKBONE:
-            _set_trainable(list(backbone_of(model).parameters()), False)
+            _set_trainable(list(frozen_part(model).parameters()), False)
         case AdaptationMethod.FREEZE_FIRST_BLOCKS:
             _freeze_bottom(model, settings.num_frozen_blocks, "adaptation.num_frozen_blocks")
         case AdaptationMethod.LAST_BLOCKS_TRAINABLE:
@@ -150,6 +150,18 @@ def apply_adaptation(model: nn.Module, settings: AdaptationSettings) -> Trainabl
         case AdaptationMethod.GRADUAL_UNFREEZING:
             _set_trainable(list(backbone_of(model).parameters()), False)
     return summarize(model)
+
+
+def frozen_part(model: nn.Module) -> nn.Module:
+    """What FROZEN_BACKBONE freezes: the backbone, or for an encoder-decoder (Whisper) its encoder alone, since the
+    decoder writes the task's output as a classifier's head does (and is tied to the output layer)."""
+    config = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if getattr(config, "is_encoder_decoder", False) and callable(get_encoder):
+        encoder = get_encoder()
+        if isinstance(encoder, nn.Module):
+            return encoder
+    return backbone_of(model)
 
 
 def keep_feature_encoder_frozen(model: nn.Module) -> None:

@@ -436,7 +436,9 @@ class Adaptation(_message.Message):
         FULL: Adaptation._Method.ValueType  # 1
         """Every weight trains (the default)."""
         FROZEN_BACKBONE: Adaptation._Method.ValueType  # 2
-        """The backbone is frozen; only the head trains."""
+        """The backbone is frozen; only the head trains. For an encoder-decoder speech model (Whisper) the encoder is
+        frozen and the decoder trains.
+        """
         FREEZE_FIRST_BLOCKS: Adaptation._Method.ValueType  # 3
         """The embeddings and the first `num_frozen_blocks` blocks are frozen; the rest trains."""
         LORA: Adaptation._Method.ValueType  # 4
@@ -453,7 +455,9 @@ class Adaptation(_message.Message):
     FULL: Adaptation.Method.ValueType  # 1
     """Every weight trains (the default)."""
     FROZEN_BACKBONE: Adaptation.Method.ValueType  # 2
-    """The backbone is frozen; only the head trains."""
+    """The backbone is frozen; only the head trains. For an encoder-decoder speech model (Whisper) the encoder is
+    frozen and the decoder trains.
+    """
     FREEZE_FIRST_BLOCKS: Adaptation.Method.ValueType  # 3
     """The embeddings and the first `num_frozen_blocks` blocks are frozen; the rest trains."""
     LORA: Adaptation.Method.ValueType  # 4
