@@ -401,3 +401,39 @@ def test_generative_jobs_resume_exactly_after_a_worker_sigkill_and_a_pause(
         assert reference.state == STATE.SUCCEEDED, reference.error
         client.download_artifact(reference.name, tmp_path / f"{name}-reference.tar")
         assert_same_model(tmp_path / f"{name}-interrupted.tar", tmp_path / f"{name}-reference.tar")
+
+
+def test_a_whisper_speech_recognition_job_through_the_server(
+    client: TuneforgeClient, model_root: Path, tmp_path: Path
+) -> None:
+    """The encoder-decoder family end to end: it trains, its transcripts match the downloaded artifact's own
+    `generate`, Predict answers with transcripts, and ONNX is refused with the reason."""
+    from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+
+    from tests.media import make_tiny_whisper
+
+    whisper = make_tiny_whisper(model_root / "tiny-whisper")
+    train = client.upload_file(write_words_zip(tmp_path / "train.zip", 60, seed=1)).name
+    validation_zip = write_words_zip(tmp_path / "validation.zip", 8, seed=2)
+    validation = client.upload_file(validation_zip).name
+    spec = media_spec(pb.SPEECH_RECOGNITION, whisper, train, validation, 25, 3e-3, "eval_cer")
+    job, losses, folder = finish(client, spec, tmp_path)
+    assert losses[-1] < losses[0] / 2 and job.best_metrics["eval_cer"] <= CER_BOUND
+
+    with zipfile.ZipFile(validation_zip) as zipped:
+        rows = [json.loads(line) for line in zipped.read("metadata.jsonl").decode().splitlines()]
+        clips = [zipped.read(row["file"]) for row in rows[:3]]
+    answers = client.predict(job.name, audio=clips)
+    model = AutoModelForSpeechSeq2Seq.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    waves = [soundfile.read(io.BytesIO(clip), dtype="float32")[0] for clip in clips]
+    with torch.inference_mode():
+        features = processor.feature_extractor(waves, sampling_rate=16000, return_tensors="pt").input_features
+        written = processor.batch_decode(
+            model.generate(input_features=features, max_new_tokens=60), skip_special_tokens=True
+        )
+    assert [a.transcript for a in answers] == [" ".join(text.lower().split()) for text in written]
+
+    onnx = refused(lambda: client.export_model(job.name, pb.ONNX, tmp_path / "model.onnx"))
+    assert onnx.code == grpc.StatusCode.FAILED_PRECONDITION and onnx.reason == "EXPORT_UNSUPPORTED"
+    assert "token by token" in onnx.message
