@@ -46,7 +46,6 @@ class _Row:
     deadline: float
     pieces: asyncio.Queue[GeneratedPiece | ApiError] = field(default_factory=asyncio.Queue)
     batch: int = 0
-    worker: str = ""
     index: int = 0
     tokens: int = 0
     """Tokens written so far (for the metric)."""
@@ -155,7 +154,7 @@ class Generations:
             return
         batch = next(self._ids)
         for index, row in enumerate(rows):
-            row.batch, row.worker, row.index = batch, worker, index
+            row.batch, row.index = batch, index
         command = GenerateBatch(
             batch,
             key[0],

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-import jiwer
 import numpy as np
 import torch
 from torch import nn
@@ -39,7 +38,6 @@ from tuneforge.workers.messages import DataFile, RunJob
 from tuneforge.workers.spec import DataSettings
 from tuneforge.workers.tasks.runtime import logits_of
 from tuneforge.workers.tasks.speech_recognition.seq2seq import (
-    Seq2SeqSpeechDataset,
     collate_seq2seq,
     evaluate_seq2seq,
     is_seq2seq,
@@ -47,6 +45,7 @@ from tuneforge.workers.tasks.speech_recognition.seq2seq import (
     seq2seq_loss,
     transcribe,
 )
+from tuneforge.workers.tasks.speech_recognition.transcripts import SpeechDataset, normalise, transcript_evaluation
 
 if TYPE_CHECKING:
     from tuneforge.workers.core.prediction import LoadedModel
@@ -59,7 +58,6 @@ SEQ2SEQ_EXPORT_REFUSAL = (
 )
 MAX_TRANSCRIPT_CHARS = 100_000
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "delimiter": "|"}
-ERROR_EXAMPLES = 10
 FIXED_SECONDS = 10.0
 """The clip length a TorchScript export is traced at."""
 ERRORS_SECTION = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
@@ -68,11 +66,6 @@ ERRORS_SECTION = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUnde
 {% for example in error_examples %}<tr><td>{{ example.reference }}</td><td>{{ example.hypothesis }}</td></tr>
 {% endfor %}</table>{% endif %}"""
 )
-
-
-def normalise(transcript: str) -> str:
-    """Lower case with single spaces: the form the vocabulary and the error rates use."""
-    return " ".join(transcript.lower().split())
 
 
 def build_tokenizer(transcripts: list[str], folder: Path) -> Any:
@@ -98,24 +91,6 @@ def load_items(
         data_root, file.filename, settings, AUDIO_EXTENSIONS, settings.transcript_column, MAX_TRANSCRIPT_CHARS
     )
     return [MediaItem(item.path, normalise(item.target), item.source) for item in items]
-
-
-class SpeechDataset(torch.utils.data.Dataset[dict[str, Any]]):
-    """Decodes lazily; each item is the extractor's input values and the transcript's token ids."""
-
-    def __init__(self, items: list[MediaItem], processor: Any):
-        self.items = items
-        self.processor = processor
-        self.rate = int(processor.feature_extractor.sampling_rate)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        wave = load_mono(item.path, item.source, self.rate)
-        values = self.processor.feature_extractor(wave.numpy(), sampling_rate=self.rate, return_tensors="pt")
-        return {"input_values": values["input_values"][0], "labels": self.processor.tokenizer(item.target).input_ids}
 
 
 def collate_speech(items: list[dict[str, Any]]) -> Batch:
@@ -153,13 +128,7 @@ def evaluate_ctc(tokenizer: Any) -> Callable[..., Evaluation]:
                 labels = batch["labels"].cpu().masked_fill(batch["labels"].cpu() == -100, tokenizer.pad_token_id)
                 references += tokenizer.batch_decode(labels, group_tokens=False)
         model.train()
-        hypotheses = [normalise(h) for h in hypotheses]
-        references = [normalise(r) for r in references]
-        wer = jiwer.wer(references, hypotheses) if references else 0.0
-        cer = jiwer.cer(references, hypotheses) if references else 0.0
-        errors = [{"reference": r, "hypothesis": h} for r, h in zip(references, hypotheses, strict=True) if r != h]
-        metrics = {"eval_loss": total_loss / max(1, count), "eval_wer": float(wer), "eval_cer": float(cer)}
-        return Evaluation(metrics, {"error_examples": errors[:ERROR_EXAMPLES], "utterances": len(references)})
+        return transcript_evaluation(total_loss, count, references, hypotheses)
 
     return run
 
@@ -254,7 +223,7 @@ class SpeechRecognitionRuntime:
         window = float(processor.feature_extractor.chunk_length)
         model = load_pretrained(AutoModelForSpeechSeq2Seq, spec.base_model, use_safetensors=True)
         start = int(model.config.decoder_start_token_id)
-        train_set = Seq2SeqSpeechDataset(train, processor, start)
+        train_set = SpeechDataset(train, processor, start)
         language = prefix(model, processor, spec.data.language, log, train_set)
         model.generation_config.forced_decoder_ids = None  # the language and task come from the prefix tokens
         if language:
@@ -268,12 +237,12 @@ class SpeechRecognitionRuntime:
             model=model,
             processor=processor,
             train_set=train_set,  # type: ignore[arg-type]
-            validation_set=Seq2SeqSpeechDataset(validation, processor, start),  # type: ignore[arg-type]
+            validation_set=SpeechDataset(validation, processor, start),  # type: ignore[arg-type]
             collate=collate_seq2seq,
             labels=[],
             train_labels=[],
             compute_loss=seq2seq_loss,
-            evaluate=evaluate_seq2seq(processor.tokenizer, language, normalise),
+            evaluate=evaluate_seq2seq(processor.tokenizer, language),
         )
 
     @staticmethod

@@ -11,16 +11,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import jiwer
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tuneforge.workers.core.audio import load_mono
 from tuneforge.workers.core.errors import JobFailure
 from tuneforge.workers.core.evaluation import Evaluation
-from tuneforge.workers.core.media_data import MediaItem
 from tuneforge.workers.core.prepared_task import Batch
+from tuneforge.workers.tasks.speech_recognition.transcripts import SpeechDataset, transcript_evaluation
 
 IGNORED = -100
 MAX_NEW_TOKENS = 225
@@ -28,7 +26,6 @@ MAX_NEW_TOKENS = 225
 PROMPT_TOKENS = 4
 """The decoder prompt's tokens at most: start of transcript, language, task, no timestamps."""
 DETECTION_CLIPS = 8
-ERROR_EXAMPLES = 10
 
 
 def is_seq2seq(config: Any) -> bool:
@@ -40,29 +37,6 @@ def multilingual(model: Any) -> bool:
         getattr(model.generation_config, "is_multilingual", False)
         or getattr(model.generation_config, "lang_to_id", None)
     )
-
-
-class Seq2SeqSpeechDataset(torch.utils.data.Dataset[dict[str, Any]]):
-    """Decodes lazily: each item is the clip's log-mel features and its transcript's label ids (the decoder start
-    token left out: the model puts it back when it shifts the labels right)."""
-
-    def __init__(self, items: list[MediaItem], processor: Any, start_token: int):
-        self.items = items
-        self.processor = processor
-        self.start_token = start_token
-        self.rate = int(processor.feature_extractor.sampling_rate)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        wave = load_mono(item.path, item.source, self.rate)
-        features = self.processor.feature_extractor(wave.numpy(), sampling_rate=self.rate, return_tensors="pt")
-        labels = list(self.processor.tokenizer(item.target).input_ids)
-        if labels and labels[0] == self.start_token:
-            labels = labels[1:]
-        return {"input_features": features["input_features"][0], "labels": labels}
 
 
 def collate_seq2seq(items: list[dict[str, Any]]) -> Batch:
@@ -92,7 +66,7 @@ def transcribe(model: Any, features: torch.Tensor, language: str) -> torch.Tenso
     return produced
 
 
-def detect_language(model: Any, dataset: Seq2SeqSpeechDataset) -> str:
+def detect_language(model: Any, dataset: SpeechDataset) -> str:
     """The language most of the first few training clips are in, by the model's own detection."""
     features = torch.stack([dataset[index]["input_features"] for index in range(min(DETECTION_CLIPS, len(dataset)))])
     with torch.inference_mode():
@@ -102,7 +76,7 @@ def detect_language(model: Any, dataset: Seq2SeqSpeechDataset) -> str:
     return code.strip("<|>")
 
 
-def prefix(model: Any, processor: Any, language: str, log: Callable[[str], None], data: Seq2SeqSpeechDataset) -> str:
+def prefix(model: Any, processor: Any, language: str, log: Callable[[str], None], data: SpeechDataset) -> str:
     """Sets the tokenizer's language and task tokens for the labels; returns the language the job uses."""
     if not multilingual(model):
         if language:
@@ -121,7 +95,7 @@ def prefix(model: Any, processor: Any, language: str, log: Callable[[str], None]
     return language
 
 
-def evaluate_seq2seq(tokenizer: Any, language: str, normalise: Callable[[str], str]) -> Callable[..., Evaluation]:
+def evaluate_seq2seq(tokenizer: Any, language: str) -> Callable[..., Evaluation]:
     """Loss by teacher forcing, and word and character error rates of the generated transcripts."""
 
     def run(model: nn.Module, loader: DataLoader[Any], to_device: Callable[[Batch], Batch]) -> Evaluation:
@@ -137,12 +111,6 @@ def evaluate_seq2seq(tokenizer: Any, language: str, normalise: Callable[[str], s
                 labels = batch["labels"].masked_fill(batch["labels"] == IGNORED, tokenizer.pad_token_id)
                 references += tokenizer.batch_decode(labels, skip_special_tokens=True)
         model.train()
-        hypotheses = [normalise(text) for text in hypotheses]
-        references = [normalise(text) for text in references]
-        wer = jiwer.wer(references, hypotheses) if references else 0.0
-        cer = jiwer.cer(references, hypotheses) if references else 0.0
-        errors = [{"reference": r, "hypothesis": h} for r, h in zip(references, hypotheses, strict=True) if r != h]
-        metrics = {"eval_loss": total / max(1, count), "eval_wer": float(wer), "eval_cer": float(cer)}
-        return Evaluation(metrics, {"error_examples": errors[:ERROR_EXAMPLES], "utterances": len(references)})
+        return transcript_evaluation(total, count, references, hypotheses)
 
     return run

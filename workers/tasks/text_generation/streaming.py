@@ -85,7 +85,7 @@ def new_text(tokenizer: Any, row: Row, done: bool) -> str:
             default=0,
         )
         text = text[: len(text) - held]
-        text = text.rstrip(INCOMPLETE) if text.endswith(INCOMPLETE) else text
+        text = text.rstrip(INCOMPLETE)
     piece = text[row.sent :]
     row.sent = max(row.sent, len(text))
     return piece
