@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tuneforge.server.call_gathering import CallGatherer, Gathered, ModelKey, model_key
 from tuneforge.server.errors import ApiError
 from tuneforge.server.metrics.service_metrics import ServiceMetrics
 from tuneforge.workers.messages import (
@@ -31,8 +32,6 @@ from tuneforge.workers.messages import (
 MAX_BATCH_ROWS = 16
 """Calls one batch holds: each row's key-value cache grows with every token, so a batch stays small."""
 MAX_TENANT_ROWS = 16
-GATHER_S = 0.01
-"""How long the first call of a batch waits for others to join it."""
 BATCH_ERROR_CODES = {
     "INTERNAL": grpc.StatusCode.INTERNAL,
     "NOT_GENERATIVE": grpc.StatusCode.FAILED_PRECONDITION,
@@ -55,15 +54,6 @@ class _Row:
     """The call is over: it took its last piece, failed, or its caller went away."""
 
 
-@dataclass
-class _Gathering:
-    artifact: str
-    checkpoint: str
-    tenant: str
-    rows: list[_Row] = field(default_factory=list)
-    timer: asyncio.TimerHandle | None = None
-
-
 class Generations:
     """Gathers calls per model, sends batches to workers, and streams each call its pieces."""
 
@@ -73,7 +63,7 @@ class Generations:
         self._send = send
         self._pick_worker = pick_worker
         self._metrics = metrics
-        self._gathering: dict[tuple[str, str, str], _Gathering] = {}
+        self._gathering = CallGatherer[_Row](MAX_BATCH_ROWS, self._dispatch)
         self._in_flight: dict[int, tuple[str, list[_Row]]] = {}
         self._per_tenant: dict[str, int] = defaultdict(int)
         self._ids = itertools.count(1)
@@ -102,7 +92,7 @@ class Generations:
         row = _Row(request, time.time() + timeout_s)
         ending = "cancelled"  # unless the stream reaches its end or fails
         try:
-            self._gather(job, f"checkpoint:{checkpoint}" if checkpoint else sha256, artifact, checkpoint, tenant, row)
+            self._gathering.add(model_key(job, sha256, checkpoint, tenant), artifact, checkpoint, row, 1)
             while True:
                 remaining = row.deadline - time.time()
                 try:
@@ -130,22 +120,8 @@ class Generations:
                 del self._per_tenant[tenant]
             self._let_go(row)
 
-    def _gather(self, job: str, model: str, artifact: str, checkpoint: str, tenant: str, row: _Row) -> None:
-        key = (job, model, tenant)  # a batch is one tenant's, as Predict's are
-        gathering = self._gathering.setdefault(key, _Gathering(artifact, checkpoint, tenant))
-        gathering.rows.append(row)
-        if len(gathering.rows) >= MAX_BATCH_ROWS:
-            self._flush(key)
-        elif gathering.timer is None:
-            gathering.timer = asyncio.get_running_loop().call_later(GATHER_S, self._flush, key)
-
-    def _flush(self, key: tuple[str, str, str]) -> None:
-        gathering = self._gathering.pop(key, None)
-        if gathering is None:
-            return
-        if gathering.timer is not None:
-            gathering.timer.cancel()
-        rows = [row for row in gathering.rows if not row.ended]
+    def _dispatch(self, key: ModelKey, gathering: Gathered[_Row]) -> None:
+        rows = [row for row in gathering.calls if not row.ended]
         if not rows:
             return
         worker = self._pick_worker()
@@ -179,7 +155,7 @@ class Generations:
         if row.ended:
             return
         row.ended = True
-        flight = self._in_flight.get(row.batch)  # none while still gathering: _flush leaves the row out
+        flight = self._in_flight.get(row.batch)  # none while still gathering: _dispatch leaves the row out
         if flight is None:
             return
         worker, rows = flight

@@ -12,11 +12,12 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from tuneforge.server.call_gathering import CallGatherer, Gathered, ModelKey, model_key
 from tuneforge.server.errors import ApiError
 from tuneforge.server.metrics.service_metrics import ServiceMetrics
 from tuneforge.workers.messages import CallCommand, PredictBatch, PredictionsReady, WorkerCall
@@ -24,8 +25,6 @@ from tuneforge.workers.messages import CallCommand, PredictBatch, PredictionsRea
 log = logging.getLogger(__name__)
 
 MAX_BATCH_INPUTS = 64
-GATHER_S = 0.01
-"""How long the first call of a batch waits for others to join it."""
 BATCH_ERROR_CODES = {"INTERNAL": grpc.StatusCode.INTERNAL, "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -36,18 +35,6 @@ class _Call:
     answer: asyncio.Future[list[dict[str, Any]]]
     deadline: float
     """Wall-clock time the caller gives up."""
-
-
-@dataclass
-class _Gathering:
-    """Calls for one model waiting to be sent together."""
-
-    artifact: str
-    checkpoint: str = ""
-    tenant: str = ""
-    calls: list[_Call] = field(default_factory=list)
-    size: int = 0
-    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -68,7 +55,7 @@ class Predictions:
         self._send = send
         self._pick_worker = pick_worker
         self._metrics = metrics
-        self._gathering: dict[tuple[str, str, str], _Gathering] = {}
+        self._gathering = CallGatherer[_Call](MAX_BATCH_INPUTS, self._dispatch)
         self._in_flight: dict[int, _InFlight] = {}
         self._ids = itertools.count(1)
 
@@ -86,16 +73,8 @@ class Predictions:
         """This call's answers, in order. ApiError: DEADLINE_EXCEEDED, UNAVAILABLE, or the batch's failure.
         With `checkpoint`, `artifact` is the job's checkpoint folder. `tenant` is the caller's: workers serve tenants'
         batches in turn."""
-        loop = asyncio.get_running_loop()
-        call = _Call(inputs, top_k, loop.create_future(), time.time() + timeout_s)
-        key = (job, f"checkpoint:{checkpoint}" if checkpoint else sha256, tenant)  # a batch is one tenant's
-        gathering = self._gathering.setdefault(key, _Gathering(artifact, checkpoint, tenant))
-        gathering.calls.append(call)
-        gathering.size += len(inputs)
-        if gathering.size >= MAX_BATCH_INPUTS:
-            self._flush(key)
-        elif gathering.timer is None:
-            gathering.timer = loop.call_later(GATHER_S, self._flush, key)
+        call = _Call(inputs, top_k, asyncio.get_running_loop().create_future(), time.time() + timeout_s)
+        self._gathering.add(model_key(job, sha256, checkpoint, tenant), artifact, checkpoint, call, len(inputs))
         try:
             return await asyncio.wait_for(asyncio.shield(call.answer), timeout_s)
         except TimeoutError:
@@ -103,12 +82,7 @@ class Predictions:
                 grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the prediction did not finish in time"
             ) from None
 
-    def _flush(self, key: tuple[str, str, str]) -> None:
-        gathering = self._gathering.pop(key, None)
-        if gathering is None:
-            return
-        if gathering.timer is not None:
-            gathering.timer.cancel()
+    def _dispatch(self, key: ModelKey, gathering: Gathered[_Call]) -> None:
         calls = [call for call in gathering.calls if not call.answer.done()]
         if not calls:
             return
